@@ -1,0 +1,36 @@
+# Two entry points: `make run` (a short load simulation) and `make test`.
+# Both create .venv and install what they need on a machine with only Python 3.11+ and make.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck check bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	rm -f run-ledger.db run-ledger.db-wal run-ledger.db-shm
+	$(BIN)/bank simulate --db run-ledger.db --ops 20000 --tellers 16 --seed 1 --json run-result.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check bank tests scripts migrations
+	$(BIN)/ruff format --check bank tests scripts migrations
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info run-ledger.db* run-result.json

@@ -1,0 +1,54 @@
+"""bank: a simulated banking transaction engine with a durable, hash-chained SQLite ledger."""
+
+from bank.account import Account
+from bank.commands import AccountSpec, Deposit, Transfer, Withdrawal
+from bank.engine import Bank, BankStats
+from bank.errors import (
+    AccountNameTaken,
+    AccountNotFound,
+    AccountsMustBeDifferent,
+    BalanceOverflow,
+    BankClosed,
+    BankError,
+    CannotAudit,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidCommand,
+    LedgerBusy,
+    LedgerUnavailable,
+    LedgerVersionError,
+    NotALedger,
+    QueueFull,
+)
+from bank.limits import AMOUNT_MAX, CASH_ACCOUNT_ID, CASH_ACCOUNT_NAME
+from bank.records import Receipt, Snapshot
+
+__all__ = [
+    "AMOUNT_MAX",
+    "CASH_ACCOUNT_ID",
+    "CASH_ACCOUNT_NAME",
+    "Account",
+    "AccountNameTaken",
+    "AccountNotFound",
+    "AccountSpec",
+    "AccountsMustBeDifferent",
+    "BalanceOverflow",
+    "Bank",
+    "BankClosed",
+    "BankError",
+    "BankStats",
+    "CannotAudit",
+    "Deposit",
+    "IdempotencyConflict",
+    "InsufficientFunds",
+    "InvalidCommand",
+    "LedgerBusy",
+    "LedgerUnavailable",
+    "LedgerVersionError",
+    "NotALedger",
+    "QueueFull",
+    "Receipt",
+    "Snapshot",
+    "Transfer",
+    "Withdrawal",
+]

@@ -1,0 +1,515 @@
+"""The `Bank` facade: lifecycle, the embedded API, and the threads behind it.
+
+```
+callers --submit--> BoundedBuffer --get_many--> Workers --stage--> LedgerWriter --commit--> SQLite
+   ^                                                                    |
+   +------------------- Future[Receipt], answered after the commit -----+
+```
+
+Lock order, everywhere: `_registry_lock` -> account locks (ascending id) ->
+the writer's lock. The buffer's and the key claims' locks are leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine
+from sqlalchemy.engine import URL
+
+from bank.account import Account
+from bank.buffer import BoundedBuffer
+from bank.commands import (
+    AccountSpec,
+    AnyCommand,
+    Deposit,
+    LimitSpec,
+    Transfer,
+    Withdrawal,
+    _check_text,
+)
+from bank.errors import (
+    AccountNameTaken,
+    AccountNotFound,
+    BankClosed,
+    BankError,
+    CannotAudit,
+    InsufficientFunds,
+    InvalidCommand,
+    NotALedger,
+    QueueFull,
+)
+from bank.idempotency import KeyClaims
+from bank.ledger import migrate, store
+from bank.ledger.sqlite import Durability, FileLock, create_ledger_engine, ledger_url, sqlite_path
+from bank.ledger.writer import LedgerWriter
+from bank.limits import (
+    CASH_ACCOUNT_ID,
+    COMMIT_BATCH_OPS_MAX,
+    JOIN_WAIT_S_MAX,
+    KEY_LENGTH_MAX,
+    QUEUE_CAPACITY_DEFAULT,
+    QUEUE_CAPACITY_MAX,
+    SUBMIT_CHUNK_OPS_MAX,
+    WORKERS_DEFAULT,
+    WORKERS_MAX,
+)
+from bank.records import Receipt, Snapshot
+from bank.worker import Job, Worker
+
+if TYPE_CHECKING:
+    from bank.ledger.audit import AuditReport
+
+log = logging.getLogger(__name__)
+
+_COMMAND_TYPES = (Deposit, Withdrawal, Transfer)
+
+
+@dataclass(frozen=True, slots=True)
+class BankStats:
+    """A reading of the engine's counters (for progress bars and reports)."""
+
+    seq: int
+    committed_seq: int
+    accepted: int
+    rejected: int
+    commits: int
+    queue_depth: int
+    queue_capacity: int
+    queue_high_water: int
+    keys_in_flight: int
+    workers: int
+
+
+def _check_int(value: object, what: str, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise InvalidCommand(f"{what} must be an int from {low} to {high} (got {value!r})")
+    return value
+
+
+class Bank:
+    """A bank on a durable ledger. Use `Bank.open(...)`; every method is thread-safe."""
+
+    def __init__(
+        self,
+        db: str | os.PathLike[str] | URL,
+        *,
+        workers: int = WORKERS_DEFAULT,
+        queue_capacity: int = QUEUE_CAPACITY_DEFAULT,
+        durability: Durability | str = Durability.FULL,
+        commit_ops_max: int = COMMIT_BATCH_OPS_MAX,
+    ) -> None:
+        _check_int(workers, "workers", 1, WORKERS_MAX)
+        _check_int(queue_capacity, "queue_capacity", 1, QUEUE_CAPACITY_MAX)
+        _check_int(commit_ops_max, "commit_ops_max", 1, 1_000_000)
+        try:
+            self._durability = Durability(durability)
+        except ValueError:
+            raise InvalidCommand(
+                f"durability must be 'full' or 'normal' (got {durability!r})"
+            ) from None
+        self._url = ledger_url(db)
+        self._path = sqlite_path(self._url)
+        self._state_lock = threading.Lock()
+        self._closed = False
+        self._shut = threading.Event()  # set when close() has finished
+        self._file_lock: FileLock | None = None
+        self._engine: Engine | None = None
+        if self._path is not None:
+            if self._path.is_dir():
+                raise NotALedger(f"{self._path} is a directory, not a ledger file")
+            if not self._path.parent.is_dir():
+                raise NotALedger(
+                    f"{self._path.parent} does not exist: cannot create a ledger there"
+                )
+            migrate.sniff_sqlite_file(self._path)
+            self._file_lock = FileLock(self._path)
+        try:
+            self._engine = create_ledger_engine(self._url, self._durability)
+            self.revision = migrate.upgrade_to_head(self._engine)
+            self._recover()
+        except BaseException:
+            self._release_resources()
+            raise
+        self._buffer: BoundedBuffer[Job] = BoundedBuffer(queue_capacity)
+        self._workers = [
+            Worker(i, self._buffer, self._accounts, self._writer, self._claims, self._engine)
+            for i in range(workers)
+        ]
+        self._writer.start()
+        for worker in self._workers:
+            worker.start()
+
+    @classmethod
+    def open(
+        cls,
+        db: str | os.PathLike[str] | URL,
+        *,
+        workers: int = WORKERS_DEFAULT,
+        queue_capacity: int = QUEUE_CAPACITY_DEFAULT,
+        durability: Durability | str = Durability.FULL,
+        commit_ops_max: int = COMMIT_BATCH_OPS_MAX,
+    ) -> Bank:
+        """Open (creating or migrating) the ledger at `db` and start the bank's threads.
+
+        `durability="full"` (default) fsyncs every group commit before answering;
+        `"normal"` survives a process crash but not a power loss. Raises
+        `NotALedger` / `LedgerVersionError` for files it must not touch,
+        `LedgerBusy` if another `Bank` has the file open.
+        """
+        return cls(
+            db,
+            workers=workers,
+            queue_capacity=queue_capacity,
+            durability=durability,
+            commit_ops_max=commit_ops_max,
+        )
+
+    def _recover(self) -> None:
+        """Rebuild in-memory state from the last commit (a crash leaves a prefix of seq)."""
+        assert self._engine is not None
+        with self._engine.connect() as conn:
+            rows = store.load_accounts(conn)
+            seq, head, event_seq, event_head = store.chain_heads(conn)
+        if not rows or rows[0].id != CASH_ACCOUNT_ID:
+            raise NotALedger(
+                f"{self._url.database}: the @cash account is missing; run `bank audit`"
+            )
+        total = sum(r.balance for r in rows)
+        if total != 0:
+            raise NotALedger(
+                f"{self._url.database}: balances sum to {total}, not 0: the ledger was altered; "
+                "run `bank audit` to locate the damage"
+            )
+        self._registry_lock = threading.Lock()
+        self._accounts: dict[int, Account] = {
+            r.id: Account(r.id, r.name, r.overdraft_limit, r.balance) for r in rows
+        }
+        self._names: dict[str, int] = {r.name: r.id for r in rows}
+        self._next_id = rows[-1].id + 1
+        self._claims = KeyClaims()
+        self._writer = LedgerWriter(
+            self._engine,
+            self._claims,
+            seq=seq,
+            head_hash=head,
+            event_seq=event_seq,
+            event_head_hash=event_head,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> Bank:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Bank {self._url.render_as_string(hide_password=True)} {state}>"
+
+    @property
+    def path(self) -> Path | None:
+        """The ledger file (None for a non-file URL)."""
+        return self._path
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` has begun."""
+        with self._state_lock:
+            return self._closed
+
+    def close(self) -> None:
+        """Stop accepting work, finish every accepted job, flush the ledger, join all threads.
+
+        Idempotent; concurrent callers all return once the bank is fully closed.
+        """
+        me = threading.current_thread()
+        if me is self._writer or me in self._workers:
+            raise BankError(
+                "close() cannot run on the bank's own threads (for example in a future's callback)"
+            )
+        with self._state_lock:
+            first = not self._closed
+            self._closed = True
+        if first:
+            self._buffer.close()  # queued jobs still drain; blocked submitters get BankClosed
+            for worker in self._workers:
+                worker.join(JOIN_WAIT_S_MAX)
+            self._writer.stop()
+            self._writer.join(JOIN_WAIT_S_MAX)
+            stuck = [t.name for t in (*self._workers, self._writer) if t.is_alive()]
+            if stuck:
+                log.error("threads still running after close: %s", stuck)
+            self._release_resources()
+            self._shut.set()
+        else:
+            self._shut.wait()
+
+    def _release_resources(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+        if self._file_lock is not None:
+            self._file_lock.release()
+
+    def _check_open(self) -> None:
+        with self._state_lock:
+            if self._closed:
+                raise BankClosed("the bank is closed")
+        failure = self._writer.failure
+        if failure is not None:
+            raise failure
+
+    # -- accounts ----------------------------------------------------------------------
+
+    def open_account(self, name: str, overdraft_limit: int = 0) -> Account:
+        """Open a customer account; returns it once its opening is durable.
+
+        Raises `InvalidCommand` for a bad name or limit, `AccountNameTaken`.
+        """
+        spec = AccountSpec(name=name, overdraft_limit=overdraft_limit)
+        self._check_open()
+        future: Future[int] = Future()
+        with self._registry_lock:
+            if spec.name in self._names:
+                raise AccountNameTaken(
+                    f"an account named {spec.name!r} exists (id {self._names[spec.name]})"
+                )
+            account = Account(self._next_id, spec.name, spec.overdraft_limit)
+            future.set_running_or_notify_cancel()
+            # Staged before it becomes visible, so no transfer can reach the ledger before it.
+            self._writer.stage_account_event(
+                "open", account.id, account.name, account.overdraft_limit, future
+            )
+            self._accounts[account.id] = account
+            self._names[account.name] = account.id
+            self._next_id += 1
+        future.result()
+        return account
+
+    def set_overdraft_limit(self, account_id: int, overdraft_limit: int) -> Account:
+        """Change a customer account's overdraft limit (a chained event in the ledger).
+
+        Raises `InsufficientFunds` if the balance is already below the new floor.
+        """
+        spec = LimitSpec(account=account_id, overdraft_limit=overdraft_limit)
+        self._check_open()
+        account = self.account(spec.account)
+        if account.is_system:
+            raise InvalidCommand("set_overdraft_limit.account: @cash has no overdraft limit to set")
+        future: Future[int] = Future()
+        future.set_running_or_notify_cancel()
+        with account.lock:
+            if account.balance < -spec.overdraft_limit:
+                raise InsufficientFunds(
+                    f"account {account.id} has {account.balance}: an overdraft limit of "
+                    f"{spec.overdraft_limit} would leave it below its floor"
+                )
+            self._writer.stage_account_event(
+                "limit", account.id, account.name, spec.overdraft_limit, future
+            )
+            account.set_overdraft_limit(spec.overdraft_limit)
+        future.result()
+        return account
+
+    def account(self, account_id: int) -> Account:
+        """The account with this id (`0` is `@cash`); raises `AccountNotFound`."""
+        if type(account_id) is not int:
+            raise InvalidCommand(f"account id must be an int (got {account_id!r})")
+        self._check_open()
+        account = self._accounts.get(account_id)
+        if account is None:
+            raise AccountNotFound(f"account {account_id} does not exist")
+        return account
+
+    def accounts(self) -> list[Account]:
+        """Every customer account (not `@cash`), by id."""
+        self._check_open()
+        with self._registry_lock:
+            return [a for i, a in sorted(self._accounts.items()) if i != CASH_ACCOUNT_ID]
+
+    # -- operations --------------------------------------------------------------------
+
+    def deposit(
+        self, account: int, amount: int, *, key: str | None = None, timeout: float | None = None
+    ) -> Receipt:
+        """Move `amount` from `@cash` into `account`; returns the receipt once durable."""
+        return self.submit(
+            Deposit(account=account, amount=amount, key=key), timeout=timeout
+        ).result()
+
+    def withdraw(
+        self, account: int, amount: int, *, key: str | None = None, timeout: float | None = None
+    ) -> Receipt:
+        """Move `amount` from `account` to `@cash`; raises `InsufficientFunds` past the limit."""
+        return self.submit(
+            Withdrawal(account=account, amount=amount, key=key), timeout=timeout
+        ).result()
+
+    def transfer(
+        self,
+        source: int,
+        target: int,
+        amount: int,
+        *,
+        key: str | None = None,
+        timeout: float | None = None,
+    ) -> Receipt:
+        """Move `amount` from `source` to `target`; returns the receipt once durable."""
+        return self.submit(
+            Transfer(source=source, target=target, amount=amount, key=key), timeout=timeout
+        ).result()
+
+    def submit(self, command: AnyCommand, *, timeout: float | None = None) -> Future[Receipt]:
+        """Queue one command; its future gets the `Receipt` or the rejection.
+
+        Blocks while the queue is full; with `timeout` raises `QueueFull` instead.
+        """
+        if type(command) not in _COMMAND_TYPES:
+            raise InvalidCommand(
+                f"submit takes a bank.Deposit, Withdrawal or Transfer (got {type(command).__name__})"
+            )
+        self._check_open()
+        future: Future[Receipt] = Future()
+        self._buffer.put(([command], [future]), 1, timeout)
+        return future
+
+    def submit_many(
+        self, commands: Iterable[AnyCommand], *, timeout: float | None = None
+    ) -> list[Future[Receipt]]:
+        """Queue many commands, one hand-off per chunk; returns their futures in order.
+
+        `timeout` bounds the whole call: if not even the first chunk fits in time it
+        raises `QueueFull` and nothing is queued; if a later chunk does not fit, the
+        futures of the commands left out carry `QueueFull` (every future is answered).
+        """
+        batch = list(commands)
+        for i, command in enumerate(batch):
+            if type(command) not in _COMMAND_TYPES:
+                raise InvalidCommand(
+                    f"submit_many: item {i} is a {type(command).__name__}, not a Deposit, Withdrawal or Transfer"
+                )
+        self._check_open()
+        futures: list[Future[Receipt]] = [Future() for _ in batch]
+        chunk = min(SUBMIT_CHUNK_OPS_MAX, self._buffer.capacity)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for start in range(0, len(batch), chunk):
+            stop = start + chunk
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                self._buffer.put(
+                    (batch[start:stop], futures[start:stop]), len(batch[start:stop]), remaining
+                )
+            except (QueueFull, BankClosed) as exc:
+                if start == 0:
+                    raise
+                for future in futures[start:]:
+                    future.set_exception(
+                        type(exc)(f"{exc} (operation {futures.index(future)} of this batch)")
+                    )
+                break
+        return futures
+
+    # -- reads -------------------------------------------------------------------------
+
+    def balance(self, account_id: int) -> int:
+        """The account's balance once everything it reflects is durable."""
+        account = self.account(account_id)
+        with account.lock:
+            balance = account.balance
+            position, _ = self._writer.position()
+        self._writer.wait_for(position)
+        return balance
+
+    def snapshot(self) -> Snapshot:
+        """All balances at one seq (every account locked at once, in id order), once durable."""
+        self._check_open()
+        with self._registry_lock:
+            ordered = [a for _, a in sorted(self._accounts.items())]
+            for account in ordered:
+                account.lock.acquire()
+            try:
+                balances = {a.id: a.balance for a in ordered}
+                position, seq = self._writer.position()
+            finally:
+                for account in reversed(ordered):
+                    account.lock.release()
+        self._writer.wait_for(position)
+        return Snapshot(seq, balances)
+
+    def find(self, key: str) -> Receipt | None:
+        """The receipt of the operation with idempotency key `key`, if one was accepted."""
+        if not isinstance(key, str) or not 1 <= len(key) <= KEY_LENGTH_MAX:
+            raise InvalidCommand(
+                f"key must be a str of 1 to {KEY_LENGTH_MAX} characters (got {key!r})"
+            )
+        try:
+            _check_text(key, "key")
+        except ValueError as exc:
+            raise InvalidCommand(str(exc)) from None
+        self._check_open()
+        probe: Future[Receipt] = Future()
+        while (holder := self._claims.claim(key, probe)) is not None:
+            if holder.cancelled():
+                time.sleep(0.001)  # its worker has yet to reach it and drop the claim
+            else:
+                holder.exception()
+        try:
+            assert self._engine is not None
+            with self._engine.connect() as conn:
+                return store.find_receipts(conn, [key]).get(key)
+        finally:
+            self._claims.release(key)
+
+    def history(self, account_id: int, *, limit: int | None = None) -> list[Receipt]:
+        """An account's committed transfers, oldest first."""
+        self.account(account_id)
+        if limit is not None:
+            _check_int(limit, "limit", 1, 10**9)
+        assert self._engine is not None
+        with self._engine.connect() as conn:
+            return list(store.history(conn, account_id, limit=limit))
+
+    def stats(self) -> BankStats:
+        """Counters of the queue and the ledger writer."""
+        queue = self._buffer.stats()
+        writer = self._writer.stats()
+        return BankStats(
+            seq=writer.seq,
+            committed_seq=writer.committed_seq,
+            accepted=writer.rows,
+            rejected=writer.rejected,
+            commits=writer.commits,
+            queue_depth=queue.depth,
+            queue_capacity=queue.capacity,
+            queue_high_water=queue.high_water,
+            keys_in_flight=len(self._claims),
+            workers=len(self._workers),
+        )
+
+    def audit(self) -> AuditReport:
+        """Verify the ledger read-only (see `bank.ledger.audit`)."""
+        if self._path is None:
+            raise CannotAudit("the audit reads SQLite ledger files only")
+        self._check_open()
+        from bank.ledger.audit import audit_ledger
+
+        return audit_ledger(self._path)
+
+
+__all__: Sequence[str] = ["Bank", "BankStats"]

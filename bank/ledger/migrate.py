@@ -1,0 +1,116 @@
+"""Create or upgrade a ledger to the newest schema, refusing files that are not ledgers."""
+
+from __future__ import annotations
+
+import sqlite3
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, inspect
+
+from bank.errors import LedgerVersionError, NotALedger
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+#: Tables a ledger at any revision has; their presence without `alembic_version` is damage.
+LEDGER_TABLES = frozenset({"accounts", "transfers", "account_events"})
+
+
+def migrations_dir() -> Path:
+    """Where the Alembic environment is installed (`bank._migrations`, i.e. `migrations/`)."""
+    return Path(str(files("bank._migrations")))
+
+
+@cache
+def _script() -> ScriptDirectory:
+    return ScriptDirectory(str(migrations_dir()))
+
+
+def known_revisions() -> frozenset[str]:
+    """Every schema revision this version of `bank` can read."""
+    return frozenset(rev.revision for rev in _script().walk_revisions())
+
+
+def head_revision() -> str:
+    """The newest schema revision."""
+    head = _script().get_current_head()
+    assert head is not None, "the migrations directory has no revisions"
+    return head
+
+
+def _alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    return cfg
+
+
+def sniff_sqlite_file(path: Path) -> None:
+    """Raise `NotALedger` if `path` exists, is not empty and is not an SQLite database.
+
+    Reads 16 bytes; never writes.
+    """
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise NotALedger(f"{path} is not a regular file")
+    with path.open("rb") as fh:
+        head = fh.read(len(SQLITE_MAGIC))
+    if head and head != SQLITE_MAGIC:
+        raise NotALedger(
+            f"{path} is not an SQLite database (it does not start with the SQLite header)"
+        )
+
+
+def ledger_revision(engine: Engine) -> str | None:
+    """The schema revision of the ledger behind `engine`; None for an empty database.
+
+    Raises `NotALedger` for a database with other tables, `LedgerVersionError`
+    for one written by a newer `bank`.
+    """
+    try:
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+            current = MigrationContext.configure(conn).get_current_revision()
+    except sqlite3.DatabaseError as exc:
+        raise NotALedger(f"{engine.url.database}: not a readable SQLite database ({exc})") from None
+    except Exception as exc:
+        if "file is not a database" in str(exc) or "malformed" in str(exc):
+            raise NotALedger(
+                f"{engine.url.database}: not a readable SQLite database ({exc})"
+            ) from None
+        raise
+    if current is None:
+        if not tables:
+            return None
+        if tables & LEDGER_TABLES:
+            raise NotALedger(
+                f"{engine.url.database}: has ledger tables but no schema revision "
+                "(alembic_version is missing): refusing to touch it"
+            )
+        listed = ", ".join(sorted(tables)[:5])
+        raise NotALedger(
+            f"{engine.url.database}: an SQLite database of another program (tables: {listed})"
+        )
+    if current not in known_revisions():
+        raise LedgerVersionError(
+            f"{engine.url.database}: schema revision {current!r} is newer than this bank "
+            f"knows (newest known: {head_revision()!r}); upgrade bank to open it"
+        )
+    return current
+
+
+def upgrade_to_head(engine: Engine) -> str:
+    """Bring the ledger to the newest schema (creating it when empty); returns the revision."""
+    current = ledger_revision(engine)
+    head = head_revision()
+    if current == head:
+        return head
+    with engine.begin() as conn:
+        cfg = _alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    return head

@@ -1,0 +1,92 @@
+"""Typed SQLAlchemy models of the ledger schema (the migrations are the source of truth;
+CI's `alembic check` keeps these in step with them)."""
+
+from __future__ import annotations
+
+from typing import Annotated, cast
+
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, MetaData, String, Table, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from bank.limits import KEY_LENGTH_MAX, NAME_LENGTH_MAX
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+Int64 = Annotated[int, mapped_column(BigInteger)]
+AccountRef = Annotated[int, mapped_column(ForeignKey("accounts.id"))]
+Hash = Annotated[str, mapped_column(String(64))]
+
+TRANSFER_KINDS = ("deposit", "withdrawal", "transfer")
+ACCOUNT_EVENT_KINDS = ("open", "limit")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class AccountRow(Base):
+    """One account; `balance` is as of the last committed transfer."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH_MAX), unique=True)
+    overdraft_limit: Mapped[Int64]
+    balance: Mapped[Int64]
+
+    __table_args__ = (CheckConstraint("overdraft_limit >= 0", name="overdraft_limit_non_negative"),)
+
+
+class TransferRow(Base):
+    """One accepted operation: `amount` moves from the debit to the credit account."""
+
+    __tablename__ = "transfers"
+
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    key: Mapped[str | None] = mapped_column(String(KEY_LENGTH_MAX))
+    kind: Mapped[str] = mapped_column(String(16))
+    debit_account_id: Mapped[AccountRef]
+    credit_account_id: Mapped[AccountRef]
+    amount: Mapped[Int64]
+    ts_us: Mapped[Int64]
+    hash: Mapped[Hash]
+
+    __table_args__ = (
+        # Partial: rows without a key (most of them) cost no index maintenance.
+        Index("uq_transfers_key", "key", unique=True, sqlite_where=text("key IS NOT NULL")),
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("debit_account_id != credit_account_id", name="accounts_differ"),
+        CheckConstraint("kind IN ('deposit', 'withdrawal', 'transfer')", name="kind_known"),
+    )
+
+
+class AccountEventRow(Base):
+    """A chained change to an account's fixed fields: its opening, or a new overdraft limit.
+
+    `transfer_seq` is the last transfer committed before the event, so the audit
+    replays each limit from the moment it took effect.
+    """
+
+    __tablename__ = "account_events"
+
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    account_id: Mapped[AccountRef]
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH_MAX))
+    overdraft_limit: Mapped[Int64]
+    transfer_seq: Mapped[Int64]
+    ts_us: Mapped[Int64]
+    hash: Mapped[Hash]
+
+    __table_args__ = (CheckConstraint("kind IN ('open', 'limit')", name="kind_known"),)
+
+
+accounts = cast(Table, AccountRow.__table__)
+transfers = cast(Table, TransferRow.__table__)
+account_events = cast(Table, AccountEventRow.__table__)

@@ -1,0 +1,376 @@
+"""The ledger writer: one thread that turns staged records into group commits.
+
+Workers stage records while they hold the accounts' locks, so the order of the
+`_pending` list is the order in which balances changed; `seq` is assigned
+here, under the writer's lock, in that same order. The writer takes everything
+pending (up to `COMMIT_BATCH_OPS_MAX`), writes it in one SQLite transaction
+(transfer rows, account rows and events, final balances) and only after the
+commit answers the batch's futures, in order. Rejections travel the same
+list, so a refusal is also answered only once everything it was judged
+against is durable.
+
+The writer never waits on a worker or on the job queue, so a worker may wait
+for the writer (see `wait_for`) without any risk of deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, insert, update
+
+from bank.errors import BankError, LedgerUnavailable
+from bank.idempotency import KeyClaims
+from bank.ledger.chain import account_event_hash, transfer_hash
+from bank.ledger.models import account_events, accounts, transfers
+from bank.limits import COMMIT_BATCH_OPS_MAX
+from bank.records import Receipt
+
+log = logging.getLogger(__name__)
+
+# Record tags (first element of each staged tuple).
+_TRANSFER = 0
+_REJECT = 1
+_EVENT = 2
+
+_TRANSFER_COLUMNS = (
+    "seq",
+    "key",
+    "kind",
+    "debit_account_id",
+    "credit_account_id",
+    "amount",
+    "ts_us",
+    "hash",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStats:
+    """Counters of the writer, read under its lock."""
+
+    seq: int
+    committed_seq: int
+    commits: int
+    rows: int
+    rejected: int
+    pending: int
+
+
+class LedgerWriter(threading.Thread):
+    """Single writer of the ledger: group commit, then answer."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        claims: KeyClaims,
+        *,
+        seq: int,
+        head_hash: str,
+        event_seq: int,
+        event_head_hash: str,
+        commit_ops_max: int = COMMIT_BATCH_OPS_MAX,
+    ) -> None:
+        super().__init__(name="bank-ledger-writer")
+        self._engine = engine
+        self._claims = claims
+        self._commit_ops_max = commit_ops_max
+        self._lock = threading.Lock()
+        # Workers notify `_wake` when they stage into an idle writer.
+        self._wake = threading.Condition(self._lock)
+        # The writer notifies `_progress` after every batch it has answered.
+        self._progress = threading.Condition(self._lock)
+        self._pending: list[tuple[Any, ...]] = []
+        self._idle = False
+        self._stopping = False
+        self._failure: LedgerUnavailable | None = None
+        self._seq = seq  # last transfer seq handed out
+        self._committed_seq = seq
+        self._event_seq = event_seq
+        self._staged = 0  # records ever staged (positions for wait_for)
+        self._done = 0  # records answered
+        self._commits = 0
+        self._rows = 0
+        self._rejected = 0
+        # Only the writer thread touches the chain heads.
+        self._head_hash = head_hash
+        self._event_head_hash = event_head_hash
+        columns = ", ".join(_TRANSFER_COLUMNS)
+        marks = ", ".join("?" for _ in _TRANSFER_COLUMNS)
+        assert tuple(c.name for c in transfers.c) == _TRANSFER_COLUMNS, "row layout drifted"
+        # Plain DB-API executemany on SQLite: the rows are built here as tuples in
+        # table order, which spares SQLAlchemy's per-row dict processing.
+        self._insert_transfers_sql = f"INSERT INTO {transfers.name} ({columns}) VALUES ({marks})"
+        self._update_balances = (
+            update(accounts)
+            .where(accounts.c.id == bindparam("b_id"))
+            .values(balance=bindparam("b_balance"))
+        )
+
+    # -- staging (called by workers with the accounts' locks held; never raises) ----
+
+    def stage_transfer(
+        self,
+        kind: str,
+        debit: int,
+        credit: int,
+        amount: int,
+        key: str | None,
+        future: Future[Receipt],
+        debit_balance: int,
+        credit_balance: int,
+    ) -> None:
+        """Queue an applied operation for the next commit; seq is assigned here, in order."""
+        with self._lock:
+            self._seq += 1
+            self._staged += 1
+            self._pending.append(
+                (
+                    _TRANSFER,
+                    self._seq,
+                    kind,
+                    debit,
+                    credit,
+                    amount,
+                    key,
+                    future,
+                    debit_balance,
+                    credit_balance,
+                )
+            )
+            if self._idle:
+                self._wake.notify()
+
+    def stage_rejection(self, future: Future[Any], error: BaseException, key: str | None) -> None:
+        """Answer `future` with `error` once everything staged before it is durable."""
+        with self._lock:
+            self._staged += 1
+            self._pending.append((_REJECT, future, error, key))
+            if self._idle:
+                self._wake.notify()
+
+    def stage_account_event(
+        self, kind: str, account_id: int, name: str, overdraft_limit: int, future: Future[Any]
+    ) -> None:
+        """Queue an account opening ('open') or limit change ('limit'); `future` gets its event seq."""
+        with self._lock:
+            self._event_seq += 1
+            self._staged += 1
+            self._pending.append(
+                (
+                    _EVENT,
+                    self._event_seq,
+                    kind,
+                    account_id,
+                    name,
+                    overdraft_limit,
+                    self._seq,
+                    future,
+                )
+            )
+            if self._idle:
+                self._wake.notify()
+
+    def position(self) -> tuple[int, int]:
+        """(records staged so far, last transfer seq): pass the first to `wait_for`."""
+        with self._lock:
+            return self._staged, self._seq
+
+    def wait_for(self, position: int, timeout: float | None = None) -> None:
+        """Block until every record staged before `position` is committed and answered."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._done < position:
+                if self._failure is not None:
+                    raise self._failure
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"the ledger did not catch up within {timeout} s")
+                if self._idle:
+                    self._wake.notify()
+                self._progress.wait(remaining)
+            if self._failure is not None:
+                raise self._failure
+
+    @property
+    def failure(self) -> LedgerUnavailable | None:
+        """Why the writer stopped writing, once it has failed."""
+        with self._lock:
+            return self._failure
+
+    def stats(self) -> WriterStats:
+        """Counters for progress displays."""
+        with self._lock:
+            return WriterStats(
+                self._seq,
+                self._committed_seq,
+                self._commits,
+                self._rows,
+                self._rejected,
+                len(self._pending),
+            )
+
+    def stop(self) -> None:
+        """Finish what is pending, then end the thread (the caller joins it)."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+
+    # -- the writer thread -------------------------------------------------------
+
+    def run(self) -> None:
+        conn = self._engine.connect()
+        try:
+            while True:
+                with self._lock:
+                    while not self._pending and not self._stopping:
+                        self._idle = True
+                        self._wake.wait()
+                        self._idle = False
+                    if not self._pending:
+                        return
+                    if len(self._pending) <= self._commit_ops_max:
+                        batch, self._pending = self._pending, []
+                    else:
+                        batch = self._pending[: self._commit_ops_max]
+                        del self._pending[: self._commit_ops_max]
+                    failure = self._failure
+                if failure is not None:
+                    self._fail(batch, failure)
+                else:
+                    self._commit(conn, batch)
+        finally:
+            conn.close()
+
+    def _commit(self, conn: Any, batch: list[tuple[Any, ...]]) -> None:
+        ts_us = time.time_ns() // 1000
+        prev = self._head_hash
+        event_prev = self._event_head_hash
+        rows: list[tuple[Any, ...]] = []
+        hashes: list[str] = []
+        balances: dict[int, int] = {}
+        new_accounts: list[dict[str, Any]] = []
+        limits: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        keys: list[str] = []
+        last_seq = 0
+        rejected = 0
+        for rec in batch:
+            tag = rec[0]
+            if tag == _TRANSFER:
+                _, seq, kind, debit, credit, amount, key, _f, debit_balance, credit_balance = rec
+                prev = transfer_hash(prev, seq, kind, debit, credit, amount, ts_us, key)
+                rows.append((seq, key, kind, debit, credit, amount, ts_us, prev))
+                hashes.append(prev)
+                balances[debit] = debit_balance
+                balances[credit] = credit_balance
+                last_seq = seq
+                if key is not None:
+                    keys.append(key)
+            elif tag == _REJECT:
+                rejected += 1
+            elif tag == _EVENT:
+                _, eseq, kind, account_id, name, limit, transfer_seq, _f = rec
+                event_prev = account_event_hash(
+                    event_prev, eseq, account_id, kind, limit, transfer_seq, ts_us, name
+                )
+                events.append(
+                    {
+                        "seq": eseq,
+                        "account_id": account_id,
+                        "kind": kind,
+                        "name": name,
+                        "overdraft_limit": limit,
+                        "transfer_seq": transfer_seq,
+                        "ts_us": ts_us,
+                        "hash": event_prev,
+                    }
+                )
+                if kind == "open":
+                    new_accounts.append(
+                        {"id": account_id, "name": name, "overdraft_limit": limit, "balance": 0}
+                    )
+                else:
+                    limits.append({"b_id": account_id, "b_limit": limit})
+        try:
+            with conn.begin():
+                # Accounts first: this batch's transfers may already reference them.
+                if new_accounts:
+                    conn.execute(insert(accounts), new_accounts)
+                if events:
+                    conn.execute(insert(account_events), events)
+                if limits:
+                    conn.execute(
+                        update(accounts)
+                        .where(accounts.c.id == bindparam("b_id"))
+                        .values(overdraft_limit=bindparam("b_limit")),
+                        limits,
+                    )
+                if rows:
+                    conn.exec_driver_sql(self._insert_transfers_sql, rows)
+                if balances:
+                    conn.execute(
+                        self._update_balances,
+                        [{"b_id": i, "b_balance": b} for i, b in balances.items()],
+                    )
+        except Exception as exc:
+            log.error("ledger commit failed; the bank stops accepting work", exc_info=True)
+            failure = LedgerUnavailable(
+                f"the ledger could not be written ({type(exc).__name__}: {exc})"
+            )
+            with self._lock:
+                self._failure = failure
+            self._fail(batch, failure)
+            return
+        self._head_hash = prev
+        self._event_head_hash = event_prev
+        # Keys go back before anyone is answered: a retry that wakes on the answer
+        # must find the key in the ledger, not a stale claim.
+        if keys:
+            self._claims.release_many(keys)
+        hash_iter = iter(hashes)
+        for rec in batch:
+            tag = rec[0]
+            if tag == _TRANSFER:
+                _, seq, kind, debit, credit, amount, key, future, _d, _c = rec
+                future.set_result(
+                    Receipt(seq, kind, key, amount, debit, credit, ts_us, next(hash_iter))
+                )
+            elif tag == _REJECT:
+                _, future, error, key = rec
+                if key is not None:
+                    self._claims.release(key)
+                future.set_exception(error)
+            elif tag == _EVENT:
+                rec[7].set_result(rec[1])
+        with self._lock:
+            if last_seq:
+                self._committed_seq = last_seq
+            self._done += len(batch)
+            self._commits += 1
+            self._rows += len(rows)
+            self._rejected += rejected
+            self._progress.notify_all()
+
+    def _fail(self, batch: list[tuple[Any, ...]], failure: BankError) -> None:
+        """Answer a batch that will never be written."""
+        for rec in batch:
+            tag = rec[0]
+            future: Future[Any]
+            if tag == _TRANSFER:
+                future, key = rec[7], rec[6]
+            elif tag == _REJECT:
+                future, key = rec[1], rec[3]
+            else:
+                future, key = rec[7], None
+            if key is not None:
+                self._claims.release(key)
+            future.set_exception(failure)
+        with self._lock:
+            self._done += len(batch)
+            self._progress.notify_all()

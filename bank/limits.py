@@ -1,0 +1,37 @@
+"""Every bound the engine enforces, in one place (units last in the name)."""
+
+from typing import Final
+
+#: Largest single amount, in minor units (10**15 cents is ten trillion).
+AMOUNT_MAX: Final = 10**15
+#: Balances live in signed 64 bits, like the ledger's INTEGER column.
+BALANCE_MIN: Final = -(2**63)
+BALANCE_MAX: Final = 2**63 - 1
+#: An overdraft limit is how far below zero a customer account may go.
+OVERDRAFT_LIMIT_MAX: Final = BALANCE_MAX
+#: Account ids are positive signed 64-bit integers (0 is `@cash`).
+ACCOUNT_ID_MAX: Final = BALANCE_MAX
+
+KEY_LENGTH_MAX: Final = 128
+NAME_LENGTH_MAX: Final = 64
+
+#: The system account every deposit comes from and every withdrawal goes to.
+CASH_ACCOUNT_ID: Final = 0
+CASH_ACCOUNT_NAME: Final = "@cash"
+
+#: Job queue capacity, counted in operations.
+QUEUE_CAPACITY_DEFAULT: Final = 1024
+QUEUE_CAPACITY_MAX: Final = 1_000_000
+WORKERS_DEFAULT: Final = 4
+WORKERS_MAX: Final = 64
+#: Operations a worker takes from the queue in one hand-off.
+WORKER_BATCH_OPS_MAX: Final = 256
+#: Operations the ledger writer commits in one SQLite transaction.
+COMMIT_BATCH_OPS_MAX: Final = 4096
+#: Operations `submit_many` puts in the queue per hand-off.
+SUBMIT_CHUNK_OPS_MAX: Final = 256
+
+#: How long `Bank.open` waits for SQLite's write lock before giving up.
+BUSY_TIMEOUT_MS: Final = 5000
+#: How long close() waits for a thread before reporting it stuck.
+JOIN_WAIT_S_MAX: Final = 60.0

@@ -1,0 +1,64 @@
+"""Immutable results handed back to callers: receipts and snapshots."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from bank.limits import CASH_ACCOUNT_ID
+
+
+class Receipt(NamedTuple):
+    """Proof that an operation is in the ledger: its row in `transfers`, once durable.
+
+    A `NamedTuple` because the ledger writer builds one per operation on the hot path
+    and it must be cheap, immutable and hashable.
+    """
+
+    seq: int
+    kind: str
+    key: str | None
+    amount: int
+    debit_account: int
+    credit_account: int
+    ts_us: int
+    hash: str
+
+    @property
+    def account(self) -> int:
+        """The customer account of a deposit or withdrawal (the source of a transfer)."""
+        return self.debit_account if self.credit_account == CASH_ACCOUNT_ID else self.credit_account
+
+    @property
+    def source(self) -> int:
+        """Alias of `debit_account`, named as a `Transfer` names it."""
+        return self.debit_account
+
+    @property
+    def target(self) -> int:
+        """Alias of `credit_account`, named as a `Transfer` names it."""
+        return self.credit_account
+
+    def signature(self) -> tuple[str, int, int, int]:
+        """Same shape as `Command.signature()`, to detect idempotency conflicts."""
+        return (self.kind, self.debit_account, self.credit_account, self.amount)
+
+
+class Snapshot(NamedTuple):
+    """Every balance at one instant: after operation `seq` and before `seq + 1`."""
+
+    seq: int
+    balances: dict[int, int]
+
+    @property
+    def total(self) -> int:
+        """Sum of all balances, `@cash` included: always 0."""
+        return sum(self.balances.values())
+
+
+class AccountInfo(NamedTuple):
+    """A row of `accounts` as the ledger holds it (used by recovery and the CLI)."""
+
+    id: int
+    name: str
+    overdraft_limit: int
+    balance: int

@@ -1,0 +1,249 @@
+"""Seeded, reproducible command streams: one independent stream per simulated teller.
+
+Each teller draws from its own `random.Random`, seeded from `(seed, teller index)`,
+and only that teller consumes its stream, so the sequence of commands a teller
+submits is the same on every run with the same seed, whatever the thread
+interleaving. The amounts never depend on live balances for the same reason:
+the share of refused debits comes from the amount distribution, not from peeking
+at the bank.
+
+Amounts are `int` minor units drawn with `randint`; floats are only used to pick
+accounts (the Zipf CDF), never for money.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Literal
+
+from bank.commands import AnyCommand, Deposit, Kind, Transfer, Withdrawal
+from bank.limits import AMOUNT_MAX
+
+#: The names accepted in a `--mix` spec, and the command kind each one means.
+MIX_NAMES: dict[str, Kind] = {
+    "transfer": "transfer",
+    "deposit": "deposit",
+    "withdraw": "withdrawal",
+    "withdrawal": "withdrawal",
+}
+MIX_DEFAULT = "transfer=80,deposit=10,withdraw=10"
+SKEW_DEFAULT = "uniform"
+#: Bounds on the Zipf exponent: above ~10 every draw is the hottest account anyway.
+ZIPF_S_MAX = 10.0
+#: Share of draws that are "big tickets" (half to twice the initial balance): these
+#: are what a funded account mostly refuses, so this sets the reject share.
+BIG_TICKET_PERCENT = 8
+#: Everyday amounts are drawn from 1 .. initial_balance // EVERYDAY_DIVISOR.
+EVERYDAY_DIVISOR = 10
+#: How often a transfer target is redrawn before falling back to the next account.
+TARGET_REDRAWS_MAX = 16
+
+
+class InvalidWorkload(ValueError):
+    """A `--mix`, `--skew` or workload size is malformed (the message says which rule)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mix:
+    """Relative weights of deposits, withdrawals and transfers (integers, sum > 0)."""
+
+    deposit: int
+    withdrawal: int
+    transfer: int
+
+    @property
+    def weights(self) -> tuple[tuple[Kind, int], ...]:
+        """(kind, weight) in a fixed order, zero weights included."""
+        return (
+            ("deposit", self.deposit),
+            ("withdrawal", self.withdrawal),
+            ("transfer", self.transfer),
+        )
+
+    def spec(self) -> str:
+        """The canonical `--mix` text of this mix (parse_mix(m.spec()) == m)."""
+        return f"transfer={self.transfer},deposit={self.deposit},withdraw={self.withdrawal}"
+
+
+def parse_mix(text: str) -> Mix:
+    """Parse `transfer=80,deposit=10,withdraw=10` (any order, missing kinds weigh 0).
+
+    Raises `InvalidWorkload` naming the bad part: an entry without `=`, an unknown
+    kind, a weight that is not a non-negative integer, a kind given twice, or
+    weights that are all zero.
+    """
+    weights: dict[Kind, int] = {}
+    entries = [part.strip() for part in text.split(",")]
+    if not text.strip():
+        raise InvalidWorkload(f"mix is empty: expected for example {MIX_DEFAULT!r}")
+    for entry in entries:
+        name, sep, value = entry.partition("=")
+        name, value = name.strip().lower(), value.strip()
+        if not sep or not name:
+            raise InvalidWorkload(f"mix entry {entry!r} is not NAME=WEIGHT (e.g. transfer=80)")
+        kind = MIX_NAMES.get(name)
+        if kind is None:
+            known = ", ".join(sorted(MIX_NAMES))
+            raise InvalidWorkload(f"mix entry {entry!r}: unknown kind {name!r} (known: {known})")
+        if not value.isdigit() or not value.isascii():
+            raise InvalidWorkload(
+                f"mix entry {entry!r}: weight must be a non-negative integer, got {value!r}"
+            )
+        if kind in weights:
+            raise InvalidWorkload(f"mix entry {entry!r}: {kind} is given more than once")
+        weights[kind] = int(value)
+    mix = Mix(
+        deposit=weights.get("deposit", 0),
+        withdrawal=weights.get("withdrawal", 0),
+        transfer=weights.get("transfer", 0),
+    )
+    if mix.deposit + mix.withdrawal + mix.transfer == 0:
+        raise InvalidWorkload(f"mix {text!r}: the weights add up to 0; give one kind a weight")
+    return mix
+
+
+@dataclass(frozen=True, slots=True)
+class Skew:
+    """How accounts are chosen: uniformly, or Zipf-skewed with exponent `s` (hot accounts)."""
+
+    kind: Literal["uniform", "zipf"]
+    s: float = 0.0
+
+    def spec(self) -> str:
+        """The canonical `--skew` text of this skew."""
+        return "uniform" if self.kind == "uniform" else f"zipf:{self.s:g}"
+
+
+def parse_skew(text: str) -> Skew:
+    """Parse `uniform` or `zipf:S` with 0 < S <= 10 (S=1 is classic Zipf).
+
+    Raises `InvalidWorkload` for anything else.
+    """
+    spec = text.strip().lower()
+    if spec == "uniform":
+        return Skew("uniform")
+    name, sep, value = spec.partition(":")
+    if name != "zipf" or not sep:
+        raise InvalidWorkload(f"skew {text!r}: expected 'uniform' or 'zipf:S' (e.g. zipf:1.1)")
+    try:
+        s = float(value)
+    except ValueError:
+        raise InvalidWorkload(f"skew {text!r}: S in zipf:S must be a number, got {value!r}") from None
+    if not math.isfinite(s) or not 0 < s <= ZIPF_S_MAX:
+        raise InvalidWorkload(f"skew {text!r}: S in zipf:S must be in (0, {ZIPF_S_MAX:g}]")
+    return Skew("zipf", s)
+
+
+def teller_seed(seed: int, teller: int) -> str:
+    """The seed of one teller's `random.Random`.
+
+    A string, because `random.Random` hashes strings with SHA-512: stable across
+    runs, platforms and `PYTHONHASHSEED`, and unrelated for neighbouring tellers.
+    """
+    return f"bank.simulate:{seed}:{teller}"
+
+
+def split_ops(ops: int, tellers: int) -> list[int]:
+    """Share `ops` among `tellers` as evenly as possible (the first ones get the remainder)."""
+    if tellers < 1:
+        raise InvalidWorkload(f"tellers must be at least 1, got {tellers}")
+    if ops < 0:
+        raise InvalidWorkload(f"ops must not be negative, got {ops}")
+    base, extra = divmod(ops, tellers)
+    return [base + (1 if i < extra else 0) for i in range(tellers)]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSpec:
+    """Everything that determines the commands: accounts, mix, skew, amounts and seed."""
+
+    accounts: tuple[int, ...]
+    mix: Mix
+    skew: Skew
+    seed: int
+    initial_balance: int
+
+    def __post_init__(self) -> None:
+        if not self.accounts:
+            raise InvalidWorkload("the workload needs at least one account")
+        if self.mix.transfer and len(self.accounts) < 2:
+            raise InvalidWorkload("transfers need at least 2 accounts (or give transfer=0)")
+        if type(self.initial_balance) is not int or self.initial_balance < 0:
+            raise InvalidWorkload(
+                f"initial balance must be a non-negative int, got {self.initial_balance!r}"
+            )
+
+    def stream(self, teller: int) -> TellerStream:
+        """The command stream of teller number `teller` (0-based)."""
+        return TellerStream(self, teller)
+
+
+class TellerStream:
+    """An endless, reproducible sequence of commands for one teller.
+
+    Not thread-safe on purpose: exactly one teller consumes it.
+    """
+
+    def __init__(self, spec: WorkloadSpec, teller: int) -> None:
+        self.spec = spec
+        self.teller = teller
+        self._rng = random.Random(teller_seed(spec.seed, teller))
+        kinds = [kind for kind, weight in spec.mix.weights if weight > 0]
+        self._kinds: list[Kind] = kinds
+        self._kind_cdf = list(accumulate(w for _, w in spec.mix.weights if w > 0))
+        n = len(spec.accounts)
+        self._account_cdf: list[float] | None = None
+        if spec.skew.kind == "zipf":
+            # Rank k (1-based) weighs 1/k**s; the first account in `accounts` is hottest.
+            self._account_cdf = list(accumulate(1.0 / (k**spec.skew.s) for k in range(1, n + 1)))
+        # Everyday amounts are small against the opening balance; big tickets are not.
+        unit = max(spec.initial_balance, 100)
+        self._everyday_max = max(1, unit // EVERYDAY_DIVISOR)
+        self._big_min = max(1, unit // 2)
+        self._big_max = min(AMOUNT_MAX, 2 * unit)
+
+    def __iter__(self) -> Iterator[AnyCommand]:
+        while True:
+            yield self.next()
+
+    def _account(self) -> int:
+        accounts = self.spec.accounts
+        if self._account_cdf is None:
+            return accounts[self._rng.randrange(len(accounts))]
+        x = self._rng.random() * self._account_cdf[-1]
+        i = bisect.bisect_right(self._account_cdf, x)
+        return accounts[min(i, len(accounts) - 1)]
+
+    def _amount(self) -> int:
+        if self._rng.randrange(100) < BIG_TICKET_PERCENT:
+            return self._rng.randint(self._big_min, self._big_max)
+        return self._rng.randint(1, self._everyday_max)
+
+    def next(self) -> AnyCommand:
+        """The next command of this teller."""
+        pick = self._rng.randrange(self._kind_cdf[-1])
+        kind = self._kinds[bisect.bisect_right(self._kind_cdf, pick)]
+        if kind == "deposit":
+            return Deposit(account=self._account(), amount=self._amount())
+        if kind == "withdrawal":
+            return Withdrawal(account=self._account(), amount=self._amount())
+        source = self._account()
+        target = self._account()
+        for _ in range(TARGET_REDRAWS_MAX):
+            if target != source:
+                break
+            target = self._account()
+        if target == source:
+            # A very hot account keeps drawing itself: take its neighbour, still reproducible.
+            accounts = self.spec.accounts
+            target = accounts[(accounts.index(source) + 1) % len(accounts)]
+        return Transfer(source=source, target=target, amount=self._amount())
+
+    def take(self, n: int) -> list[AnyCommand]:
+        """The next `n` commands."""
+        return [self.next() for _ in range(n)]

@@ -1,0 +1,191 @@
+"""Worker threads: take jobs from the queue, apply them to accounts, stage them for the ledger.
+
+For each operation: check everything first (accounts exist, limits, 64-bit
+range, the idempotency key), then change balances and stage the record while
+both accounts' locks are held, so that seq order equals the order in which each
+account's balance changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+
+from sqlalchemy import Connection, Engine
+
+from bank.account import Account
+from bank.buffer import BoundedBuffer
+from bank.commands import AnyCommand, Deposit, Transfer
+from bank.errors import AccountNotFound, BankError, IdempotencyConflict
+from bank.idempotency import KeyClaims
+from bank.ledger.store import find_receipts
+from bank.ledger.writer import LedgerWriter
+from bank.limits import CASH_ACCOUNT_ID, WORKER_BATCH_OPS_MAX
+from bank.records import Receipt
+
+log = logging.getLogger(__name__)
+
+#: A job: commands and their futures, handed over in one piece.
+Job = tuple[list[AnyCommand], list[Future[Receipt]]]
+
+
+def answer_duplicate(command: AnyCommand, receipt: Receipt, future: Future[Receipt]) -> None:
+    """Answer a repeated key from the ledger: the original receipt, or a conflict."""
+    if receipt.signature() == command.signature():
+        future.set_result(receipt)
+    else:
+        future.set_exception(
+            IdempotencyConflict(
+                f"key {command.key!r} was used at seq {receipt.seq} for {receipt.kind} "
+                f"{receipt.debit_account}->{receipt.credit_account} amount {receipt.amount}; "
+                f"this {command.kind} {command.debit_account}->{command.credit_account} "
+                f"amount {command.amount} is a different command"
+            )
+        )
+
+
+class Worker(threading.Thread):
+    """Applies jobs from the queue until it is closed and drained."""
+
+    def __init__(
+        self,
+        index: int,
+        buffer: BoundedBuffer[Job],
+        accounts: Mapping[int, Account],
+        writer: LedgerWriter,
+        claims: KeyClaims,
+        engine: Engine,
+    ) -> None:
+        super().__init__(name=f"bank-worker-{index}")
+        self._buffer = buffer
+        self._accounts = accounts
+        self._writer = writer
+        self._claims = claims
+        self._engine = engine
+        self._conn: Connection | None = None
+
+    def run(self) -> None:
+        # One connection per worker, for idempotency look-ups (thread-local by construction).
+        self._conn = self._engine.connect()
+        try:
+            while True:
+                jobs = self._buffer.get_many(WORKER_BATCH_OPS_MAX)
+                if not jobs:
+                    return
+                for commands, futures in jobs:
+                    self._run_job(commands, futures)
+        finally:
+            self._conn.close()
+
+    def _run_job(self, commands: list[AnyCommand], futures: list[Future[Receipt]]) -> None:
+        known = self._claim_keys(commands, futures)
+        for command, future in zip(commands, futures, strict=True):
+            try:
+                if not future.set_running_or_notify_cancel():
+                    if command.key is not None and known.get(command.key, (None,))[0] is future:
+                        self._claims.release(command.key)
+                    continue
+                if command.key is not None and self._answered_by_ledger(command, future, known):
+                    continue
+                self._apply(command, future)
+            except Exception as exc:  # a bug, not a rejection: keep the worker alive
+                log.error("worker failed on %r", command, exc_info=True)
+                if not future.done():
+                    future.set_exception(exc)
+
+    # -- idempotency ---------------------------------------------------------------
+
+    def _claim_keys(
+        self, commands: list[AnyCommand], futures: list[Future[Receipt]]
+    ) -> dict[str, tuple[Future[Receipt], Receipt | None]]:
+        """Claim the job's keys and look the claimed ones up in one query.
+
+        Returns key -> (the future that owns the claim, the committed receipt or None).
+        Looking up only after claiming matters: a key committed by someone else
+        between a look-up and a claim would otherwise be applied twice.
+        """
+        owned: dict[str, Future[Receipt]] = {}
+        for command, future in zip(commands, futures, strict=True):
+            key = command.key
+            if key is not None and key not in owned and self._claims.claim(key, future) is None:
+                owned[key] = future
+        if not owned:
+            return {}
+        found = self._lookup(list(owned))
+        return {key: (future, found.get(key)) for key, future in owned.items()}
+
+    def _lookup(self, keys: list[str]) -> dict[str, Receipt]:
+        assert self._conn is not None
+        with self._conn.begin():  # a short read transaction: never pin an old snapshot
+            return find_receipts(self._conn, keys)
+
+    def _answered_by_ledger(
+        self,
+        command: AnyCommand,
+        future: Future[Receipt],
+        known: dict[str, tuple[Future[Receipt], Receipt | None]],
+    ) -> bool:
+        """Settle a keyed command against the ledger; True if it needs no applying."""
+        key = command.key
+        assert key is not None
+        owner, receipt = known.get(key, (None, None))
+        if owner is not future:
+            # Someone (maybe an earlier command of this job) holds the key: wait for
+            # their answer. No lock is held here, and the writer never waits on a
+            # worker, so this wait always ends.
+            while (holder := self._claims.claim(key, future)) is not None:
+                if holder.cancelled():
+                    time.sleep(0.001)  # its worker has yet to reach it and drop the claim
+                else:
+                    holder.exception()
+            receipt = self._lookup([key]).get(key)
+        if receipt is None:
+            return False  # we own the claim; the writer releases it
+        self._claims.release(key)
+        answer_duplicate(command, receipt, future)
+        return True
+
+    # -- applying --------------------------------------------------------------------
+
+    def _apply(self, command: AnyCommand, future: Future[Receipt]) -> None:
+        kind = command.kind
+        amount = command.amount
+        if type(command) is Transfer:
+            debit_id, credit_id = command.source, command.target
+        elif type(command) is Deposit:
+            debit_id, credit_id = CASH_ACCOUNT_ID, command.account
+        else:
+            debit_id, credit_id = command.account, CASH_ACCOUNT_ID
+        source = self._accounts.get(debit_id)
+        target = self._accounts.get(credit_id)
+        if source is None or target is None:
+            missing = debit_id if source is None else credit_id
+            self._writer.stage_rejection(
+                future, AccountNotFound(f"account {missing} does not exist"), command.key
+            )
+            return
+        first, second = (source, target) if debit_id < credit_id else (target, source)
+        with first.lock, second.lock:
+            try:
+                source.check_withdraw(amount)
+                target.check_deposit(amount)
+            except BankError as exc:
+                # Staged under the locks: answered only after what it was judged on is durable.
+                self._writer.stage_rejection(future, exc, command.key)
+                return
+            # Checked: from here to the end of the block nothing may raise.
+            debit_balance = source.withdraw(amount)
+            credit_balance = target.deposit(amount)
+            self._writer.stage_transfer(
+                kind,
+                debit_id,
+                credit_id,
+                amount,
+                command.key,
+                future,
+                debit_balance,
+                credit_balance,
+            )

@@ -1,0 +1,1 @@
+"""Alembic environment of the ledger; installed as `bank._migrations`."""

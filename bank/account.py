@@ -52,7 +52,9 @@ class Account:
             after = self._balance - amount
             if self.id == CASH_ACCOUNT_ID:
                 if after < BALANCE_MIN:
-                    raise BalanceOverflow(f"@cash would go below signed 64 bits ({after})")
+                    raise BalanceOverflow(
+                        f"@cash has {self._balance}: debiting {amount} would leave signed 64 bits"
+                    )
             elif after < -self._overdraft_limit:
                 raise InsufficientFunds(
                     f"account {self.id} has {self._balance}, overdraft limit {self._overdraft_limit}: "
@@ -64,7 +66,7 @@ class Account:
         with self.lock:
             if self._balance + amount > BALANCE_MAX:
                 raise BalanceOverflow(
-                    f"account {self.id} has {self._balance}: crediting {amount} would exceed 2**63-1"
+                    f"account {self.id} has {self._balance}: crediting {amount} would leave signed 64 bits"
                 )
 
     def withdraw(self, amount: int) -> int:

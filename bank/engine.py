@@ -50,7 +50,14 @@ from bank.errors import (
 )
 from bank.idempotency import KeyClaims
 from bank.ledger import migrate, store
-from bank.ledger.sqlite import Durability, FileLock, create_ledger_engine, ledger_url, sqlite_path
+from bank.ledger.sqlite import (
+    Durability,
+    FileLock,
+    create_ledger_engine,
+    create_readonly_engine,
+    ledger_url,
+    sqlite_path,
+)
 from bank.ledger.writer import LedgerWriter
 from bank.limits import (
     CASH_ACCOUNT_ID,
@@ -132,6 +139,14 @@ class Bank:
                     f"{self._path.parent} does not exist: cannot create a ledger there"
                 )
             migrate.sniff_sqlite_file(self._path)
+            if self._path.exists() and self._path.stat().st_size > 0:
+                # Judge an existing file through a read-only connection first: even
+                # the WAL pragma of a normal connection would rewrite its header.
+                probe = create_readonly_engine(self._path)
+                try:
+                    migrate.ledger_revision(probe)
+                finally:
+                    probe.dispose()
             self._file_lock = FileLock(self._path)
         try:
             self._engine = create_ledger_engine(self._url, self._durability)

@@ -153,9 +153,9 @@ class Worker(threading.Thread):
     def _apply(self, command: AnyCommand, future: Future[Receipt]) -> None:
         kind = command.kind
         amount = command.amount
-        if type(command) is Transfer:
+        if isinstance(command, Transfer):
             debit_id, credit_id = command.source, command.target
-        elif type(command) is Deposit:
+        elif isinstance(command, Deposit):
             debit_id, credit_id = CASH_ACCOUNT_ID, command.account
         else:
             debit_id, credit_id = command.account, CASH_ACCOUNT_ID

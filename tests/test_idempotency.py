@@ -1,0 +1,129 @@
+"""A key makes an operation exactly-once, forever: same receipt, across restarts and races."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import bank
+from tests.conftest import run_threads
+
+
+def test_same_key_same_command_returns_the_original_receipt(make_bank: Callable[..., bank.Bank]) -> None:
+    b = make_bank()
+    alice = b.open_account("alice").id
+    shop = b.open_account("shop").id
+    b.deposit(alice, 100_00)
+    first = b.transfer(alice, shop, 25_00, key="order-17")
+    again = b.transfer(alice, shop, 25_00, key="order-17")
+    assert again == first
+    assert b.balance(alice) == 75_00  # applied once
+    assert b.stats().accepted == 2
+    assert b.find("order-17") == first
+    assert b.find("order-18") is None
+
+
+def test_same_key_other_command_is_a_conflict_and_changes_nothing(
+    make_bank: Callable[..., bank.Bank],
+) -> None:
+    b = make_bank()
+    alice = b.open_account("alice").id
+    shop = b.open_account("shop").id
+    b.deposit(alice, 100_00, key="dep-1")
+    before = b.snapshot()
+    for other in (
+        bank.Deposit(account=alice, amount=99, key="dep-1"),
+        bank.Deposit(account=shop, amount=100_00, key="dep-1"),
+        bank.Withdrawal(account=alice, amount=100_00, key="dep-1"),
+        bank.Transfer(source=alice, target=shop, amount=100_00, key="dep-1"),
+    ):
+        with pytest.raises(bank.IdempotencyConflict, match="dep-1"):
+            b.submit(other).result(timeout=10)
+    assert b.snapshot() == before
+
+
+def test_keys_survive_a_restart(ledger_path: Path) -> None:
+    with bank.Bank.open(ledger_path) as b:
+        alice = b.open_account("alice").id
+        first = b.deposit(alice, 500, key="payday")
+    with bank.Bank.open(ledger_path) as b:
+        assert b.deposit(alice, 500, key="payday") == first
+        assert b.balance(alice) == 500
+        with pytest.raises(bank.IdempotencyConflict):
+            b.deposit(alice, 501, key="payday")
+        assert b.find("payday") == first
+
+
+def test_a_refused_operation_does_not_use_up_its_key(make_bank: Callable[..., bank.Bank]) -> None:
+    b = make_bank()
+    alice = b.open_account("alice").id
+    with pytest.raises(bank.InsufficientFunds):
+        b.withdraw(alice, 10, key="w-1")
+    assert b.find("w-1") is None
+    b.deposit(alice, 10)
+    receipt = b.withdraw(alice, 10, key="w-1")
+    assert receipt.kind == "withdrawal"
+    assert b.withdraw(alice, 10, key="w-1") == receipt
+    assert b.balance(alice) == 0
+
+
+def test_duplicates_inside_one_batch(make_bank: Callable[..., bank.Bank]) -> None:
+    b = make_bank(workers=1)
+    alice = b.open_account("alice").id
+    futures = b.submit_many(
+        [bank.Deposit(account=alice, amount=5, key="d")] * 3 + [bank.Deposit(account=alice, amount=6, key="d")]
+    )
+    receipts = [f.result(timeout=10) for f in futures[:3]]
+    assert receipts[0] == receipts[1] == receipts[2]
+    with pytest.raises(bank.IdempotencyConflict):
+        futures[3].result(timeout=10)
+    assert b.balance(alice) == 5
+
+
+@pytest.mark.timeout(120)
+def test_racing_duplicates_apply_exactly_once(
+    make_bank: Callable[..., bank.Bank], fast_switching: None
+) -> None:
+    b = make_bank(workers=4)
+    alice = b.open_account("alice").id
+    keys = [f"k-{i}" for i in range(150)]
+    seen: dict[str, set[int]] = {k: set() for k in keys}
+    lock = threading.Lock()
+
+    def retrier(offset: int) -> None:
+        for i in range(len(keys)):
+            key = keys[(i + offset) % len(keys)]
+            receipt = b.submit(bank.Deposit(account=alice, amount=3, key=key)).result(timeout=60)
+            with lock:
+                seen[key].add(receipt.seq)
+
+    run_threads([lambda o=o: retrier(o * 7) for o in range(12)], timeout_s=100)
+    assert all(len(seqs) == 1 for seqs in seen.values())
+    assert b.balance(alice) == 3 * len(keys)
+    assert b.stats().accepted == len(keys)
+    assert b.stats().keys_in_flight == 0  # nothing is kept per key once it is durable
+
+
+def test_memory_for_keys_does_not_grow_with_the_number_of_keys(make_bank: Callable[..., bank.Bank]) -> None:
+    """Keys live in the ledger's unique index; memory holds only keys still in flight."""
+    b = make_bank()
+    alice = b.open_account("alice").id
+    for chunk in range(4):
+        futures = b.submit_many(
+            [bank.Deposit(account=alice, amount=1, key=f"{chunk}-{i}") for i in range(2_000)]
+        )
+        for f in futures:
+            f.result(timeout=60)
+        assert b.stats().keys_in_flight == 0
+    assert b.balance(alice) == 8_000
+    assert b.find("3-1999") is not None
+
+
+@pytest.mark.parametrize("key", ["", "x" * 129, 5, None, "a\nb"])
+def test_find_refuses_bad_keys(make_bank: Callable[..., bank.Bank], key: object) -> None:
+    b = make_bank()
+    with pytest.raises(bank.InvalidCommand, match="key"):
+        b.find(key)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -478,18 +478,14 @@ class Bank:
         except ValueError as exc:
             raise InvalidCommand(str(exc)) from None
         self._check_open()
-        probe: Future[Receipt] = Future()
-        while (holder := self._claims.claim(key, probe)) is not None:
-            if holder.cancelled():
-                time.sleep(0.001)  # its worker has yet to reach it and drop the claim
-            else:
-                holder.exception()
-        try:
-            assert self._engine is not None
-            with self._engine.connect() as conn:
-                return store.find_receipts(conn, [key]).get(key)
-        finally:
-            self._claims.release(key)
+        # An operation with this key in flight is answered first, so that `find`
+        # never reports "no such key" for an operation that was already accepted.
+        holder = self._claims.holder(key)
+        if holder is not None:
+            wait([holder])
+        assert self._engine is not None
+        with self._engine.connect() as conn:
+            return store.find_receipts(conn, [key]).get(key)
 
     def history(self, account_id: int, *, limit: int | None = None) -> list[Receipt]:
         """An account's committed transfers, oldest first."""

@@ -30,6 +30,11 @@ class KeyClaims:
                 self._claims[key] = future
             return holder
 
+    def holder(self, key: str) -> Future[Receipt] | None:
+        """The future of the operation working on `key` right now, if any."""
+        with self._lock:
+            return self._claims.get(key)
+
     def release(self, key: str) -> None:
         """Give the key up: call after the ledger has it (or the operation was refused)."""
         with self._lock:

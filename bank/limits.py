@@ -28,6 +28,9 @@ WORKERS_MAX: Final = 64
 WORKER_BATCH_OPS_MAX: Final = 256
 #: Operations the ledger writer commits in one SQLite transaction.
 COMMIT_BATCH_OPS_MAX: Final = 4096
+#: Transfer rows per multi-row INSERT: 8 columns x 100 stays under SQLite's
+#: oldest limit of 999 bound variables per statement.
+INSERT_ROWS_PER_STATEMENT_MAX: Final = 100
 #: Operations `submit_many` puts in the queue per hand-off.
 SUBMIT_CHUNK_OPS_MAX: Final = 256
 

@@ -159,6 +159,8 @@ class Worker(threading.Thread):
             debit_id, credit_id = CASH_ACCOUNT_ID, command.account
         else:
             debit_id, credit_id = command.account, CASH_ACCOUNT_ID
+        # The registry only ever grows, under the bank's registry lock; a lookup is a
+        # single dict read, which is atomic in free-threaded CPython as well.
         source = self._accounts.get(debit_id)
         target = self._accounts.get(credit_id)
         if source is None or target is None:

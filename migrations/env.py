@@ -25,7 +25,9 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = create_engine(config.get_main_option("sqlalchemy.url") or "sqlite://")
+    # `alembic -x url=sqlite:///path ...` points the command line at any ledger.
+    url = context.get_x_argument(as_dictionary=True).get("url")
+    engine = create_engine(url or config.get_main_option("sqlalchemy.url") or "sqlite://")
     with engine.connect() as conn:
         _run(conn)
     engine.dispose()

@@ -20,6 +20,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, insert, update
@@ -28,7 +29,7 @@ from bank.errors import BankError, LedgerUnavailable
 from bank.idempotency import KeyClaims
 from bank.ledger.chain import account_event_hash, transfer_hash
 from bank.ledger.models import account_events, accounts, transfers
-from bank.limits import COMMIT_BATCH_OPS_MAX
+from bank.limits import COMMIT_BATCH_OPS_MAX, INSERT_ROWS_PER_STATEMENT_MAX
 from bank.records import Receipt
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,8 @@ class LedgerWriter(threading.Thread):
         # Only the writer thread touches the chain heads.
         self._head_hash = head_hash
         self._event_head_hash = event_head_hash
-        columns = ", ".join(_TRANSFER_COLUMNS)
-        marks = ", ".join("?" for _ in _TRANSFER_COLUMNS)
         assert tuple(c.name for c in transfers.c) == _TRANSFER_COLUMNS, "row layout drifted"
-        # Plain DB-API executemany on SQLite: the rows are built here as tuples in
-        # table order, which spares SQLAlchemy's per-row dict processing.
-        self._insert_transfers_sql = f"INSERT INTO {transfers.name} ({columns}) VALUES ({marks})"
+        self._insert_sql: dict[int, str] = {}
         self._update_balances = (
             update(accounts)
             .where(accounts.c.id == bindparam("b_id"))
@@ -312,7 +309,7 @@ class LedgerWriter(threading.Thread):
                         limits,
                     )
                 if rows:
-                    conn.exec_driver_sql(self._insert_transfers_sql, rows)
+                    self._insert_transfers(conn, rows)
                 if balances:
                     conn.execute(
                         self._update_balances,
@@ -356,6 +353,25 @@ class LedgerWriter(threading.Thread):
             self._rows += len(rows)
             self._rejected += rejected
             self._progress.notify_all()
+
+    def _insert_transfers(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
+        """Insert rows as multi-row INSERT pages (SQLAlchemy's "insertmanyvalues" technique).
+
+        On SQLite this is about twice as fast as DB-API executemany, which binds,
+        steps and releases the GIL once per row; a page does that once per
+        `INSERT_ROWS_PER_STATEMENT_MAX` rows. The statement text is derived from
+        the Core table, and rows are tuples in table order (no per-row dicts).
+        """
+        page = INSERT_ROWS_PER_STATEMENT_MAX
+        for start in range(0, len(rows), page):
+            chunk = rows[start : start + page]
+            sql = self._insert_sql.get(len(chunk))
+            if sql is None:
+                columns = ", ".join(_TRANSFER_COLUMNS)
+                row = "(" + ", ".join("?" for _ in _TRANSFER_COLUMNS) + ")"
+                sql = f"INSERT INTO {transfers.name} ({columns}) VALUES " + ", ".join([row] * len(chunk))
+                self._insert_sql[len(chunk)] = sql
+            conn.exec_driver_sql(sql, tuple(chain.from_iterable(chunk)))
 
     def _fail(self, batch: list[tuple[Any, ...]], failure: BankError) -> None:
         """Answer a batch that will never be written."""

@@ -40,6 +40,12 @@ class KeyClaims:
         with self._lock:
             self._claims.pop(key, None)
 
+    def release_if_owner(self, key: str, future: Future[Receipt]) -> None:
+        """Release `key` only if `future` holds it (error paths, where ownership is unsure)."""
+        with self._lock:
+            if self._claims.get(key) is future:
+                del self._claims[key]
+
     def release_many(self, keys: list[str]) -> None:
         """`release` for a committed batch, under one acquisition."""
         with self._lock:

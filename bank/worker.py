@@ -12,14 +12,14 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 
 from sqlalchemy import Connection, Engine
 
 from bank.account import Account
 from bank.buffer import BoundedBuffer
 from bank.commands import AnyCommand, Deposit, Transfer
-from bank.errors import AccountNotFound, BankError, IdempotencyConflict
+from bank.errors import AccountNotFound, BankError, IdempotencyConflict, LedgerUnavailable
 from bank.idempotency import KeyClaims
 from bank.ledger.store import find_receipts
 from bank.ledger.writer import LedgerWriter
@@ -81,7 +81,15 @@ class Worker(threading.Thread):
             self._conn.close()
 
     def _run_job(self, commands: list[AnyCommand], futures: list[Future[Receipt]]) -> None:
-        known = self._claim_keys(commands, futures)
+        try:
+            known = self._claim_keys(commands, futures)
+        except Exception as exc:  # the look-up failed: nothing was applied, refuse the job
+            log.error("idempotency look-up failed", exc_info=True)
+            error = LedgerUnavailable(f"the ledger could not be read ({type(exc).__name__}: {exc})")
+            for future in futures:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(error)
+            return
         for command, future in zip(commands, futures, strict=True):
             try:
                 if not future.set_running_or_notify_cancel():
@@ -91,8 +99,12 @@ class Worker(threading.Thread):
                 if command.key is not None and self._answered_by_ledger(command, future, known):
                     continue
                 self._apply(command, future)
-            except Exception as exc:  # a bug, not a rejection: keep the worker alive
+            except (
+                Exception
+            ) as exc:  # a bug or a failed read, not a rejection: keep the worker alive
                 log.error("worker failed on %r", command, exc_info=True)
+                if command.key is not None:
+                    self._claims.release_if_owner(command.key, future)
                 if not future.done():
                     future.set_exception(exc)
 
@@ -114,7 +126,11 @@ class Worker(threading.Thread):
                 owned[key] = future
         if not owned:
             return {}
-        found = self._lookup(list(owned))
+        try:
+            found = self._lookup(list(owned))
+        except Exception:
+            self._claims.release_many(list(owned))
+            raise
         return {key: (future, found.get(key)) for key, future in owned.items()}
 
     def _lookup(self, keys: list[str]) -> dict[str, Receipt]:
@@ -137,10 +153,10 @@ class Worker(threading.Thread):
             # their answer. No lock is held here, and the writer never waits on a
             # worker, so this wait always ends.
             while (holder := self._claims.claim(key, future)) is not None:
-                if holder.cancelled():
-                    time.sleep(0.001)  # its worker has yet to reach it and drop the claim
+                if holder.done():
+                    time.sleep(0.001)  # answered (or cancelled): its claim is being dropped
                 else:
-                    holder.exception()
+                    wait([holder])
             receipt = self._lookup([key]).get(key)
         if receipt is None:
             return False  # we own the claim; the writer releases it

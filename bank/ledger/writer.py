@@ -239,8 +239,19 @@ class LedgerWriter(threading.Thread):
                     failure = self._failure
                 if failure is not None:
                     self._fail(batch, failure)
-                else:
+                    continue
+                try:
                     self._commit(conn, batch)
+                except BaseException as exc:  # never leave a future pending, even on a bug
+                    log.error("ledger writer failed; the bank stops accepting work", exc_info=True)
+                    broken = LedgerUnavailable(
+                        f"the ledger writer failed ({type(exc).__name__}: {exc})"
+                    )
+                    with self._lock:
+                        self._failure = broken
+                    self._fail(
+                        [r for r in batch if not _future_of(r).done()], broken, answered=len(batch)
+                    )
         finally:
             conn.close()
 
@@ -369,24 +380,28 @@ class LedgerWriter(threading.Thread):
             if sql is None:
                 columns = ", ".join(_TRANSFER_COLUMNS)
                 row = "(" + ", ".join("?" for _ in _TRANSFER_COLUMNS) + ")"
-                sql = f"INSERT INTO {transfers.name} ({columns}) VALUES " + ", ".join([row] * len(chunk))
+                sql = f"INSERT INTO {transfers.name} ({columns}) VALUES " + ", ".join(
+                    [row] * len(chunk)
+                )
                 self._insert_sql[len(chunk)] = sql
             conn.exec_driver_sql(sql, tuple(chain.from_iterable(chunk)))
 
-    def _fail(self, batch: list[tuple[Any, ...]], failure: BankError) -> None:
-        """Answer a batch that will never be written."""
+    def _fail(
+        self, batch: list[tuple[Any, ...]], failure: BankError, answered: int | None = None
+    ) -> None:
+        """Answer a batch that will never be written (`answered`: records it completes)."""
         for rec in batch:
-            tag = rec[0]
-            future: Future[Any]
-            if tag == _TRANSFER:
-                future, key = rec[7], rec[6]
-            elif tag == _REJECT:
-                future, key = rec[1], rec[3]
-            else:
-                future, key = rec[7], None
+            future = _future_of(rec)
+            key = rec[6] if rec[0] == _TRANSFER else rec[3] if rec[0] == _REJECT else None
             if key is not None:
                 self._claims.release(key)
             future.set_exception(failure)
         with self._lock:
-            self._done += len(batch)
+            self._done += len(batch) if answered is None else answered
             self._progress.notify_all()
+
+
+def _future_of(rec: tuple[Any, ...]) -> Future[Any]:
+    """The future a staged record answers."""
+    future: Future[Any] = rec[1] if rec[0] == _REJECT else rec[7]
+    return future

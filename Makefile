@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck check bench clean
+.PHONY: run test lint typecheck check bench bench-audit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ check: lint typecheck test
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
+
+bench-audit: $(STAMP)
+	$(BIN)/python scripts/bench_audit.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info run-ledger.db* run-result.json

@@ -20,6 +20,7 @@ from bank.errors import (
     NotALedger,
     QueueFull,
 )
+from bank.ledger.audit import AuditReport, Problem
 from bank.limits import AMOUNT_MAX, CASH_ACCOUNT_ID, CASH_ACCOUNT_NAME
 from bank.records import Receipt, Snapshot
 
@@ -32,6 +33,7 @@ __all__ = [
     "AccountNotFound",
     "AccountSpec",
     "AccountsMustBeDifferent",
+    "AuditReport",
     "BalanceOverflow",
     "Bank",
     "BankClosed",
@@ -46,6 +48,7 @@ __all__ = [
     "LedgerUnavailable",
     "LedgerVersionError",
     "NotALedger",
+    "Problem",
     "QueueFull",
     "Receipt",
     "Snapshot",

@@ -1,0 +1,112 @@
+"""How an audit is shown: a short human table (rich) or JSON, and the exit code.
+
+`run_audit_command` is the whole of `bank audit`: the CLI only parses arguments
+and calls it, so scripts and tests get the same output and exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Final, TextIO
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from bank.errors import CannotAudit
+from bank.ledger.audit import AuditReport, audit_ledger
+
+EXIT_CLEAN: Final = 0
+EXIT_PROBLEMS: Final = 1
+EXIT_CANNOT_AUDIT: Final = 2
+
+#: Problems listed in the human table; the rest are counted (use --json for all kept).
+TABLE_ROWS_MAX: Final = 50
+_VALUE_CHARS_MAX: Final = 20
+
+
+def exit_code(report: AuditReport) -> int:
+    """0 for a clean ledger, 1 when the audit found problems."""
+    return EXIT_CLEAN if report.ok else EXIT_PROBLEMS
+
+
+def _short(value: object) -> str:
+    text = "" if value is None else str(value)
+    if len(text) > _VALUE_CHARS_MAX:
+        return text[: _VALUE_CHARS_MAX - 1] + "…"
+    return text
+
+
+def render_report(report: AuditReport, console: Console) -> None:
+    """Print the verdict, what was audited, and a table of the first problems."""
+    verdict = (
+        Text("CLEAN", style="bold green")
+        if report.ok
+        else Text(f"{report.problems_total} PROBLEM(S)", style="bold red")
+    )
+    console.print(Text.assemble("audit of ", (report.path, "bold"), ": ", verdict))
+    console.print(
+        f"revision {report.revision}; transfers 1..{report.seq} "
+        f"({report.transfers_checked:,} rows), {report.accounts_checked:,} accounts, "
+        f"{report.account_events_checked:,} account events; "
+        f"{report.duration_s:.2f} s",
+        highlight=False,
+    )
+    console.print(f"head hash          {report.head_hash}", highlight=False)
+    console.print(f"accounts head hash {report.accounts_head_hash}", highlight=False)
+    if report.ok:
+        return
+    counts = ", ".join(f"{kind} {n}" for kind, n in sorted(report.problem_counts.items()))
+    console.print(f"by kind: {counts}", highlight=False)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for column, justify in (
+        ("kind", "left"),
+        ("seq", "right"),
+        ("account", "right"),
+        ("expected", "left"),
+        ("found", "left"),
+        ("what", "left"),
+    ):
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for p in report.problems[:TABLE_ROWS_MAX]:
+        seq = "" if p.seq is None else str(p.seq)
+        if p.event_seq is not None:
+            seq = f"{seq} event {p.event_seq}".strip()
+        table.add_row(
+            p.kind,
+            seq,
+            "" if p.account is None else str(p.account),
+            _short(p.expected),
+            _short(p.found),
+            p.message,
+        )
+    console.print(table)
+    hidden = report.problems_total - min(len(report.problems), TABLE_ROWS_MAX)
+    if hidden:
+        console.print(f"... and {hidden:,} more (--json lists the first {len(report.problems):,})")
+
+
+def run_audit_command(db: str, *, as_json: bool, expect_head: str | None, out: TextIO) -> int:
+    """`bank audit --db PATH [--json] [--expect-head HASH]`: print the audit, return the exit code.
+
+    0 clean, 1 problems found, 2 could not audit (with a one-line reason; in
+    JSON mode an object `{"ok": false, "error": ...}`).
+    """
+    try:
+        report = audit_ledger(db, expect_head=expect_head)
+    except CannotAudit as exc:
+        if as_json:
+            out.write(
+                json.dumps({"ok": False, "error": str(exc), "exit_code": EXIT_CANNOT_AUDIT}) + "\n"
+            )
+        else:
+            out.write(f"bank audit: cannot audit: {exc}\n")
+        return EXIT_CANNOT_AUDIT
+    if as_json:
+        out.write(report.to_json() + "\n")
+    else:
+        # A terminal keeps its width; a pipe or file gets lines long enough not to wrap.
+        width = None if out.isatty() else 160
+        render_report(report, Console(file=out, width=width, highlight=False))
+    return exit_code(report)

@@ -1,0 +1,122 @@
+"""Ledgers for the audit tests: built by the real engine, then edited with plain sqlite3."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+
+import bank
+from bank.ledger.audit import AuditReport
+from bank.ledger.chain import GENESIS, account_event_hash, transfer_hash
+from bank.records import Receipt
+
+
+def build_engine_ledger(path: Path, *, transfers: int, accounts: int = 24, seed: int = 7) -> int:
+    """Run the engine until `path` holds at least `transfers` committed transfers.
+
+    Mixes transfers, deposits and withdrawals, keys on one operation in seven,
+    accounts opened midway and overdraft limits raised midway, so every
+    kind of row and event appears. Returns the number of transfers committed.
+    """
+    rng = random.Random(seed)
+    committed = 0
+    with bank.Bank.open(path, workers=4, durability="normal") as b:
+        ids = [
+            b.open_account(f"acct-{i:03d}", overdraft_limit=rng.choice((0, 0, 500, 10_000))).id
+            for i in range(accounts)
+        ]
+        for f in b.submit_many([bank.Deposit(account=i, amount=100_000) for i in ids]):
+            f.result()
+            committed += 1
+        chunk = 0
+        while committed < transfers:
+            chunk += 1
+            if chunk % 2 == 0:
+                # Accounts opened and limits raised between operations: events at transfer_seq > 0.
+                ids.append(
+                    b.open_account(f"late-{chunk:03d}", overdraft_limit=rng.choice((0, 300))).id
+                )
+                b.set_overdraft_limit(rng.choice(ids[1:]), rng.choice((1_000, 20_000)))
+            commands: list[bank.Deposit | bank.Withdrawal | bank.Transfer] = []
+            for n in range(500):
+                roll = rng.random()
+                key = f"op-{chunk}-{n}" if rng.random() < 1 / 7 else None
+                a, c = rng.sample(ids, 2)
+                amount = rng.randint(1, 5_000)
+                if roll < 0.1:
+                    commands.append(bank.Deposit(account=a, amount=amount, key=key))
+                elif roll < 0.2:
+                    commands.append(bank.Withdrawal(account=a, amount=amount, key=key))
+                else:
+                    commands.append(bank.Transfer(source=a, target=c, amount=amount, key=key))
+            futures: list[Future[Receipt]] = b.submit_many(commands)
+            for f in futures:
+                if f.exception() is None:
+                    committed += 1
+    return committed
+
+
+def copy_ledger(source: Path, target: Path) -> Path:
+    """Copy a closed ledger (and any side files) to `target`."""
+    shutil.copyfile(source, target)
+    for suffix in ("-wal", "-shm"):
+        side = source.with_name(source.name + suffix)
+        if side.exists():
+            shutil.copyfile(side, target.with_name(target.name + suffix))
+    return target
+
+
+@contextmanager
+def edit(path: Path, *, checks: bool = True) -> Iterator[sqlite3.Connection]:
+    """A plain sqlite3 connection, as a forger at the command line has one (FKs off).
+
+    `checks=False` also turns CHECK constraints off, as `PRAGMA ignore_check_constraints` does.
+    """
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        if not checks:
+            conn.execute("PRAGMA ignore_check_constraints = ON")
+        conn.execute("BEGIN")
+        yield conn
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def rechain(conn: sqlite3.Connection) -> None:
+    """Recompute every hash of both chains: a forger who knows the formula.
+
+    What is left to catch is then only what the replay and the cross-checks find.
+    """
+    prev = GENESIS
+    rows = conn.execute(
+        "SELECT seq, kind, debit_account_id, credit_account_id, amount, ts_us, key FROM transfers ORDER BY seq"
+    ).fetchall()
+    for seq, kind, debit, credit, amount, ts_us, key in rows:
+        prev = transfer_hash(prev, seq, kind, debit, credit, amount, ts_us, key)
+        conn.execute("UPDATE transfers SET hash = ? WHERE seq = ?", (prev, seq))
+    prev = GENESIS
+    events = conn.execute(
+        "SELECT seq, account_id, kind, overdraft_limit, transfer_seq, ts_us, name FROM account_events ORDER BY seq"
+    ).fetchall()
+    for seq, account, kind, limit, transfer_seq, ts_us, name in events:
+        prev = account_event_hash(prev, seq, account, kind, limit, transfer_seq, ts_us, name)
+        conn.execute("UPDATE account_events SET hash = ? WHERE seq = ?", (prev, seq))
+
+
+def named(report: AuditReport) -> tuple[set[int], set[int], set[int]]:
+    """(transfer seqs, accounts, event seqs) that the report's problems point at."""
+    seqs = {p.seq for p in report.problems if p.seq is not None}
+    accounts = {p.account for p in report.problems if p.account is not None}
+    events = {p.event_seq for p in report.problems if p.event_seq is not None}
+    return seqs, accounts, events
+
+
+def kinds(report: AuditReport) -> set[str]:
+    """The kinds of problem the report lists."""
+    return {p.kind for p in report.problems}

@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	rm -f run-ledger.db run-ledger.db-wal run-ledger.db-shm
-	$(BIN)/bank simulate --db run-ledger.db --ops 20000 --tellers 16 --seed 1 --json run-result.json
+	rm -f run-ledger.db run-ledger.db-wal run-ledger.db-shm run-result.json run-result.png
+	$(BIN)/bank simulate --db run-ledger.db --ops 20000 --tellers 16 --seed 1 --json run-result.json --plot run-result.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider

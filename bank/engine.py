@@ -433,9 +433,9 @@ class Bank:
             except (QueueFull, BankClosed) as exc:
                 if start == 0:
                     raise
-                for future in futures[start:]:
-                    future.set_exception(
-                        type(exc)(f"{exc} (operation {futures.index(future)} of this batch)")
+                for index in range(start, len(futures)):
+                    futures[index].set_exception(
+                        type(exc)(f"{exc} (operation {index} of this batch)")
                     )
                 break
         return futures

@@ -7,6 +7,7 @@ and calls it, so scripts and tests get the same output and exit codes.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Final, TextIO
 
 from rich import box
@@ -101,7 +102,7 @@ def run_audit_command(db: str, *, as_json: bool, expect_head: str | None, out: T
                 json.dumps({"ok": False, "error": str(exc), "exit_code": EXIT_CANNOT_AUDIT}) + "\n"
             )
         else:
-            out.write(f"bank audit: cannot audit: {exc}\n")
+            print(f"bank audit: cannot audit: {exc}", file=sys.stderr)
         return EXIT_CANNOT_AUDIT
     if as_json:
         out.write(report.to_json() + "\n")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
@@ -86,10 +88,10 @@ def create_ledger_engine(url: URL, durability: Durability = Durability.FULL) -> 
 def create_readonly_engine(path: Path) -> Engine:
     """An Engine that can only read `path` (`mode=ro`): it never creates, migrates,
     checkpoints or otherwise writes the file."""
-    uri = f"file:{path.absolute()}?mode=ro"
+    uri = f"file:{quote(str(path.absolute()))}?mode=ro"
     engine = create_engine(
         "sqlite://",
-        creator=lambda: __import__("sqlite3").connect(uri, uri=True, check_same_thread=False),
+        creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
     )
 
     @event.listens_for(engine, "connect")

@@ -37,7 +37,7 @@ SKEW_DEFAULT = "uniform"
 ZIPF_S_MAX = 10.0
 #: Share of draws that are "big tickets" (half to twice the initial balance): these
 #: are what a funded account mostly refuses, so this sets the reject share.
-BIG_TICKET_PERCENT = 8
+BIG_TICKET_PERCENT = 15
 #: Everyday amounts are drawn from 1 .. initial_balance // EVERYDAY_DIVISOR.
 EVERYDAY_DIVISOR = 10
 #: How often a transfer target is redrawn before falling back to the next account.
@@ -133,7 +133,9 @@ def parse_skew(text: str) -> Skew:
     try:
         s = float(value)
     except ValueError:
-        raise InvalidWorkload(f"skew {text!r}: S in zipf:S must be a number, got {value!r}") from None
+        raise InvalidWorkload(
+            f"skew {text!r}: S in zipf:S must be a number, got {value!r}"
+        ) from None
     if not math.isfinite(s) or not 0 < s <= ZIPF_S_MAX:
         raise InvalidWorkload(f"skew {text!r}: S in zipf:S must be in (0, {ZIPF_S_MAX:g}]")
     return Skew("zipf", s)

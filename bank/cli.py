@@ -1,0 +1,523 @@
+"""The `bank` command line: thin commands over the library, errors turned into exit codes.
+
+Exit codes, for every command:
+  0    success (for `simulate` and `audit`: the audit is clean)
+  1    the command ran and found a problem (audit problems, a refused operation,
+       an unknown account for `history`)
+  2    usage errors and anything that could not be opened or audited: a missing
+       file, a file that is not a ledger, a ledger written by a newer bank, a
+       ledger another process has open
+  130  `simulate` was interrupted with Ctrl-C (the run still finished its
+       in-flight work, closed the ledger cleanly and audited it; a failed audit
+       wins and exits 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
+
+from rich.console import Console, JustifyMethod
+from rich.table import Table
+
+from bank.engine import Bank
+from bank.errors import (
+    AccountNotFound,
+    BankError,
+    CannotAudit,
+    LedgerBusy,
+    NotALedger,
+)
+from bank.ledger.reader import LedgerReader
+from bank.limits import (
+    AMOUNT_MAX,
+    CASH_ACCOUNT_ID,
+    QUEUE_CAPACITY_DEFAULT,
+    QUEUE_CAPACITY_MAX,
+    WORKERS_DEFAULT,
+    WORKERS_MAX,
+)
+from bank.money import format_minor
+from bank.records import AccountInfo
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+#: Errors that mean "could not open / could not audit": exit 2, not 1.
+_OPEN_ERRORS: tuple[type[BankError], ...] = (NotALedger, LedgerBusy, CannotAudit)
+
+
+class _UsageError(Exception):
+    """A bad argument found after parsing (exit 2 with the message)."""
+
+
+# -- argument types ------------------------------------------------------------------------
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low:,} to {high:,}, got {value:,}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= 7 * 86400:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most a week, got {text}")
+    return value
+
+
+def _spec(parser: Callable[[str], object]) -> Callable[[str], str]:
+    """Validate a --mix/--skew text at parse time (clear message), keep the text."""
+
+    def check(text: str) -> str:
+        try:
+            parser(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    check.__name__ = "spec"
+    return check
+
+
+# -- the parser ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `bank` argument parser with every subcommand."""
+    from bank.simulate import runner, workload
+
+    parser = argparse.ArgumentParser(
+        prog="bank",
+        description="A simulated banking transaction engine on a hash-chained SQLite ledger.",
+        epilog=__doc__.split("\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="run a load simulation (tellers, mixes, hot accounts), then audit the ledger",
+        description=(
+            "Run a load simulation: TELLERS teller threads, each keeping up to WINDOW operations "
+            "in flight, submit a seeded mix of deposits, withdrawals and transfers; a live "
+            "progress bar shows ops/s, committed, rejected and queue depth; at the end a summary "
+            "(throughput, latency percentiles, rejects by reason, queue high-water) is printed "
+            "and the ledger is audited. Exit 0 only if the audit is clean; 1 if it is not; 130 "
+            "if Ctrl-C cut the run short (in-flight work is still finished and audited; a "
+            "second Ctrl-C aborts at once)."
+        ),
+    )
+    sim.add_argument(
+        "--db",
+        metavar="PATH",
+        help="ledger file (created if missing; simulation accounts are reused if present); "
+        "default: a temporary ledger, deleted afterwards",
+    )
+    sim.add_argument(
+        "--tellers",
+        type=_int_range(1, runner.TELLERS_MAX),
+        default=runner.TELLERS_DEFAULT,
+        metavar="N",
+        help=f"teller threads (default {runner.TELLERS_DEFAULT})",
+    )
+    sim.add_argument(
+        "--window",
+        type=_int_range(1, runner.WINDOW_MAX),
+        default=runner.WINDOW_DEFAULT,
+        metavar="N",
+        help="operations each teller keeps in flight; 1 waits for every answer "
+        f"(default {runner.WINDOW_DEFAULT})",
+    )
+    sim.add_argument(
+        "--workers",
+        type=_int_range(1, WORKERS_MAX),
+        default=WORKERS_DEFAULT,
+        metavar="N",
+        help=f"the bank's worker threads (default {WORKERS_DEFAULT})",
+    )
+    sim.add_argument(
+        "--accounts",
+        type=_int_range(1, runner.ACCOUNTS_MAX),
+        default=runner.ACCOUNTS_DEFAULT,
+        metavar="N",
+        help=f"customer accounts (default {runner.ACCOUNTS_DEFAULT:,})",
+    )
+    sim.add_argument(
+        "--initial-balance",
+        type=_int_range(0, AMOUNT_MAX),
+        default=runner.INITIAL_BALANCE_DEFAULT,
+        metavar="MINOR",
+        help="opening balance of each new account, in minor units (cents) "
+        f"(default {runner.INITIAL_BALANCE_DEFAULT}, i.e. "
+        f"{format_minor(runner.INITIAL_BALANCE_DEFAULT)})",
+    )
+    end = sim.add_mutually_exclusive_group()
+    end.add_argument(
+        "--ops",
+        type=_int_range(1, 10**12),
+        metavar="N",
+        help=f"stop after N operations in all (default {runner.OPS_DEFAULT:,})",
+    )
+    end.add_argument(
+        "--duration", type=_seconds, metavar="SECONDS", help="stop after this many seconds"
+    )
+    sim.add_argument(
+        "--mix",
+        type=_spec(workload.parse_mix),
+        default=workload.MIX_DEFAULT,
+        help=f"relative weights of the operations (default {workload.MIX_DEFAULT})",
+    )
+    sim.add_argument(
+        "--skew",
+        type=_spec(workload.parse_skew),
+        default=workload.SKEW_DEFAULT,
+        help="account choice: uniform, or zipf:S for hot accounts (e.g. zipf:1.1) "
+        "(default uniform)",
+    )
+    sim.add_argument(
+        "--seed",
+        type=_int_range(0, 2**63 - 1),
+        metavar="N",
+        help="seed of the workload: the same seed gives every teller the same commands "
+        "(default: random, printed in the summary)",
+    )
+    sim.add_argument(
+        "--durability",
+        choices=runner.DURABILITIES,
+        default="full",
+        help="full: fsync every group commit before answering; normal: survive a process "
+        "crash, not a power loss (default full)",
+    )
+    sim.add_argument(
+        "--queue-capacity",
+        type=_int_range(1, QUEUE_CAPACITY_MAX),
+        default=QUEUE_CAPACITY_DEFAULT,
+        metavar="N",
+        help=f"the bank's job queue capacity in operations (default {QUEUE_CAPACITY_DEFAULT})",
+    )
+    sim.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE")
+    sim.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="write a PNG of throughput, latency percentiles and queue depth over time",
+    )
+    sim.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no live progress (by default: a bar on a terminal, a line a second otherwise)",
+    )
+    sim.set_defaults(run=_cmd_simulate)
+
+    aud = sub.add_parser(
+        "audit",
+        help="verify a ledger read-only (exit 0 clean, 1 problems, 2 could not audit)",
+        description=(
+            "Verify every invariant of a ledger without writing to it: both hash chains, "
+            "conservation, overdraft limits replayed in seq order, stored balances. "
+            "Exit 0 clean, 1 problems found, 2 could not audit (missing file, not a ledger, ...)."
+        ),
+    )
+    aud.add_argument("--db", metavar="PATH", required=True, help="the ledger file")
+    aud.add_argument("--json", action="store_true", help="print the report as JSON")
+    aud.add_argument(
+        "--expect-head",
+        metavar="HASH",
+        help="also fail unless the last transfer's hash is HASH (recorded earlier): "
+        "detects a truncated or rewritten tail",
+    )
+    aud.set_defaults(run=_cmd_audit)
+
+    ini = sub.add_parser(
+        "init",
+        help="create a ledger, or upgrade one to the newest schema",
+        description="Create a new ledger at PATH, or migrate an existing one to the newest "
+        "schema; print its revision and accounts. A file that is not a ledger is refused "
+        "(exit 2) and left untouched.",
+    )
+    ini.add_argument("--db", metavar="PATH", required=True, help="the ledger file")
+    ini.set_defaults(run=_cmd_init)
+
+    acc = sub.add_parser(
+        "accounts",
+        help="list the accounts of a ledger with their balances",
+        description="List every account (@cash included) with its balance and overdraft "
+        "limit. Amounts are printed in major units; --json gives exact integer minor units.",
+    )
+    acc.add_argument("--db", metavar="PATH", required=True, help="an existing ledger file")
+    acc.add_argument("--json", action="store_true", help="print JSON (amounts in minor units)")
+    acc.set_defaults(run=_cmd_accounts)
+
+    his = sub.add_parser(
+        "history",
+        help="list one account's transfers",
+        description="List the committed transfers (deposits, withdrawals, transfers) that "
+        "touch ACCOUNT, oldest first.",
+    )
+    his.add_argument("account", metavar="ACCOUNT", help="account id, or account name")
+    his.add_argument("--db", metavar="PATH", required=True, help="an existing ledger file")
+    his.add_argument(
+        "--limit",
+        type=_int_range(1, 10**9),
+        metavar="N",
+        help="show at most the first N transfers",
+    )
+    his.add_argument("--json", action="store_true", help="print JSON (amounts in minor units)")
+    his.set_defaults(run=_cmd_history)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `bank` command line; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) and usage errors (2): return, don't exit
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except _UsageError as exc:
+        _error(args.command, str(exc))
+        return EXIT_USAGE
+    except _OPEN_ERRORS as exc:
+        _error(args.command, str(exc))
+        return EXIT_USAGE
+    except BankError as exc:
+        _error(args.command, f"{type(exc).__name__}: {exc}")
+        return EXIT_PROBLEM
+    except KeyboardInterrupt:
+        _error(args.command, "interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `bank accounts | head`: not an error worth a traceback
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except OSError as exc:  # a file we were told to write or read: say which, no traceback
+        _error(args.command, f"{type(exc).__name__}: {exc}")
+        return EXIT_PROBLEM
+
+
+def _console(out: TextIO) -> Console:
+    """A console on `out`; when that is a pipe, wide enough that tables are not squeezed."""
+    return Console(file=out, highlight=False, width=None if out.isatty() else 200)
+
+
+def _error(command: str, message: str) -> None:
+    print(f"bank {command}: {message}", file=sys.stderr)
+
+
+def _existing_ledger(path: str) -> str:
+    """Refuse a missing path before opening (opening would create an empty ledger)."""
+    if not Path(path).exists():
+        raise _UsageError(f"no ledger at {path} (create one with `bank init --db {path}`)")
+    if Path(path).is_dir():
+        raise _UsageError(f"{path} is a directory, not a ledger file")
+    return path
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from bank.simulate.progress import progress_for
+    from bank.simulate.report import print_summary, write_json, write_plot
+    from bank.simulate.runner import OPS_DEFAULT, SimulationConfig, run_simulation
+    from bank.simulate.workload import InvalidWorkload
+
+    for option, target in (("--json", args.json), ("--plot", args.plot)):
+        if target is not None and not Path(target).absolute().parent.is_dir():
+            raise _UsageError(f"{option} {target}: the directory does not exist")
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    ops = args.ops if args.ops is not None or args.duration is not None else OPS_DEFAULT
+    tmpdir = None
+    db = args.db
+    if db is None:
+        tmpdir = tempfile.mkdtemp(prefix="bank-simulate-")
+        db = os.path.join(tmpdir, "ledger.db")
+    try:
+        try:
+            config = SimulationConfig.from_specs(
+                db=db,
+                mix=args.mix,
+                skew=args.skew,
+                tellers=args.tellers,
+                window=args.window,
+                workers=args.workers,
+                accounts=args.accounts,
+                ops=ops,
+                duration_s=args.duration,
+                seed=seed,
+                initial_balance=args.initial_balance,
+                durability=args.durability,
+                queue_capacity=args.queue_capacity,
+            )
+        except InvalidWorkload as exc:
+            raise _UsageError(str(exc)) from None
+        display = progress_for(
+            sys.stderr,
+            total_ops=config.ops,
+            duration_s=config.duration_s,
+            enabled=not args.no_progress,
+        )
+        result = run_simulation(config, progress=display)
+        print_summary(result, sys.stdout)
+        if args.json:
+            write_json(result, args.json)
+            print(f"result written to {args.json}")
+        if args.plot:
+            write_plot(result, args.plot)
+            print(f"plot written to {args.plot}")
+        if tmpdir is None:
+            print(f"ledger: {db} (check it again with `bank audit --db {db}`)")
+        return result.exit_code()
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    try:
+        from bank.ledger.audit_report import run_audit_command
+    except ImportError:
+        raise CannotAudit("the audit is not available in this build of bank") from None
+    code: int = run_audit_command(
+        args.db, as_json=args.json, expect_head=args.expect_head, out=sys.stdout
+    )
+    return code
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    existed = Path(args.db).exists()
+    with Bank.open(args.db) as bank:
+        revision = bank.revision
+        rows = _account_rows(bank)
+    verb = "opened existing" if existed else "created"
+    print(f"{verb} ledger {args.db}: schema revision {revision} (the newest)")
+    _print_accounts(rows, sys.stdout)
+    return EXIT_OK
+
+
+def _account_rows(bank: Bank) -> list[dict[str, int | str]]:
+    """Every account with a balance from one snapshot (a consistent set)."""
+    snapshot = bank.snapshot()
+    accounts = [bank.account(CASH_ACCOUNT_ID), *bank.accounts()]
+    return [
+        {
+            "id": a.id,
+            "name": a.name,
+            "balance": snapshot.balances.get(a.id, 0),
+            "overdraft_limit": a.overdraft_limit,
+        }
+        for a in accounts
+    ]
+
+
+def _info_rows(infos: list[AccountInfo]) -> list[dict[str, int | str]]:
+    return [
+        {"id": a.id, "name": a.name, "balance": a.balance, "overdraft_limit": a.overdraft_limit}
+        for a in infos
+    ]
+
+
+def _print_accounts(rows: list[dict[str, int | str]], out: TextIO) -> None:
+    table = Table(title=f"{len(rows) - 1} customer account(s)", title_justify="left")
+    table.add_column("id", justify="right")
+    table.add_column("name")
+    table.add_column("balance", justify="right")
+    table.add_column("overdraft limit", justify="right")
+    for row in rows:
+        balance, limit = row["balance"], row["overdraft_limit"]
+        assert isinstance(balance, int) and isinstance(limit, int)
+        shown_limit = "none" if row["id"] == CASH_ACCOUNT_ID else format_minor(limit)
+        table.add_row(str(row["id"]), str(row["name"]), format_minor(balance), shown_limit)
+    _console(out).print(table)
+
+
+def _cmd_accounts(args: argparse.Namespace) -> int:
+    # Read-only: works while a bank runs on the file, never migrates or locks it.
+    with LedgerReader(_existing_ledger(args.db)) as reader:
+        rows = _info_rows(reader.accounts())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_accounts(rows, sys.stdout)
+    return EXIT_OK
+
+
+def _resolve_account(accounts: list[AccountInfo], text: str) -> int:
+    """An account id from an id or a name (`@cash` is id 0)."""
+    if text.strip().isdigit():
+        account_id = int(text)
+        if all(a.id != account_id for a in accounts):
+            raise AccountNotFound(f"account {account_id} does not exist")
+        return account_id
+    for account in accounts:
+        if account.name == text:
+            return account.id
+    raise AccountNotFound(f"no account named {text!r}")
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    with LedgerReader(_existing_ledger(args.db)) as reader:
+        accounts = reader.accounts()
+        account_id = _resolve_account(accounts, args.account)
+        receipts = reader.history(account_id, limit=args.limit)
+    names = {a.id: a.name for a in accounts}
+    if args.json:
+        print(json.dumps([r._asdict() for r in receipts], indent=2))
+        return EXIT_OK
+    title = f"history of {names.get(account_id, account_id)} (id {account_id}): "
+    table = Table(title=title + f"{len(receipts)} transfer(s)", title_justify="left")
+    columns: list[tuple[str, JustifyMethod]] = [
+        ("seq", "right"),
+        ("time (UTC)", "left"),
+        ("kind", "left"),
+        ("from", "left"),
+        ("to", "left"),
+        ("amount", "right"),
+        ("key", "left"),
+    ]
+    for column, justify in columns:
+        table.add_column(column, justify=justify, no_wrap=column != "key")
+    for r in receipts:
+        when = datetime.fromtimestamp(r.ts_us / 1_000_000, tz=UTC).replace(tzinfo=None)
+        signed = -r.amount if r.debit_account == account_id else r.amount
+        table.add_row(
+            str(r.seq),
+            when.isoformat(" ", "milliseconds"),
+            r.kind,
+            names.get(r.debit_account, str(r.debit_account)),
+            names.get(r.credit_account, str(r.credit_account)),
+            format_minor(signed),
+            r.key or "",
+        )
+    _console(sys.stdout).print(table)
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

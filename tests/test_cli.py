@@ -1,0 +1,209 @@
+"""Every `bank` command has help and the documented exit codes on real, missing, foreign files."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bank
+from bank.cli import build_parser, main
+
+COMMANDS = ["simulate", "audit", "init", "accounts", "history"]
+
+
+@pytest.fixture
+def small_ledger(tmp_path: Path) -> Path:
+    """A ledger with two customers and a few transfers (one with a key)."""
+    path = tmp_path / "small.db"
+    with bank.Bank.open(path) as b:
+        alice = b.open_account("alice")
+        shop = b.open_account("shop", overdraft_limit=5_00)
+        b.deposit(alice.id, 100_00)
+        b.transfer(alice.id, shop.id, 25_00, key="order-1")
+        b.withdraw(shop.id, 30_00)
+    return path
+
+
+@pytest.fixture
+def not_a_ledger(tmp_path: Path) -> Path:
+    path = tmp_path / "notes.txt"
+    path.write_text("this is not a ledger\n")
+    return path
+
+
+def test_every_command_is_listed_and_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    top = parser.format_help()
+    for command in COMMANDS:
+        assert command in top
+        assert main([command, "--help"]) == 0
+        text = capsys.readouterr().out
+        assert f"usage: bank {command}" in text
+        assert len(text) > 200, f"{command} --help is too thin"
+    assert main(["--help"]) == 0
+    assert "exit" in capsys.readouterr().out.lower()
+
+
+def test_no_command_and_unknown_options_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert main(["accounts"]) == 2  # --db is required
+    assert main(["frobnicate"]) == 2
+    assert capsys.readouterr().err
+
+
+def test_python_dash_m_bank_works() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bank", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0
+    assert "simulate" in done.stdout
+
+
+def test_init_creates_then_upgrades(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "new.db"
+    assert main(["init", "--db", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "created" in out and "revision" in out and "@cash" in out
+    assert main(["init", "--db", str(path)]) == 0
+    assert "opened existing" in capsys.readouterr().out
+    assert main(["audit", "--db", str(path)]) == 0
+
+
+def test_init_refuses_what_it_must_not_touch(
+    tmp_path: Path, not_a_ledger: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = not_a_ledger.read_bytes()
+    assert main(["init", "--db", str(not_a_ledger)]) == 2
+    assert not_a_ledger.read_bytes() == before
+    assert main(["init", "--db", str(tmp_path / "no" / "such" / "dir.db")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("bank init:") == 2
+    assert "Traceback" not in err
+
+
+def test_accounts_lists_balances(small_ledger: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["accounts", "--db", str(small_ledger)]) == 0
+    out = capsys.readouterr().out
+    assert "alice" in out and "shop" in out and "75.00" in out and "-5.00" in out
+    assert main(["accounts", "--db", str(small_ledger), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["@cash", "alice", "shop"]
+    assert {r["name"]: r["balance"] for r in rows} == {
+        "@cash": -70_00,
+        "alice": 75_00,
+        "shop": -5_00,
+    }
+    assert all(type(r["balance"]) is int for r in rows)
+
+
+def test_history_by_id_name_and_limit(
+    small_ledger: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["history", "alice", "--db", str(small_ledger), "--json"]) == 0
+    receipts = json.loads(capsys.readouterr().out)
+    assert [r["kind"] for r in receipts] == ["deposit", "transfer"]
+    assert receipts[1]["key"] == "order-1" and receipts[1]["amount"] == 25_00
+    assert main(["history", "2", "--db", str(small_ledger), "--limit", "1", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 1
+    assert main(["history", "shop", "--db", str(small_ledger)]) == 0
+    out = capsys.readouterr().out
+    assert "order-1" in out and "withdrawal" in out
+    assert main(["history", "@cash", "--db", str(small_ledger), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_history_of_an_unknown_account_exits_1(
+    small_ledger: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["history", "999", "--db", str(small_ledger)]) == 1
+    assert main(["history", "nobody", "--db", str(small_ledger)]) == 1
+    err = capsys.readouterr().err
+    assert "AccountNotFound" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["accounts"], ["history", "1"], ["audit"]])
+def test_missing_file_exits_2_and_creates_nothing(
+    tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.db"
+    assert main([*command, "--db", str(missing)]) == 2
+    assert not missing.exists()
+    captured = capsys.readouterr()
+    assert (captured.err + captured.out).strip()  # `bank audit` prints its reason on stdout
+
+
+@pytest.mark.parametrize("command", [["accounts"], ["history", "1"], ["audit"], ["init"]])
+def test_a_file_that_is_not_a_ledger_exits_2_untouched(
+    not_a_ledger: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = not_a_ledger.read_bytes()
+    assert main([*command, "--db", str(not_a_ledger)]) == 2
+    assert not_a_ledger.read_bytes() == before
+    captured = capsys.readouterr()
+    said = captured.err + captured.out  # `bank audit` prints its reason on stdout
+    assert said.strip() and "Traceback" not in said
+
+
+def test_another_programs_sqlite_database_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    for command in (["accounts"], ["history", "1"], ["audit"], ["init"]):
+        assert main([*command, "--db", str(path)]) == 2
+
+
+def test_audit_exit_codes_clean_json_and_tampered(
+    small_ledger: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["audit", "--db", str(small_ledger)]) == 0
+    capsys.readouterr()
+    assert main(["audit", "--db", str(small_ledger), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True
+    assert main(["audit", "--db", str(small_ledger), "--expect-head", report["head_hash"]]) == 0
+    with sqlite3.connect(small_ledger) as conn:
+        conn.execute("UPDATE transfers SET amount = amount + 1 WHERE seq = 2")
+    assert main(["audit", "--db", str(small_ledger)]) == 1
+
+
+def test_reads_work_while_a_bank_runs_but_init_needs_the_ledger(
+    small_ledger: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with bank.Bank.open(small_ledger) as b:
+        b.deposit(1, 123)
+        assert main(["accounts", "--db", str(small_ledger), "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert sum(r["balance"] for r in rows) == 0
+        assert main(["history", "1", "--db", str(small_ledger), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)[-1]["amount"] == 123
+        assert main(["init", "--db", str(small_ledger)]) == 2
+    assert "already open" in capsys.readouterr().err
+
+
+def test_simulate_refuses_a_file_that_is_not_a_ledger(
+    tmp_path: Path, not_a_ledger: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = not_a_ledger.read_bytes()
+    assert main(["simulate", "--db", str(not_a_ledger), "--ops", "10", "--no-progress"]) == 2
+    assert not_a_ledger.read_bytes() == before
+    missing_dir = tmp_path / "no" / "such" / "sim.db"
+    assert main(["simulate", "--db", str(missing_dir), "--ops", "10", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("bank simulate:") == 2 and "Traceback" not in err
+
+
+def test_simulate_refuses_output_paths_in_missing_directories(tmp_path: Path) -> None:
+    db = tmp_path / "sim.db"
+    for option in ("--json", "--plot"):
+        target = str(tmp_path / "nowhere" / "out")
+        assert main(["simulate", "--db", str(db), "--ops", "10", option, target]) == 2
+    assert not db.exists()

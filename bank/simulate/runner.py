@@ -35,6 +35,7 @@ from bank.limits import QUEUE_CAPACITY_DEFAULT, SUBMIT_CHUNK_OPS_MAX, WORKERS_DE
 from bank.records import Receipt
 from bank.simulate.metrics import LatencySummary, Metrics, Observer, Outcome, Sample, Totals
 from bank.simulate.progress import NoProgress, ProgressDisplay, Reading
+from bank.simulate.tuning import throughput_gc
 from bank.simulate.workload import (
     MIX_DEFAULT,
     InvalidWorkload,
@@ -360,7 +361,7 @@ def run_simulation(
         try:
             for teller in tellers:
                 teller.start()
-            with display:
+            with display, throughput_gc():
                 t0 = time.monotonic()
                 observer.begin(t0)
                 observer.start()

@@ -300,8 +300,19 @@ class Bank:
         spec = AccountSpec(name=name, overdraft_limit=overdraft_limit)
         self._check_open()
         future: Future[int] = Future()
+        refusal: BankError | None = None
         with self._registry_lock:
             if spec.name in self._names:
+                refusal = AccountNameTaken(
+                    f"an account named {spec.name!r} exists (id {self._names[spec.name]})"
+                )
+                position, _ = self._writer.position()
+        if refusal is not None:
+            # The opening it collides with may still be on its way to disk.
+            self._writer.wait_for(position)
+            raise refusal
+        with self._registry_lock:
+            if spec.name in self._names:  # lost a race since the check above
                 raise AccountNameTaken(
                     f"an account named {spec.name!r} exists (id {self._names[spec.name]})"
                 )
@@ -331,14 +342,21 @@ class Bank:
         future.set_running_or_notify_cancel()
         with account.lock:
             if account.balance < -spec.overdraft_limit:
-                raise InsufficientFunds(
+                refusal = InsufficientFunds(
                     f"account {account.id} has {account.balance}: an overdraft limit of "
                     f"{spec.overdraft_limit} would leave it below its floor"
                 )
-            self._writer.stage_account_event(
-                "limit", account.id, account.name, spec.overdraft_limit, future
-            )
-            account.set_overdraft_limit(spec.overdraft_limit)
+                position, _ = self._writer.position()
+            else:
+                refusal = None
+                self._writer.stage_account_event(
+                    "limit", account.id, account.name, spec.overdraft_limit, future
+                )
+                account.set_overdraft_limit(spec.overdraft_limit)
+        if refusal is not None:
+            # Judged on a balance that may include operations still being committed.
+            self._writer.wait_for(position)
+            raise refusal
         future.result()
         return account
 

@@ -22,7 +22,10 @@ CASH_ACCOUNT_NAME: Final = "@cash"
 #: Job queue capacity, counted in operations.
 QUEUE_CAPACITY_DEFAULT: Final = 1024
 QUEUE_CAPACITY_MAX: Final = 1_000_000
-WORKERS_DEFAULT: Final = 4
+#: Under CPython's GIL one worker already keeps up with the ledger writer; more add
+#: contention (measured: 1 worker ~5-15% faster than 4 in `scripts/bench.py`). Two
+#: keep intake moving while one waits on an in-flight duplicate key or a key look-up.
+WORKERS_DEFAULT: Final = 2
 WORKERS_MAX: Final = 64
 #: Operations a worker takes from the queue in one hand-off.
 WORKER_BATCH_OPS_MAX: Final = 256

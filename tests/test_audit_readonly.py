@@ -172,9 +172,10 @@ def test_what_is_not_an_auditable_ledger_is_exit_2_and_untouched(
     before = _state(tmp_path)
     with pytest.raises(CannotAudit, match=reason):
         audit_ledger(path)
-    out = io.StringIO()
-    assert run_audit_command(str(path), as_json=False, expect_head=None, out=out) == 2
-    text = out.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    assert run_audit_command(str(path), as_json=False, expect_head=None, out=out, err=err) == 2
+    assert out.getvalue() == ""
+    text = err.getvalue()
     assert text.count("\n") == 1 and reason in text and text.startswith("bank audit: cannot audit:")
     out = io.StringIO()
     assert run_audit_command(str(path), as_json=True, expect_head=None, out=out) == 2

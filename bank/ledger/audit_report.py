@@ -88,11 +88,13 @@ def render_report(report: AuditReport, console: Console) -> None:
         console.print(f"... and {hidden:,} more (--json lists the first {len(report.problems):,})")
 
 
-def run_audit_command(db: str, *, as_json: bool, expect_head: str | None, out: TextIO) -> int:
+def run_audit_command(
+    db: str, *, as_json: bool, expect_head: str | None, out: TextIO, err: TextIO | None = None
+) -> int:
     """`bank audit --db PATH [--json] [--expect-head HASH]`: print the audit, return the exit code.
 
-    0 clean, 1 problems found, 2 could not audit (with a one-line reason; in
-    JSON mode an object `{"ok": false, "error": ...}`).
+    0 clean, 1 problems found, 2 could not audit (with a one-line reason on `err`,
+    stderr by default; in JSON mode an object `{"ok": false, "error": ...}` on `out`).
     """
     try:
         report = audit_ledger(db, expect_head=expect_head)
@@ -102,7 +104,7 @@ def run_audit_command(db: str, *, as_json: bool, expect_head: str | None, out: T
                 json.dumps({"ok": False, "error": str(exc), "exit_code": EXIT_CANNOT_AUDIT}) + "\n"
             )
         else:
-            print(f"bank audit: cannot audit: {exc}", file=sys.stderr)
+            print(f"bank audit: cannot audit: {exc}", file=sys.stderr if err is None else err)
         return EXIT_CANNOT_AUDIT
     if as_json:
         out.write(report.to_json() + "\n")

@@ -103,10 +103,10 @@ class LedgerWriter(threading.Thread):
         self._event_head_hash = event_head_hash
         assert tuple(c.name for c in transfers.c) == _TRANSFER_COLUMNS, "row layout drifted"
         self._insert_sql: dict[int, str] = {}
-        self._update_balances = (
-            update(accounts)
-            .where(accounts.c.id == bindparam("b_id"))
-            .values(balance=bindparam("b_balance"))
+        # Plain statement text for the per-commit balance update too: SQLAlchemy's
+        # per-row dict processing was 7% of the writer's time.
+        self._update_balances_sql = (
+            f"UPDATE {accounts.name} SET {accounts.c.balance.name} = ? WHERE {accounts.c.id.name} = ?"
         )
 
     # -- staging (called by workers with the accounts' locks held; never raises) ----
@@ -322,9 +322,8 @@ class LedgerWriter(threading.Thread):
                 if rows:
                     self._insert_transfers(conn, rows)
                 if balances:
-                    conn.execute(
-                        self._update_balances,
-                        [{"b_id": i, "b_balance": b} for i, b in balances.items()],
+                    conn.exec_driver_sql(
+                        self._update_balances_sql, [(b, i) for i, b in balances.items()]
                     )
         except Exception as exc:
             log.error("ledger commit failed; the bank stops accepting work", exc_info=True)

@@ -1,0 +1,952 @@
+"""The engine's throughput benchmark (issue #2, point 9): the same transfers, five ways.
+
+- (a) the naive baseline a tutorial would give: a `BankAccount` class with an
+  `RLock` and an int balance, and one SQLAlchemy ORM commit per operation
+  (its own declarative Base and tables, in its own SQLite file with the
+  engine's pragmas), called by 8 threads;
+- (b) the engine, 8 threads each calling the blocking `Bank.transfer()`;
+- (c) the engine, 16 threads each keeping a window of 64 operations in flight
+  with `submit_many`;
+- (d) raw stdlib `sqlite3` inserting the rows the engine writes (same
+  `transfers` table, precomputed chain hashes), 1,000 rows per transaction:
+  the ceiling of the ledger itself;
+- (e) (c) again with `durability="normal"`, for the trade-off table.
+
+Everything a variant needs (argument tuples, pydantic commands, rows and their
+hashes) is generated before its timed region; the timed region runs from the
+moment all its threads are released to the moment the last one is answered.
+Each variant then verifies its own result (exact final balances, conservation,
+and the ledger audit), outside the timed region. The machines are noisy: read
+the ratios, which are all measured in the same run, and the CPU time per
+operation, which other processes disturb less than the wall clock.
+
+Every timed region runs under the collector settings `bank simulate` uses
+(`bank.simulate.tuning.throughput_gc`: freeze what exists, collect the young
+generation less often), the same for all variants; `--gc default` measures with
+CPython's defaults instead.
+
+(c) waits for each window with per-future `.result()`: on 2 cores it was faster
+than `concurrent.futures.wait` in every paired run (medians: 96k against 79k
+ops/s over 3 pairs of 200,000 ops; 50k against 38k over 6 pairs of 100,000 with
+CPython's default collector), because `wait` installs a waiter on every future
+that the ledger writer must then feed; `--wait wait` measures the other.
+
+(d) uses DB-API `executemany` as the issue defines it; `--raw-insert values`
+measures multi-row `INSERT ... VALUES (...), (...)` pages of 100 rows instead
+(what the ledger writer does), which binds and steps once per page.
+
+    .venv/bin/python scripts/bench.py
+    .venv/bin/python scripts/bench.py --only a,c --ops c=50000 --json bench.json
+    .venv/bin/python scripts/bench.py --ops-scale 0.1 --durability normal
+"""
+
+import argparse
+import concurrent.futures
+import contextlib
+import gc
+import importlib.util
+import json
+import os
+import platform
+import random
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+from rich.console import Console, JustifyMethod
+from rich.table import Table
+from sqlalchemy import Engine, ForeignKey, create_engine, event, func, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
+
+from bank import Bank
+from bank.commands import Deposit, Transfer
+from bank.errors import InsufficientFunds
+from bank.ledger.chain import transfer_hash
+from bank.limits import BUSY_TIMEOUT_MS
+from bank.simulate.tuning import throughput_gc
+
+VARIANTS = ("a", "b", "c", "d", "e")
+# Sized for a run of about a minute on 2 cores, each timed region several seconds long.
+OPS_DEFAULT = {"a": 10_000, "b": 100_000, "c": 500_000, "d": 1_000_000, "e": 500_000}
+LABELS = {
+    "a": "naive: BankAccount+RLock, ORM commit per op, 8 threads",
+    "b": "engine: 8 threads x blocking transfer()",
+    "c": "engine: 16 threads x window of 64 (submit_many)",
+    "d": "raw sqlite3: executemany, 1,000 rows per transaction",
+    "e": "(c) with durability=normal",
+}
+SHORT = {
+    "a": "(a) naive ORM",
+    "b": "(b) engine, blocking",
+    "c": "(c) engine, window",
+    "d": "(d) raw sqlite3",
+    "e": "(e) window, normal",
+}
+#: variant -> [(reference variant, lowest ratio to it)], at default durability on 2 cores.
+TARGETS: dict[str, list[tuple[str, float]]] = {
+    "b": [("a", 8.0)],
+    "c": [("a", 25.0), ("d", 0.4)],
+}
+
+ACCOUNTS_DEFAULT = 100
+SEED_DEFAULT = 1
+AMOUNT_MAX = 10_000  # cents
+# Large enough that no transfer of the default run is refused, so every variant
+# does the same work and the final balances are known exactly in advance.
+OPENING_BALANCE = 10**9
+OVERDRAFT_LIMIT = 10**9
+NAIVE_THREADS = 8
+BLOCKING_THREADS = 8
+WINDOW_THREADS = 16
+WINDOW_OPS = 64
+RAW_BATCH_ROWS = 1_000
+RAW_VALUES_PAGE_ROWS = 100  # rows per multi-row INSERT with --raw-insert values
+
+Move = tuple[int, int, int]  # (source, target, amount)
+
+
+# -- the workload ---------------------------------------------------------------------
+
+
+def make_moves(n: int, accounts: int, seed: int) -> list[Move]:
+    """`n` transfers among accounts 1..`accounts` (the engine's ids); every variant
+    uses a prefix of the same seeded stream."""
+    rng = random.Random(seed)
+    moves: list[Move] = []
+    for _ in range(n):
+        source = rng.randint(1, accounts)
+        target = rng.randint(1, accounts - 1)
+        if target >= source:
+            target += 1
+        moves.append((source, target, rng.randint(1, AMOUNT_MAX)))
+    return moves
+
+
+def expected_balances(moves: Sequence[Move], accounts: int) -> dict[int, int]:
+    """Final customer balances if every move is accepted (the order does not matter)."""
+    balances = dict.fromkeys(range(1, accounts + 1), OPENING_BALANCE)
+    for source, target, amount in moves:
+        balances[source] -= amount
+        balances[target] += amount
+    return balances
+
+
+def compare_balances(found: dict[int, int], expected: dict[int, int]) -> list[str]:
+    """Problems (at most 3 named) where `found` differs from `expected`."""
+    wrong = [i for i, b in expected.items() if found.get(i) != b]
+    return [f"account {i}: balance {found.get(i)} != expected {expected[i]}" for i in wrong[:3]] + (
+        [f"... {len(wrong) - 3} more wrong balances"] if len(wrong) > 3 else []
+    )
+
+
+# -- results ----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """One variant's measurement and its self-check."""
+
+    variant: str
+    ops: int
+    seconds: float
+    cpu_seconds: float
+    accepted: int
+    rejected: int
+    problems: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ops_s(self) -> float:
+        """Operations per second (accepted and refused ones alike)."""
+        return self.ops / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_us_per_op(self) -> float:
+        """Process CPU time (all threads) per operation: steadier than ops/s when other
+        processes share the cores."""
+        return self.cpu_seconds / self.ops * 1e6
+
+    @property
+    def verified(self) -> bool:
+        """True when the variant's own checks found nothing wrong."""
+        return not self.problems
+
+
+def run_threads(
+    count: int, body: Callable[[int], tuple[int, int]], gc_mode: str
+) -> tuple[float, float, int, int]:
+    """Run `body(i)` on `count` threads released together; returns (seconds, CPU seconds
+    of the whole process, accepted, refused). The clocks start when the last thread
+    reaches the start line, and stop when the last one is done.
+
+    `gc_mode` "throughput" runs the threads under `throughput_gc()`, the collector
+    settings `bank simulate` uses (the pre-generated workload is frozen out of the
+    collector's way, the young generation is collected less often); "default" leaves
+    CPython's collector as it is.
+    """
+    started: list[float] = []
+
+    def start() -> None:
+        started[:] = [time.perf_counter(), time.process_time()]
+
+    barrier = threading.Barrier(count, action=start)
+    outcomes: list[tuple[int, int]] = [(0, 0)] * count
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[i] = body(i)
+        except BaseException as exc:  # reported after the join, not lost in a thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"bench-{i}") for i in range(count)]
+    gc.collect()  # start each timed region with the same clean heap
+    with throughput_gc() if gc_mode == "throughput" else contextlib.nullcontext():
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stopped, cpu_stopped = time.perf_counter(), time.process_time()
+    if errors:
+        raise errors[0]
+    return (
+        stopped - started[0],
+        cpu_stopped - started[1],
+        sum(a for a, _ in outcomes),
+        sum(r for _, r in outcomes),
+    )
+
+
+def audit_available() -> bool:
+    """`Bank.audit()` needs `bank/ledger/audit.py`, written separately."""
+    return importlib.util.find_spec("bank.ledger.audit") is not None
+
+
+def remove_ledger(path: Path) -> None:
+    """Delete a ledger file and its WAL companions, so a run never reopens an old one."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+# -- (a) the naive baseline ---------------------------------------------------------------
+
+
+class NaiveBase(DeclarativeBase):
+    """The tutorial's own declarative base: its tables never touch the ledger's."""
+
+
+class NaiveAccountRow(NaiveBase):
+    """A tutorial account row."""
+
+    __tablename__ = "naive_accounts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str]
+    balance: Mapped[int]
+
+
+class NaiveTransferRow(NaiveBase):
+    """A tutorial transaction row, added and committed once per operation."""
+
+    __tablename__ = "naive_transfers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("naive_accounts.id"))
+    target_id: Mapped[int] = mapped_column(ForeignKey("naive_accounts.id"))
+    amount: Mapped[int]
+
+
+class BankAccount:
+    """The tutorial's account: an int balance behind an RLock."""
+
+    def __init__(self, id: int, balance: int, overdraft_limit: int) -> None:
+        self.id = id
+        self.balance = balance
+        self.overdraft_limit = overdraft_limit
+        self.lock = threading.RLock()
+
+    def withdraw(self, amount: int) -> None:
+        """Check, then debit; raises `InsufficientFunds` past the overdraft limit."""
+        with self.lock:
+            if self.balance - amount < -self.overdraft_limit:
+                raise InsufficientFunds(f"account {self.id} cannot pay {amount}")
+            self.balance -= amount
+
+    def deposit(self, amount: int) -> None:
+        """Credit."""
+        with self.lock:
+            self.balance += amount
+
+
+class NaiveBank:
+    """The tutorial's bank: lock both accounts (in id order, so cycles cannot
+    deadlock), check, mutate, `session.add(row)`, `session.commit()`."""
+
+    def __init__(self, engine: Engine, accounts: dict[int, BankAccount]) -> None:
+        self.accounts = accounts
+        self._sessions = scoped_session(sessionmaker(engine))  # one Session per thread
+
+    def transfer(self, source: int, target: int, amount: int) -> None:
+        """Move `amount`; returns once its row is committed."""
+        src, dst = self.accounts[source], self.accounts[target]
+        first, second = (src, dst) if source < target else (dst, src)
+        with first.lock, second.lock:
+            src.withdraw(amount)
+            dst.deposit(amount)
+            session = self._sessions()
+            session.add(NaiveTransferRow(source_id=source, target_id=target, amount=amount))
+            session.commit()
+
+    def close(self) -> None:
+        """Drop the thread-local sessions."""
+        self._sessions.remove()
+
+
+def naive_engine(path: Path, durability: str) -> Engine:
+    """A plain `create_engine` with the ledger engine's default pragmas: WAL,
+    synchronous=FULL (or NORMAL), foreign_keys=ON, and the same busy timeout."""
+    engine = create_engine(f"sqlite:///{path}")
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute(f"PRAGMA synchronous = {durability.upper()}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    return engine
+
+
+def bench_naive(
+    path: Path, moves: list[Move], accounts: int, durability: str, gc_mode: str
+) -> Result:
+    """(a): 8 threads calling `NaiveBank.transfer` over the pre-generated moves."""
+    remove_ledger(path)
+    engine = naive_engine(path, durability)
+    NaiveBase.metadata.create_all(engine)
+    with sessionmaker(engine)() as session, session.begin():
+        session.add_all(
+            NaiveAccountRow(id=i, name=f"acct-{i:04d}", balance=OPENING_BALANCE)
+            for i in range(1, accounts + 1)
+        )
+    naive = NaiveBank(
+        engine,
+        {i: BankAccount(i, OPENING_BALANCE, OVERDRAFT_LIMIT) for i in range(1, accounts + 1)},
+    )
+    slices = [moves[i::NAIVE_THREADS] for i in range(NAIVE_THREADS)]
+
+    def teller(i: int) -> tuple[int, int]:
+        accepted = refused = 0
+        try:
+            for source, target, amount in slices[i]:
+                try:
+                    naive.transfer(source, target, amount)
+                    accepted += 1
+                except InsufficientFunds:
+                    refused += 1
+        finally:
+            naive.close()
+        return accepted, refused
+
+    seconds, cpu, accepted, refused = run_threads(NAIVE_THREADS, teller, gc_mode)
+    result = Result("a", len(moves), seconds, cpu, accepted, refused)
+    balances = {i: a.balance for i, a in naive.accounts.items()}
+    total = sum(balances.values())
+    if total != accounts * OPENING_BALANCE:
+        result.problems.append(f"balances sum to {total}, not {accounts * OPENING_BALANCE}")
+    result.checks.append("sum of balances conserved")
+    if refused == 0:
+        result.problems += compare_balances(balances, expected_balances(moves, accounts))
+        result.checks.append("every balance exact")
+    with engine.connect() as conn:
+        rows = conn.execute(select(func.count()).select_from(NaiveTransferRow)).scalar_one()
+    if rows != accepted:
+        result.problems.append(f"{rows} rows committed for {accepted} accepted operations")
+    result.checks.append("one row per accepted op")
+    engine.dispose()
+    return result
+
+
+# -- (b), (c), (e): the engine -----------------------------------------------------------
+
+
+WORKERS: int | None = 1  # --workers: under the GIL one worker is fastest (README)
+
+
+def open_bank(path: Path, accounts: int, durability: str) -> Bank:
+    """A fresh ledger with `accounts` funded customer accounts (ids 1..accounts)."""
+    remove_ledger(path)
+    bank = (
+        Bank.open(path, durability=durability)
+        if WORKERS is None
+        else Bank.open(path, durability=durability, workers=WORKERS)
+    )
+    ids = [
+        bank.open_account(f"acct-{i:04d}", overdraft_limit=OVERDRAFT_LIMIT).id
+        for i in range(1, accounts + 1)
+    ]
+    if ids != list(range(1, accounts + 1)):
+        bank.close()
+        raise RuntimeError(f"expected account ids 1..{accounts}, got {ids[:3]}...")
+    for future in bank.submit_many(Deposit(account=i, amount=OPENING_BALANCE) for i in ids):
+        future.result()
+    return bank
+
+
+def verify_bank(bank: Bank, result: Result, moves: Sequence[Move], accounts: int) -> None:
+    """Conservation, exact balances and the ledger audit, into `result`."""
+    snapshot = bank.snapshot()
+    if snapshot.total != 0:
+        result.problems.append(f"snapshot balances sum to {snapshot.total}, not 0")
+    result.checks.append("snapshot sums to 0")
+    if result.rejected == 0:
+        result.problems += compare_balances(snapshot.balances, expected_balances(moves, accounts))
+        result.checks.append("every balance exact")
+    if audit_available():
+        report = bank.audit()
+        if not report.ok:
+            result.problems.append(f"audit found {report.problems_total} problems")
+        result.checks.append(f"audit ({report.transfers_checked:,} rows)")
+    else:
+        result.checks.append("no audit (bank/ledger/audit.py missing)")
+
+
+def engine_stats(bank: Bank, before: Any) -> dict[str, Any]:
+    """Group-commit figures of the timed region (counters after minus before)."""
+    after = bank.stats()
+    commits = after.commits - before.commits
+    rows = after.accepted - before.accepted
+    return {
+        "commits": commits,
+        "rows_per_commit": round(rows / commits, 1) if commits else 0.0,
+        "queue_high_water": after.queue_high_water,
+    }
+
+
+def bench_blocking(
+    path: Path, moves: list[Move], accounts: int, durability: str, gc_mode: str
+) -> Result:
+    """(b): 8 threads each calling the blocking `transfer(source, target, amount)`
+    (which builds its `Transfer` command inside, as any caller's would)."""
+    bank = open_bank(path, accounts, durability)
+    try:
+        slices = [moves[i::BLOCKING_THREADS] for i in range(BLOCKING_THREADS)]
+
+        def teller(i: int) -> tuple[int, int]:
+            accepted = refused = 0
+            for source, target, amount in slices[i]:
+                try:
+                    bank.transfer(source, target, amount)
+                    accepted += 1
+                except InsufficientFunds:
+                    refused += 1
+            return accepted, refused
+
+        before = bank.stats()
+        seconds, cpu, accepted, refused = run_threads(BLOCKING_THREADS, teller, gc_mode)
+        result = Result("b", len(moves), seconds, cpu, accepted, refused)
+        result.extra.update(engine_stats(bank, before))
+        verify_bank(bank, result, moves, accounts)
+    finally:
+        bank.close()
+    return result
+
+
+def bench_window(
+    variant: str,
+    path: Path,
+    moves: list[Move],
+    accounts: int,
+    durability: str,
+    gc_mode: str,
+    wait: str,
+) -> Result:
+    """(c)/(e): 16 threads, each submitting 64 pre-built commands with `submit_many`
+    and waiting for all 64 answers before the next window."""
+    bank = open_bank(path, accounts, durability)
+    try:
+        commands = [Transfer(source=s, target=t, amount=a) for s, t, a in moves]
+        windows = [
+            [mine[j : j + WINDOW_OPS] for j in range(0, len(mine), WINDOW_OPS)]
+            for mine in (commands[i::WINDOW_THREADS] for i in range(WINDOW_THREADS))
+        ]
+
+        def teller_result(i: int) -> tuple[int, int]:
+            accepted = refused = 0
+            for window in windows[i]:
+                for future in bank.submit_many(window):
+                    try:
+                        future.result()
+                        accepted += 1
+                    except InsufficientFunds:
+                        refused += 1
+            return accepted, refused
+
+        def teller_wait(i: int) -> tuple[int, int]:
+            accepted = refused = 0
+            for window in windows[i]:
+                futures = bank.submit_many(window)
+                concurrent.futures.wait(futures)
+                for future in futures:
+                    exc = future.exception()
+                    if exc is None:
+                        accepted += 1
+                    elif isinstance(exc, InsufficientFunds):
+                        refused += 1
+                    else:
+                        raise exc
+            return accepted, refused
+
+        before = bank.stats()
+        teller = teller_result if wait == "result" else teller_wait
+        seconds, cpu, accepted, refused = run_threads(WINDOW_THREADS, teller, gc_mode)
+        result = Result(variant, len(moves), seconds, cpu, accepted, refused)
+        result.extra.update(engine_stats(bank, before), wait=wait)
+        verify_bank(bank, result, moves, accounts)
+    finally:
+        bank.close()
+    return result
+
+
+# -- (d) the ceiling: raw sqlite3 ----------------------------------------------------------
+
+_TRANSFER_COLUMNS = (
+    "seq",
+    "key",
+    "kind",
+    "debit_account_id",
+    "credit_account_id",
+    "amount",
+    "ts_us",
+    "hash",
+)
+_INSERT_TRANSFER = (
+    f"INSERT INTO transfers ({', '.join(_TRANSFER_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_TRANSFER_COLUMNS))})"
+)
+
+
+def bench_raw(
+    path: Path,
+    moves: list[Move],
+    accounts: int,
+    durability: str,
+    gc_mode: str,
+    how: str = "executemany",
+) -> Result:
+    """(d): the ledger the engine would write, with nothing but stdlib sqlite3.
+
+    The schema and the funded accounts come from `Bank.open` (then closed); the rows,
+    chained from the ledger's head hash, are built before the clock starts. Timed:
+    `executemany` of 1,000 rows per transaction. The accounts' final balances are
+    written once after the clock stops (the engine updates them per commit, so this
+    makes the ceiling a little higher, never lower), then the ledger is reopened
+    with `Bank.open` and verified like the engine's.
+    """
+    open_bank(path, accounts, durability).close()
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        seq, head = db.execute(
+            "SELECT seq, hash FROM transfers ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        ts_us = time.time_ns() // 1000
+        batches: list[list[tuple[Any, ...]]] = []
+        for start in range(0, len(moves), RAW_BATCH_ROWS):
+            ts_us += 1  # one timestamp per commit, like the engine's writer
+            batch: list[tuple[Any, ...]] = []
+            for source, target, amount in moves[start : start + RAW_BATCH_ROWS]:
+                seq += 1
+                head = transfer_hash(head, seq, "transfer", source, target, amount, ts_us, None)
+                batch.append((seq, None, "transfer", source, target, amount, ts_us, head))
+            batches.append(batch)
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA synchronous = {durability.upper()}")
+        db.execute("PRAGMA foreign_keys = ON")
+
+        def writer_executemany(_i: int) -> tuple[int, int]:
+            for batch in batches:
+                db.execute("BEGIN")
+                db.executemany(_INSERT_TRANSFER, batch)
+                db.execute("COMMIT")
+            return len(moves), 0
+
+        # --raw-insert values: the pages' statements and flat parameters are built
+        # before the clock starts too.
+        head_sql = _INSERT_TRANSFER.partition(" VALUES ")[0] + " VALUES "
+        one_row = "(" + ", ".join("?" * len(_TRANSFER_COLUMNS)) + ")"
+        paged: list[list[tuple[str, tuple[Any, ...]]]] = []
+        for batch in batches if how == "values" else []:
+            pages = [
+                batch[i : i + RAW_VALUES_PAGE_ROWS]
+                for i in range(0, len(batch), RAW_VALUES_PAGE_ROWS)
+            ]
+            paged.append(
+                [
+                    (head_sql + ", ".join([one_row] * len(page)), tuple(chain.from_iterable(page)))
+                    for page in pages
+                ]
+            )
+
+        def writer_values(_i: int) -> tuple[int, int]:
+            for pages in paged:
+                db.execute("BEGIN")
+                for sql, params in pages:
+                    db.execute(sql, params)
+                db.execute("COMMIT")
+            return len(moves), 0
+
+        writer = writer_values if how == "values" else writer_executemany
+
+        seconds, cpu, accepted, refused = run_threads(1, writer, gc_mode)
+        expected = expected_balances(moves, accounts)
+        db.execute("BEGIN")
+        db.executemany(
+            "UPDATE accounts SET balance = ? WHERE id = ?", [(b, i) for i, b in expected.items()]
+        )
+        db.execute(
+            "UPDATE accounts SET balance = ? WHERE id = 0",
+            (-sum(expected.values()),),
+        )
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    result = Result("d", len(moves), seconds, cpu, accepted, refused)
+    result.extra["insert"] = how
+    with Bank.open(path, durability=durability) as bank:
+        result.checks.append("reopened by Bank.open")
+        verify_bank(bank, result, moves, accounts)
+    return result
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def ratio(results: dict[str, Result], variant: str, reference: str) -> float | None:
+    """ops/s of `variant` over ops/s of `reference`, if both ran."""
+    if variant not in results or reference not in results:
+        return None
+    base = results[reference].ops_s
+    return results[variant].ops_s / base if base > 0 else None
+
+
+def target_verdict(results: dict[str, Result], variant: str) -> tuple[str, bool | None]:
+    """('>=8x (a)', met?) for a variant with targets; met is None if a reference is missing."""
+    goals = TARGETS.get(variant, [])
+    if not goals:
+        return "-", None
+    text = ", ".join(f">={goal:g}x ({ref})" for ref, goal in goals)
+    met: bool | None = True
+    for ref, goal in goals:
+        r = ratio(results, variant, ref)
+        if r is None:
+            return text, None
+        met = met and r >= goal
+    return text, met
+
+
+def environment(durability: str, gc_mode: str) -> dict[str, Any]:
+    """What the figures depend on."""
+    return {
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "sqlalchemy": sqlalchemy.__version__,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "durability": durability,
+        "gc": gc_mode,
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def print_report(console: Console, results: dict[str, Result], durability: str) -> None:
+    """The side-by-side table."""
+    table = Table(title=f"bank benchmark (durability={durability} for a-d)")
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("variant", "left"),
+        ("ops", "right"),
+        ("seconds", "right"),
+        ("ops/s", "right"),
+        ("CPU us/op", "right"),
+        ("x (a)", "right"),
+        ("x (d)", "right"),
+        ("target", "left"),
+        ("met", "left"),
+        ("verified", "left"),
+    )
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=True)
+    for variant, result in results.items():
+        to_a, to_d = ratio(results, variant, "a"), ratio(results, variant, "d")
+        target, met = target_verdict(results, variant)
+        table.add_row(
+            SHORT[variant],
+            f"{result.ops:,}",
+            f"{result.seconds:.2f}",
+            f"{result.ops_s:,.0f}",
+            f"{result.cpu_us_per_op:,.1f}",
+            "-" if to_a is None else f"{to_a:.2f}",
+            "-" if to_d is None else f"{to_d:.3f}",
+            target,
+            {None: "n/a", True: "[green]yes[/]", False: "[red]no[/]"}[met],
+            "[green]yes[/]" if result.verified else "[red]NO[/]",
+        )
+    console.print(table)
+    for variant, result in results.items():
+        label = LABELS[variant]
+        if result.extra.get("insert") == "values":
+            label = label.replace("executemany", "INSERT ... VALUES pages of 100 rows")
+        console.print(f"  ({variant}) {label}")
+
+
+def to_json(
+    results: dict[str, Result], args: argparse.Namespace, argv: Sequence[str]
+) -> dict[str, Any]:
+    """The machine-readable result."""
+    variants: dict[str, Any] = {}
+    for variant, result in results.items():
+        target, met = target_verdict(results, variant)
+        variants[variant] = {
+            "label": LABELS[variant],
+            "ops": result.ops,
+            "seconds": round(result.seconds, 4),
+            "ops_s": round(result.ops_s, 1),
+            "cpu_seconds": round(result.cpu_seconds, 4),
+            "cpu_us_per_op": round(result.cpu_us_per_op, 2),
+            "accepted": result.accepted,
+            "rejected": result.rejected,
+            "ratio_to_a": ratio(results, variant, "a"),
+            "ratio_to_d": ratio(results, variant, "d"),
+            "target": target,
+            "target_met": met,
+            "verified": result.verified,
+            "checks": result.checks,
+            "problems": result.problems,
+            **result.extra,
+        }
+    return {
+        "command": ["scripts/bench.py", *argv],
+        "accounts": args.accounts,
+        "seed": args.seed,
+        "environment": environment(args.durability, args.gc),
+        "variants": variants,
+        "verified": all(r.verified for r in results.values()),
+        "targets_met": all(target_verdict(results, v)[1] is not False for v in results),
+    }
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def parse_ops(text: str) -> dict[str, int]:
+    """`--ops 1000` (every variant) or `--ops c=50000,d=100000`."""
+    ops: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep:
+                return dict.fromkeys(VARIANTS, int(name))
+            if name.strip() not in VARIANTS:
+                raise ValueError
+            ops[name.strip()] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--ops takes N or VARIANT=N,... with variants {','.join(VARIANTS)} (got {part!r})"
+            ) from None
+    if any(n < 1 for n in ops.values()):
+        raise argparse.ArgumentTypeError("--ops counts must be positive")
+    return ops
+
+
+def parse_only(text: str) -> list[str]:
+    """`--only a,c`: variants in the canonical order."""
+    chosen = {v.strip() for v in text.split(",") if v.strip()}
+    unknown = chosen - set(VARIANTS)
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"--only takes variants among {','.join(VARIANTS)} (got {text!r})"
+        )
+    return [v for v in VARIANTS if v in chosen]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="bench.py",
+        description=(
+            "Throughput of the bank engine against a naive ORM baseline (a) and the raw "
+            "sqlite3 ceiling (d), measured side by side in one run."
+        ),
+        epilog=(
+            "variants: "
+            + "; ".join(f"({v}) {LABELS[v]}" for v in VARIANTS)
+            + ". Targets at default durability on 2 cores: (b) >= 8x (a); "
+            "(c) >= 25x (a) and >= 0.4x (d)."
+        ),
+    )
+    parser.add_argument(
+        "--only", type=parse_only, default=list(VARIANTS), help="variants to run (default: all)"
+    )
+    parser.add_argument(
+        "--ops",
+        type=parse_ops,
+        default={},
+        help="operations per variant: N for all, or VARIANT=N,... (defaults: "
+        + ", ".join(f"{v}={n:,}" for v, n in OPS_DEFAULT.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--ops-scale",
+        type=float,
+        default=1.0,
+        help="multiply the default operation counts (e.g. 0.01 for a smoke run)",
+    )
+    parser.add_argument(
+        "--durability",
+        choices=("full", "normal"),
+        default="full",
+        help="SQLite synchronous level for (a)-(d) (default full; (e) is always normal)",
+    )
+    parser.add_argument("--accounts", type=int, default=ACCOUNTS_DEFAULT, help="accounts (>= 2)")
+    parser.add_argument("--seed", type=int, default=SEED_DEFAULT, help="workload seed")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="engine worker threads for (b), (c), (e) (default 1, fastest under the GIL)",
+    )
+    parser.add_argument(
+        "--wait",
+        choices=("result", "wait"),
+        default="result",
+        help="how (c)/(e) wait for a window: per-future .result() (default, faster) "
+        "or concurrent.futures.wait",
+    )
+    parser.add_argument(
+        "--gc",
+        choices=("throughput", "default"),
+        default="throughput",
+        help="collector settings during every timed region: those of `bank simulate` "
+        "(default; see bank/simulate/tuning.py) or CPython's untouched defaults",
+    )
+    parser.add_argument(
+        "--raw-insert",
+        choices=("executemany", "values"),
+        default="executemany",
+        help="how (d) inserts each 1,000-row batch: DB-API executemany (default, as the issue "
+        "defines the ceiling) or multi-row INSERT ... VALUES pages of 100 rows",
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the result as JSON")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        help="directory for the ledger files, kept after the run (default: a temporary one)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen variants; exit status 0 if every variant verified its result."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.accounts < 2:
+        parser.error("--accounts must be at least 2")
+    if args.ops_scale <= 0:
+        parser.error("--ops-scale must be positive")
+    if args.workers is not None and not 1 <= args.workers <= 64:
+        parser.error("--workers must be from 1 to 64")
+    global WORKERS  # noqa: PLW0603 (a run-wide setting of this script)
+    WORKERS = args.workers
+    ops = {v: max(1, round(n * args.ops_scale)) for v, n in OPS_DEFAULT.items()}
+    ops.update(args.ops)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # a log file: keep the table on one line per row
+    console.print(
+        f"[bold]workload[/]: transfers among {args.accounts} accounts (seed {args.seed}), "
+        f"amounts 1..{AMOUNT_MAX:,} cents, opening balance {OPENING_BALANCE:,} and overdraft "
+        f"limit {OVERDRAFT_LIMIT:,} per account (nothing is refused); every variant takes a "
+        "prefix of the same stream, and its argument tuples / pydantic commands / rows with "
+        "hashes are all generated BEFORE its timed region."
+    )
+    console.print(
+        f"[bold]durability[/]: {args.durability} for (a)-(d): WAL + synchronous="
+        f"{args.durability.upper()} + foreign_keys=ON, for the engine, the naive ORM file "
+        "and raw sqlite3 alike; (e) uses normal."
+    )
+    console.print(
+        f"[bold]gc[/]: {args.gc} in every timed region"
+        + (
+            " (bank.simulate.tuning.throughput_gc: the pre-generated workload frozen out of "
+            "the collector's way, young collections every 20,000 allocations)"
+            if args.gc == "throughput"
+            else " (CPython's defaults)"
+        )
+    )
+    load_before = os.getloadavg()[0]
+    results: dict[str, Result] = {}
+    with tempfile.TemporaryDirectory(prefix="bank-bench-") as tmp:
+        where = args.dir or Path(tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        for variant in args.only:
+            moves = make_moves(ops[variant], args.accounts, args.seed)
+            path = where / f"bench-{variant}.db"
+            console.print(f"({variant}) {LABELS[variant]}: {ops[variant]:,} ops ...")
+            if variant == "a":
+                result = bench_naive(path, moves, args.accounts, args.durability, args.gc)
+            elif variant == "b":
+                result = bench_blocking(path, moves, args.accounts, args.durability, args.gc)
+            elif variant in ("c", "e"):
+                durability = args.durability if variant == "c" else "normal"
+                result = bench_window(
+                    variant, path, moves, args.accounts, durability, args.gc, args.wait
+                )
+            else:
+                result = bench_raw(
+                    path, moves, args.accounts, args.durability, args.gc, args.raw_insert
+                )
+            results[variant] = result
+            extra = ", ".join(f"{k} {v}" for k, v in result.extra.items())
+            console.print(
+                f"    {result.ops_s:,.0f} ops/s ({result.seconds:.2f} s, "
+                f"{result.cpu_us_per_op:.1f} us CPU per op, "
+                f"{result.accepted:,} accepted, {result.rejected:,} refused"
+                + (f", {extra}" if extra else "")
+                + f"); checks: {', '.join(result.checks)}"
+                + (f"; [red]PROBLEMS: {'; '.join(result.problems)}[/]" if result.problems else "")
+            )
+            del moves
+    print_report(console, results, args.durability)
+    document = to_json(results, args, argv)
+    env = document["environment"]
+    env["load_average_1m_before"] = round(load_before, 2)
+    console.print(
+        f"python {env['python']}, sqlite {env['sqlite']}, SQLAlchemy {env['sqlalchemy']}, "
+        f"{env['cpus']} CPUs, load average {load_before:.2f} before and "
+        f"{env['load_average_1m']:.2f} after. Ratios matter more than absolute figures on a "
+        "noisy machine."
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        console.print(f"wrote {args.json}")
+    if not document["verified"]:
+        console.print("[red]a variant failed its own verification[/]")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

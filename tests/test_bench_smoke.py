@@ -1,0 +1,85 @@
+"""`scripts/bench.py` runs every variant end to end at tiny sizes, and each verifies its result."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    """The script loaded as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bank_bench_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and the ORM look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_variant_runs_and_verifies(bench: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    code = bench.main(
+        [
+            "--ops",
+            "a=40,b=200,c=1000,d=2000,e=500",
+            "--accounts",
+            "10",
+            "--dir",
+            str(tmp_path / "ledgers"),
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["variants"]) == ["a", "b", "c", "d", "e"]
+    for name, variant in doc["variants"].items():
+        assert variant["verified"], (name, variant["problems"])
+        assert variant["accepted"] == variant["ops"] and variant["rejected"] == 0
+        assert variant["ops_s"] > 0
+    assert doc["variants"]["a"]["ratio_to_a"] == 1.0
+    assert doc["variants"]["d"]["ratio_to_d"] == 1.0
+    assert doc["variants"]["c"]["target_met"] in (True, False)
+
+
+def test_other_wait_and_insert_modes(bench: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = [
+        "--only",
+        "c,d",
+        "--ops-scale",
+        "0.005",
+        "--accounts",
+        "5",
+        "--wait",
+        "wait",
+        "--gc",
+        "default",
+    ]
+    code = bench.main(
+        [*argv, "--raw-insert", "values", "--durability", "normal", "--json", str(out)]
+    )
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["variants"]["c"]["wait"] == "wait"
+    assert doc["variants"]["d"]["insert"] == "values"
+    assert doc["environment"]["durability"] == "normal"
+    assert doc["environment"]["gc"] == "default"
+    assert all(v["verified"] for v in doc["variants"].values())
+
+
+def test_help_and_bad_arguments(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--help"])
+    assert exc.value.code == 0
+    assert "--durability" in capsys.readouterr().out
+    for bad in (["--only", "x"], ["--ops", "z=5"], ["--ops", "a=0"], ["--accounts", "1"]):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(bad)
+        assert exc.value.code == 2

@@ -62,7 +62,10 @@ def run_threads(targets: list[Callable[[], None]], *, timeout_s: float) -> None:
 
         return run
 
-    threads = [threading.Thread(target=wrap(t), name=f"test-{i}", daemon=True) for i, t in enumerate(targets)]
+    threads = [
+        threading.Thread(target=wrap(t), name=f"test-{i}", daemon=True)
+        for i, t in enumerate(targets)
+    ]
     for t in threads:
         t.start()
     start.set()
@@ -76,4 +79,6 @@ def run_threads(targets: list[Callable[[], None]], *, timeout_s: float) -> None:
 
 def bank_threads() -> list[str]:
     """Names of the engine's threads still alive in this process."""
-    return [t.name for t in threading.enumerate() if t.name.startswith(("bank-worker", "bank-ledger"))]
+    return [
+        t.name for t in threading.enumerate() if t.name.startswith(("bank-worker", "bank-ledger"))
+    ]

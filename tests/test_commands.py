@@ -41,9 +41,7 @@ def test_largest_amount_is_accepted() -> None:
     assert bank.Deposit(account=1, amount=AMOUNT_MAX).amount == AMOUNT_MAX
 
 
-@pytest.mark.parametrize(
-    "key", ["", "x" * 129, "bad\nkey", "nul\x00", "\ud800", 17, b"bytes"]
-)
+@pytest.mark.parametrize("key", ["", "x" * 129, "bad\nkey", "nul\x00", "\ud800", 17, b"bytes"])
 def test_bad_keys_are_refused(key: Any) -> None:
     with pytest.raises(bank.InvalidCommand, match="key"):
         bank.Transfer(source=1, target=2, amount=1, key=key)

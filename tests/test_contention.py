@@ -61,7 +61,9 @@ def test_conservation_under_contention(
                 ]
                 pending.extend(b.submit_many(cmds))
             elif roll < 0.25:
-                pending.append(b.submit(bank.Deposit(account=rng.choice(hot), amount=rng.randint(1, 300))))
+                pending.append(
+                    b.submit(bank.Deposit(account=rng.choice(hot), amount=rng.randint(1, 300)))
+                )
             elif roll < 0.40:
                 # Mostly too large: these must be refused, not half-applied.
                 pending.append(
@@ -81,7 +83,11 @@ def test_conservation_under_contention(
                     except bank.InsufficientFunds:
                         local["InsufficientFunds"] = local.get("InsufficientFunds", 0) + 1
                 else:
-                    pending.append(b.submit(bank.Transfer(source=src, target=dst, amount=rng.randint(1, 3_000))))
+                    pending.append(
+                        b.submit(
+                            bank.Transfer(source=src, target=dst, amount=rng.randint(1, 3_000))
+                        )
+                    )
         for fut in pending:
             exc = fut.exception(timeout=60)
             name = "ok" if exc is None else type(exc).__name__

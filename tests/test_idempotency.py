@@ -12,7 +12,9 @@ import bank
 from tests.conftest import run_threads
 
 
-def test_same_key_same_command_returns_the_original_receipt(make_bank: Callable[..., bank.Bank]) -> None:
+def test_same_key_same_command_returns_the_original_receipt(
+    make_bank: Callable[..., bank.Bank],
+) -> None:
     b = make_bank()
     alice = b.open_account("alice").id
     shop = b.open_account("shop").id
@@ -74,7 +76,8 @@ def test_duplicates_inside_one_batch(make_bank: Callable[..., bank.Bank]) -> Non
     b = make_bank(workers=1)
     alice = b.open_account("alice").id
     futures = b.submit_many(
-        [bank.Deposit(account=alice, amount=5, key="d")] * 3 + [bank.Deposit(account=alice, amount=6, key="d")]
+        [bank.Deposit(account=alice, amount=5, key="d")] * 3
+        + [bank.Deposit(account=alice, amount=6, key="d")]
     )
     receipts = [f.result(timeout=10) for f in futures[:3]]
     assert receipts[0] == receipts[1] == receipts[2]
@@ -107,7 +110,9 @@ def test_racing_duplicates_apply_exactly_once(
     assert b.stats().keys_in_flight == 0  # nothing is kept per key once it is durable
 
 
-def test_memory_for_keys_does_not_grow_with_the_number_of_keys(make_bank: Callable[..., bank.Bank]) -> None:
+def test_memory_for_keys_does_not_grow_with_the_number_of_keys(
+    make_bank: Callable[..., bank.Bank],
+) -> None:
     """Keys live in the ledger's unique index; memory holds only keys still in flight."""
     b = make_bank()
     alice = b.open_account("alice").id

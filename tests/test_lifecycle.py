@@ -110,7 +110,9 @@ def test_close_from_a_future_callback_is_refused(make_bank: Callable[..., bank.B
 
 
 @pytest.mark.timeout(60)
-def test_full_queue_blocks_then_raises_queue_full_with_a_timeout(make_bank: Callable[..., bank.Bank]) -> None:
+def test_full_queue_blocks_then_raises_queue_full_with_a_timeout(
+    make_bank: Callable[..., bank.Bank],
+) -> None:
     b = make_bank(workers=1, queue_capacity=2)
     a = b.open_account("a").id
     b.deposit(a, 100)
@@ -129,9 +131,7 @@ def test_full_queue_blocks_then_raises_queue_full_with_a_timeout(make_bank: Call
         with pytest.raises(bank.QueueFull):
             b.submit_many([bank.Withdrawal(account=a, amount=1)], timeout=0)
         blocked_done = threading.Event()
-        threading.Thread(
-            target=lambda: (b.withdraw(a, 1), blocked_done.set()), daemon=True
-        ).start()
+        threading.Thread(target=lambda: (b.withdraw(a, 1), blocked_done.set()), daemon=True).start()
         assert not blocked_done.wait(0.1)  # blocks (back-pressure) rather than failing
     finally:
         account.lock.release()
@@ -152,7 +152,9 @@ def test_submit_many_answers_every_future_when_a_later_chunk_times_out(
         b.submit(bank.Deposit(account=a, amount=1))
         while b.stats().queue_depth != 0:
             time.sleep(0.001)
-        futures = b.submit_many([bank.Deposit(account=a, amount=1) for _ in range(600)], timeout=0.05)
+        futures = b.submit_many(
+            [bank.Deposit(account=a, amount=1) for _ in range(600)], timeout=0.05
+        )
     finally:
         account.lock.release()
     outcomes = [type(f.exception(timeout=10)).__name__ for f in futures]
@@ -279,7 +281,9 @@ def test_bad_operations_change_nothing(make_bank: Callable[..., bank.Bank]) -> N
     assert b.stats().accepted == before.seq + 2  # only the two real withdrawals
 
 
-def test_deposit_that_would_overflow_64_bits_is_refused(make_bank: Callable[..., bank.Bank]) -> None:
+def test_deposit_that_would_overflow_64_bits_is_refused(
+    make_bank: Callable[..., bank.Bank],
+) -> None:
     b = make_bank()
     rich = b.open_account("rich").id
     amount = bank.AMOUNT_MAX
@@ -294,16 +298,22 @@ def test_deposit_that_would_overflow_64_bits_is_refused(make_bank: Callable[...,
     assert b.snapshot() == before
 
 
-def test_transfer_that_would_overflow_the_target_is_refused(make_bank: Callable[..., bank.Bank]) -> None:
+def test_transfer_that_would_overflow_the_target_is_refused(
+    make_bank: Callable[..., bank.Bank],
+) -> None:
     b = make_bank()
     rich = b.open_account("rich").id
     borrower = b.open_account("borrower", overdraft_limit=10 * bank.AMOUNT_MAX).id
     amount = bank.AMOUNT_MAX
-    for f in b.submit_many([bank.Deposit(account=rich, amount=amount) for _ in range(BALANCE_MAX // amount - 1)]):
+    for f in b.submit_many(
+        [bank.Deposit(account=rich, amount=amount) for _ in range(BALANCE_MAX // amount - 1)]
+    ):
         f.result(timeout=60)
     b.transfer(borrower, rich, amount)
     before = b.snapshot()
-    with pytest.raises(bank.BalanceOverflow, match=f"account {rich} has .* would leave signed 64 bits"):
+    with pytest.raises(
+        bank.BalanceOverflow, match=f"account {rich} has .* would leave signed 64 bits"
+    ):
         b.transfer(borrower, rich, amount)
     assert b.snapshot() == before
     assert before.total == 0

@@ -105,9 +105,7 @@ class LedgerWriter(threading.Thread):
         self._insert_sql: dict[int, str] = {}
         # Plain statement text for the per-commit balance update too: SQLAlchemy's
         # per-row dict processing was 7% of the writer's time.
-        self._update_balances_sql = (
-            f"UPDATE {accounts.name} SET {accounts.c.balance.name} = ? WHERE {accounts.c.id.name} = ?"
-        )
+        self._update_balances_sql = f"UPDATE {accounts.name} SET {accounts.c.balance.name} = ? WHERE {accounts.c.id.name} = ?"
 
     # -- staging (called by workers with the accounts' locks held; never raises) ----
 

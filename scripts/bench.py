@@ -73,15 +73,23 @@ from bank.ledger.chain import transfer_hash
 from bank.limits import BUSY_TIMEOUT_MS
 from bank.simulate.tuning import throughput_gc
 
-VARIANTS = ("a", "b", "c", "d", "e")
+VARIANTS = ("a", "b", "c", "d", "e", "f")
 # Sized for a run of about a minute on 2 cores, each timed region several seconds long.
-OPS_DEFAULT = {"a": 10_000, "b": 100_000, "c": 500_000, "d": 1_000_000, "e": 500_000}
+OPS_DEFAULT = {
+    "a": 10_000,
+    "b": 100_000,
+    "c": 500_000,
+    "d": 1_000_000,
+    "e": 500_000,
+    "f": 200_000,
+}
 LABELS = {
     "a": "naive: BankAccount+RLock, ORM commit per op, 8 threads",
     "b": "engine: 8 threads x blocking transfer()",
     "c": "engine: 16 threads x window of 64 (submit_many)",
     "d": "raw sqlite3: executemany, 1,000 rows per transaction",
     "e": "(c) with durability=normal",
+    "f": "bank simulate --ops N --tellers 16 (its defaults: window 8, mixed workload, 1,000 accounts)",
 }
 SHORT = {
     "a": "(a) naive ORM",
@@ -89,6 +97,7 @@ SHORT = {
     "c": "(c) engine, window",
     "d": "(d) raw sqlite3",
     "e": "(e) window, normal",
+    "f": "(f) bank simulate",
 }
 #: variant -> [(reference variant, lowest ratio to it)], at default durability on 2 cores.
 TARGETS: dict[str, list[tuple[str, float]]] = {
@@ -538,6 +547,44 @@ _INSERT_TRANSFER = (
 )
 
 
+def bench_simulate(path: Path, ops: int, seed: int, durability: str) -> Result:
+    """`bank simulate --ops N --tellers 16` through the library (its own workload and audit).
+
+    Unlike (a)-(e) it generates its mixed workload while it runs, about 8% of it is
+    refused, and it measures every operation's latency: the figure a user sees.
+    """
+    from bank.simulate.runner import SimulationConfig, run_simulation
+
+    remove_ledger(path)
+    config = SimulationConfig(db=str(path), tellers=16, ops=ops, seed=seed, durability=durability)
+    cpu0 = time.process_time()
+    sim = run_simulation(config)
+    cpu = time.process_time() - cpu0
+    result = Result(
+        "f",
+        sim.ops,
+        sim.duration_s,
+        cpu,  # includes setup and the audit: an upper bound
+        sim.totals.committed,
+        sim.totals.rejected_total,
+        extra={
+            "latency_ms": {k: round(v, 3) for k, v in sim.latency.as_dict().items()},
+            "queue_high_water": sim.queue_high_water,
+            "group_commits": sim.group_commits,
+        },
+    )
+    if sim.totals.completed != sim.ops:
+        result.problems.append(f"{sim.totals.completed} answered for {sim.ops} operations")
+    if sim.total_balance != 0:
+        result.problems.append(f"balances sum to {sim.total_balance}")
+    result.checks.append("committed + rejected == ops, balances sum to 0")
+    if sim.audit.ok:
+        result.checks.append("audit")
+    else:
+        result.problems.append(f"audit: {sim.audit.problems_total} problem(s)")
+    return result
+
+
 def bench_raw(
     path: Path,
     moves: list[Move],
@@ -909,6 +956,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = bench_naive(path, moves, args.accounts, args.durability, args.gc)
             elif variant == "b":
                 result = bench_blocking(path, moves, args.accounts, args.durability, args.gc)
+            elif variant == "f":
+                result = bench_simulate(path, ops[variant], args.seed, args.durability)
             elif variant in ("c", "e"):
                 durability = args.durability if variant == "c" else "normal"
                 result = bench_window(

@@ -39,6 +39,17 @@ _TRANSFER = 0
 _REJECT = 1
 _EVENT = 2
 
+#: The INSERT names its columns in `Receipt` field order, so a receipt is its own row.
+_RECEIPT_COLUMNS = (
+    "seq",
+    "kind",
+    "key",
+    "amount",
+    "debit_account_id",
+    "credit_account_id",
+    "ts_us",
+    "hash",
+)
 _TRANSFER_COLUMNS = (
     "seq",
     "key",
@@ -102,6 +113,7 @@ class LedgerWriter(threading.Thread):
         self._head_hash = head_hash
         self._event_head_hash = event_head_hash
         assert tuple(c.name for c in transfers.c) == _TRANSFER_COLUMNS, "row layout drifted"
+        assert sorted(_RECEIPT_COLUMNS) == sorted(_TRANSFER_COLUMNS), "receipt layout drifted"
         self._insert_sql: dict[int, str] = {}
         # Plain statement text for the per-commit balance update too: SQLAlchemy's
         # per-row dict processing was 7% of the writer's time.
@@ -257,8 +269,7 @@ class LedgerWriter(threading.Thread):
         ts_us = time.time_ns() // 1000
         prev = self._head_hash
         event_prev = self._event_head_hash
-        rows: list[tuple[Any, ...]] = []
-        hashes: list[str] = []
+        rows: list[Receipt] = []
         balances: dict[int, int] = {}
         new_accounts: list[dict[str, Any]] = []
         limits: list[dict[str, Any]] = []
@@ -271,8 +282,7 @@ class LedgerWriter(threading.Thread):
             if tag == _TRANSFER:
                 _, seq, kind, debit, credit, amount, key, _f, debit_balance, credit_balance = rec
                 prev = transfer_hash(prev, seq, kind, debit, credit, amount, ts_us, key)
-                rows.append((seq, key, kind, debit, credit, amount, ts_us, prev))
-                hashes.append(prev)
+                rows.append(Receipt(seq, kind, key, amount, debit, credit, ts_us, prev))
                 balances[debit] = debit_balance
                 balances[credit] = credit_balance
                 last_seq = seq
@@ -338,14 +348,11 @@ class LedgerWriter(threading.Thread):
         # must find the key in the ledger, not a stale claim.
         if keys:
             self._claims.release_many(keys)
-        hash_iter = iter(hashes)
+        receipts = iter(rows)
         for rec in batch:
             tag = rec[0]
             if tag == _TRANSFER:
-                _, seq, kind, debit, credit, amount, key, future, _d, _c = rec
-                future.set_result(
-                    Receipt(seq, kind, key, amount, debit, credit, ts_us, next(hash_iter))
-                )
+                rec[7].set_result(next(receipts))
             elif tag == _REJECT:
                 _, future, error, key = rec
                 if key is not None:
@@ -362,21 +369,21 @@ class LedgerWriter(threading.Thread):
             self._rejected += rejected
             self._progress.notify_all()
 
-    def _insert_transfers(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
+    def _insert_transfers(self, conn: Any, rows: list[Receipt]) -> None:
         """Insert rows as multi-row INSERT pages (SQLAlchemy's "insertmanyvalues" technique).
 
         On SQLite this is about twice as fast as DB-API executemany, which binds,
         steps and releases the GIL once per row; a page does that once per
         `INSERT_ROWS_PER_STATEMENT_MAX` rows. The statement text is derived from
-        the Core table, and rows are tuples in table order (no per-row dicts).
+        the Core table, and rows are the receipts themselves (no per-row dicts).
         """
         page = INSERT_ROWS_PER_STATEMENT_MAX
         for start in range(0, len(rows), page):
             chunk = rows[start : start + page]
             sql = self._insert_sql.get(len(chunk))
             if sql is None:
-                columns = ", ".join(_TRANSFER_COLUMNS)
-                row = "(" + ", ".join("?" for _ in _TRANSFER_COLUMNS) + ")"
+                columns = ", ".join(_RECEIPT_COLUMNS)
+                row = "(" + ", ".join("?" for _ in _RECEIPT_COLUMNS) + ")"
                 sql = f"INSERT INTO {transfers.name} ({columns}) VALUES " + ", ".join(
                     [row] * len(chunk)
                 )

@@ -34,6 +34,8 @@ COMMIT_BATCH_OPS_MAX: Final = 4096
 #: Transfer rows per multi-row INSERT: 8 columns x 100 stays under SQLite's
 #: oldest limit of 999 bound variables per statement.
 INSERT_ROWS_PER_STATEMENT_MAX: Final = 100
+#: Balances per `UPDATE ... FROM (VALUES ...)`: 2 variables each, under 999 too.
+UPDATE_ROWS_PER_STATEMENT_MAX: Final = 400
 #: Operations `submit_many` puts in the queue per hand-off.
 SUBMIT_CHUNK_OPS_MAX: Final = 256
 

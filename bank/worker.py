@@ -99,9 +99,8 @@ class Worker(threading.Thread):
                 if command.key is not None and self._answered_by_ledger(command, future, known):
                     continue
                 self._apply(command, future)
-            except (
-                Exception
-            ) as exc:  # a bug or a failed read, not a rejection: keep the worker alive
+            except Exception as exc:
+                # A bug or a failed read, not a rejection: keep the worker alive.
                 log.error("worker failed on %r", command, exc_info=True)
                 if command.key is not None:
                     self._claims.release_if_owner(command.key, future)

@@ -24,7 +24,7 @@ from typing import TextIO
 from bank.commands import AnyCommand
 from bank.engine import Bank
 from bank.errors import BankError
-from bank.limits import WORKERS_DEFAULT
+from bank.limits import QUEUE_CAPACITY_DEFAULT, WORKERS_DEFAULT
 from bank.money import format_minor
 from bank.records import Receipt
 
@@ -81,7 +81,9 @@ def scenario_ledger(db: str | None) -> Iterator[str]:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def open_bank(path: str, args: argparse.Namespace, *, queue_capacity: int = 1024) -> Bank:
+def open_bank(
+    path: str, args: argparse.Namespace, *, queue_capacity: int = QUEUE_CAPACITY_DEFAULT
+) -> Bank:
     """Open the scenario's bank with the common options."""
     return Bank.open(
         path, workers=args.workers, durability=args.durability, queue_capacity=queue_capacity

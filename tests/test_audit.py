@@ -485,3 +485,21 @@ def test_cash_balance_edit_names_cash(ledger: Path) -> None:
         conn.execute("UPDATE accounts SET balance = balance - 1 WHERE id = ?", (CASH_ACCOUNT_ID,))
     seqs, accounts, _ = named(audit_ledger(ledger))
     assert accounts == {CASH_ACCOUNT_ID} and seqs == set()
+
+
+def test_migration_0002_ships_exactly_the_views_the_audit_expects() -> None:
+    """The migration's frozen copy and `bank.ledger.views` must never drift apart."""
+    import importlib.util
+
+    from bank.ledger.migrate import migrations_dir
+    from bank.ledger.views import normalize_sql
+
+    spec = importlib.util.spec_from_file_location(
+        "rev0002", migrations_dir() / "versions" / "0002_audit_views.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert list(module.VIEWS) == list(AUDIT_VIEWS)
+    for name, sql in AUDIT_VIEWS.items():
+        assert normalize_sql(module.VIEWS[name]) == normalize_sql(sql), name

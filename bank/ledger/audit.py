@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
 import time
 from collections import Counter
@@ -28,6 +27,7 @@ from urllib.parse import quote
 
 from bank.errors import CannotAudit
 from bank.ledger.migrate import SQLITE_MAGIC, known_revisions
+from bank.ledger.views import AUDIT_VIEWS, REVISIONS_WITHOUT_VIEWS, normalize_sql
 from bank.limits import (
     AMOUNT_MAX,
     BALANCE_MAX,
@@ -103,72 +103,6 @@ _INDEXES: Final = ("uq_transfers_key",)
 _KIND_SIDES: Final = {"transfer": 0, "deposit": 1, "withdrawal": 2}
 
 Value = int | str | None
-
-
-def _normalize_sql(sql: str) -> str:
-    return re.sub(r"\s+", " ", sql).strip().rstrip(";").strip().lower()
-
-
-# The documented views (migration 0002 creates them from this text; the audit compares
-# the stored definitions with it, because an auditor running plain `sqlite3` trusts them).
-AUDIT_VIEWS: Final[dict[str, str]] = {
-    "account_flows": """
-CREATE VIEW account_flows AS
-SELECT
-    a.id AS account_id,
-    a.name AS name,
-    a.overdraft_limit AS overdraft_limit,
-    COALESCE(c.n, 0) + COALESCE(d.n, 0) AS transfers,
-    COALESCE(c.total, 0) AS credits,
-    COALESCE(d.total, 0) AS debits,
-    COALESCE(c.total, 0) - COALESCE(d.total, 0) AS recomputed_balance,
-    a.balance AS stored_balance,
-    a.balance - (COALESCE(c.total, 0) - COALESCE(d.total, 0)) AS difference
-FROM accounts AS a
-LEFT JOIN (
-    SELECT credit_account_id AS account_id, SUM(amount) AS total, COUNT(*) AS n
-    FROM transfers GROUP BY credit_account_id
-) AS c ON c.account_id = a.id
-LEFT JOIN (
-    SELECT debit_account_id AS account_id, SUM(amount) AS total, COUNT(*) AS n
-    FROM transfers GROUP BY debit_account_id
-) AS d ON d.account_id = a.id
-""",
-    "balance_mismatches": """
-CREATE VIEW balance_mismatches AS
-SELECT account_id, name, recomputed_balance, stored_balance, difference
-FROM account_flows
-WHERE difference != 0
-""",
-    "account_field_mismatches": """
-CREATE VIEW account_field_mismatches AS
-SELECT
-    a.id AS account_id,
-    a.name AS name,
-    e.name AS event_name,
-    a.overdraft_limit AS overdraft_limit,
-    e.overdraft_limit AS event_overdraft_limit,
-    e.seq AS event_seq
-FROM accounts AS a
-LEFT JOIN account_events AS e
-    ON e.seq = (SELECT MAX(seq) FROM account_events WHERE account_id = a.id)
-WHERE e.seq IS NULL OR a.name != e.name OR a.overdraft_limit != e.overdraft_limit
-""",
-    "ledger_totals": """
-CREATE VIEW ledger_totals AS
-SELECT
-    (SELECT COUNT(*) FROM accounts) AS accounts,
-    (SELECT COALESCE(SUM(balance), 0) FROM accounts) AS balance_sum,
-    (SELECT COUNT(*) FROM transfers) AS transfers,
-    (SELECT COALESCE(MAX(seq), 0) FROM transfers) AS last_seq,
-    (SELECT COALESCE(MAX(seq), 0) FROM transfers) - (SELECT COUNT(*) FROM transfers) AS missing_seqs,
-    (SELECT hash FROM transfers ORDER BY seq DESC LIMIT 1) AS head_hash,
-    (SELECT COUNT(*) FROM account_events) AS account_events,
-    (SELECT hash FROM account_events ORDER BY seq DESC LIMIT 1) AS accounts_head_hash
-""",
-}
-#: The first revision that ships `AUDIT_VIEWS`; older ledgers are audited without them.
-_REVISIONS_WITHOUT_VIEWS: Final = frozenset({"0001"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,12 +307,12 @@ def _check_schema(cur: sqlite3.Cursor, path: Path, problems: _Problems) -> str:
                 expected=None,
                 found=name,
             )
-    if revision not in _REVISIONS_WITHOUT_VIEWS:
+    if revision not in REVISIONS_WITHOUT_VIEWS:
         for name, sql in AUDIT_VIEWS.items():
             stored = objects.get(("view", name))
             if stored is None:
                 problems.add("schema", f"view {name} is missing", expected=name, found=None)
-            elif _normalize_sql(stored) != _normalize_sql(sql):
+            elif normalize_sql(stored) != normalize_sql(sql):
                 problems.add(
                     "schema",
                     f"view {name} was redefined: its text differs from the documented one",

@@ -233,41 +233,82 @@ class LedgerWriter(threading.Thread):
     # -- the writer thread -------------------------------------------------------
 
     def run(self) -> None:
+        """Cycle: prepare batch k+1 in an open transaction, answer batch k, commit k+1.
+
+        Answering wakes callers, whose next operations then run while this thread
+        sits in COMMIT's fsync (which releases the GIL) instead of competing with
+        the writer's own statements. Batch k is answered only after its commit.
+        """
         conn = self._engine.connect()
+        committed: _Prepared | None = None  # durable, not yet answered
         try:
             while True:
                 with self._lock:
-                    while not self._pending and not self._stopping:
+                    while not self._pending and not self._stopping and committed is None:
                         self._idle = True
                         self._wake.wait()
                         self._idle = False
-                    if not self._pending:
+                    if not self._pending and committed is None:
                         return
-                    if len(self._pending) <= self._commit_ops_max:
-                        batch, self._pending = self._pending, []
-                    else:
-                        batch = self._pending[: self._commit_ops_max]
-                        del self._pending[: self._commit_ops_max]
+                    batch = self._pending[: self._commit_ops_max]
+                    del self._pending[: self._commit_ops_max]
                     failure = self._failure
-                if failure is not None:
-                    self._fail(batch, failure)
-                    continue
                 try:
-                    self._commit(conn, batch)
-                except BaseException as exc:  # never leave a future pending, even on a bug
-                    log.error("ledger writer failed; the bank stops accepting work", exc_info=True)
-                    broken = LedgerUnavailable(
-                        f"the ledger writer failed ({type(exc).__name__}: {exc})"
-                    )
-                    with self._lock:
-                        self._failure = broken
+                    committed = self._cycle(conn, batch, committed, failure)
+                except BaseException as exc:  # a bug: never leave a future pending
+                    broken = self._broke(exc)
+                    left = batch + (committed.batch if committed is not None else [])
                     self._fail(
-                        [r for r in batch if not _future_of(r).done()], broken, answered=len(batch)
+                        [r for r in left if not _future_of(r).done()], broken, answered=len(left)
                     )
+                    committed = None
         finally:
             conn.close()
 
-    def _commit(self, conn: Any, batch: list[tuple[Any, ...]]) -> None:
+    def _cycle(
+        self,
+        conn: Any,
+        batch: list[tuple[Any, ...]],
+        committed: _Prepared | None,
+        failure: LedgerUnavailable | None,
+    ) -> _Prepared | None:
+        """One turn of `run`; returns the batch now durable and waiting to be answered."""
+        prepared: _Prepared | None = None
+        broken = failure
+        if batch and failure is None:
+            try:
+                prepared = self._prepare(conn, batch)
+            except Exception as exc:
+                broken = self._broke(exc)
+        if committed is not None:
+            self._answer(committed)
+        if prepared is not None:
+            try:
+                prepared.transaction.commit()
+            except Exception as exc:
+                broken = self._broke(exc)
+                _rollback(prepared)
+            else:
+                self._head_hash = prepared.head_hash
+                self._event_head_hash = prepared.event_head_hash
+                return prepared
+        if batch and broken is not None:
+            self._fail(batch, broken)
+        return None
+
+    def _broke(self, exc: BaseException) -> LedgerUnavailable:
+        """Record that the ledger can no longer be written; returns the error to answer with."""
+        log.error("ledger commit failed; the bank stops accepting work", exc_info=exc)
+        failure = LedgerUnavailable(
+            f"the ledger could not be written ({type(exc).__name__}: {exc})"
+        )
+        with self._lock:
+            if self._failure is None:
+                self._failure = failure
+            return self._failure
+
+    def _prepare(self, conn: Any, batch: list[tuple[Any, ...]]) -> _Prepared:
+        """Write a batch inside a transaction left open for the caller to commit."""
         ts_us = time.time_ns() // 1000
         prev = self._head_hash
         event_prev = self._event_head_hash
@@ -315,41 +356,38 @@ class LedgerWriter(threading.Thread):
                     )
                 else:
                     limits.append({"b_id": account_id, "b_limit": limit})
+        transaction = conn.begin()
+        prepared = _Prepared(batch, transaction, rows, keys, last_seq, rejected, prev, event_prev)
         try:
-            with conn.begin():
-                # Accounts first: this batch's transfers may already reference them.
-                if new_accounts:
-                    conn.execute(insert(accounts), new_accounts)
-                if events:
-                    conn.execute(insert(account_events), events)
-                if limits:
-                    conn.execute(
-                        update(accounts)
-                        .where(accounts.c.id == bindparam("b_id"))
-                        .values(overdraft_limit=bindparam("b_limit")),
-                        limits,
-                    )
-                if rows:
-                    self._insert_transfers(conn, rows)
-                if balances:
-                    self._update_balances(conn, balances)
-        except Exception as exc:
-            log.error("ledger commit failed; the bank stops accepting work", exc_info=True)
-            failure = LedgerUnavailable(
-                f"the ledger could not be written ({type(exc).__name__}: {exc})"
-            )
-            with self._lock:
-                self._failure = failure
-            self._fail(batch, failure)
-            return
-        self._head_hash = prev
-        self._event_head_hash = event_prev
+            # Accounts first: this batch's transfers may already reference them.
+            if new_accounts:
+                conn.execute(insert(accounts), new_accounts)
+            if events:
+                conn.execute(insert(account_events), events)
+            if limits:
+                conn.execute(
+                    update(accounts)
+                    .where(accounts.c.id == bindparam("b_id"))
+                    .values(overdraft_limit=bindparam("b_limit")),
+                    limits,
+                )
+            if rows:
+                self._insert_transfers(conn, rows)
+            if balances:
+                self._update_balances(conn, balances)
+        except BaseException:
+            _rollback(prepared)
+            raise
+        return prepared
+
+    def _answer(self, done: _Prepared) -> None:
+        """Answer a committed batch, in order."""
         # Keys go back before anyone is answered: a retry that wakes on the answer
         # must find the key in the ledger, not a stale claim.
-        if keys:
-            self._claims.release_many(keys)
-        receipts = iter(rows)
-        for rec in batch:
+        if done.keys:
+            self._claims.release_many(done.keys)
+        receipts = iter(done.rows)
+        for rec in done.batch:
             tag = rec[0]
             if tag == _TRANSFER:
                 rec[7].set_result(next(receipts))
@@ -361,12 +399,12 @@ class LedgerWriter(threading.Thread):
             elif tag == _EVENT:
                 rec[7].set_result(rec[1])
         with self._lock:
-            if last_seq:
-                self._committed_seq = last_seq
-            self._done += len(batch)
+            if done.last_seq:
+                self._committed_seq = done.last_seq
+            self._done += len(done.batch)
             self._commits += 1
-            self._rows += len(rows)
-            self._rejected += rejected
+            self._rows += len(done.rows)
+            self._rejected += done.rejected
             self._progress.notify_all()
 
     def _insert_transfers(self, conn: Any, rows: list[Receipt]) -> None:
@@ -424,6 +462,27 @@ class LedgerWriter(threading.Thread):
         with self._lock:
             self._done += len(batch) if answered is None else answered
             self._progress.notify_all()
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A batch written inside an open transaction, and what answering it needs."""
+
+    batch: list[tuple[Any, ...]]
+    transaction: Any
+    rows: list[Receipt]
+    keys: list[str]
+    last_seq: int
+    rejected: int
+    head_hash: str
+    event_head_hash: str
+
+
+def _rollback(prepared: _Prepared) -> None:
+    try:
+        prepared.transaction.rollback()
+    except Exception:  # the connection is already broken; the failure is reported anyway
+        log.warning("rollback failed", exc_info=True)
 
 
 def _future_of(rec: tuple[Any, ...]) -> Future[Any]:

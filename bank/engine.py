@@ -70,6 +70,7 @@ from bank.limits import (
     WORKERS_DEFAULT,
     WORKERS_MAX,
 )
+from bank.locking import locked
 from bank.records import Receipt, Snapshot
 from bank.worker import Job, Worker
 
@@ -286,8 +287,9 @@ class Bank:
         with self._state_lock:
             if self._closed:
                 raise BankClosed("the bank is closed")
-        failure = self._writer.failure
-        if failure is not None:
+        if self._writer.broken.is_set():  # lock-free: this runs on every submit
+            failure = self._writer.failure
+            assert failure is not None
             raise failure
 
     # -- accounts ----------------------------------------------------------------------
@@ -300,31 +302,24 @@ class Bank:
         spec = AccountSpec(name=name, overdraft_limit=overdraft_limit)
         self._check_open()
         future: Future[int] = Future()
-        refusal: BankError | None = None
         with self._registry_lock:
-            if spec.name in self._names:
-                refusal = AccountNameTaken(
-                    f"an account named {spec.name!r} exists (id {self._names[spec.name]})"
+            taken = self._names.get(spec.name)
+            if taken is None:
+                account = Account(self._next_id, spec.name, spec.overdraft_limit)
+                future.set_running_or_notify_cancel()
+                # Staged before it becomes visible, so no transfer reaches the ledger first.
+                self._writer.stage_account_event(
+                    "open", account.id, account.name, account.overdraft_limit, future
                 )
+                self._accounts[account.id] = account
+                self._names[account.name] = account.id
+                self._next_id += 1
+            else:
                 position, _ = self._writer.position()
-        if refusal is not None:
+        if taken is not None:
             # The opening it collides with may still be on its way to disk.
             self._writer.wait_for(position)
-            raise refusal
-        with self._registry_lock:
-            if spec.name in self._names:  # lost a race since the check above
-                raise AccountNameTaken(
-                    f"an account named {spec.name!r} exists (id {self._names[spec.name]})"
-                )
-            account = Account(self._next_id, spec.name, spec.overdraft_limit)
-            future.set_running_or_notify_cancel()
-            # Staged before it becomes visible, so no transfer can reach the ledger before it.
-            self._writer.stage_account_event(
-                "open", account.id, account.name, account.overdraft_limit, future
-            )
-            self._accounts[account.id] = account
-            self._names[account.name] = account.id
-            self._next_id += 1
+            raise AccountNameTaken(f"an account named {spec.name!r} exists (id {taken})")
         future.result()
         return account
 
@@ -472,16 +467,9 @@ class Bank:
     def snapshot(self) -> Snapshot:
         """All balances at one seq (every account locked at once, in id order), once durable."""
         self._check_open()
-        with self._registry_lock:
-            ordered = [a for _, a in sorted(self._accounts.items())]
-            for account in ordered:
-                account.lock.acquire()
-            try:
-                balances = {a.id: a.balance for a in ordered}
-                position, seq = self._writer.position()
-            finally:
-                for account in reversed(ordered):
-                    account.lock.release()
+        with self._registry_lock, locked(self._accounts.values()) as ordered:
+            balances = {a.id: a.balance for a in ordered}
+            position, seq = self._writer.position()
         self._writer.wait_for(position)
         return Snapshot(seq, balances)
 

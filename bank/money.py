@@ -4,15 +4,10 @@ from typing import Annotated
 
 from pydantic import Field
 
-from bank.limits import AMOUNT_MAX, BALANCE_MAX, BALANCE_MIN
+from bank.limits import AMOUNT_MAX
 
 #: A single positive amount of money, in minor units (validated by pydantic).
 Amount = Annotated[int, Field(ge=1, le=AMOUNT_MAX)]
-
-
-def in_balance_range(value: int) -> bool:
-    """True if `value` fits the ledger's signed 64-bit balance column."""
-    return BALANCE_MIN <= value <= BALANCE_MAX
 
 
 def is_int(value: object) -> bool:

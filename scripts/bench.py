@@ -70,6 +70,7 @@ from bank import Bank
 from bank.commands import Deposit, Transfer
 from bank.errors import InsufficientFunds
 from bank.ledger.chain import transfer_hash
+from bank.ledger.models import transfers
 from bank.limits import BUSY_TIMEOUT_MS
 from bank.simulate.tuning import throughput_gc
 
@@ -531,16 +532,8 @@ def bench_window(
 
 # -- (d) the ceiling: raw sqlite3 ----------------------------------------------------------
 
-_TRANSFER_COLUMNS = (
-    "seq",
-    "key",
-    "kind",
-    "debit_account_id",
-    "credit_account_id",
-    "amount",
-    "ts_us",
-    "hash",
-)
+# The engine's table, so (d) inserts exactly the rows the engine writes.
+_TRANSFER_COLUMNS = tuple(c.name for c in transfers.c)
 _INSERT_TRANSFER = (
     f"INSERT INTO transfers ({', '.join(_TRANSFER_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_TRANSFER_COLUMNS))})"

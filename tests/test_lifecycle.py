@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
@@ -317,10 +316,3 @@ def test_transfer_that_would_overflow_the_target_is_refused(
         b.transfer(borrower, rich, amount)
     assert b.snapshot() == before
     assert before.total == 0
-
-
-def test_ledger_files_stay_in_place(ledger_path: Path) -> None:
-    with bank.Bank.open(ledger_path) as b:
-        b.open_account("a")
-    assert ledger_path.exists()
-    assert os.access(ledger_path, os.R_OK)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from sqlalchemy import Connection, func, or_, select
+from sqlalchemy import Connection, or_, select
 
 from bank.ledger.chain import GENESIS
 from bank.ledger.models import account_events, accounts, transfers
@@ -74,8 +74,3 @@ def history(conn: Connection, account_id: int, *, limit: int | None = None) -> I
         stmt = stmt.limit(limit)
     for row in conn.execute(stmt):
         yield Receipt(*row)
-
-
-def transfer_count(conn: Connection) -> int:
-    """How many transfers the ledger holds."""
-    return int(conn.execute(select(func.count()).select_from(transfers)).scalar_one())

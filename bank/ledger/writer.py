@@ -54,16 +54,6 @@ _RECEIPT_COLUMNS = (
     "ts_us",
     "hash",
 )
-_TRANSFER_COLUMNS = (
-    "seq",
-    "key",
-    "kind",
-    "debit_account_id",
-    "credit_account_id",
-    "amount",
-    "ts_us",
-    "hash",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +95,8 @@ class LedgerWriter(threading.Thread):
         self._idle = False
         self._stopping = False
         self._failure: LedgerUnavailable | None = None
+        #: Set once `_failure` is: callers check it without taking the writer's lock.
+        self.broken = threading.Event()
         self._seq = seq  # last transfer seq handed out
         self._committed_seq = seq
         self._event_seq = event_seq
@@ -116,8 +108,7 @@ class LedgerWriter(threading.Thread):
         # Only the writer thread touches the chain heads.
         self._head_hash = head_hash
         self._event_head_hash = event_head_hash
-        assert tuple(c.name for c in transfers.c) == _TRANSFER_COLUMNS, "row layout drifted"
-        assert sorted(_RECEIPT_COLUMNS) == sorted(_TRANSFER_COLUMNS), "receipt layout drifted"
+        assert sorted(_RECEIPT_COLUMNS) == sorted(c.name for c in transfers.c), "layout drifted"
         self._insert_sql: dict[int, str] = {}
         self._update_sql: dict[int, str] = {}
 
@@ -305,6 +296,7 @@ class LedgerWriter(threading.Thread):
         with self._lock:
             if self._failure is None:
                 self._failure = failure
+                self.broken.set()
             return self._failure
 
     def _prepare(self, conn: Any, batch: list[tuple[Any, ...]]) -> _Prepared:

@@ -11,8 +11,8 @@ from bank.limits import BALANCE_MAX, BALANCE_MIN, CASH_ACCOUNT_ID
 class Account:
     """An account's live state. Read it freely; only the engine's workers change it.
 
-    The lock is reentrant because a transfer holds both accounts' locks and then
-    calls `withdraw`/`deposit`, which take the same lock again. `balance` is the
+    The lock is reentrant because the code that holds it (a transfer holds both
+    accounts' locks) still reads `balance` and friends, which take it again. `balance` is the
     live in-memory value (it may include operations still being committed);
     `Bank.balance()` waits until it is durable.
     """
@@ -46,42 +46,36 @@ class Account:
         """True for `@cash`, whose only floor is signed 64 bits."""
         return self.id == CASH_ACCOUNT_ID
 
-    def check_withdraw(self, amount: int) -> None:
-        """Raise if `withdraw(amount)` would break a limit; changes nothing."""
-        with self.lock:
-            after = self._balance - amount
-            if self.id == CASH_ACCOUNT_ID:
-                if after < BALANCE_MIN:
-                    raise BalanceOverflow(
-                        f"@cash has {self._balance}: debiting {amount} would leave signed 64 bits"
-                    )
-            elif after < -self._overdraft_limit:
-                raise InsufficientFunds(
-                    f"account {self.id} has {self._balance}, overdraft limit {self._overdraft_limit}: "
-                    f"cannot debit {amount}"
-                )
-
-    def check_deposit(self, amount: int) -> None:
-        """Raise if `deposit(amount)` would leave signed 64 bits; changes nothing."""
-        with self.lock:
-            if self._balance + amount > BALANCE_MAX:
-                raise BalanceOverflow(
-                    f"account {self.id} has {self._balance}: crediting {amount} would leave signed 64 bits"
-                )
-
-    def withdraw(self, amount: int) -> int:
-        """Debit after a passed `check_withdraw` (caller holds the lock); returns the new balance."""
-        with self.lock:
-            self._balance -= amount
-            return self._balance
-
-    def deposit(self, amount: int) -> int:
-        """Credit after a passed `check_deposit` (caller holds the lock); returns the new balance."""
-        with self.lock:
-            self._balance += amount
-            return self._balance
-
     def set_overdraft_limit(self, limit: int) -> None:
         """Change the limit (caller holds the lock and has checked the balance)."""
         with self.lock:
             self._overdraft_limit = limit
+
+
+def move(source: Account, target: Account, amount: int) -> tuple[int, int]:
+    """Debit `source` and credit `target` by `amount`; returns their new balances.
+
+    The caller holds both accounts' locks. Both limits are checked before
+    anything changes, so a refusal (`InsufficientFunds`, `BalanceOverflow`)
+    leaves both balances as they were. One function rather than four lock-taking
+    methods because every accepted operation runs it.
+    """
+    debited = source._balance - amount
+    if source.id == CASH_ACCOUNT_ID:
+        if debited < BALANCE_MIN:
+            raise BalanceOverflow(
+                f"@cash has {source._balance}: debiting {amount} would leave signed 64 bits"
+            )
+    elif debited < -source._overdraft_limit:
+        raise InsufficientFunds(
+            f"account {source.id} has {source._balance}, overdraft limit "
+            f"{source._overdraft_limit}: cannot debit {amount}"
+        )
+    credited = target._balance + amount
+    if credited > BALANCE_MAX:
+        raise BalanceOverflow(
+            f"account {target.id} has {target._balance}: crediting {amount} would leave signed 64 bits"
+        )
+    source._balance = debited
+    target._balance = credited
+    return debited, credited

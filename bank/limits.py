@@ -33,11 +33,11 @@ WORKERS_MAX: Final = 64
 WORKER_BATCH_OPS_MAX: Final = 256
 #: Operations the ledger writer commits in one SQLite transaction.
 COMMIT_BATCH_OPS_MAX: Final = 4096
-#: Transfer rows per multi-row INSERT: 8 columns x 100 stays under SQLite's
-#: oldest limit of 999 bound variables per statement.
-INSERT_ROWS_PER_STATEMENT_MAX: Final = 100
-#: Balances per `UPDATE ... FROM (VALUES ...)`: 2 variables each, under 999 too.
-UPDATE_ROWS_PER_STATEMENT_MAX: Final = 400
+#: Rows per multi-row INSERT or `UPDATE ... FROM (VALUES ...)` page. Pages are powers
+#: of two (see `bank.ledger.writer.page_sizes`), so a handful of statement texts cover
+#: every batch and all stay prepared in sqlite3's statement cache; a page is also
+#: kept under the connection's limit of bound variables (999 on SQLite < 3.32).
+ROWS_PER_STATEMENT_MAX: Final = 512
 #: Operations `submit_many` puts in the queue per hand-off.
 SUBMIT_CHUNK_OPS_MAX: Final = 256
 

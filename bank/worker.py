@@ -16,7 +16,7 @@ from concurrent.futures import Future, wait
 
 from sqlalchemy import Connection, Engine
 
-from bank.account import Account
+from bank.account import Account, move
 from bank.buffer import BoundedBuffer
 from bank.commands import AnyCommand, Deposit, Transfer
 from bank.errors import AccountNotFound, BankError, IdempotencyConflict, LedgerUnavailable
@@ -90,6 +90,7 @@ class Worker(threading.Thread):
                 if future.set_running_or_notify_cancel():
                     future.set_exception(error)
             return
+        apply = self._apply
         for command, future in zip(commands, futures, strict=True):
             try:
                 if not future.set_running_or_notify_cancel():
@@ -98,7 +99,7 @@ class Worker(threading.Thread):
                     continue
                 if command.key is not None and self._answered_by_ledger(command, future, known):
                     continue
-                self._apply(command, future)
+                apply(command, future)
             except Exception as exc:
                 # A bug or a failed read, not a rejection: keep the worker alive.
                 log.error("worker failed on %r", command, exc_info=True)
@@ -187,15 +188,11 @@ class Worker(threading.Thread):
         first, second = (source, target) if debit_id < credit_id else (target, source)
         with first.lock, second.lock:
             try:
-                source.check_withdraw(amount)
-                target.check_deposit(amount)
+                debit_balance, credit_balance = move(source, target, amount)
             except BankError as exc:
                 # Staged under the locks: answered only after what it was judged on is durable.
                 self._writer.stage_rejection(future, exc, command.key)
                 return
-            # Checked: from here to the end of the block nothing may raise.
-            debit_balance = source.withdraw(amount)
-            credit_balance = target.deposit(amount)
             self._writer.stage_transfer(
                 kind,
                 debit_id,

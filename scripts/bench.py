@@ -604,10 +604,10 @@ def bench_raw(
         ts_us = time.time_ns() // 1000
         batches: list[list[tuple[Any, ...]]] = []
         for start in range(0, len(moves), RAW_BATCH_ROWS):
-            ts_us += 1  # one timestamp per commit, like the engine's writer
             batch: list[tuple[Any, ...]] = []
             for source, target, amount in moves[start : start + RAW_BATCH_ROWS]:
                 seq += 1
+                ts_us += 1  # a timestamp per row, like the engine's
                 head = transfer_hash(head, seq, "transfer", source, target, amount, ts_us, None)
                 batch.append((seq, None, "transfer", source, target, amount, ts_us, head))
             batches.append(batch)

@@ -63,6 +63,12 @@ def _set_pragmas(dbapi_connection: Any, durability: Durability) -> None:
         cursor.close()
 
 
+def bound_variables_max(dbapi_connection: Any) -> int:
+    """How many `?` one statement may carry on this connection (999 before SQLite 3.32)."""
+    limit: int = dbapi_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    return limit
+
+
 def create_ledger_engine(url: URL, durability: Durability = Durability.FULL) -> Engine:
     """An Engine whose every connection carries the ledger's pragmas."""
     if url.get_backend_name() != "sqlite":

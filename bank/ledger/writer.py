@@ -1,8 +1,9 @@
 """The ledger writer: one thread that turns staged records into group commits.
 
 Workers stage records while they hold the accounts' locks, so the order of the
-`_pending` list is the order in which balances changed; `seq` is assigned
-here, under the writer's lock, in that same order. The writer takes everything
+`_pending` list is the order in which balances changed; `seq`, the timestamp
+and the chain hash are assigned there, under the writer's lock, in that same
+order. The writer takes everything
 pending (up to `COMMIT_BATCH_OPS_MAX`), writes it in one SQLite transaction
 (transfer rows, account rows and events, final balances) and only after the
 commit answers the batch's futures, in order. Rejections travel the same
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from itertools import chain
@@ -29,11 +31,8 @@ from bank.errors import BankError, LedgerUnavailable
 from bank.idempotency import KeyClaims
 from bank.ledger.chain import account_event_hash, transfer_hash
 from bank.ledger.models import account_events, accounts, transfers
-from bank.limits import (
-    COMMIT_BATCH_OPS_MAX,
-    INSERT_ROWS_PER_STATEMENT_MAX,
-    UPDATE_ROWS_PER_STATEMENT_MAX,
-)
+from bank.ledger.sqlite import bound_variables_max
+from bank.limits import COMMIT_BATCH_OPS_MAX, ROWS_PER_STATEMENT_MAX
 from bank.records import Receipt
 
 log = logging.getLogger(__name__)
@@ -54,6 +53,26 @@ _RECEIPT_COLUMNS = (
     "ts_us",
     "hash",
 )
+
+
+def page_sizes(rows: int, largest: int) -> Iterator[int]:
+    """Split `rows` into pages whose sizes are powers of two no larger than `largest`.
+
+    Every page size is one statement text; with powers of two there are at most
+    log2(largest) + 1 of them per statement, so they all stay in sqlite3's
+    statement cache. Sizing pages to fit each batch exactly gave hundreds of texts:
+    each missed the cache and was parsed again (600 us for 400 rows).
+    """
+    while rows:
+        size = min(largest, 1 << (rows.bit_length() - 1))
+        yield size
+        rows -= size
+
+
+def _largest_page(columns: int, variables_max: int) -> int:
+    """The largest power-of-two page of `columns`-wide rows that fits in one statement."""
+    fits = min(ROWS_PER_STATEMENT_MAX, variables_max // columns)
+    return 1 << (fits.bit_length() - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +124,13 @@ class LedgerWriter(threading.Thread):
         self._commits = 0
         self._rows = 0
         self._rejected = 0
-        # Only the writer thread touches the chain heads.
+        # Chain heads of what is staged (not yet committed): advanced under the lock.
         self._head_hash = head_hash
         self._event_head_hash = event_head_hash
         assert sorted(_RECEIPT_COLUMNS) == sorted(c.name for c in transfers.c), "layout drifted"
         self._insert_sql: dict[int, str] = {}
         self._update_sql: dict[int, str] = {}
+        self._insert_page = self._update_page = 1  # set from the connection in `run`
 
     # -- staging (called by workers with the accounts' locks held; never raises) ----
 
@@ -125,20 +145,24 @@ class LedgerWriter(threading.Thread):
         debit_balance: int,
         credit_balance: int,
     ) -> None:
-        """Queue an applied operation for the next commit; seq is assigned here, in order."""
+        """Queue an applied operation for the next commit.
+
+        Its seq, timestamp and chain hash are fixed here, under the writer's lock, in
+        the order the balances changed: the calling worker does that share of the
+        work, so the writer thread (the pipeline's one serial stage) only writes.
+        """
         with self._lock:
-            self._seq += 1
+            seq = self._seq + 1
+            ts_us = time.time_ns() // 1000
+            head = transfer_hash(self._head_hash, seq, kind, debit, credit, amount, ts_us, key)
+            self._seq = seq
+            self._head_hash = head
             self._staged += 1
             self._pending.append(
                 (
                     _TRANSFER,
-                    self._seq,
-                    kind,
-                    debit,
-                    credit,
-                    amount,
-                    key,
                     future,
+                    Receipt(seq, kind, key, amount, debit, credit, ts_us, head),
                     debit_balance,
                     credit_balance,
                 )
@@ -159,20 +183,32 @@ class LedgerWriter(threading.Thread):
     ) -> None:
         """Queue an account opening ('open') or limit change ('limit'); `future` gets its event seq."""
         with self._lock:
-            self._event_seq += 1
-            self._staged += 1
-            self._pending.append(
-                (
-                    _EVENT,
-                    self._event_seq,
-                    kind,
-                    account_id,
-                    name,
-                    overdraft_limit,
-                    self._seq,
-                    future,
-                )
+            seq = self._event_seq + 1
+            ts_us = time.time_ns() // 1000
+            head = account_event_hash(
+                self._event_head_hash,
+                seq,
+                account_id,
+                kind,
+                overdraft_limit,
+                self._seq,
+                ts_us,
+                name,
             )
+            self._event_seq = seq
+            self._event_head_hash = head
+            self._staged += 1
+            row = {
+                "seq": seq,
+                "account_id": account_id,
+                "kind": kind,
+                "name": name,
+                "overdraft_limit": overdraft_limit,
+                "transfer_seq": self._seq,
+                "ts_us": ts_us,
+                "hash": head,
+            }
+            self._pending.append((_EVENT, future, row))
             if self._idle:
                 self._wake.notify()
 
@@ -233,6 +269,9 @@ class LedgerWriter(threading.Thread):
         conn = self._engine.connect()
         committed: _Prepared | None = None  # durable, not yet answered
         try:
+            variables_max = bound_variables_max(conn.connection.driver_connection)
+            self._insert_page = _largest_page(len(_RECEIPT_COLUMNS), variables_max)
+            self._update_page = _largest_page(2, variables_max)
             while True:
                 with self._lock:
                     while not self._pending and not self._stopping and committed is None:
@@ -280,8 +319,6 @@ class LedgerWriter(threading.Thread):
                 broken = self._broke(exc)
                 _rollback(prepared)
             else:
-                self._head_hash = prepared.head_hash
-                self._event_head_hash = prepared.event_head_hash
                 return prepared
         if batch and broken is not None:
             self._fail(batch, broken)
@@ -301,55 +338,41 @@ class LedgerWriter(threading.Thread):
 
     def _prepare(self, conn: Any, batch: list[tuple[Any, ...]]) -> _Prepared:
         """Write a batch inside a transaction left open for the caller to commit."""
-        ts_us = time.time_ns() // 1000
-        prev = self._head_hash
-        event_prev = self._event_head_hash
         rows: list[Receipt] = []
         balances: dict[int, int] = {}
         new_accounts: list[dict[str, Any]] = []
         limits: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
         keys: list[str] = []
-        last_seq = 0
         rejected = 0
         for rec in batch:
             tag = rec[0]
             if tag == _TRANSFER:
-                _, seq, kind, debit, credit, amount, key, _f, debit_balance, credit_balance = rec
-                prev = transfer_hash(prev, seq, kind, debit, credit, amount, ts_us, key)
-                rows.append(Receipt(seq, kind, key, amount, debit, credit, ts_us, prev))
-                balances[debit] = debit_balance
-                balances[credit] = credit_balance
-                last_seq = seq
-                if key is not None:
-                    keys.append(key)
+                _, _f, receipt, debit_balance, credit_balance = rec
+                rows.append(receipt)
+                balances[receipt.debit_account] = debit_balance
+                balances[receipt.credit_account] = credit_balance
+                if receipt.key is not None:
+                    keys.append(receipt.key)
             elif tag == _REJECT:
                 rejected += 1
             elif tag == _EVENT:
-                _, eseq, kind, account_id, name, limit, transfer_seq, _f = rec
-                event_prev = account_event_hash(
-                    event_prev, eseq, account_id, kind, limit, transfer_seq, ts_us, name
-                )
-                events.append(
-                    {
-                        "seq": eseq,
-                        "account_id": account_id,
-                        "kind": kind,
-                        "name": name,
-                        "overdraft_limit": limit,
-                        "transfer_seq": transfer_seq,
-                        "ts_us": ts_us,
-                        "hash": event_prev,
-                    }
-                )
-                if kind == "open":
+                row = rec[2]
+                events.append(row)
+                if row["kind"] == "open":
                     new_accounts.append(
-                        {"id": account_id, "name": name, "overdraft_limit": limit, "balance": 0}
+                        {
+                            "id": row["account_id"],
+                            "name": row["name"],
+                            "overdraft_limit": row["overdraft_limit"],
+                            "balance": 0,
+                        }
                     )
                 else:
-                    limits.append({"b_id": account_id, "b_limit": limit})
+                    limits.append({"b_id": row["account_id"], "b_limit": row["overdraft_limit"]})
         transaction = conn.begin()
-        prepared = _Prepared(batch, transaction, rows, keys, last_seq, rejected, prev, event_prev)
+        last_seq = rows[-1].seq if rows else 0
+        prepared = _Prepared(batch, transaction, rows, keys, last_seq, rejected)
         try:
             # Accounts first: this batch's transfers may already reference them.
             if new_accounts:
@@ -378,18 +401,17 @@ class LedgerWriter(threading.Thread):
         # must find the key in the ledger, not a stale claim.
         if done.keys:
             self._claims.release_many(done.keys)
-        receipts = iter(done.rows)
         for rec in done.batch:
             tag = rec[0]
             if tag == _TRANSFER:
-                rec[7].set_result(next(receipts))
+                rec[1].set_result(rec[2])
             elif tag == _REJECT:
                 _, future, error, key = rec
                 if key is not None:
                     self._claims.release(key)
                 future.set_exception(error)
             elif tag == _EVENT:
-                rec[7].set_result(rec[1])
+                rec[1].set_result(rec[2]["seq"])
         with self._lock:
             if done.last_seq:
                 self._committed_seq = done.last_seq
@@ -403,22 +425,20 @@ class LedgerWriter(threading.Thread):
         """Insert rows as multi-row INSERT pages (SQLAlchemy's "insertmanyvalues" technique).
 
         On SQLite this is about twice as fast as DB-API executemany, which binds,
-        steps and releases the GIL once per row; a page does that once per
-        `INSERT_ROWS_PER_STATEMENT_MAX` rows. The statement text is derived from
+        steps and releases the GIL once per row; a page does that once per up to
+        `ROWS_PER_STATEMENT_MAX` rows. The statement text is derived from
         the Core table, and rows are the receipts themselves (no per-row dicts).
         """
-        page = INSERT_ROWS_PER_STATEMENT_MAX
-        for start in range(0, len(rows), page):
-            chunk = rows[start : start + page]
-            sql = self._insert_sql.get(len(chunk))
+        start = 0
+        for size in page_sizes(len(rows), self._insert_page):
+            sql = self._insert_sql.get(size)
             if sql is None:
                 columns = ", ".join(_RECEIPT_COLUMNS)
                 row = "(" + ", ".join("?" for _ in _RECEIPT_COLUMNS) + ")"
-                sql = f"INSERT INTO {transfers.name} ({columns}) VALUES " + ", ".join(
-                    [row] * len(chunk)
-                )
-                self._insert_sql[len(chunk)] = sql
-            conn.exec_driver_sql(sql, tuple(chain.from_iterable(chunk)))
+                sql = f"INSERT INTO {transfers.name} ({columns}) VALUES " + ", ".join([row] * size)
+                self._insert_sql[size] = sql
+            conn.exec_driver_sql(sql, tuple(chain.from_iterable(rows[start : start + size])))
+            start += size
 
     def _update_balances(self, conn: Any, balances: dict[int, int]) -> None:
         """Write the batch's final balances with one `UPDATE ... FROM (VALUES ...)` per page.
@@ -427,19 +447,19 @@ class LedgerWriter(threading.Thread):
         re-takes the GIL: under load every re-take waits behind other threads.
         """
         items = list(balances.items())
-        page = UPDATE_ROWS_PER_STATEMENT_MAX
-        for start in range(0, len(items), page):
-            chunk = items[start : start + page]
-            sql = self._update_sql.get(len(chunk))
+        start = 0
+        for size in page_sizes(len(items), self._update_page):
+            sql = self._update_sql.get(size)
             if sql is None:
-                values = ", ".join(["(?, ?)"] * len(chunk))
+                values = ", ".join(["(?, ?)"] * size)
                 sql = (
                     f"UPDATE {accounts.name} SET {accounts.c.balance.name} = v.column2 "
                     f"FROM (VALUES {values}) AS v "
                     f"WHERE {accounts.name}.{accounts.c.id.name} = v.column1"
                 )
-                self._update_sql[len(chunk)] = sql
-            conn.exec_driver_sql(sql, tuple(chain.from_iterable(chunk)))
+                self._update_sql[size] = sql
+            conn.exec_driver_sql(sql, tuple(chain.from_iterable(items[start : start + size])))
+            start += size
 
     def _fail(
         self, batch: list[tuple[Any, ...]], failure: BankError, answered: int | None = None
@@ -447,7 +467,7 @@ class LedgerWriter(threading.Thread):
         """Answer a batch that will never be written (`answered`: records it completes)."""
         for rec in batch:
             future = _future_of(rec)
-            key = rec[6] if rec[0] == _TRANSFER else rec[3] if rec[0] == _REJECT else None
+            key = rec[2].key if rec[0] == _TRANSFER else rec[3] if rec[0] == _REJECT else None
             if key is not None:
                 self._claims.release(key)
             future.set_exception(failure)
@@ -466,8 +486,6 @@ class _Prepared:
     keys: list[str]
     last_seq: int
     rejected: int
-    head_hash: str
-    event_head_hash: str
 
 
 def _rollback(prepared: _Prepared) -> None:
@@ -479,5 +497,5 @@ def _rollback(prepared: _Prepared) -> None:
 
 def _future_of(rec: tuple[Any, ...]) -> Future[Any]:
     """The future a staged record answers."""
-    future: Future[Any] = rec[1] if rec[0] == _REJECT else rec[7]
+    future: Future[Any] = rec[1]
     return future

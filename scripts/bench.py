@@ -20,6 +20,12 @@ and the ledger audit), outside the timed region. The machines are noisy: read
 the ratios, which are all measured in the same run, and the CPU time per
 operation, which other processes disturb less than the wall clock.
 
+The run repeats in rounds (`--rounds`, default 3): each round runs every
+chosen variant once, in order, so a slow spell of the machine hits all of them
+alike instead of one. Each variant reports its median round (and the range);
+ratios compare medians, and the targets' ratios are also given round by round,
+each against the reference measured in the same round.
+
 Every timed region runs under the collector settings `bank simulate` uses
 (`bank.simulate.tuning.throughput_gc`: freeze what exists, collect the young
 generation less often), the same for all variants; `--gc default` measures with
@@ -36,7 +42,7 @@ measures multi-row `INSERT ... VALUES (...), (...)` pages of 100 rows instead
 (what the ledger writer does), which binds and steps once per page.
 
     .venv/bin/python scripts/bench.py
-    .venv/bin/python scripts/bench.py --only a,c --ops c=50000 --json bench.json
+    .venv/bin/python scripts/bench.py --only a,c --ops c=50000 --rounds 1 --json bench.json
     .venv/bin/python scripts/bench.py --ops-scale 0.1 --durability normal
 """
 
@@ -119,6 +125,7 @@ WINDOW_THREADS = 16
 WINDOW_OPS = 64
 RAW_BATCH_ROWS = 1_000
 RAW_VALUES_PAGE_ROWS = 100  # rows per multi-row INSERT with --raw-insert values
+ROUNDS_DEFAULT = 3
 
 Move = tuple[int, int, int]  # (source, target, amount)
 
@@ -189,6 +196,22 @@ class Result:
     def verified(self) -> bool:
         """True when the variant's own checks found nothing wrong."""
         return not self.problems
+
+
+def median_result(rounds: Sequence[Result]) -> Result:
+    """The round with the median throughput (the lower middle one for an even count)."""
+    ordered = sorted(rounds, key=lambda r: r.ops_s)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def round_ratios(runs: dict[str, list[Result]], variant: str, reference: str) -> list[float] | None:
+    """`variant` over `reference`, round by round (each against its own round's reference)."""
+    if variant not in runs or reference not in runs:
+        return None
+    return [
+        r.ops_s / base.ops_s if base.ops_s > 0 else 0.0
+        for r, base in zip(runs[variant], runs[reference], strict=True)
+    ]
 
 
 def run_threads(
@@ -711,14 +734,20 @@ def environment(durability: str, gc_mode: str) -> dict[str, Any]:
     }
 
 
-def print_report(console: Console, results: dict[str, Result], durability: str) -> None:
-    """The side-by-side table."""
-    table = Table(title=f"bank benchmark (durability={durability} for a-d)")
+def print_report(
+    console: Console, runs: dict[str, list[Result]], results: dict[str, Result], durability: str
+) -> None:
+    """The side-by-side table (medians of the rounds), then the targets round by round."""
+    count = len(next(iter(runs.values()))) if runs else 0
+    table = Table(
+        title=f"bank benchmark (durability={durability} for a-d; median of {count} round(s))"
+    )
     columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("variant", "left"),
         ("ops", "right"),
         ("seconds", "right"),
         ("ops/s", "right"),
+        ("range ops/s", "right"),
         ("CPU us/op", "right"),
         ("x (a)", "right"),
         ("x (d)", "right"),
@@ -731,19 +760,32 @@ def print_report(console: Console, results: dict[str, Result], durability: str) 
     for variant, result in results.items():
         to_a, to_d = ratio(results, variant, "a"), ratio(results, variant, "d")
         target, met = target_verdict(results, variant)
+        speeds = [r.ops_s for r in runs[variant]]
         table.add_row(
             SHORT[variant],
             f"{result.ops:,}",
             f"{result.seconds:.2f}",
             f"{result.ops_s:,.0f}",
+            f"{min(speeds):,.0f}-{max(speeds):,.0f}",
             f"{result.cpu_us_per_op:,.1f}",
             "-" if to_a is None else f"{to_a:.2f}",
             "-" if to_d is None else f"{to_d:.3f}",
             target,
             {None: "n/a", True: "[green]yes[/]", False: "[red]no[/]"}[met],
-            "[green]yes[/]" if result.verified else "[red]NO[/]",
+            "[green]yes[/]" if all(r.verified for r in runs[variant]) else "[red]NO[/]",
         )
     console.print(table)
+    for variant, goals in TARGETS.items():
+        for reference, goal in goals:
+            each = round_ratios(runs, variant, reference)
+            if each is None:
+                continue
+            hits = sum(r >= goal for r in each)
+            console.print(
+                f"  ({variant}) / ({reference}) round by round: "
+                + ", ".join(f"{r:.3g}" for r in each)
+                + f" (target {goal:g}: met in {hits} of {len(each)})"
+            )
     for variant, result in results.items():
         label = LABELS[variant]
         if result.extra.get("insert") == "values":
@@ -752,9 +794,12 @@ def print_report(console: Console, results: dict[str, Result], durability: str) 
 
 
 def to_json(
-    results: dict[str, Result], args: argparse.Namespace, argv: Sequence[str]
+    runs: dict[str, list[Result]],
+    results: dict[str, Result],
+    args: argparse.Namespace,
+    argv: Sequence[str],
 ) -> dict[str, Any]:
-    """The machine-readable result."""
+    """The machine-readable result: each variant's median round, and every round."""
     variants: dict[str, Any] = {}
     for variant, result in results.items():
         target, met = target_verdict(results, variant)
@@ -771,18 +816,33 @@ def to_json(
             "ratio_to_d": ratio(results, variant, "d"),
             "target": target,
             "target_met": met,
-            "verified": result.verified,
+            "verified": all(r.verified for r in runs[variant]),
             "checks": result.checks,
-            "problems": result.problems,
+            "problems": [p for r in runs[variant] for p in r.problems],
             **result.extra,
+            "rounds": [
+                {
+                    "ops_s": round(r.ops_s, 1),
+                    "seconds": round(r.seconds, 4),
+                    "cpu_us_per_op": round(r.cpu_us_per_op, 2),
+                    "verified": r.verified,
+                }
+                for r in runs[variant]
+            ],
+            "round_ratios": {
+                reference: each
+                for reference, _ in TARGETS.get(variant, [])
+                if (each := round_ratios(runs, variant, reference)) is not None
+            },
         }
     return {
         "command": ["scripts/bench.py", *argv],
         "accounts": args.accounts,
         "seed": args.seed,
+        "rounds": args.rounds,
         "environment": environment(args.durability, args.gc),
         "variants": variants,
-        "verified": all(r.verified for r in results.values()),
+        "verified": all(r.verified for rounds in runs.values() for r in rounds),
         "targets_met": all(target_verdict(results, v)[1] is not False for v in results),
     }
 
@@ -859,6 +919,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="full",
         help="SQLite synchronous level for (a)-(d) (default full; (e) is always normal)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=ROUNDS_DEFAULT,
+        help=f"rounds of every chosen variant; each reports its median round "
+        f"(default {ROUNDS_DEFAULT})",
+    )
     parser.add_argument("--accounts", type=int, default=ACCOUNTS_DEFAULT, help="accounts (>= 2)")
     parser.add_argument("--seed", type=int, default=SEED_DEFAULT, help="workload seed")
     parser.add_argument(
@@ -897,6 +964,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_variant(variant: str, where: Path, ops: int, args: argparse.Namespace) -> Result:
+    """One round of one variant, on a fresh ledger file."""
+    moves = make_moves(ops, args.accounts, args.seed)
+    path = where / f"bench-{variant}.db"
+    remove_ledger(path)
+    if variant == "a":
+        return bench_naive(path, moves, args.accounts, args.durability, args.gc)
+    if variant == "b":
+        return bench_blocking(path, moves, args.accounts, args.durability, args.gc)
+    if variant == "f":
+        return bench_simulate(path, ops, args.seed, args.durability)
+    if variant in ("c", "e"):
+        durability = args.durability if variant == "c" else "normal"
+        return bench_window(variant, path, moves, args.accounts, durability, args.gc, args.wait)
+    return bench_raw(path, moves, args.accounts, args.durability, args.gc, args.raw_insert)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the chosen variants; exit status 0 if every variant verified its result."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -906,6 +990,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--accounts must be at least 2")
     if args.ops_scale <= 0:
         parser.error("--ops-scale must be positive")
+    if not 1 <= args.rounds <= 100:
+        parser.error("--rounds must be from 1 to 100")
     if args.workers is not None and not 1 <= args.workers <= 64:
         parser.error("--workers must be from 1 to 64")
     global WORKERS  # noqa: PLW0603 (a run-wide setting of this script)
@@ -937,42 +1023,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     load_before = os.getloadavg()[0]
-    results: dict[str, Result] = {}
+    runs: dict[str, list[Result]] = {v: [] for v in args.only}
     with tempfile.TemporaryDirectory(prefix="bank-bench-") as tmp:
         where = args.dir or Path(tmp)
         where.mkdir(parents=True, exist_ok=True)
-        for variant in args.only:
-            moves = make_moves(ops[variant], args.accounts, args.seed)
-            path = where / f"bench-{variant}.db"
-            console.print(f"({variant}) {LABELS[variant]}: {ops[variant]:,} ops ...")
-            if variant == "a":
-                result = bench_naive(path, moves, args.accounts, args.durability, args.gc)
-            elif variant == "b":
-                result = bench_blocking(path, moves, args.accounts, args.durability, args.gc)
-            elif variant == "f":
-                result = bench_simulate(path, ops[variant], args.seed, args.durability)
-            elif variant in ("c", "e"):
-                durability = args.durability if variant == "c" else "normal"
-                result = bench_window(
-                    variant, path, moves, args.accounts, durability, args.gc, args.wait
+        for round_no in range(1, args.rounds + 1):
+            for variant in args.only:
+                console.print(
+                    f"round {round_no}/{args.rounds}: ({variant}) {LABELS[variant]}: "
+                    f"{ops[variant]:,} ops ..."
                 )
-            else:
-                result = bench_raw(
-                    path, moves, args.accounts, args.durability, args.gc, args.raw_insert
+                result = run_variant(variant, where, ops[variant], args)
+                runs[variant].append(result)
+                extra = ", ".join(f"{k} {v}" for k, v in result.extra.items())
+                console.print(
+                    f"    {result.ops_s:,.0f} ops/s ({result.seconds:.2f} s, "
+                    f"{result.cpu_us_per_op:.1f} us CPU per op, "
+                    f"{result.accepted:,} accepted, {result.rejected:,} refused"
+                    + (f", {extra}" if extra else "")
+                    + f"); checks: {', '.join(result.checks)}"
+                    + (
+                        f"; [red]PROBLEMS: {'; '.join(result.problems)}[/]"
+                        if result.problems
+                        else ""
+                    )
                 )
-            results[variant] = result
-            extra = ", ".join(f"{k} {v}" for k, v in result.extra.items())
-            console.print(
-                f"    {result.ops_s:,.0f} ops/s ({result.seconds:.2f} s, "
-                f"{result.cpu_us_per_op:.1f} us CPU per op, "
-                f"{result.accepted:,} accepted, {result.rejected:,} refused"
-                + (f", {extra}" if extra else "")
-                + f"); checks: {', '.join(result.checks)}"
-                + (f"; [red]PROBLEMS: {'; '.join(result.problems)}[/]" if result.problems else "")
-            )
-            del moves
-    print_report(console, results, args.durability)
-    document = to_json(results, args, argv)
+    results = {variant: median_result(rounds) for variant, rounds in runs.items()}
+    print_report(console, runs, results, args.durability)
+    document = to_json(runs, results, args, argv)
     env = document["environment"]
     env["load_average_1m_before"] = round(load_before, 2)
     console.print(

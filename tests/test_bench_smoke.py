@@ -30,6 +30,8 @@ def test_every_variant_runs_and_verifies(bench: ModuleType, tmp_path: Path) -> N
             "a=40,b=200,c=1000,d=2000,e=500,f=500",
             "--accounts",
             "10",
+            "--rounds",
+            "2",
             "--dir",
             str(tmp_path / "ledgers"),
             "--json",
@@ -50,6 +52,15 @@ def test_every_variant_runs_and_verifies(bench: ModuleType, tmp_path: Path) -> N
     assert doc["variants"]["a"]["ratio_to_a"] == 1.0
     assert doc["variants"]["d"]["ratio_to_d"] == 1.0
     assert doc["variants"]["c"]["target_met"] in (True, False)
+    # Two rounds of every variant; the reported figure is the median (here the slower) round.
+    assert doc["rounds"] == 2
+    for variant in doc["variants"].values():
+        speeds = [r["ops_s"] for r in variant["rounds"]]
+        assert len(speeds) == 2 and variant["ops_s"] == min(speeds)
+    c_rounds = doc["variants"]["c"]["rounds"]
+    d_rounds = doc["variants"]["d"]["rounds"]
+    expected = [c["ops_s"] / d["ops_s"] for c, d in zip(c_rounds, d_rounds, strict=True)]
+    assert doc["variants"]["c"]["round_ratios"]["d"] == pytest.approx(expected, rel=1e-3)
 
 
 def test_other_wait_and_insert_modes(bench: ModuleType, tmp_path: Path) -> None:
@@ -65,6 +76,8 @@ def test_other_wait_and_insert_modes(bench: ModuleType, tmp_path: Path) -> None:
         "wait",
         "--gc",
         "default",
+        "--rounds",
+        "1",
     ]
     code = bench.main(
         [*argv, "--raw-insert", "values", "--durability", "normal", "--json", str(out)]
@@ -83,7 +96,13 @@ def test_help_and_bad_arguments(bench: ModuleType, capsys: pytest.CaptureFixture
         bench.main(["--help"])
     assert exc.value.code == 0
     assert "--durability" in capsys.readouterr().out
-    for bad in (["--only", "x"], ["--ops", "z=5"], ["--ops", "a=0"], ["--accounts", "1"]):
+    for bad in (
+        ["--only", "x"],
+        ["--ops", "z=5"],
+        ["--ops", "a=0"],
+        ["--accounts", "1"],
+        ["--rounds", "0"],
+    ):
         with pytest.raises(SystemExit) as exc:
             bench.main(bad)
         assert exc.value.code == 2

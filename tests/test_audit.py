@@ -15,11 +15,12 @@ from alembic.config import Config
 from sqlalchemy import Engine
 
 import bank
-from bank.ledger.audit import AUDIT_VIEWS, PROBLEMS_KEPT_MAX, audit_ledger
+from bank.ledger.audit import PROBLEMS_KEPT_MAX, audit_ledger
 from bank.ledger.audit_report import run_audit_command
 from bank.ledger.chain import GENESIS
 from bank.ledger.migrate import head_revision, migrations_dir, upgrade_to_head
 from bank.ledger.sqlite import create_ledger_engine, ledger_url
+from bank.ledger.views import AUDIT_VIEWS
 from bank.limits import AMOUNT_MAX, CASH_ACCOUNT_ID
 from tests.audit_ledgers import build_engine_ledger, copy_ledger, edit, kinds, named, rechain
 

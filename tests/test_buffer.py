@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -89,7 +90,12 @@ def test_large_put_is_not_starved_by_small_ones() -> None:
     buf: BoundedBuffer[str] = BoundedBuffer(4)
     buf.put("a", weight=3)
     big_in = threading.Event()
-    t = threading.Thread(target=lambda: (buf.put("big", weight=4), big_in.set()), daemon=True)
+
+    def put_big() -> None:
+        buf.put("big", weight=4)
+        big_in.set()
+
+    t = threading.Thread(target=put_big, daemon=True)
     t.start()
     while buf.stats().waiting_producers != 1:
         time.sleep(0.001)
@@ -163,7 +169,7 @@ def test_many_producers_and_consumers_lose_nothing(fast_switching: None) -> None
     consumers = [threading.Thread(target=consumer, daemon=True) for _ in range(3)]
     for c in consumers:
         c.start()
-    run_threads([lambda b=b: producer(b * per) for b in range(8)], timeout_s=60)
+    run_threads([functools.partial(producer, b * per) for b in range(8)], timeout_s=60)
     buf.close()
     for c in consumers:
         c.join(10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import sqlite3
 import threading
@@ -96,7 +97,7 @@ def test_conservation_under_contention(
             for k, v in local.items():
                 outcomes[k] = outcomes.get(k, 0) + v
 
-    run_threads([lambda s=s: teller(s) for s in range(TELLERS)], timeout_s=150)
+    run_threads([functools.partial(teller, s) for s in range(TELLERS)], timeout_s=150)
 
     assert set(outcomes) <= {"ok", "InsufficientFunds", "AccountNotFound"}, outcomes
     assert outcomes["InsufficientFunds"] > 100, outcomes  # the refusals really happened
@@ -132,7 +133,7 @@ def test_ring_of_transfers_in_both_directions_never_deadlocks(
             src, dst = ring[i], ring[(i + direction) % len(ring)]
             b.transfer(src, dst, 7)
 
-    run_threads([lambda d=d: walker(d) for d in (1, -1) * 6], timeout_s=100)
+    run_threads([functools.partial(walker, d) for d in (1, -1) * 6], timeout_s=100)
     snap = b.snapshot()
     assert snap.total == 0
     assert sum(snap.balances[a] for a in ring) == 6_000

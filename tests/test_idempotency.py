@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -103,7 +104,7 @@ def test_racing_duplicates_apply_exactly_once(
             with lock:
                 seen[key].add(receipt.seq)
 
-    run_threads([lambda o=o: retrier(o * 7) for o in range(12)], timeout_s=100)
+    run_threads([functools.partial(retrier, o * 7) for o in range(12)], timeout_s=100)
     assert all(len(seqs) == 1 for seqs in seen.values())
     assert b.balance(alice) == 3 * len(keys)
     assert b.stats().accepted == len(keys)

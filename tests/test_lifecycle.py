@@ -130,7 +130,12 @@ def test_full_queue_blocks_then_raises_queue_full_with_a_timeout(
         with pytest.raises(bank.QueueFull):
             b.submit_many([bank.Withdrawal(account=a, amount=1)], timeout=0)
         blocked_done = threading.Event()
-        threading.Thread(target=lambda: (b.withdraw(a, 1), blocked_done.set()), daemon=True).start()
+
+        def withdraw_then_signal() -> None:
+            b.withdraw(a, 1)
+            blocked_done.set()
+
+        threading.Thread(target=withdraw_then_signal, daemon=True).start()
         assert not blocked_done.wait(0.1)  # blocks (back-pressure) rather than failing
     finally:
         account.lock.release()

@@ -460,15 +460,15 @@ class BankMachine(RuleBasedStateMachine):
                 lambda: bank.Deposit(account=1, amount=0),
                 lambda: bank.Deposit(account=1, amount=-5),
                 lambda: bank.Deposit(account=1, amount=AMOUNT_MAX + 1),
-                lambda: bank.Deposit(account=1, amount=1.0),
+                lambda: bank.Deposit(account=1, amount=1.0),  # type: ignore[arg-type]
                 lambda: bank.Deposit(account=1, amount=True),
                 lambda: bank.Deposit(account=True, amount=1),
-                lambda: bank.Deposit(account="1", amount=1),
+                lambda: bank.Deposit(account="1", amount=1),  # type: ignore[arg-type]
                 lambda: bank.Deposit(account=1, amount=1, key=""),
                 lambda: bank.Deposit(account=1, amount=1, key="k" * 129),
                 lambda: bank.Deposit(account=1, amount=1, key="a\nb"),
                 lambda: bank.Withdrawal(account=1, amount=1, key="\x00"),
-                lambda: bank.Transfer(source=1, target=2, amount=1, extra=1),
+                lambda: bank.Transfer(source=1, target=2, amount=1, extra=1),  # type: ignore[call-arg]
             ]
         )
     )

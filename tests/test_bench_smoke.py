@@ -106,3 +106,24 @@ def test_help_and_bad_arguments(bench: ModuleType, capsys: pytest.CaptureFixture
         with pytest.raises(SystemExit) as exc:
             bench.main(bad)
         assert exc.value.code == 2
+
+
+def test_pipeline_cost_times_every_stage_and_writes_a_sound_ledger(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "pipeline_cost.py"
+    spec = importlib.util.spec_from_file_location("bank_pipeline_cost_script", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "cost.json"
+    # 1,000 transfers in commits of 96: the last commit is a partial one.
+    assert (
+        module.main(["--ops", "1000", "--batch", "96", "--accounts", "20", "--json", str(out)]) == 0
+    )
+    figures = json.loads(out.read_text())
+    assert figures["audit_ok"] is True
+    stages = figures["stages_us_per_op"]
+    assert set(stages) == {"futures", "worker", "write", "commit", "answer", "result"}
+    assert all(value > 0 for value in stages.values())
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--accounts", "1"])
+    assert exc.value.code == 2

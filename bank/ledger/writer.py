@@ -277,9 +277,7 @@ class LedgerWriter(threading.Thread):
         cursor = driver.cursor()
         committed: _Prepared | None = None  # durable, not yet answered
         try:
-            variables_max = bound_variables_max(driver)
-            self._insert_page = _largest_page(len(_RECEIPT_COLUMNS), variables_max)
-            self._update_page = _largest_page(2, variables_max)
+            self._configure(driver)
             while True:
                 with self._lock:
                     while not self._pending and not self._stopping and committed is None:
@@ -303,6 +301,12 @@ class LedgerWriter(threading.Thread):
         finally:
             cursor.close()
             conn.close()
+
+    def _configure(self, driver: Any) -> None:
+        """Size the statement pages for this connection's limit of bound variables."""
+        variables_max = bound_variables_max(driver)
+        self._insert_page = _largest_page(len(_RECEIPT_COLUMNS), variables_max)
+        self._update_page = _largest_page(2, variables_max)
 
     def _cycle(
         self,

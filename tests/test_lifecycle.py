@@ -95,16 +95,25 @@ def test_close_from_a_future_callback_is_refused(make_bank: Callable[..., bank.B
     b = make_bank()
     a = b.open_account("a").id
     errors: list[BaseException] = []
+    ran_on: list[str] = []
+    called = threading.Event()
 
     def callback(_f: object) -> None:
+        ran_on.append(threading.current_thread().name)
         try:
             b.close()
         except bank.BankError as exc:
             errors.append(exc)
+        called.set()
 
-    fut = b.submit(bank.Deposit(account=a, amount=1))
-    fut.add_done_callback(callback)
+    # Holding the account's lock keeps the worker from applying the deposit, so the
+    # callback is attached before the future can finish (else it would run here).
+    with b.account(a).lock:
+        fut = b.submit(bank.Deposit(account=a, amount=1))
+        fut.add_done_callback(callback)
     fut.result(timeout=10)
+    assert called.wait(10)  # callbacks run just after the result is set, not before
+    assert ran_on == ["bank-ledger-writer"]  # as the README says: after the commit, on the writer
     assert errors and "own threads" in str(errors[0])
 
 

@@ -90,7 +90,6 @@ class Worker(threading.Thread):
                 if future.set_running_or_notify_cancel():
                     future.set_exception(error)
             return
-        apply = self._apply
         for command, future in zip(commands, futures, strict=True):
             try:
                 if not future.set_running_or_notify_cancel():
@@ -99,7 +98,7 @@ class Worker(threading.Thread):
                     continue
                 if command.key is not None and self._answered_by_ledger(command, future, known):
                     continue
-                apply(command, future)
+                self._apply(command, future)
             except Exception as exc:
                 # A bug or a failed read, not a rejection: keep the worker alive.
                 log.error("worker failed on %r", command, exc_info=True)

@@ -734,10 +734,14 @@ def environment(durability: str, gc_mode: str) -> dict[str, Any]:
     }
 
 
-def print_report(
-    console: Console, runs: dict[str, list[Result]], results: dict[str, Result], durability: str
-) -> None:
+def medians(runs: dict[str, list[Result]]) -> dict[str, Result]:
+    """Each variant's median round: what the table and the JSON report."""
+    return {variant: median_result(rounds) for variant, rounds in runs.items()}
+
+
+def print_report(console: Console, runs: dict[str, list[Result]], durability: str) -> None:
     """The side-by-side table (medians of the rounds), then the targets round by round."""
+    results = medians(runs)
     count = len(next(iter(runs.values()))) if runs else 0
     table = Table(
         title=f"bank benchmark (durability={durability} for a-d; median of {count} round(s))"
@@ -794,12 +798,10 @@ def print_report(
 
 
 def to_json(
-    runs: dict[str, list[Result]],
-    results: dict[str, Result],
-    args: argparse.Namespace,
-    argv: Sequence[str],
+    runs: dict[str, list[Result]], args: argparse.Namespace, argv: Sequence[str]
 ) -> dict[str, Any]:
     """The machine-readable result: each variant's median round, and every round."""
+    results = medians(runs)
     variants: dict[str, Any] = {}
     for variant, result in results.items():
         target, met = target_verdict(results, variant)
@@ -964,9 +966,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_variant(variant: str, where: Path, ops: int, args: argparse.Namespace) -> Result:
-    """One round of one variant, on a fresh ledger file."""
-    moves = make_moves(ops, args.accounts, args.seed)
+def run_variant(
+    variant: str, where: Path, ops: int, stream: list[Move], args: argparse.Namespace
+) -> Result:
+    """One round of one variant, on a fresh ledger file; it takes a prefix of `stream`."""
+    moves = stream[:ops]
     path = where / f"bench-{variant}.db"
     remove_ledger(path)
     if variant == "a":
@@ -1024,6 +1028,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     load_before = os.getloadavg()[0]
     runs: dict[str, list[Result]] = {v: [] for v in args.only}
+    # One seeded stream for the whole run: every variant and round takes a prefix of it
+    # ((f) generates its own workload).
+    stream = make_moves(
+        max((ops[v] for v in args.only if v != "f"), default=0), args.accounts, args.seed
+    )
     with tempfile.TemporaryDirectory(prefix="bank-bench-") as tmp:
         where = args.dir or Path(tmp)
         where.mkdir(parents=True, exist_ok=True)
@@ -1033,7 +1042,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"round {round_no}/{args.rounds}: ({variant}) {LABELS[variant]}: "
                     f"{ops[variant]:,} ops ..."
                 )
-                result = run_variant(variant, where, ops[variant], args)
+                result = run_variant(variant, where, ops[variant], stream, args)
                 runs[variant].append(result)
                 extra = ", ".join(f"{k} {v}" for k, v in result.extra.items())
                 console.print(
@@ -1048,9 +1057,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         else ""
                     )
                 )
-    results = {variant: median_result(rounds) for variant, rounds in runs.items()}
-    print_report(console, runs, results, args.durability)
-    document = to_json(runs, results, args, argv)
+    print_report(console, runs, args.durability)
+    document = to_json(runs, args, argv)
     env = document["environment"]
     env["load_average_1m_before"] = round(load_before, 2)
     console.print(

@@ -124,6 +124,7 @@ def test_pipeline_cost_times_every_stage_and_writes_a_sound_ledger(tmp_path: Pat
     stages = figures["stages_us_per_op"]
     assert set(stages) == {"futures", "worker", "write", "commit", "answer", "result"}
     assert all(value > 0 for value in stages.values())
-    with pytest.raises(SystemExit) as exc:
-        module.main(["--accounts", "1"])
-    assert exc.value.code == 2
+    for bad in (["--accounts", "1"], ["--ops", "0"], ["--batch", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            module.main(bad)
+        assert exc.value.code == 2

@@ -49,6 +49,11 @@ def sqlite_path(url: URL) -> Path | None:
     return Path(url.database)
 
 
+#: How a transaction on a ledger connection starts: SQLAlchemy's "begin" event and
+#: the ledger writer's own DB-API cursor both use it, so they cannot drift apart.
+BEGIN_SQL = "BEGIN"
+
+
 def _set_pragmas(dbapi_connection: Any, durability: Durability) -> None:
     # Autocommit at the driver level: SQLAlchemy's "begin" event below issues BEGIN
     # itself, so each transaction is one SQLite transaction and reads are snapshots.
@@ -86,7 +91,7 @@ def create_ledger_engine(url: URL, durability: Durability = Durability.FULL) -> 
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql(BEGIN_SQL)
 
     return engine
 

@@ -26,12 +26,13 @@ from itertools import chain
 from typing import Any
 
 from sqlalchemy import Dialect, Engine, bindparam, insert, update
+from sqlalchemy.sql.expression import ClauseElement
 
 from bank.errors import BankError, LedgerUnavailable
 from bank.idempotency import KeyClaims
 from bank.ledger.chain import account_event_hash, transfer_hash
 from bank.ledger.models import account_events, accounts, transfers
-from bank.ledger.sqlite import bound_variables_max
+from bank.ledger.sqlite import BEGIN_SQL, bound_variables_max
 from bank.limits import COMMIT_BATCH_OPS_MAX, ROWS_PER_STATEMENT_MAX
 from bank.records import Receipt
 
@@ -385,15 +386,15 @@ class LedgerWriter(threading.Thread):
                     limits.append({"b_id": row["account_id"], "b_limit": row["overdraft_limit"]})
         last_seq = rows[-1].seq if rows else 0
         prepared = _Prepared(batch, cursor, rows, keys, last_seq, rejected)
-        cursor.execute("BEGIN")
+        cursor.execute(BEGIN_SQL)
         try:
             # Accounts first: this batch's transfers may already reference them.
             if new_accounts:
-                self._events_sql.execute_many(cursor, "accounts", new_accounts)
+                self._events_sql.open_account.run(cursor, new_accounts)
             if events:
-                self._events_sql.execute_many(cursor, "events", events)
+                self._events_sql.add_event.run(cursor, events)
             if limits:
-                self._events_sql.execute_many(cursor, "limits", limits)
+                self._events_sql.set_limit.run(cursor, limits)
             if rows:
                 self._insert_transfers(cursor, rows)
             if balances:
@@ -496,26 +497,31 @@ class _Prepared:
     rejected: int
 
 
+class _Compiled:
+    """A Core statement compiled once to driver SQL, with the order of its parameters."""
+
+    def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self._sql = compiled.string
+        self._order = tuple(getattr(compiled, "positiontup", None) or ())
+
+    def run(self, cursor: Any, rows: list[dict[str, Any]]) -> None:
+        """Execute once per row (rows are dicts keyed by parameter name)."""
+        cursor.executemany(self._sql, [tuple(row[key] for key in self._order) for row in rows])
+
+
 class _EventStatements:
-    """The statements of account openings and limit changes, compiled once from Core."""
+    """The statements of account openings and limit changes (rare: executemany is fine)."""
 
     def __init__(self, dialect: Dialect) -> None:
-        statements = {
-            "accounts": insert(accounts),
-            "events": insert(account_events),
-            "limits": update(accounts)
+        self.open_account = _Compiled(insert(accounts), dialect)
+        self.add_event = _Compiled(insert(account_events), dialect)
+        self.set_limit = _Compiled(
+            update(accounts)
             .where(accounts.c.id == bindparam("b_id"))
             .values(overdraft_limit=bindparam("b_limit")),
-        }
-        self._compiled: dict[str, tuple[str, tuple[str, ...]]] = {}
-        for name, statement in statements.items():
-            compiled = statement.compile(dialect=dialect)
-            self._compiled[name] = (compiled.string, tuple(compiled.positiontup or ()))
-
-    def execute_many(self, cursor: Any, name: str, rows: list[dict[str, Any]]) -> None:
-        """Run statement `name` once per row (rows are dicts keyed by parameter name)."""
-        sql, order = self._compiled[name]
-        cursor.executemany(sql, [tuple(row[key] for key in order) for row in rows])
+            dialect,
+        )
 
 
 def _rollback(prepared: _Prepared) -> None:

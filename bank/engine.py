@@ -80,6 +80,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _COMMAND_TYPES = (Deposit, Withdrawal, Transfer)
+_COMMAND_TYPES_SET = frozenset(_COMMAND_TYPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,11 +428,12 @@ class Bank:
         futures of the commands left out carry `QueueFull` (every future is answered).
         """
         batch = list(commands)
-        for i, command in enumerate(batch):
-            if type(command) not in _COMMAND_TYPES:
-                raise InvalidCommand(
-                    f"submit_many: item {i} is a {type(command).__name__}, not a Deposit, Withdrawal or Transfer"
-                )
+        if not _COMMAND_TYPES_SET.issuperset(map(type, batch)):  # checked in C; then find it
+            for i, command in enumerate(batch):
+                if type(command) not in _COMMAND_TYPES:
+                    raise InvalidCommand(
+                        f"submit_many: item {i} is a {type(command).__name__}, not a Deposit, Withdrawal or Transfer"
+                    )
         self._check_open()
         futures: list[Future[Receipt]] = [Future() for _ in batch]
         chunk = min(SUBMIT_CHUNK_OPS_MAX, self._buffer.capacity)

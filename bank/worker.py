@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, wait
+from operator import attrgetter
 
 from sqlalchemy import Connection, Engine
 
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: A job: commands and their futures, handed over in one piece.
 Job = tuple[list[AnyCommand], list[Future[Receipt]]]
+
+_key_of = attrgetter("key")
 
 
 def answer_duplicate(command: AnyCommand, receipt: Receipt, future: Future[Receipt]) -> None:
@@ -118,6 +121,8 @@ class Worker(threading.Thread):
         Looking up only after claiming matters: a key committed by someone else
         between a look-up and a claim would otherwise be applied twice.
         """
+        if not any(map(_key_of, commands)):  # no keys: skip the Python-level loop
+            return {}
         owned: dict[str, Future[Receipt]] = {}
         for command, future in zip(commands, futures, strict=True):
             key = command.key

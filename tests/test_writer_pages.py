@@ -1,12 +1,23 @@
-"""How the ledger writer splits a batch into statements: few distinct texts, all within limits."""
+"""How the ledger writer splits a batch into statements (few texts, within limits), and what it writes."""
 
 from __future__ import annotations
 
+import sqlite3
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bank.ledger.writer import _largest_page, page_sizes
-from bank.limits import ROWS_PER_STATEMENT_MAX
+from bank import Bank
+from bank.idempotency import KeyClaims
+from bank.ledger import store
+from bank.ledger.audit import audit_ledger
+from bank.ledger.sqlite import create_ledger_engine, ledger_url
+from bank.ledger.writer import LedgerWriter, _largest_page, page_sizes
+from bank.limits import CASH_ACCOUNT_ID, ROWS_PER_STATEMENT_MAX
+from bank.records import Receipt
 
 LARGEST = st.sampled_from([1 << k for k in range(10)])
 
@@ -26,7 +37,8 @@ def test_pages_cover_the_rows_with_powers_of_two(rows: int, largest: int) -> Non
 def test_any_mix_of_batch_sizes_needs_few_statement_texts(batches: list[int]) -> None:
     largest = ROWS_PER_STATEMENT_MAX
     texts = {size for n in batches for size in page_sizes(n, largest)}
-    # log2(512) + 1 = 10 texts per statement: both statements fit sqlite3's cache of 128.
+    # log2(512) + 1 = 10 texts per statement: the INSERT with and without the key
+    # column and the UPDATE, 30 texts in all, fit sqlite3's cache of 128.
     assert len(texts) <= largest.bit_length()
 
 
@@ -37,3 +49,71 @@ def test_pages_fit_the_connections_limit_of_bound_variables() -> None:
     # Newer SQLite allows 32,766: the engine's own cap applies.
     assert _largest_page(8, 32_766) == ROWS_PER_STATEMENT_MAX
     assert _largest_page(8, 8) == 1
+
+
+# -- one batch, written for real ----------------------------------------------------
+
+#: Key patterns of one batch: none keyed (the key column is left out), all keyed,
+#: and mixes, at sizes that cross the 512-row page.
+KEY_PATTERNS: dict[str, list[str | None]] = {
+    "none-1": [None],
+    "none-600": [None] * 600,
+    "all-600": [f"k{i}" for i in range(600)],
+    "alternate-600": [f"k{i}" if i % 2 else None for i in range(600)],
+    "only-last-of-513": [None] * 512 + ["last"],
+}
+
+
+def write_one_batch(path: Path, keys: list[str | None]) -> list[Receipt]:
+    """Stage deposits into account 1 before the writer starts, so they commit as one batch."""
+    with Bank.open(path) as b:
+        account = b.open_account("batch").id
+    engine = create_ledger_engine(ledger_url(path))
+    try:
+        with engine.connect() as conn:
+            seq, head, event_seq, event_head = store.chain_heads(conn)
+        writer = LedgerWriter(
+            engine,
+            KeyClaims(),
+            seq=seq,
+            head_hash=head,
+            event_seq=event_seq,
+            event_head_hash=event_head,
+        )
+        futures: list[Future[Receipt]] = []
+        for i, key in enumerate(keys, start=1):
+            future: Future[Receipt] = Future()
+            future.set_running_or_notify_cancel()
+            writer.stage_transfer("deposit", CASH_ACCOUNT_ID, account, 1, key, future, -i, i)
+            futures.append(future)
+        writer.start()
+        try:
+            receipts = [f.result(timeout=30) for f in futures]
+        finally:
+            writer.stop()
+            writer.join(30)
+        assert not writer.is_alive(), "watchdog: the writer did not stop"
+        assert writer.stats().commits == 1, "the test meant to write a single batch"
+    finally:
+        engine.dispose()
+    return receipts
+
+
+@pytest.mark.parametrize("pattern", sorted(KEY_PATTERNS))
+def test_a_batch_writes_every_row_as_its_receipt_says(ledger_path: Path, pattern: str) -> None:
+    keys = KEY_PATTERNS[pattern]
+    receipts = write_one_batch(ledger_path, keys)
+    assert [r.key for r in receipts] == keys
+    with sqlite3.connect(ledger_path) as db:
+        rows = db.execute(
+            "SELECT seq, kind, key, amount, debit_account_id, credit_account_id, ts_us, hash "
+            "FROM transfers WHERE seq >= ? ORDER BY seq",
+            (receipts[0].seq,),
+        ).fetchall()
+    assert rows == [tuple(r) for r in receipts]
+    assert audit_ledger(ledger_path).ok
+    with Bank.open(ledger_path) as b:
+        assert b.balance(1) == len(keys)
+        for receipt in receipts:
+            if receipt.key is not None:
+                assert b.find(receipt.key) == receipt

@@ -121,7 +121,7 @@ class Worker(threading.Thread):
         Looking up only after claiming matters: a key committed by someone else
         between a look-up and a claim would otherwise be applied twice.
         """
-        if not any(map(_key_of, commands)):  # no keys: skip the Python-level loop
+        if not any(map(_key_of, commands)):  # no keys (never empty): skip the loop
             return {}
         owned: dict[str, Future[Receipt]] = {}
         for command, future in zip(commands, futures, strict=True):

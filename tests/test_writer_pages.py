@@ -65,7 +65,7 @@ KEY_PATTERNS: dict[str, list[str | None]] = {
 
 
 def write_one_batch(path: Path, keys: list[str | None]) -> list[Receipt]:
-    """Stage deposits into account 1 before the writer starts, so they commit as one batch."""
+    """Stage deposits into a new account before the writer starts, so they commit as one batch."""
     with Bank.open(path) as b:
         account = b.open_account("batch").id
     engine = create_ledger_engine(ledger_url(path))
@@ -113,7 +113,7 @@ def test_a_batch_writes_every_row_as_its_receipt_says(ledger_path: Path, pattern
     assert rows == [tuple(r) for r in receipts]
     assert audit_ledger(ledger_path).ok
     with Bank.open(ledger_path) as b:
-        assert b.balance(1) == len(keys)
+        assert b.balance(receipts[0].credit_account) == len(keys)
         for receipt in receipts:
             if receipt.key is not None:
                 assert b.find(receipt.key) == receipt

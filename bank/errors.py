@@ -59,3 +59,8 @@ class LedgerBusy(BankError):
 
 class CannotAudit(BankError):
     """The audit could not run: missing file, not a ledger, unknown schema revision."""
+
+
+class LedgerCorrupt(BankError):
+    """`Bank.open` found stored balances, limits or chain heads that disagree with a replay
+    of the ledger: it refuses to acknowledge anything on top of them (run `bank audit`)."""

@@ -236,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         help="verify a ledger read-only (exit 0 clean, 1 problems, 2 could not audit)",
         description=(
-            "Verify every invariant of a ledger without writing to it: both hash chains, "
-            "conservation, overdraft limits replayed in seq order, stored balances. "
+            "Verify every invariant of a ledger without writing to it: its whole schema "
+            "against the migrations, both hash chains, conservation, overdraft limits "
+            "replayed in seq order, stored balances. "
             "Exit 0 clean, 1 problems found, 2 could not audit (missing file, not a ledger, ...)."
         ),
     )
@@ -245,9 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--json", action="store_true", help="print the report as JSON")
     aud.add_argument(
         "--expect-head",
-        metavar="HASH",
-        help="also fail unless the last transfer's hash is HASH (recorded earlier): "
-        "detects a truncated or rewritten tail",
+        metavar="HEAD",
+        help="also fail unless both chains end where HEAD says: HEAD is the "
+        "SEQ:HASH/EVENT_SEQ:EVENT_HASH value an earlier audit printed as `head`; it detects "
+        "rows deleted, appended or re-hashed at the end of transfers or account_events "
+        "(a bare transfers hash is refused: it would leave account events unpinned)",
     )
     aud.set_defaults(run=_cmd_audit)
 

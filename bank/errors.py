@@ -61,6 +61,10 @@ class CannotAudit(BankError):
     """The audit could not run: missing file, not a ledger, unknown schema revision."""
 
 
+class InvalidExpectedHead(CannotAudit, ValueError):
+    """`expect_head` is not a head as `bank audit` prints it (`SEQ:HASH/EVENT_SEQ:EVENT_HASH`)."""
+
+
 class LedgerCorrupt(BankError):
     """`Bank.open` found stored balances, limits or chain heads that disagree with a replay
     of the ledger: it refuses to acknowledge anything on top of them (run `bank audit`)."""

@@ -107,16 +107,26 @@ def test_bank_audit_uses_the_same_audit(tmp_path: Path) -> None:
 
 def test_expect_head_matches_or_is_a_head_mismatch(ledger: Path) -> None:
     report = audit_ledger(ledger)
-    assert audit_ledger(ledger, expect_head=report.head_hash).ok
+    assert (
+        report.head
+        == f"{report.seq}:{report.head_hash}/{report.accounts_seq}:{report.accounts_head_hash}"
+    )
+    assert audit_ledger(ledger, expect_head=report.head).ok
     older = _one(ledger, "SELECT hash FROM transfers WHERE seq = 10")[0]
     assert isinstance(older, str)
-    late = audit_ledger(ledger, expect_head=older)
+    pin = f"10:{older}/{report.accounts_seq}:{report.accounts_head_hash}"
+    late = audit_ledger(ledger, expect_head=pin)
     assert [p.kind for p in late.problems] == ["head_mismatch"]
     problem = late.problems[0]
-    assert (problem.seq, problem.expected, problem.found) == (report.seq, older, report.head_hash)
-    assert "seq 10" in problem.message
+    assert (problem.seq, problem.expected, problem.found) == (
+        report.seq,
+        f"10:{older}",
+        f"{report.seq}:{report.head_hash}",
+    )
+    assert "after the pinned seq 10" in problem.message
     out = io.StringIO()
-    assert run_audit_command(str(ledger), as_json=True, expect_head="f" * 64, out=out) == 1
+    forged = f"{report.seq}:{'f' * 64}/{report.accounts_seq}:{report.accounts_head_hash}"
+    assert run_audit_command(str(ledger), as_json=True, expect_head=forged, out=out) == 1
     assert json.loads(out.getvalue())["problems"][0]["kind"] == "head_mismatch"
 
 

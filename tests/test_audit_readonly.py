@@ -44,7 +44,7 @@ def _audit_every_way(path: Path) -> None:
     for as_json in (False, True):
         assert (
             run_audit_command(
-                str(path), as_json=as_json, expect_head=report.head_hash, out=io.StringIO()
+                str(path), as_json=as_json, expect_head=report.head, out=io.StringIO()
             )
             == 0
         )

@@ -169,7 +169,7 @@ def test_audit_exit_codes_clean_json_and_tampered(
     assert main(["audit", "--db", str(small_ledger), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is True
-    assert main(["audit", "--db", str(small_ledger), "--expect-head", report["head_hash"]]) == 0
+    assert main(["audit", "--db", str(small_ledger), "--expect-head", report["head"]]) == 0
     with sqlite3.connect(small_ledger) as conn:
         conn.execute("UPDATE transfers SET amount = amount + 1 WHERE seq = 2")
     assert main(["audit", "--db", str(small_ledger)]) == 1

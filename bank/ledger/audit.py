@@ -26,8 +26,14 @@ from typing import Any, Final
 from urllib.parse import quote
 
 from bank.errors import CannotAudit
+from bank.ledger.head import Head, parse_head
 from bank.ledger.migrate import SQLITE_MAGIC, known_revisions
-from bank.ledger.views import AUDIT_VIEWS, REVISIONS_WITHOUT_VIEWS, normalize_sql
+from bank.ledger.schema_ref import (
+    compare_schema,
+    matching_revisions,
+    read_schema,
+    reference_schemas,
+)
 from bank.limits import (
     AMOUNT_MAX,
     BALANCE_MAX,
@@ -46,11 +52,13 @@ GENESIS: Final = "0" * 64
 
 #: Every kind of problem the audit reports, and what it means.
 PROBLEM_KINDS: Final[dict[str, str]] = {
-    "schema": "the database's tables, indexes, views or triggers differ from its schema revision",
+    "schema": "a table, column, constraint, index, view or trigger differs from what the "
+    "migrations create up to the ledger's revision (or is missing, or was never created by them)",
     "seq_gap": "transfers.seq skips numbers: rows were deleted",
     "bad_seq": "a transfers.seq below 1 (a forged row)",
     "hash_mismatch": "a transfer does not hash to its stored hash from the previous row's hash",
-    "head_mismatch": "the head hash differs from the one the auditor expected",
+    "head_mismatch": "the head of the transfers or account_events chain differs from the "
+    "pinned head (expect_head)",
     "bad_kind": "a transfer's kind is not deposit, withdrawal or transfer",
     "kind_accounts": "a deposit/withdrawal does not touch @cash on the right side, "
     "or a transfer touches @cash",
@@ -97,7 +105,6 @@ _COLUMNS: Final = {
         "hash",
     ),
 }
-_INDEXES: Final = ("uq_transfers_key",)
 
 # Where each kind must have @cash: value = (debit is @cash) + 2 * (credit is @cash).
 _KIND_SIDES: Final = {"transfer": 0, "deposit": 1, "withdrawal": 2}
@@ -134,9 +141,11 @@ class Problem:
 class AuditReport:
     """The verdict on one snapshot of a ledger: `ok` iff no problem was found.
 
-    `seq` is the last transfer seq of the snapshot audited and `head_hash` its hash
-    (record it elsewhere and pass it back as `expect_head`); `problems` holds the
-    first `PROBLEMS_KEPT_MAX` problems, `problems_total` counts them all.
+    `seq` is the last transfer seq of the snapshot audited and `head_hash` its hash,
+    `accounts_seq` and `accounts_head_hash` the same for account events; `head`
+    joins all four in one value (`bank.ledger.head`: record it elsewhere and pass it
+    back as `expect_head` to pin both chains). `problems` holds the first
+    `PROBLEMS_KEPT_MAX` problems, `problems_total` counts them all.
     """
 
     path: str
@@ -160,6 +169,11 @@ class AuditReport:
         return self.problems_total == 0
 
     @property
+    def head(self) -> str:
+        """Both chain heads in one value, `SEQ:HASH/EVENT_SEQ:EVENT_HASH`, for `expect_head`."""
+        return f"{self.seq}:{self.head_hash}/{self.accounts_seq}:{self.accounts_head_hash}"
+
+    @property
     def truncated(self) -> bool:
         """True when more problems were found than `problems` holds."""
         return self.problems_total > len(self.problems)
@@ -175,6 +189,7 @@ class AuditReport:
             "ok": self.ok,
             "path": self.path,
             "revision": self.revision,
+            "head": self.head,
             "seq": self.seq,
             "head_hash": self.head_hash,
             "accounts_seq": self.accounts_seq,
@@ -261,14 +276,16 @@ def _check_file(path: Path) -> None:
 def _check_schema(cur: sqlite3.Cursor, path: Path, problems: _Problems) -> str:
     """The schema revision, after checking the file is a `bank` ledger this code can read.
 
-    Raises `CannotAudit` when it is not; reports a `schema` problem for a ledger whose
-    indexes, views or triggers were changed after the fact.
+    Raises `CannotAudit` when it is not. Every object of the ledger (tables with
+    their columns, types and constraints, indexes with their definitions, views,
+    triggers) is compared with what the shipped migrations create up to the
+    revision the ledger claims (`bank.ledger.schema_ref`): each missing, extra or
+    different object is a `schema` problem. The revision number decides only which
+    reference to compare with, never what is checked: a revision set back or moved
+    forward shows up as the objects of the other revision.
     """
-    objects = {
-        (kind, name): sql
-        for kind, name, sql in cur.execute("SELECT type, name, sql FROM sqlite_master")
-    }
-    tables = {name for kind, name in objects if kind == "table"}
+    found = read_schema(cur)
+    tables = {name for name, obj in found.items() if obj.type == "table"}
     if "alembic_version" not in tables:
         if not tables:
             raise CannotAudit(f"{path}: an empty SQLite database, not a ledger")
@@ -284,42 +301,43 @@ def _check_schema(cur: sqlite3.Cursor, path: Path, problems: _Problems) -> str:
         raise CannotAudit(
             f"{path}: schema revision {revision!r} is newer than this bank knows; upgrade bank to audit it"
         )
+    revision = str(revision)
+    try:
+        schemas = reference_schemas()
+    except Exception as exc:  # a broken installation, not a broken ledger
+        raise CannotAudit(
+            f"the shipped migrations could not build the reference schema ({_reason(exc)})"
+        ) from None
+    differences = compare_schema(schemas[revision], found, revision)
+    for difference in differences:
+        problems.add(
+            "schema", difference.message, expected=difference.expected, found=difference.found
+        )
+    if differences:
+        others = [rev for rev in matching_revisions(found, schemas) if rev != revision]
+        if others:
+            problems.add(
+                "schema",
+                f"alembic_version says {revision}, but the schema is exactly revision "
+                f"{others[-1]}'s: the revision number was changed",
+                expected=revision,
+                found=others[-1],
+            )
+    first = (
+        f" (and {len(differences)} schema difference(s), first: {differences[0].message})"
+        if differences
+        else ""
+    )
     for table, columns in _COLUMNS.items():
         if table not in tables:
-            raise CannotAudit(f"{path}: table {table!r} is missing (revision {revision})")
-        have = {row[1] for row in cur.execute(f"PRAGMA table_info({table})")}
+            raise CannotAudit(f"{path}: table {table!r} is missing (revision {revision})" + first)
+        have = {column[1] for column in found[table].columns}
         missing = [c for c in columns if c not in have]
         if missing:
-            raise CannotAudit(f"{path}: table {table!r} lacks column(s) {', '.join(missing)}")
-    for index in _INDEXES:
-        if ("index", index) not in objects:
-            problems.add(
-                "schema",
-                f"index {index} is missing: duplicate keys are no longer refused",
-                expected=index,
-                found=None,
+            raise CannotAudit(
+                f"{path}: table {table!r} lacks column(s) {', '.join(missing)}" + first
             )
-    for kind, name in objects:
-        if kind == "trigger":
-            problems.add(
-                "schema",
-                f"unexpected trigger {name}: the ledger defines none",
-                expected=None,
-                found=name,
-            )
-    if revision not in REVISIONS_WITHOUT_VIEWS:
-        for name, sql in AUDIT_VIEWS.items():
-            stored = objects.get(("view", name))
-            if stored is None:
-                problems.add("schema", f"view {name} is missing", expected=name, found=None)
-            elif normalize_sql(stored) != normalize_sql(sql):
-                problems.add(
-                    "schema",
-                    f"view {name} was redefined: its text differs from the documented one",
-                    expected=name,
-                    found=stored.strip()[:200],
-                )
-    return str(revision)
+    return revision
 
 
 # -- account events --------------------------------------------------------------------
@@ -882,25 +900,28 @@ def audit_ledger(path: str | os.PathLike[str], *, expect_head: str | None = None
     content) is read as `immutable`, so not even SQLite's -wal/-shm side files
     appear; if the file changed meanwhile, the audit runs again through SQLite's
     locking (which, like every WAL reader, may create the -shm index).
-    `expect_head`, if given, must equal the snapshot's transfers head hash (else a
-    `head_mismatch` problem). Raises `CannotAudit` (one-line reason) for a missing
-    file, a file that is not a ledger, a newer schema revision, or a database
-    SQLite cannot read.
+    `expect_head`, if given, is a head as the report's `head` gives it
+    (`SEQ:HASH/EVENT_SEQ:EVENT_HASH`); each chain whose end differs from it is a
+    `head_mismatch` problem. Raises `InvalidExpectedHead` (a `CannotAudit`) for any
+    other `expect_head`, a bare transfers hash included, and `CannotAudit`
+    (one-line reason) for a missing file, a file that is not a ledger, a newer
+    schema revision, or a database SQLite cannot read.
     """
+    pinned = None if expect_head is None else parse_head(expect_head)
     db = Path(os.fspath(path)).expanduser().absolute()
     _check_file(db)
     try:
         before = _fingerprint(db)
         if before[3] <= 0 and before[4] <= 0:
-            report = _audit_once(db, expect_head, immutable=True)
+            report = _audit_once(db, pinned, immutable=True)
             if _fingerprint(db) == before:
                 return report
     except OSError as exc:
         raise CannotAudit(f"{db}: {exc.strerror or exc}") from None
-    return _audit_once(db, expect_head, immutable=False)
+    return _audit_once(db, pinned, immutable=False)
 
 
-def _audit_once(db: Path, expect_head: str | None, *, immutable: bool) -> AuditReport:
+def _audit_once(db: Path, pinned: Head | None, *, immutable: bool) -> AuditReport:
     started = time.perf_counter()
     problems = _Problems()
     try:
@@ -923,16 +944,9 @@ def _audit_once(db: Path, expect_head: str | None, *, immutable: bool) -> AuditR
             )
         _audit_keys(cur, problems)
         accounts_checked = _audit_accounts(cur, state, replay.balances, problems)
-        if expect_head is not None and expect_head != replay.head:
-            row = cur.execute("SELECT seq FROM transfers WHERE hash = ?", (expect_head,)).fetchone()
-            where = f"; it is the hash of seq {row[0]}" if row else "; no row has that hash"
-            problems.add(
-                "head_mismatch",
-                f"head hash differs from the expected one{where}",
-                seq=replay.last_seq,
-                expected=expect_head,
-                found=replay.head,
-            )
+        if pinned is not None:
+            found = Head(replay.last_seq, replay.head, accounts_seq, accounts_head)
+            _check_head(cur, pinned, found, problems)
         cur.execute("ROLLBACK")
         cur.close()
     except sqlite3.Error as exc:
@@ -953,8 +967,36 @@ def _audit_once(db: Path, expect_head: str | None, *, immutable: bool) -> AuditR
         problems_total=problems.total,
         problem_counts=dict(problems.counts),
         duration_s=time.perf_counter() - started,
-        expect_head=expect_head,
+        expect_head=None if pinned is None else str(pinned),
     )
+
+
+def _check_head(cur: sqlite3.Cursor, pinned: Head, found: Head, problems: _Problems) -> None:
+    """One `head_mismatch` per chain whose end is not the pinned one, saying how it moved."""
+    for table, pin_seq, pin_hash, seq, stored in (
+        ("transfers", pinned.seq, pinned.hash, found.seq, found.hash),
+        ("account_events", pinned.event_seq, pinned.event_hash, found.event_seq, found.event_hash),
+    ):
+        if (pin_seq, pin_hash) == (seq, stored):
+            continue
+        row = cur.execute(f"SELECT hash FROM {table} WHERE seq = ?", (pin_seq,)).fetchone()
+        at_pin = row[0] if row is not None else (GENESIS if pin_seq == 0 else None)
+        if at_pin is None:
+            how = f"the pinned row {pin_seq} is gone: the chain now ends at {seq} (rows deleted?)"
+        elif at_pin != pin_hash:
+            how = f"the row at the pinned seq {pin_seq} has another hash (rewritten and re-hashed?)"
+        elif seq > pin_seq:
+            how = f"{seq - pin_seq} row(s) after the pinned seq {pin_seq} (appended since the pin)"
+        else:
+            how = f"the chain ends at {seq}, before the pinned seq {pin_seq}"
+        problems.add(
+            "head_mismatch",
+            f"{table} head differs from the pinned one: {how}",
+            seq=seq if table == "transfers" else None,
+            event_seq=seq if table == "account_events" else None,
+            expected=f"{pin_seq}:{pin_hash}",
+            found=f"{seq}:{stored}",
+        )
 
 
 def _reason(exc: BaseException) -> str:

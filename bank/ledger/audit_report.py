@@ -54,8 +54,11 @@ def render_report(report: AuditReport, console: Console) -> None:
         f"{report.duration_s:.2f} s",
         highlight=False,
     )
-    console.print(f"head hash          {report.head_hash}", highlight=False)
-    console.print(f"accounts head hash {report.accounts_head_hash}", highlight=False)
+    # One value pins both chains: record it and pass it back as --expect-head.
+    console.print(f"head {report.head}", highlight=False, soft_wrap=True)
+    if report.expect_head is not None:
+        pinned = "matches" if "head_mismatch" not in report.problem_counts else "DIFFERS from"
+        console.print(f"     {pinned} the expected head", highlight=False)
     if report.ok:
         return
     counts = ", ".join(f"{kind} {n}" for kind, n in sorted(report.problem_counts.items()))
@@ -91,10 +94,11 @@ def render_report(report: AuditReport, console: Console) -> None:
 def run_audit_command(
     db: str, *, as_json: bool, expect_head: str | None, out: TextIO, err: TextIO | None = None
 ) -> int:
-    """`bank audit --db PATH [--json] [--expect-head HASH]`: print the audit, return the exit code.
+    """`bank audit --db PATH [--json] [--expect-head HEAD]`: print the audit, return the exit code.
 
     0 clean, 1 problems found, 2 could not audit (with a one-line reason on `err`,
-    stderr by default; in JSON mode an object `{"ok": false, "error": ...}` on `out`).
+    stderr by default; in JSON mode an object `{"ok": false, "error": ...}` on `out`);
+    an `expect_head` that is not a `SEQ:HASH/EVENT_SEQ:EVENT_HASH` head is exit 2 too.
     """
     try:
         report = audit_ledger(db, expect_head=expect_head)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
+import threading
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -18,6 +20,10 @@ from bank.errors import LedgerVersionError, NotALedger
 SQLITE_MAGIC = b"SQLite format 3\x00"
 #: Tables a ledger at any revision has; their presence without `alembic_version` is damage.
 LEDGER_TABLES = frozenset({"accounts", "transfers", "account_events"})
+#: Alembic keeps the running migration's context in module globals, so two migrations
+#: at once in one process (a `Bank.open` and the audit's reference build) would mix up
+#: their connections: every run of the migrations in this package holds this lock.
+ALEMBIC_LOCK = threading.Lock()
 
 
 def migrations_dir() -> Path:
@@ -35,6 +41,14 @@ def known_revisions() -> frozenset[str]:
     return frozenset(rev.revision for rev in _script().walk_revisions())
 
 
+def revisions_oldest_first() -> list[str]:
+    """Every revision from the first to the head (the history is one straight line)."""
+    revisions = list(reversed(list(_script().walk_revisions())))
+    for older, newer in itertools.pairwise(revisions):
+        assert newer.down_revision == older.revision, "the migrations must form one line"
+    return [rev.revision for rev in revisions]
+
+
 def head_revision() -> str:
     """The newest schema revision."""
     head = _script().get_current_head()
@@ -42,7 +56,8 @@ def head_revision() -> str:
     return head
 
 
-def _alembic_config() -> Config:
+def alembic_config() -> Config:
+    """An Alembic configuration for the shipped migrations (pass a connection in `attributes`)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     return cfg
@@ -109,8 +124,8 @@ def upgrade_to_head(engine: Engine) -> str:
     head = head_revision()
     if current == head:
         return head
-    with engine.begin() as conn:
-        cfg = _alembic_config()
+    with ALEMBIC_LOCK, engine.begin() as conn:
+        cfg = alembic_config()
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
     return head

@@ -302,3 +302,26 @@ def test_the_command_shows_schema_problems_and_exits_1(ledger: Path) -> None:
     assert data["problem_counts"]["schema"] >= 4 and data["revision"] == "0001"
     problem = next(p for p in data["problems"] if p["message"].startswith("unexpected view"))
     assert problem["expected"] is None and problem["found"].startswith("CREATE VIEW")
+
+
+def test_building_the_reference_logs_no_migration_and_serves_every_thread(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The scratch migrations must not look like a migration of the ledger in an app's log."""
+    import logging
+    import threading
+
+    from bank.ledger import schema_ref
+
+    monkeypatch.setattr(schema_ref, "_reference", {})
+    results: list[object] = []
+    with caplog.at_level(logging.DEBUG):
+        threads = [
+            threading.Thread(target=lambda: results.append(reference_schemas())) for _ in range(4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    assert len(results) == 4 and all(r is results[0] for r in results)
+    assert not [r for r in caplog.records if "upgrade" in r.getMessage().lower()]

@@ -17,11 +17,13 @@ are compared exactly, so `'deposit'` and `'DEPOSIT'` differ.
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 #: SQLite's planner statistics (written by ANALYZE and `PRAGMA optimize`): they change
@@ -53,8 +55,12 @@ def sql_tokens(sql: str | None) -> tuple[str, ...]:
     Keywords and bare names are case-folded (ASCII only, as SQLite folds them);
     string literals and quoted names keep their exact text; a trailing `;` is dropped.
     """
-    if sql is None:
-        return ()
+    return () if sql is None else _tokens(sql)
+
+
+@lru_cache(maxsize=256)
+def _tokens(sql: str) -> tuple[str, ...]:
+    # Cached: a sound ledger's SQL is the reference's, text for text, at every audit.
     tokens: list[str] = []
     for match in _TOKEN.finditer(sql):
         group = match.lastgroup
@@ -135,6 +141,19 @@ def reference_schemas() -> Mapping[str, Schema]:
         return _reference
 
 
+#: Alembic's loggers that announce each step: the audit migrates only a scratch database,
+#: and "Running upgrade 0001 -> 0002" in an application's log would say otherwise.
+_ALEMBIC_LOGGERS: Final = (
+    "alembic.runtime.migration",
+    "alembic.runtime.plugins",
+    "alembic.ddl.impl",
+)
+
+
+def _drop_record(_record: logging.LogRecord) -> bool:
+    return False
+
+
 def _build_reference() -> dict[str, dict[str, SchemaObject]]:
     # Imported here: only the audit needs Alembic at run time, and only once.
     from alembic import command
@@ -147,17 +166,25 @@ def _build_reference() -> dict[str, dict[str, SchemaObject]]:
     engine = create_engine("sqlite://", creator=lambda: raw, poolclass=StaticPool)
     schemas: dict[str, dict[str, SchemaObject]] = {}
     try:
-        # Alembic keeps its running context in module globals: one migration at a time.
+        # Alembic keeps its running context in module globals: one migration at a time
+        # (which also keeps the loggers quiet for this run only).
         with ALEMBIC_LOCK, engine.begin() as conn:
-            cfg = alembic_config()
-            cfg.attributes["connection"] = conn
-            for revision in revisions_oldest_first():
-                command.upgrade(cfg, revision)
-                cur = raw.cursor()
-                try:
-                    schemas[revision] = read_schema(cur)
-                finally:
-                    cur.close()
+            loggers = [logging.getLogger(name) for name in _ALEMBIC_LOGGERS]
+            for logger in loggers:
+                logger.addFilter(_drop_record)
+            try:
+                cfg = alembic_config()
+                cfg.attributes["connection"] = conn
+                for revision in revisions_oldest_first():
+                    command.upgrade(cfg, revision)
+                    cur = raw.cursor()
+                    try:
+                        schemas[revision] = read_schema(cur)
+                    finally:
+                        cur.close()
+            finally:
+                for logger in loggers:
+                    logger.removeFilter(_drop_record)
             conn.rollback()
     finally:
         engine.dispose()

@@ -299,7 +299,8 @@ def _check_schema(cur: sqlite3.Cursor, path: Path, problems: _Problems) -> str:
     revision = versions[0]
     if revision not in known_revisions():
         raise CannotAudit(
-            f"{path}: schema revision {revision!r} is newer than this bank knows; upgrade bank to audit it"
+            f"{path}: schema revision {revision!r} is not one this bank knows (a newer bank's "
+            "ledger: upgrade bank to audit it; or a forged alembic_version)"
         )
     revision = str(revision)
     try:

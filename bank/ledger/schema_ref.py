@@ -242,7 +242,7 @@ def matching_revisions(found: Schema, schemas: Mapping[str, Schema]) -> list[str
 def _shown(obj: SchemaObject) -> str:
     """How an object is shown as expected/found: its SQL, or its type and table."""
     if obj.sql is not None:
-        return " ".join(obj.sql.split())
+        return obj.sql.strip()  # exact: a literal's spaces are part of what is compared
     return f"{obj.type} {obj.name} on {obj.table} (made by SQLite for a constraint)"
 
 

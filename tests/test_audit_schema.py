@@ -325,3 +325,33 @@ def test_building_the_reference_logs_no_migration_and_serves_every_thread(
             t.join(timeout=30)
     assert len(results) == 4 and all(r is results[0] for r in results)
     assert not [r for r in caplog.records if "upgrade" in r.getMessage().lower()]
+
+
+def test_an_index_whose_contents_were_forged_under_its_original_text(ledger: Path) -> None:
+    """An empty `WHERE 0` b-tree under the original text: every key looks free, text compares equal."""
+    conn = sqlite3.connect(ledger, isolation_level=None)
+    try:
+        (original,) = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'uq_transfers_key'"
+        ).fetchone()
+        conn.executescript(
+            'DROP INDEX uq_transfers_key; CREATE UNIQUE INDEX uq_transfers_key ON transfers ("key") '
+            "WHERE 0; PRAGMA writable_schema = ON;"
+        )
+        conn.execute(
+            "UPDATE sqlite_master SET sql = ? WHERE name = 'uq_transfers_key'", (original,)
+        )
+        conn.execute("PRAGMA writable_schema = OFF")
+    finally:
+        conn.close()
+    check = sqlite3.connect(ledger)
+    try:  # what the engine and any reader now see through the index: no key at all
+        assert check.execute("SELECT COUNT(*) FROM transfers WHERE key = 'dep-3'").fetchone() == (
+            0,
+        )
+    finally:
+        check.close()
+    report = audit_ledger(ledger)
+    messages = _schema(report)
+    assert messages and all("integrity check" in m for m in messages), messages
+    assert any("missing from index uq_transfers_key" in m for m in messages)

@@ -54,6 +54,8 @@ GENESIS: Final = "0" * 64
 PROBLEM_KINDS: Final[dict[str, str]] = {
     "schema": "a table, column, constraint, index, view or trigger differs from what the "
     "migrations create up to the ledger's revision (or is missing, or was never created by them)",
+    "integrity": "SQLite's integrity check failed: an index does not hold exactly its table's "
+    "rows (one forged under its original text), or the file is damaged",
     "seq_gap": "transfers.seq skips numbers: rows were deleted",
     "bad_seq": "a transfers.seq below 1 (a forged row)",
     "hash_mismatch": "a transfer does not hash to its stored hash from the previous row's hash",
@@ -354,25 +356,31 @@ def _check_index_contents(cur: sqlite3.Cursor, problems: _Problems) -> None:
     the original text): every key then looks free, to the engine and to any query
     that reads keys through the index, while the text compares equal. Only a
     comparison of each index with its table finds that; SQLite's integrity check
-    does it for every index, and finds a damaged file too (~0.6 s per 1,000,000
-    transfers here).
+    does it for every index, and finds a damaged file too (~0.25 s per 1,000,000
+    transfers here). CHECK constraints are left to the row checks, which name the
+    row (`ignore_check_constraints` for this one statement; a setting of this
+    connection only, nothing is written).
     """
-    findings = [
-        str(row[0]) for row in cur.execute(f"PRAGMA integrity_check({_INTEGRITY_FINDINGS_MAX + 1})")
-    ]
+    cur.execute("PRAGMA ignore_check_constraints = ON")
+    try:
+        findings = [
+            str(row[0])
+            for row in cur.execute(f"PRAGMA integrity_check({_INTEGRITY_FINDINGS_MAX + 1})")
+        ]
+    finally:
+        cur.execute("PRAGMA ignore_check_constraints = OFF")
     if findings == ["ok"]:
         return
     for finding in findings[:_INTEGRITY_FINDINGS_MAX]:
         problems.add(
-            "schema",
-            f"SQLite's integrity check: {finding} (an index forged with writable_schema, "
-            "or a damaged file)",
+            "integrity",
+            f"SQLite's integrity check: {finding}",
             expected="ok",
             found=finding,
         )
     if len(findings) > _INTEGRITY_FINDINGS_MAX:
         problems.add(
-            "schema",
+            "integrity",
             f"SQLite's integrity check found more than {_INTEGRITY_FINDINGS_MAX} problems",
             expected="ok",
             found=f"> {_INTEGRITY_FINDINGS_MAX} findings",

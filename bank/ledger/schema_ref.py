@@ -163,6 +163,7 @@ def _build_reference() -> dict[str, dict[str, SchemaObject]]:
     from bank.ledger.migrate import ALEMBIC_LOCK, alembic_config, revisions_oldest_first
 
     raw = sqlite3.connect(":memory:", check_same_thread=False)
+    raw.execute("PRAGMA foreign_keys = ON")  # as on a ledger's own connections (bank.ledger.sqlite)
     engine = create_engine("sqlite://", creator=lambda: raw, poolclass=StaticPool)
     schemas: dict[str, dict[str, SchemaObject]] = {}
     try:
@@ -185,7 +186,6 @@ def _build_reference() -> dict[str, dict[str, SchemaObject]]:
             finally:
                 for logger in loggers:
                     logger.removeFilter(_drop_record)
-            conn.rollback()
     finally:
         engine.dispose()
         raw.close()

@@ -155,7 +155,7 @@ def _drop_record(_record: logging.LogRecord) -> bool:
 
 
 def _build_reference() -> dict[str, dict[str, SchemaObject]]:
-    # Imported here: only the audit needs Alembic at run time, and only once.
+    # Imported on first use: the reference is built once per process.
     from alembic import command
     from sqlalchemy import create_engine
     from sqlalchemy.pool import StaticPool

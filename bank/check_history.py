@@ -48,7 +48,7 @@ import sqlite3
 import time
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -267,11 +267,21 @@ def _int_field(path: Path, line: int, obj: dict[str, Any], name: str) -> int:
 
 
 def _parse_op(path: Path, line: int, obj: dict[str, Any]) -> _Op:
-    teller = _int_field(path, line, obj, "teller")
-    n = _int_field(path, line, obj, "n")
-    kind = obj.get("kind")
-    accounts = obj.get("accounts")
-    if not isinstance(accounts, list) or not all(_is_int(a) for a in accounts):
+    # The hot loop of reading: one combined type test; the slow path names the bad field.
+    get: Callable[[str], Any] = obj.get
+    teller, n, amount = get("teller"), get("n"), get("amount")
+    invoke, complete = get("invoke"), get("complete")
+    if not (
+        type(teller) is int
+        and type(n) is int
+        and type(amount) is int
+        and type(invoke) is int
+        and type(complete) is int
+    ):
+        for name in ("teller", "n", "amount", "invoke", "complete"):
+            _int_field(path, line, obj, name)
+    kind, accounts = get("kind"), get("accounts")
+    if type(accounts) is not list or not all(type(a) is int for a in accounts):
         raise _bad(path, line, f"'accounts' must be a list of integers, got {accounts!r}")
     if kind == "transfer" and len(accounts) == 2:
         debit, credit = accounts
@@ -281,30 +291,26 @@ def _parse_op(path: Path, line: int, obj: dict[str, Any]) -> _Op:
         debit, credit = accounts[0], CASH_ACCOUNT_ID
     else:
         raise _bad(path, line, f"unknown kind {kind!r} with accounts {accounts!r}")
-    amount = _int_field(path, line, obj, "amount")
-    key = obj.get("key")
-    if key is not None and not isinstance(key, str):
+    key = get("key")
+    if key is not None and type(key) is not str:
         raise _bad(path, line, f"'key' must be a string or null, got {key!r}")
-    invoke = _int_field(path, line, obj, "invoke")
-    complete = _int_field(path, line, obj, "complete")
     if complete < invoke:
         raise _bad(path, line, f"completes ({complete}) before it is invoked ({invoke})")
-    given = obj.get("outcome")
-    outcome = _OUTCOMES.get(given) if isinstance(given, str) else None
+    given = get("outcome")
+    outcome = _OUTCOMES.get(given) if type(given) is str else None
     if outcome is None:
         raise _bad(path, line, f"'outcome' must be ok, refused or unknown, got {given!r}")
     seq, hash_, reason = 0, "", ""
     if outcome == _OK:
-        seq = _int_field(path, line, obj, "seq")
-        hash_value = obj.get("hash")
-        if not isinstance(hash_value, str):
-            raise _bad(path, line, f"'hash' must be a string, got {hash_value!r}")
-        hash_ = hash_value
+        seq, hash_ = get("seq"), get("hash")
+        if type(seq) is not int:
+            _int_field(path, line, obj, "seq")
+        if type(hash_) is not str:
+            raise _bad(path, line, f"'hash' must be a string, got {hash_!r}")
     else:
-        reason_value = obj.get("reason")
-        if not isinstance(reason_value, str):
-            raise _bad(path, line, f"'reason' must be a string, got {reason_value!r}")
-        reason = reason_value
+        reason = get("reason")
+        if type(reason) is not str:
+            raise _bad(path, line, f"'reason' must be a string, got {reason!r}")
     return _Op(
         f"{teller}:{n}",
         kind,

@@ -544,6 +544,9 @@ class _Checker:
         self.ok = ok
         initial = min(h.snaps, key=lambda s: s.invoke, default=None)
         self.start_seq = initial.seq if initial is not None else 0
+        # The run's rows are (start_seq, end_seq]; later ones belong to later users.
+        final = [s.seq for s in h.snaps if s.final]
+        self.end_seq = max(final) if final and h.end is not None else self.last_seq
 
     def run(self) -> None:
         r, h = self.r, self.h
@@ -611,7 +614,8 @@ class _Checker:
         before = self._acked_before(invoke)
         after = self._invoked_after(complete)
         lo = max(self.start_seq, before.seq if before is not None else 0)
-        hi = min(self.last_seq, after.seq - 1 if after is not None else self.last_seq)
+        end = min(self.last_seq, max(self.end_seq, lo))
+        hi = min(end, after.seq - 1 if after is not None else end)
         return lo, max(lo, hi)
 
     # the replay, with snapshots compared at their seq
@@ -795,8 +799,7 @@ class _Checker:
                 refused.setdefault(op.sig(), op)
             else:
                 acked.setdefault(op.sig(), op)
-        final = [s.seq for s in h.snaps if s.final]
-        end_seq = max(final) if final and h.end is not None else self.last_seq
+        end_seq = self.end_seq
         for row in self.ledger.rows:
             seq = row[0]
             if not _is_int(seq) or seq <= self.start_seq or seq > end_seq or seq in self.claimed:

@@ -378,6 +378,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     ):
         if target is not None and not Path(target).absolute().parent.is_dir():
             raise _UsageError(f"{option} {target}: the directory does not exist")
+    if args.history is not None and args.db is None:
+        raise _UsageError(
+            "--history needs --db: the temporary ledger is deleted after the run, "
+            "so the history could not be checked against it"
+        )
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     ops = args.ops if args.ops is not None or args.duration is not None else OPS_DEFAULT
     tmpdir = None

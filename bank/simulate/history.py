@@ -42,13 +42,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from pathlib import Path
 from types import TracebackType
-from typing import Final, TextIO
+from typing import Final, NamedTuple, TextIO
 
-from bank.commands import AnyCommand, Deposit, Transfer, Withdrawal
+from bank.commands import AnyCommand, Transfer
 from bank.errors import BankError, LedgerUnavailable
+from bank.limits import JOIN_WAIT_S_MAX
 from bank.records import Receipt, Snapshot
 
 FORMAT_NAME: Final = "bank-history"
@@ -62,46 +63,45 @@ CHUNK_LINES: Final = 2048
 SNAPSHOT_INTERVAL_S: Final = 0.5
 
 
-class _Answered:
-    """One answered operation, queued by the done callback for its teller to format."""
+class _Answered(NamedTuple):
+    """One answered operation, queued by the done callback for its teller to format.
 
-    __slots__ = ("command", "complete", "future", "invoke", "n")
+    A NamedTuple built with `tuple.__new__`: the callback runs on the ledger
+    writer's thread, so it must cost as little as a tuple.
+    """
 
-    def __init__(
-        self, n: int, command: AnyCommand, invoke: int, complete: int, future: Future[Receipt]
-    ) -> None:
-        self.n = n
-        self.command = command
-        self.invoke = invoke
-        self.complete = complete
-        self.future = future
+    n: int
+    command: AnyCommand
+    invoke: int
+    complete: int
+    future: Future[Receipt]
+
+
+_new_answered = tuple.__new__
 
 
 def _command_fields(command: AnyCommand) -> str:
     """The `kind`, `accounts`, `amount` and `key` members of an op line (JSON text)."""
     key = "null" if command.key is None else json.dumps(command.key)
-    if type(command) is Transfer:
-        return (
-            f'"kind": "transfer", "accounts": [{command.source}, {command.target}], '
-            f'"amount": {command.amount}, "key": {key}'
-        )
-    kind = "deposit" if type(command) is Deposit else "withdrawal"
-    assert isinstance(command, Deposit | Withdrawal)
-    return f'"kind": "{kind}", "accounts": [{command.account}], "amount": {command.amount}, "key": {key}'
+    if isinstance(command, Transfer):
+        accounts = f"{command.source}, {command.target}"
+    else:
+        accounts = str(command.account)
+    return f'"kind": "{command.kind}", "accounts": [{accounts}], "amount": {command.amount}, "key": {key}'
 
 
 def outcome_fields(future: Future[Receipt]) -> str:
     """The `outcome` members of an op line (JSON text) for a finished future."""
-    if future.cancelled():
+    try:
+        receipt = future.result(0)  # one lock round: the common case is a receipt
+    except CancelledError:
         return '"outcome": "unknown", "reason": "Cancelled"'
-    exc = future.exception()
-    if exc is None:
-        receipt = future.result()
-        return f'"outcome": "ok", "seq": {receipt.seq}, "hash": "{receipt.hash[:HASH_DIGITS]}"'
-    reason = type(exc).__name__
-    if isinstance(exc, BankError) and not isinstance(exc, LedgerUnavailable):
-        return f'"outcome": "refused", "reason": "{reason}"'
-    return f'"outcome": "unknown", "reason": {json.dumps(reason)}'
+    except BaseException as exc:  # every answer is recorded, none raised
+        reason = type(exc).__name__
+        if isinstance(exc, BankError) and not isinstance(exc, LedgerUnavailable):
+            return f'"outcome": "refused", "reason": "{reason}"'
+        return f'"outcome": "unknown", "reason": {json.dumps(reason)}'
+    return f'"outcome": "ok", "seq": {receipt.seq}, "hash": "{receipt.hash[:HASH_DIGITS]}"'
 
 
 class TellerLog:
@@ -124,7 +124,9 @@ class TellerLog:
 
     def answered(self, n: int, command: AnyCommand, invoke: int, future: Future[Receipt]) -> None:
         """Done-callback part: stamp the completion, queue it (cheap: the writer thread runs it)."""
-        self._answered.append(_Answered(n, command, invoke, time.monotonic_ns(), future))
+        self._answered.append(
+            _new_answered(_Answered, (n, command, invoke, time.monotonic_ns(), future))
+        )
 
     def flush(self, *, force: bool = False) -> None:
         """Format what was answered; write once a chunk is full (or `force`)."""
@@ -234,7 +236,8 @@ class SnapshotReader(threading.Thread):
         *,
         interval_s: float = SNAPSHOT_INTERVAL_S,
     ) -> None:
-        super().__init__(name="history-snapshots")
+        # An observer: it must never hold up the interpreter's exit.
+        super().__init__(name="history-snapshots", daemon=True)
         self._recorder = recorder
         self._read = read
         self._interval_s = interval_s
@@ -247,7 +250,7 @@ class SnapshotReader(threading.Thread):
             except BankError:  # the bank broke or closed: nothing more to read
                 return
 
-    def stop(self) -> None:
-        """Ask the thread to end and wait for it (a snapshot read is bounded by the bank)."""
+    def stop(self, timeout_s: float = JOIN_WAIT_S_MAX) -> None:
+        """Ask the thread to end and wait for it, at most `timeout_s`."""
         self._stop_event.set()
-        self.join()
+        self.join(timeout_s)

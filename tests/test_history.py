@@ -6,6 +6,7 @@ import json
 import shutil
 import sqlite3
 import time
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from bank import Bank, Deposit, Transfer, Withdrawal
 from bank.check_history import HistoryCheck, check_history
 from bank.cli import main
 from bank.commands import AnyCommand
-from bank.errors import CannotCheckHistory
-from bank.simulate.history import HistoryRecorder
+from bank.errors import CannotCheckHistory, InsufficientFunds, LedgerUnavailable
+from bank.records import Receipt
+from bank.simulate.history import HistoryRecorder, outcome_fields
 
 Line = dict[str, Any]
 
@@ -282,6 +284,30 @@ def test_keyed_operations_are_exactly_once(tmp_path: Path) -> None:
     retry["seq"] += 1  # the retry claims the row of the next op: the key has two seqs
     result = check_history(_write(tmp_path / "bad.jsonl", lines), db)
     assert "exactly_once" in _kinds(result)
+
+
+def test_the_recorder_classifies_every_answer() -> None:
+    def answered(how: str) -> Future[Receipt]:
+        future: Future[Receipt] = Future()
+        if how == "cancel":
+            future.cancel()
+        elif how == "ok":
+            future.set_result(Receipt(5, "deposit", None, 9, 0, 1, 0, "ab" * 32))
+        else:
+            future.set_exception(
+                {"refused": InsufficientFunds, "broke": LedgerUnavailable}.get(how, RuntimeError)()
+            )
+        return future
+
+    def outcome(how: str) -> dict[str, object]:
+        parsed: dict[str, object] = json.loads("{" + outcome_fields(answered(how)) + "}")
+        return parsed
+
+    assert outcome("ok") == {"outcome": "ok", "seq": 5, "hash": "ab" * 8}
+    assert outcome("refused") == {"outcome": "refused", "reason": "InsufficientFunds"}
+    assert outcome("broke") == {"outcome": "unknown", "reason": "LedgerUnavailable"}
+    assert outcome("other") == {"outcome": "unknown", "reason": "RuntimeError"}
+    assert outcome("cancel") == {"outcome": "unknown", "reason": "Cancelled"}
 
 
 # -- could not check: exit 2, one line ---------------------------------------------------

@@ -786,6 +786,7 @@ class _Checker:
     def _check_rows_of_run(self) -> None:
         r, h = self.r, self.h
         unknown_pool: Counter[Sig] = Counter()
+        unknown: dict[Sig, _Op] = {}
         unknown_keys: dict[str, _Op] = {}
         refused: dict[Sig, _Op] = {}
         acked: dict[Sig, _Op] = {}
@@ -795,6 +796,7 @@ class _Checker:
                     unknown_keys[op.key] = op
                 else:
                     unknown_pool[op.sig()] += 1
+                    unknown.setdefault(op.sig(), op)
             elif op.outcome == _REFUSED:
                 refused.setdefault(op.sig(), op)
             else:
@@ -818,6 +820,15 @@ class _Checker:
                 r.add(
                     "refused_written",
                     f"{op.name} was refused ({op.reason}) but seq {seq} is {_sig_text(sig)}",
+                    op=op.name,
+                    seq=seq,
+                )
+            elif sig in unknown:
+                op = unknown[sig]
+                r.add(
+                    "duplicate_write",
+                    f"seq {seq} repeats {op.name} ({_sig_text(sig)}, outcome unknown), "
+                    "which is already in the ledger: an unknown op is there at most once",
                     op=op.name,
                     seq=seq,
                 )

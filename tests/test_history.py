@@ -67,6 +67,24 @@ def _kinds(result: HistoryCheck) -> set[str]:
     return set(result.counts)
 
 
+def _overwrite_row(db: Path, *, source_seq: int, target_seq: int) -> None:
+    """Make the row at `target_seq` a copy of the command at `source_seq` (an edited ledger)."""
+    conn = sqlite3.connect(db)
+    for (trigger,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'"):
+        conn.execute(f'DROP TRIGGER "{trigger}"')  # whatever guards the copy: this is a plant
+    row = conn.execute(
+        "SELECT kind, debit_account_id, credit_account_id, amount FROM transfers WHERE seq = ?",
+        (source_seq,),
+    ).fetchone()
+    conn.execute(
+        "UPDATE transfers SET kind = ?, debit_account_id = ?, credit_account_id = ?, amount = ? "
+        "WHERE seq = ?",
+        (*row, target_seq),
+    )
+    conn.commit()
+    conn.close()
+
+
 def _cli(history: Path, db: Path, *extra: str) -> int:
     return main(["check-history", str(history), "--db", str(db), *extra])
 
@@ -142,20 +160,7 @@ def test_duplicated_write_the_ledger_has_two_rows_for_one_op(
     shutil.copy(db, copy)
     oks = sorted(_ops(_lines(history), "ok"), key=lambda op: op["seq"])
     original, overwritten = oks[200], oks[300]
-    conn = sqlite3.connect(copy)
-    for (trigger,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'"):
-        conn.execute(f'DROP TRIGGER "{trigger}"')
-    row = conn.execute(
-        "SELECT kind, debit_account_id, credit_account_id, amount FROM transfers WHERE seq = ?",
-        (original["seq"],),
-    ).fetchone()
-    conn.execute(
-        "UPDATE transfers SET kind = ?, debit_account_id = ?, credit_account_id = ?, amount = ? "
-        "WHERE seq = ?",
-        (*row, overwritten["seq"]),
-    )
-    conn.commit()
-    conn.close()
+    _overwrite_row(copy, source_seq=original["seq"], target_seq=overwritten["seq"])
     result = check_history(history, copy)
     dup = [v for v in result.violations if v.kind == "duplicate_write"]
     assert [(v.seq, v.op) for v in dup] == [
@@ -251,6 +256,26 @@ def test_a_row_no_operation_explains_is_a_phantom_but_an_unknown_op_may_explain_
     victim.pop("seq"), victim.pop("hash")
     victim.update(outcome="unknown", reason="LedgerUnavailable")
     assert check_history(_write(tmp_path / "b.jsonl", lines), db).ok
+
+
+def test_an_unknown_op_is_in_the_ledger_at_most_once(
+    recorded: tuple[Path, Path], tmp_path: Path
+) -> None:
+    history, db = recorded
+    lines = _lines(history)
+    oks = sorted(_ops(lines, "ok"), key=lambda op: op["seq"])
+    unknown, overwritten = oks[400], oks[500]
+    seq = unknown.pop("seq")
+    unknown.pop("hash")
+    unknown.update(outcome="unknown", reason="LedgerUnavailable")
+    planted = _write(tmp_path / "h.jsonl", lines)
+    assert check_history(planted, db).ok  # committed once: consistent
+    copy = tmp_path / "copy.db"
+    shutil.copy(db, copy)
+    _overwrite_row(copy, source_seq=seq, target_seq=overwritten["seq"])
+    result = check_history(planted, copy)
+    dup = [v for v in result.violations if v.kind == "duplicate_write"]
+    assert [v.op for v in dup] == [f"{unknown['teller']}:{unknown['n']}"]
 
 
 def test_keyed_operations_are_exactly_once(tmp_path: Path) -> None:

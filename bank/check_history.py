@@ -547,6 +547,8 @@ class _Checker:
         # The run's rows are (start_seq, end_seq]; later ones belong to later users.
         final = [s.seq for s in h.snaps if s.final]
         self.end_seq = max(final) if final and h.end is not None else self.last_seq
+        self.claimed: dict[int, _Op] = {}  # seq -> the ok op whose row it is
+        self.found: set[str] = set()  # ok ops whose row is at their seq
 
     def run(self) -> None:
         r, h = self.r, self.h
@@ -558,9 +560,9 @@ class _Checker:
         r.rows_checked = len(self.ledger.rows)
         r.complete = h.end is not None
         self._check_identity()
+        self._check_acknowledged()
         self._index_realtime()
         self._replay()
-        self._check_acknowledged()
         self._check_rows_of_run()
         self._check_realtime()
         self._check_refusals()
@@ -583,7 +585,10 @@ class _Checker:
 
     # real time: acknowledged-before-invoked bounds, as sorted arrays with prefix extremes
     def _index_realtime(self) -> None:
-        by_complete = sorted(self.ok, key=lambda op: op.complete)
+        # Only ops whose row was found: one lost op's bogus seq must not make every
+        # later op and refusal look out of order.
+        found = [op for op in self.ok if op.name in self.found]
+        by_complete = sorted(found, key=lambda op: op.complete)
         self.complete_times = [op.complete for op in by_complete]
         self.prefix_max: list[_Op] = []
         best: _Op | None = None
@@ -591,7 +596,7 @@ class _Checker:
             if best is None or op.seq > best.seq:
                 best = op
             self.prefix_max.append(best)
-        by_invoke = sorted(self.ok, key=lambda op: op.invoke)
+        by_invoke = sorted(found, key=lambda op: op.invoke)
         self.by_invoke = by_invoke
         self.invoke_times = [op.invoke for op in by_invoke]
         self.suffix_min: list[_Op] = list(by_invoke)
@@ -733,7 +738,6 @@ class _Checker:
     # acknowledged operations: their row, once
     def _check_acknowledged(self) -> None:
         r = self.r
-        self.claimed: dict[int, _Op] = {}
         for first, again in self.h.repeated:
             r.add(
                 "duplicate_write",
@@ -770,6 +774,7 @@ class _Checker:
                     op=op.name,
                     seq=op.seq,
                 )
+            self.found.add(op.name)
             holder = self.claimed.get(op.seq)
             if holder is None:
                 self.claimed[op.seq] = op

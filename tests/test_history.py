@@ -123,6 +123,9 @@ def test_lost_write_an_ok_op_claims_a_seq_the_ledger_lacks(
     lost = [v for v in result.violations if v.kind == "lost_write"]
     assert [v.op for v in lost] == [f"{victim['teller']}:{victim['n']}"]
     assert lost[0].seq == 10**9
+    # Its row is still at its real seq; and its bogus seq does not make the ops after
+    # it look out of real-time order or their refusals unjustified.
+    assert [v.kind for v in result.violations] == ["lost_write", "duplicate_write"]
     assert _cli(planted, db) == 1
 
 

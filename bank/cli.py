@@ -226,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a PNG of throughput, latency percentiles and queue depth over time",
     )
     sim.add_argument(
+        "--history",
+        metavar="FILE",
+        help="record every operation (invoke/complete times, outcome, seq) and periodic "
+        "snapshots as JSON lines in FILE, for `bank check-history`",
+    )
+    sim.add_argument(
         "--no-progress",
         action="store_true",
         help="no live progress (by default: a bar on a terminal, a line a second otherwise)",
@@ -253,6 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
         "(a bare transfers hash is refused: it would leave account events unpinned)",
     )
     aud.set_defaults(run=_cmd_audit)
+
+    chk = sub.add_parser(
+        "check-history",
+        help="check a `simulate --history` file against its ledger (exit 0/1/2 like audit)",
+        description=(
+            "Check a history recorded by `bank simulate --history` against the ledger, "
+            "read-only: every acknowledged operation is in the ledger once at its seq, no "
+            "refused one is, each unknown one at most once; snapshots sum to 0, respect the "
+            "limits and equal the replay; real-time order; every refusal justified by the "
+            "replayed balances; exactly-once per key. Exit 0 consistent, 1 violations found, "
+            "2 could not check (missing or malformed history, not a ledger, another ledger)."
+        ),
+    )
+    chk.add_argument("file", metavar="FILE", help="the history file (JSON lines)")
+    chk.add_argument("--db", metavar="PATH", required=True, help="the ledger file")
+    chk.add_argument("--json", action="store_true", help="print the result as JSON")
+    chk.set_defaults(run=_cmd_check_history)
 
     ini = sub.add_parser(
         "init",
@@ -351,9 +374,18 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from bank.simulate.runner import OPS_DEFAULT, SimulationConfig, run_simulation
     from bank.simulate.workload import InvalidWorkload
 
-    for option, target in (("--json", args.json), ("--plot", args.plot)):
+    for option, target in (
+        ("--json", args.json),
+        ("--plot", args.plot),
+        ("--history", args.history),
+    ):
         if target is not None and not Path(target).absolute().parent.is_dir():
             raise _UsageError(f"{option} {target}: the directory does not exist")
+    if args.history is not None and args.db is None:
+        raise _UsageError(
+            "--history needs --db: the temporary ledger is deleted after the run, "
+            "so the history could not be checked against it"
+        )
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     ops = args.ops if args.ops is not None or args.duration is not None else OPS_DEFAULT
     tmpdir = None
@@ -386,7 +418,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             duration_s=config.duration_s,
             enabled=not args.no_progress,
         )
-        result = run_simulation(config, progress=display)
+        result = run_simulation(config, progress=display, history=args.history)
         print_summary(result, sys.stdout)
         if args.json:
             write_json(result, args.json)
@@ -394,6 +426,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         if args.plot:
             write_plot(result, args.plot)
             print(f"plot written to {args.plot}")
+        if args.history:
+            print(f"history written to {args.history} (check it with `bank check-history`)")
         if tmpdir is None:
             print(f"ledger: {db} (check it again with `bank audit --db {db}`)")
         return result.exit_code()
@@ -411,6 +445,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         args.db, as_json=args.json, expect_head=args.expect_head, out=sys.stdout
     )
     return code
+
+
+def _cmd_check_history(args: argparse.Namespace) -> int:
+    from bank.check_history import run_check_history_command
+    from bank.errors import CannotCheckHistory
+
+    try:
+        return run_check_history_command(args.file, args.db, as_json=args.json, out=sys.stdout)
+    except CannotCheckHistory as exc:
+        _error(args.command, str(exc))
+        return EXIT_USAGE
 
 
 def _cmd_init(args: argparse.Namespace) -> int:

@@ -68,3 +68,7 @@ class InvalidExpectedHead(CannotAudit, ValueError):
 class LedgerCorrupt(BankError):
     """`Bank.open` found stored balances, limits or chain heads that disagree with a replay
     of the ledger: it refuses to acknowledge anything on top of them (run `bank audit`)."""
+
+
+class CannotCheckHistory(BankError):
+    """`check-history` could not run: a missing or malformed history, or not its ledger."""

@@ -23,8 +23,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -33,6 +35,7 @@ from bank.engine import Bank
 from bank.errors import BankError
 from bank.limits import QUEUE_CAPACITY_DEFAULT, SUBMIT_CHUNK_OPS_MAX, WORKERS_DEFAULT
 from bank.records import Receipt
+from bank.simulate.history import HistoryRecorder, SnapshotReader, TellerLog
 from bank.simulate.metrics import LatencySummary, Metrics, Observer, Outcome, Sample, Totals
 from bank.simulate.progress import NoProgress, ProgressDisplay, Reading
 from bank.simulate.tuning import throughput_gc
@@ -179,6 +182,7 @@ class Teller(threading.Thread):
         metrics: Metrics,
         on_error: Callable[[str], None],
         keep_commands: bool = False,
+        log: TellerLog | None = None,
     ) -> None:
         super().__init__(name=f"teller-{index}")
         self.index = index
@@ -196,6 +200,8 @@ class Teller(threading.Thread):
         self._answered: deque[Outcome] = deque()
         self.submitted = 0
         self.commands: list[AnyCommand] | None = [] if keep_commands else None
+        # Only with --history: without it the teller never touches the clock twice.
+        self._log = log
 
     def run(self) -> None:
         try:
@@ -221,7 +227,9 @@ class Teller(threading.Thread):
             commands = self._stream.take(n)
             if self.commands is not None:
                 self.commands.extend(commands)
+            log = self._log
             try:
+                invoked = time.monotonic_ns() if log is not None else 0
                 t0 = time.perf_counter_ns()
                 if n == 1:
                     futures = [self._bank.submit(commands[0])]
@@ -232,8 +240,14 @@ class Teller(threading.Thread):
                     self._window.release()
                 raise
             self.submitted += n
-            for future in futures:
-                future.add_done_callback(partial(self._answer, t0))
+            if log is None:
+                for future in futures:
+                    future.add_done_callback(partial(self._answer, t0))
+            else:
+                for number, command, future in zip(log.numbers(n), commands, futures, strict=True):
+                    future.add_done_callback(
+                        partial(self._answer_logged, log, t0, number, command, invoked)
+                    )
             if remaining is not None:
                 remaining -= n
             self._flush()
@@ -250,7 +264,22 @@ class Teller(threading.Thread):
         self._answered.append((latency_us, reason))
         self._window.release()
 
+    def _answer_logged(
+        self,
+        log: TellerLog,
+        t0: int,
+        number: int,
+        command: AnyCommand,
+        invoked: int,
+        future: Future[Receipt],
+    ) -> None:
+        """Done callback with --history: stamp the completion for the log, then as `_answer`."""
+        log.answered(number, command, invoked, future)
+        self._answer(t0, future)
+
     def _flush(self) -> None:
+        if self._log is not None:
+            self._log.flush()
         batch: list[Outcome] = []
         while True:
             try:
@@ -267,6 +296,8 @@ class Teller(threading.Thread):
         for _ in range(self._window_size):
             self._window.release()
         self._flush()
+        if self._log is not None:
+            self._log.flush(force=True)
 
 
 def prepare_accounts(
@@ -300,6 +331,7 @@ def run_simulation(
     *,
     progress: ProgressDisplay | None = None,
     keep_commands: bool = False,
+    history: str | Path | None = None,
 ) -> SimulationResult:
     """Run one simulation on `config.db` and audit the ledger afterwards.
 
@@ -307,15 +339,20 @@ def run_simulation(
     operation already submitted is answered and recorded, the audit still runs,
     the bank is closed cleanly, and the result has `interrupted=True`. A second
     Ctrl-C raises KeyboardInterrupt (the bank is still closed on the way out).
+    `history`, if given, is a file to record every operation and periodic
+    snapshots in (`bank.simulate.history`), for `bank check-history`.
     Raises `BankError` if the ledger cannot be opened.
     """
     display = progress if progress is not None else NoProgress()
-    with Bank.open(
-        config.db,
-        workers=config.workers,
-        queue_capacity=config.queue_capacity,
-        durability=config.durability,
-    ) as bank:
+    with (
+        Bank.open(
+            config.db,
+            workers=config.workers,
+            queue_capacity=config.queue_capacity,
+            durability=config.durability,
+        ) as bank,
+        ExitStack() as closing,
+    ):
         ids = prepare_accounts(
             bank,
             config.accounts,
@@ -334,6 +371,18 @@ def run_simulation(
             with errors_lock:
                 errors.append(message)
 
+        recorder = (
+            None
+            if history is None
+            else closing.enter_context(
+                HistoryRecorder(
+                    history,
+                    ledger=str(bank.path) if bank.path is not None else config.db,
+                    seed=config.seed,
+                    options=_history_options(config),
+                )
+            )
+        )
         quotas: list[int | None] = (
             list(split_ops(config.ops, config.tellers))
             if config.ops is not None
@@ -351,9 +400,14 @@ def run_simulation(
                 metrics=metrics,
                 on_error=on_error,
                 keep_commands=keep_commands,
+                log=recorder.teller(i) if recorder is not None else None,
             )
             for i in range(config.tellers)
         ]
+        snapshots = None
+        if recorder is not None:
+            recorder.snapshot(bank.snapshot)  # the state the run starts from
+            snapshots = SnapshotReader(recorder, bank.snapshot)
         observer = Observer(metrics, lambda: bank.stats().queue_depth)
         interrupted = threading.Event()
         commits_before = bank.stats().commits  # the setup's commits are not the run's
@@ -361,6 +415,8 @@ def run_simulation(
         try:
             for teller in tellers:
                 teller.start()
+            if snapshots is not None:
+                snapshots.start()
             with display, throughput_gc():
                 t0 = time.monotonic()
                 observer.begin(t0)
@@ -378,8 +434,15 @@ def run_simulation(
             for teller in tellers:
                 if teller.ident is not None:
                     teller.join()
+            if snapshots is not None and snapshots.ident is not None:
+                snapshots.stop()
         stats = bank.stats()
-        snapshot = bank.snapshot()
+        if recorder is None:
+            snapshot = bank.snapshot()
+        else:
+            snapshot = recorder.snapshot(bank.snapshot, final=True)
+            recorder.end(interrupted=interrupted.is_set())
+            recorder.close()
         report = bank.audit()
     audit = AuditVerdict(
         ok=report.ok,
@@ -407,6 +470,23 @@ def run_simulation(
         if keep_commands
         else None,
     )
+
+
+def _history_options(config: SimulationConfig) -> dict[str, object]:
+    """The run's options as the history header records them (JSON values)."""
+    return {
+        "tellers": config.tellers,
+        "window": config.window,
+        "workers": config.workers,
+        "accounts": config.accounts,
+        "ops": config.ops,
+        "duration_s": config.duration_s,
+        "mix": config.mix.spec(),
+        "skew": config.skew.spec(),
+        "initial_balance": config.initial_balance,
+        "durability": config.durability,
+        "queue_capacity": config.queue_capacity,
+    }
 
 
 def _reading(bank: Bank, metrics: Metrics, observer: Observer, elapsed_s: float) -> Reading:

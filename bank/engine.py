@@ -224,6 +224,18 @@ class _Lifecycle:
             self.finished.set()
 
 
+def _releaser(engine: Engine | None, file_lock: FileLock | None) -> Callable[[], None]:
+    """What frees a ledger, without a reference to its `Bank` (so a forgotten one is collected)."""
+
+    def release() -> None:
+        if engine is not None:
+            engine.dispose()
+        if file_lock is not None:
+            file_lock.release()
+
+    return release
+
+
 #: Banks whose threads run: closed at interpreter exit, before threading joins them.
 _OPEN: set[_Lifecycle] = set()
 _OPEN_LOCK = threading.Lock()
@@ -300,7 +312,9 @@ class Bank:
             Worker(i, self._buffer, self._accounts, self._writer, self._claims, self._engine)
             for i in range(workers)
         ]
-        self._life.start(self._buffer, self._workers, self._writer, self._release_resources)
+        # The release must not hold the Bank (a bound method would): see `_Lifecycle`.
+        release = _releaser(self._engine, self._file_lock)
+        self._life.start(self._buffer, self._workers, self._writer, release)
         # A forgotten bank is closed when it is collected (and at exit, by `_OPEN`).
         weakref.finalize(self, self._life.close)
         # Set by the writer in every case, failure included; bounded all the same.
@@ -414,10 +428,7 @@ class Bank:
 
     def _release_resources(self) -> None:
         """Dispose the engine and drop the flock: only once no bank thread runs."""
-        if self._engine is not None:
-            self._engine.dispose()
-        if self._file_lock is not None:
-            self._file_lock.release()
+        _releaser(self._engine, self._file_lock)()
 
     def _check_open(self) -> None:
         self._check_not_closed()

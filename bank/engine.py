@@ -129,8 +129,12 @@ def _check_timeout(timeout: object) -> float | None:
 class _Lifecycle:
     """Ends a bank's threads and, only once the last has ended, releases its ledger.
 
-    Shared by `Bank.close()`, the interpreter-exit hook and the garbage collector's
-    finalizer, so it holds no reference to the `Bank` itself. Shutdown runs in
+    Shared by `Bank.close()` and the `Bank`'s `weakref.finalize`, which runs it
+    when a forgotten bank is collected or, at the latest, at interpreter exit; so
+    it holds no reference to the `Bank` itself. The bank's threads are daemons:
+    exit first waits for the program's own threads (which may still use the
+    bank), then `atexit` runs the finalizer, which drains the queue and commits
+    and answers every accepted job before the interpreter stops. Shutdown runs in
     dependency order, each step started by the thread it waits for: the closed
     buffer lets the workers drain and exit; the last worker to exit stops the
     writer; the writer, after answering its last record, releases the flock and
@@ -165,8 +169,6 @@ class _Lifecycle:
         writer.start()
         for worker in workers:
             worker.start()
-        with _OPEN_LOCK:
-            _OPEN.add(self)
 
     def _worker_exited(self) -> None:
         with self.lock:
@@ -180,8 +182,6 @@ class _Lifecycle:
             self.release()
         finally:
             self.released.set()
-            with _OPEN_LOCK:
-                _OPEN.discard(self)
 
     def on_bank_thread(self) -> bool:
         """True if the caller is one of the bank's threads."""
@@ -234,27 +234,6 @@ def _releaser(engine: Engine | None, file_lock: FileLock | None) -> Callable[[],
             file_lock.release()
 
     return release
-
-
-#: Banks whose threads run: closed at interpreter exit, before threading joins them.
-_OPEN: set[_Lifecycle] = set()
-_OPEN_LOCK = threading.Lock()
-
-
-def _close_open_banks() -> None:
-    """Close every bank the program forgot: queued work is committed and answered."""
-    with _OPEN_LOCK:
-        lives = list(_OPEN)
-    for life in lives:
-        try:
-            life.close()
-        except Exception:
-            log.exception("closing a forgotten bank at exit failed")
-
-
-# Runs in threading._shutdown, before the interpreter joins non-daemon threads (an
-# `atexit` hook would run only after that join: a forgotten bank would hang exit).
-getattr(threading, "_register_atexit", lambda fn: None)(_close_open_banks)
 
 
 class Bank:
@@ -315,7 +294,7 @@ class Bank:
         # The release must not hold the Bank (a bound method would): see `_Lifecycle`.
         release = _releaser(self._engine, self._file_lock)
         self._life.start(self._buffer, self._workers, self._writer, release)
-        # A forgotten bank is closed when it is collected (and at exit, by `_OPEN`).
+        # A forgotten bank is closed when it is collected, or at exit (`atexit`).
         weakref.finalize(self, self._life.close)
         # Set by the writer in every case, failure included; bounded all the same.
         started = self._writer.ready.wait(JOIN_WAIT_S_MAX)

@@ -201,6 +201,8 @@ def test_a_writer_that_fails_at_start_fails_open(
 _FORGETFUL = textwrap.dedent(
     """
     import sys
+    import threading
+    import time
     import bank
 
     b = bank.Bank.open(sys.argv[1], workers=2)
@@ -211,6 +213,12 @@ _FORGETFUL = textwrap.dedent(
         if f.exception() is None:
             acked.write(f.result().key + "\\n")
 
+    def late():  # the program's own thread still uses the bank after main has ended
+        time.sleep(0.3)
+        for i in range(50):
+            acked.write(b.deposit(a, 1, key=f"late{i}").key + "\\n")
+
+    threading.Thread(target=late).start()
     for i in range(int(sys.argv[3])):
         f = b.submit(bank.Deposit(account=a, amount=1, key=f"k{i}"))
         f.add_done_callback(note)
@@ -241,10 +249,10 @@ def test_a_forgotten_bank_does_not_hang_exit_and_commits_what_it_accepted(
     assert "submitted" in proc.stdout
     assert elapsed < 30
     acked = acked_path.read_text().split()
-    assert len(acked) == ops  # every accepted operation was committed and answered
+    assert len(acked) == ops + 50  # every accepted operation was committed and answered
     with bank.Bank.open(ledger_path) as b:
         assert b.audit().ok
-        assert b.balance(1) == ops
+        assert b.balance(1) == ops + 50
         missing = [k for k in acked if b.find(k) is None]
         assert missing == []
 

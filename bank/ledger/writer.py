@@ -128,7 +128,9 @@ class LedgerWriter(threading.Thread):
         commit_ops_max: int = COMMIT_BATCH_OPS_MAX,
         on_exit: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(name="bank-ledger-writer")
+        # A daemon so that a forgotten bank cannot hold up exit; the bank's finalizer
+        # drains it at exit (see `bank.engine._Lifecycle`).
+        super().__init__(name="bank-ledger-writer", daemon=True)
         self.on_exit = on_exit  # told when this thread ends, after its last answer
         self._engine = engine
         self._claims = claims

@@ -111,19 +111,22 @@ def _check_int(value: object, what: str, low: int, high: int) -> int:
 
 
 def _check_timeout(timeout: object) -> float | None:
-    """A `timeout=` argument: None or a real number >= 0 (not a bool); inf means no limit."""
+    """A `timeout=` argument: None or a real number >= 0 (not a bool).
+
+    `inf`, and anything past `threading.TIMEOUT_MAX` (where a wait would raise
+    `OverflowError`), means no limit, like None.
+    """
     if timeout is None:
         return None
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, (int, float))
-        or math.isnan(timeout)
-        or timeout < 0
-    ):
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise InvalidCommand(f"timeout must be None or a number of seconds >= 0 (got {timeout!r})")
-    if math.isinf(timeout):
-        return None
-    return float(timeout)
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # an int too large for a float: longer than any wait
+        seconds = math.inf
+    if math.isnan(seconds) or seconds < 0:
+        raise InvalidCommand(f"timeout must be None or a number of seconds >= 0 (got {timeout!r})")
+    return None if seconds > threading.TIMEOUT_MAX else seconds
 
 
 class _Lifecycle:
@@ -145,7 +148,6 @@ class _Lifecycle:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.closed = False  # under `lock`
-        self.finished = threading.Event()  # the first close() has returned
         self.released = threading.Event()  # every bank thread is gone; the ledger is free
         self.buffer: BoundedBuffer[Job] | None = None
         self.workers: list[Worker] = []
@@ -191,37 +193,32 @@ class _Lifecycle:
     def close(self, wait_s: float = JOIN_WAIT_S_MAX) -> None:
         """Stop intake and wait (up to `wait_s`) for every thread to finish; idempotent.
 
-        On a bank thread (a finalizer run by the garbage collector there) it only
-        starts the shutdown: a thread cannot wait for itself.
+        Every caller waits for the same thing (the ledger released by the last
+        thread), so concurrent closers all return once the bank is shut. On a bank
+        thread (a finalizer run by the garbage collector there) it only starts the
+        shutdown: a thread cannot wait for itself.
         """
         with self.lock:
             first = not self.closed
             self.closed = True
         if self.buffer is None:  # never started
-            self.finished.set()
             return
         if first:
             self.buffer.close()  # queued jobs still drain; blocked submitters get BankClosed
         if self.on_bank_thread():
             return
-        if not first:
-            self.finished.wait()
+        if not self.released.wait(wait_s):
+            stuck = [t.name for t in (*self.workers, self.writer) if t and t.is_alive()]
+            log.error(
+                "threads still running %s s after close (a slow done-callback?): %s; "
+                "the ledger stays locked until the last of them ends",
+                wait_s,
+                stuck,
+            )
             return
-        try:
-            if not self.released.wait(wait_s):
-                stuck = [t.name for t in (*self.workers, self.writer) if t and t.is_alive()]
-                log.error(
-                    "threads still running %s s after close (a slow done-callback?): %s; "
-                    "the ledger stays locked until the last of them ends",
-                    wait_s,
-                    stuck,
-                )
-            else:
-                for thread in (*self.workers, self.writer):
-                    if thread is not None:
-                        thread.join()  # ended already: returns at once
-        finally:
-            self.finished.set()
+        for thread in (*self.workers, self.writer):
+            if thread is not None:
+                thread.join()  # past its last step (the release): ends at once
 
 
 def _releaser(engine: Engine | None, file_lock: FileLock | None) -> Callable[[], None]:

@@ -384,7 +384,7 @@ def test_close_from_a_done_callback_raises_a_specific_error(
     assert b.deposit(a, 1).amount == 1  # the bank is unharmed
 
 
-_BAD_TIMEOUTS: list[object] = [math.nan, -1, -0.5, "soon", True, False, [1], 1j]
+_BAD_TIMEOUTS: list[object] = [math.nan, -1, -0.5, -math.inf, "soon", True, False, [1], 1j]
 
 
 @pytest.mark.timeout(60)
@@ -416,6 +416,8 @@ def test_inf_timeout_means_no_limit_and_nan_never_blocks(
     b = make_bank(workers=1, queue_capacity=1)
     a = b.open_account("a").id
     assert b.deposit(a, 5, timeout=math.inf).amount == 5
+    assert b.deposit(a, 1, timeout=1e300).amount == 1  # past TIMEOUT_MAX: no limit
+    assert b.deposit(a, 1, timeout=10**400).amount == 1
     assert b.submit_many([bank.Deposit(account=a, amount=1)], timeout=float("inf"))[0].result()
     assert b.deposit(a, 1, timeout=0).amount == 1
     assert b.deposit(a, 1, timeout=2).amount == 1

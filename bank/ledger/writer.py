@@ -320,7 +320,11 @@ class LedgerWriter(threading.Thread):
         finally:
             with self._lock:
                 self._exited = True
+                left, self._pending = self._pending, []
+                failure = self._failure
                 self._progress.notify_all()
+            if left:  # only after a bug in the loop itself: still, no future stays pending
+                self._fail(left, failure or BankClosed("the ledger writer stopped"))
             self.ready.set()
             self._claims.close()
             if self.on_exit is not None:

@@ -12,6 +12,7 @@ the writer's lock. The buffer's and the key claims' locks are leaves.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -132,12 +133,12 @@ def _check_timeout(timeout: object) -> float | None:
 class _Lifecycle:
     """Ends a bank's threads and, only once the last has ended, releases its ledger.
 
-    Shared by `Bank.close()` and the `Bank`'s `weakref.finalize`, which runs it
-    when a forgotten bank is collected or, at the latest, at interpreter exit; so
-    it holds no reference to the `Bank` itself. The bank's threads are daemons:
-    exit first waits for the program's own threads (which may still use the
-    bank), then `atexit` runs the finalizer, which drains the queue and commits
-    and answers every accepted job before the interpreter stops. Shutdown runs in
+    Shared by `Bank.close()`, the `Bank`'s finalizer (a forgotten bank that is
+    collected) and an `atexit` hook, so it holds no reference to the `Bank`
+    itself. The bank's threads are daemons: exit first waits for the program's
+    own threads (which may still use the bank), then the `atexit` hook closes
+    every bank still open, which drains the queue and commits and answers every
+    accepted job before the interpreter stops. Shutdown runs in
     dependency order, each step started by the thread it waits for: the closed
     buffer lets the workers drain and exit; the last worker to exit stops the
     writer; the writer, after answering its last record, releases the flock and
@@ -168,6 +169,8 @@ class _Lifecycle:
         for worker in workers:
             worker.on_exit = self._worker_exited
         writer.on_exit = self._writer_exited
+        with _OPEN_LOCK:
+            _OPEN.add(self)
         writer.start()
         for worker in workers:
             worker.start()
@@ -184,11 +187,22 @@ class _Lifecycle:
             self.release()
         finally:
             self.released.set()
+            with _OPEN_LOCK:
+                _OPEN.discard(self)
 
     def on_bank_thread(self) -> bool:
         """True if the caller is one of the bank's threads."""
         me = threading.current_thread()
         return me is self.writer or me in self.workers
+
+    def collected(self) -> None:
+        """The `Bank` was garbage-collected unclosed: close it from a thread of its own.
+
+        A collection can run on any thread at any allocation, also inside one of
+        the bank's critical sections (a worker in the buffer's lock): closing
+        inline could take a lock that thread already holds.
+        """
+        threading.Thread(target=self.close, name="bank-closer", daemon=True).start()
 
     def close(self, wait_s: float = JOIN_WAIT_S_MAX) -> None:
         """Stop intake and wait (up to `wait_s`) for every thread to finish; idempotent.
@@ -219,6 +233,27 @@ class _Lifecycle:
         for thread in (*self.workers, self.writer):
             if thread is not None:
                 thread.join()  # past its last step (the release): ends at once
+
+
+#: Banks whose threads run, closed by `_close_open_banks` at exit (removed at release).
+_OPEN: set[_Lifecycle] = set()
+_OPEN_LOCK = threading.Lock()
+
+
+@atexit.register
+def _close_open_banks() -> None:
+    """Close every bank the program forgot: accepted work is committed and answered.
+
+    `atexit` runs after the interpreter has joined the program's non-daemon threads
+    (which may still have been using a bank) and before it stops the daemon ones.
+    """
+    with _OPEN_LOCK:
+        lives = list(_OPEN)
+    for life in lives:
+        try:
+            life.close()
+        except Exception:
+            log.exception("closing a forgotten bank at exit failed")
 
 
 def _releaser(engine: Engine | None, file_lock: FileLock | None) -> Callable[[], None]:
@@ -291,8 +326,8 @@ class Bank:
         # The release must not hold the Bank (a bound method would): see `_Lifecycle`.
         release = _releaser(self._engine, self._file_lock)
         self._life.start(self._buffer, self._workers, self._writer, release)
-        # A forgotten bank is closed when it is collected, or at exit (`atexit`).
-        weakref.finalize(self, self._life.close)
+        # A forgotten bank is closed when it is collected, or at exit (`_OPEN`).
+        weakref.finalize(self, self._life.collected).atexit = False
         # Set by the writer in every case, failure included; bounded all the same.
         started = self._writer.ready.wait(JOIN_WAIT_S_MAX)
         failure = self._writer.failure
@@ -533,6 +568,8 @@ class Bank:
         """Queue one command; its future gets the `Receipt` or the rejection.
 
         Blocks while the queue is full; with `timeout` raises `QueueFull` instead.
+        `timeout` is None or a number of seconds >= 0 (`inf`: no limit); anything
+        else (`nan`, a negative number, a bool, a str) raises `InvalidCommand`.
         """
         if type(command) not in _COMMAND_TYPES:
             raise InvalidCommand(

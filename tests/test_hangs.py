@@ -259,14 +259,24 @@ def test_a_forgotten_bank_does_not_hang_exit_and_commits_what_it_accepted(
 
 _GC_FORGETFUL = textwrap.dedent(
     """
-    import gc, sys, threading
+    import gc
+    import sys
+    import threading
+    import time
+
     import bank
 
     b = bank.Bank.open(sys.argv[1])
     b.deposit(b.open_account("a").id, 3)
     del b
-    gc.collect()
-    print(len([t for t in threading.enumerate() if t.name.startswith("bank-")]), flush=True)
+    gc.collect()  # closes it on a thread of its own ("bank-closer")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        alive = [t for t in threading.enumerate() if t.name.startswith("bank-")]
+        if not alive:
+            break
+        time.sleep(0.01)
+    print(len(alive), flush=True)
     """
 )
 
@@ -439,3 +449,22 @@ def test_inf_timeout_means_no_limit_and_nan_never_blocks(
         run_threads([blocked], timeout_s=10)  # the old engine waited forever here
         assert isinstance(outcome[0], bank.InvalidCommand)
     assert stuck.result(timeout=10) and queued.result(timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_a_finalizer_inside_a_critical_section_does_not_deadlock(ledger_path: Path) -> None:
+    b = bank.Bank.open(ledger_path)
+    a = b.open_account("a").id
+    fut = b.submit(bank.Deposit(account=a, amount=1))
+
+    def collected_mid_put() -> None:  # as if the GC ran at an allocation inside put()
+        with b._buffer._mutex:
+            b._life.collected()
+
+    run_threads([collected_mid_put], timeout_s=10)
+    assert b._life.released.wait(20)
+    assert fut.result(timeout=1).amount == 1
+    with pytest.raises(bank.BankClosed):
+        b.deposit(a, 1)
+    b.close()
+    assert bank_threads() == []

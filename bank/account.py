@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-
+from bank import lockcheck
 from bank.errors import BalanceOverflow, InsufficientFunds
 from bank.limits import BALANCE_MAX, BALANCE_MIN, CASH_ACCOUNT_ID
 
@@ -24,7 +23,7 @@ class Account:
         self.name = name
         self._overdraft_limit = overdraft_limit
         self._balance = balance
-        self.lock = threading.RLock()
+        self.lock = lockcheck.rlock("account", id)
 
     def __repr__(self) -> str:
         return f"Account(id={self.id}, name={self.name!r}, balance={self.balance}, overdraft_limit={self.overdraft_limit})"

@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from bank import lockcheck
 from bank.errors import BankClosed, QueueFull
 
 T = TypeVar("T")
@@ -43,7 +44,7 @@ class BoundedBuffer(Generic[T]):
         if type(capacity) is not int or capacity < 1:
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
         self._capacity = capacity
-        self._mutex = threading.Lock()
+        self._mutex = lockcheck.lock("buffer")
         self._not_empty = threading.Condition(self._mutex)
         self._put_waiters: deque[tuple[threading.Condition, int]] = deque()
         self._items: deque[tuple[T, int]] = deque()

@@ -12,12 +12,15 @@ the writer's lock. The buffer's and the key claims' locks are leaves.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, wait
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
+from bank import lockcheck
 from bank.account import Account
 from bank.buffer import BoundedBuffer
 from bank.commands import (
@@ -41,10 +45,11 @@ from bank.errors import (
     AccountNameTaken,
     AccountNotFound,
     BankClosed,
-    BankError,
     CannotAudit,
+    CloseFromBankThread,
     InsufficientFunds,
     InvalidCommand,
+    LedgerUnavailable,
     NotALedger,
     QueueFull,
 )
@@ -64,6 +69,7 @@ from bank.limits import (
     COMMIT_BATCH_OPS_MAX,
     JOIN_WAIT_S_MAX,
     KEY_LENGTH_MAX,
+    KEY_WAIT_S_MAX,
     QUEUE_CAPACITY_DEFAULT,
     QUEUE_CAPACITY_MAX,
     SUBMIT_CHUNK_OPS_MAX,
@@ -105,6 +111,163 @@ def _check_int(value: object, what: str, low: int, high: int) -> int:
     return value
 
 
+def _check_timeout(timeout: object) -> float | None:
+    """A `timeout=` argument: None or a real number >= 0 (not a bool).
+
+    `inf`, and anything past `threading.TIMEOUT_MAX` (where a wait would raise
+    `OverflowError`), means no limit, like None.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise InvalidCommand(f"timeout must be None or a number of seconds >= 0 (got {timeout!r})")
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # an int too large for a float: longer than any wait
+        seconds = math.inf
+    if math.isnan(seconds) or seconds < 0:
+        raise InvalidCommand(f"timeout must be None or a number of seconds >= 0 (got {timeout!r})")
+    return None if seconds > threading.TIMEOUT_MAX else seconds
+
+
+class _Lifecycle:
+    """Ends a bank's threads and, only once the last has ended, releases its ledger.
+
+    Shared by `Bank.close()`, the `Bank`'s finalizer (a forgotten bank that is
+    collected) and an `atexit` hook, so it holds no reference to the `Bank`
+    itself. The bank's threads are daemons: exit first waits for the program's
+    own threads (which may still use the bank), then the `atexit` hook closes
+    every bank still open, which drains the queue and commits and answers every
+    accepted job before the interpreter stops. Shutdown runs in
+    dependency order, each step started by the thread it waits for: the closed
+    buffer lets the workers drain and exit; the last worker to exit stops the
+    writer; the writer, after answering its last record, releases the flock and
+    the engine. So the lock is never released while a bank thread is alive, even
+    when `close()` gives up waiting on a stuck done-callback.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.closed = False  # under `lock`
+        self.released = threading.Event()  # every bank thread is gone; the ledger is free
+        self.buffer: BoundedBuffer[Job] | None = None
+        self.workers: list[Worker] = []
+        self.writer: LedgerWriter | None = None
+        self.release: Callable[[], None] = lambda: None
+        self._live_workers = 0
+
+    def start(
+        self,
+        buffer: BoundedBuffer[Job],
+        workers: list[Worker],
+        writer: LedgerWriter,
+        release: Callable[[], None],
+    ) -> None:
+        """Take charge of the threads (not started yet) and of releasing the ledger."""
+        self.buffer, self.workers, self.writer, self.release = buffer, workers, writer, release
+        self._live_workers = len(workers)
+        for worker in workers:
+            worker.on_exit = self._worker_exited
+        writer.on_exit = self._writer_exited
+        with _OPEN_LOCK:
+            _OPEN.add(self)
+        writer.start()
+        for worker in workers:
+            worker.start()
+
+    def _worker_exited(self) -> None:
+        with self.lock:
+            self._live_workers -= 1
+            last = self._live_workers == 0
+        if last and self.writer is not None:
+            self.writer.stop()  # nothing can stage transfers any more
+
+    def _writer_exited(self) -> None:
+        try:
+            self.release()
+        finally:
+            self.released.set()
+            with _OPEN_LOCK:
+                _OPEN.discard(self)
+
+    def on_bank_thread(self) -> bool:
+        """True if the caller is one of the bank's threads."""
+        me = threading.current_thread()
+        return me is self.writer or me in self.workers
+
+    def collected(self) -> None:
+        """The `Bank` was garbage-collected unclosed: close it from a thread of its own.
+
+        A collection can run on any thread at any allocation, also inside one of
+        the bank's critical sections (a worker in the buffer's lock): closing
+        inline could take a lock that thread already holds.
+        """
+        threading.Thread(target=self.close, name="bank-closer", daemon=True).start()
+
+    def close(self, wait_s: float = JOIN_WAIT_S_MAX) -> None:
+        """Stop intake and wait (up to `wait_s`) for every thread to finish; idempotent.
+
+        Every caller waits for the same thing (the ledger released by the last
+        thread), so concurrent closers all return once the bank is shut. On a bank
+        thread (a finalizer run by the garbage collector there) it only starts the
+        shutdown: a thread cannot wait for itself.
+        """
+        with self.lock:
+            first = not self.closed
+            self.closed = True
+        if self.buffer is None:  # never started
+            return
+        if first:
+            self.buffer.close()  # queued jobs still drain; blocked submitters get BankClosed
+        if self.on_bank_thread():
+            return
+        if not self.released.wait(wait_s):
+            stuck = [t.name for t in (*self.workers, self.writer) if t and t.is_alive()]
+            log.error(
+                "threads still running %s s after close (a slow done-callback?): %s; "
+                "the ledger stays locked until the last of them ends",
+                wait_s,
+                stuck,
+            )
+            return
+        for thread in (*self.workers, self.writer):
+            if thread is not None:
+                thread.join()  # past its last step (the release): ends at once
+
+
+#: Banks whose threads run, closed by `_close_open_banks` at exit (removed at release).
+_OPEN: set[_Lifecycle] = set()
+_OPEN_LOCK = threading.Lock()
+
+
+@atexit.register
+def _close_open_banks() -> None:
+    """Close every bank the program forgot: accepted work is committed and answered.
+
+    `atexit` runs after the interpreter has joined the program's non-daemon threads
+    (which may still have been using a bank) and before it stops the daemon ones.
+    """
+    with _OPEN_LOCK:
+        lives = list(_OPEN)
+    for life in lives:
+        try:
+            life.close()
+        except Exception:
+            log.exception("closing a forgotten bank at exit failed")
+
+
+def _releaser(engine: Engine | None, file_lock: FileLock | None) -> Callable[[], None]:
+    """What frees a ledger, without a reference to its `Bank` (so a forgotten one is collected)."""
+
+    def release() -> None:
+        if engine is not None:
+            engine.dispose()
+        if file_lock is not None:
+            file_lock.release()
+
+    return release
+
+
 class Bank:
     """A bank on a durable ledger. Use `Bank.open(...)`; every method is thread-safe."""
 
@@ -128,9 +291,7 @@ class Bank:
             ) from None
         self._url = ledger_url(db)
         self._path = sqlite_path(self._url)
-        self._state_lock = threading.Lock()
-        self._closed = False
-        self._shut = threading.Event()  # set when close() has finished
+        self._life = _Lifecycle()
         self._file_lock: FileLock | None = None
         self._engine: Engine | None = None
         if self._path is not None:
@@ -162,9 +323,18 @@ class Bank:
             Worker(i, self._buffer, self._accounts, self._writer, self._claims, self._engine)
             for i in range(workers)
         ]
-        self._writer.start()
-        for worker in self._workers:
-            worker.start()
+        # The release must not hold the Bank (a bound method would): see `_Lifecycle`.
+        release = _releaser(self._engine, self._file_lock)
+        self._life.start(self._buffer, self._workers, self._writer, release)
+        # A forgotten bank is closed when it is collected, or at exit (`_OPEN`).
+        weakref.finalize(self, self._life.collected).atexit = False
+        # Set by the writer in every case, failure included; bounded all the same.
+        started = self._writer.ready.wait(JOIN_WAIT_S_MAX)
+        failure = self._writer.failure
+        if failure is not None or not started:
+            self._life.close()
+            why = failure if failure is not None else f"not ready within {JOIN_WAIT_S_MAX} s"
+            raise LedgerUnavailable(f"the ledger writer could not start: {why}") from failure
 
     @classmethod
     def open(
@@ -207,7 +377,7 @@ class Bank:
                 f"{self._url.database}: balances sum to {total}, not 0: the ledger was altered; "
                 "run `bank audit` to locate the damage"
             )
-        self._registry_lock = threading.Lock()
+        self._registry_lock = lockcheck.lock("registry")
         self._accounts: dict[int, Account] = {
             r.id: Account(r.id, r.name, r.overdraft_limit, r.balance) for r in rows
         }
@@ -237,7 +407,7 @@ class Bank:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if self._life.closed else "open"
         return f"<Bank {self._url.render_as_string(hide_password=True)} {state}>"
 
     @property
@@ -248,50 +418,40 @@ class Bank:
     @property
     def closed(self) -> bool:
         """True once `close()` has begun."""
-        with self._state_lock:
-            return self._closed
+        with self._life.lock:
+            return self._life.closed
 
     def close(self) -> None:
         """Stop accepting work, finish every accepted job, flush the ledger, join all threads.
 
-        Idempotent; concurrent callers all return once the bank is fully closed.
+        Idempotent; concurrent callers all return once the bank is fully closed. It
+        waits up to `JOIN_WAIT_S_MAX` for a done-callback that is still running;
+        past that it returns and the ledger stays locked (`LedgerBusy` for others)
+        until the last bank thread has ended. Raises `CloseFromBankThread` on one of
+        the bank's own threads (a done-callback), which it would wait for.
         """
-        me = threading.current_thread()
-        if me is self._writer or me in self._workers:
-            raise BankError(
-                "close() cannot run on the bank's own threads (for example in a future's callback)"
+        if self._life.on_bank_thread():
+            raise CloseFromBankThread(
+                "close() cannot run on the bank's own threads (it was called from a "
+                "future's done-callback): call it from another thread"
             )
-        with self._state_lock:
-            first = not self._closed
-            self._closed = True
-        if first:
-            self._buffer.close()  # queued jobs still drain; blocked submitters get BankClosed
-            for worker in self._workers:
-                worker.join(JOIN_WAIT_S_MAX)
-            self._writer.stop()
-            self._writer.join(JOIN_WAIT_S_MAX)
-            stuck = [t.name for t in (*self._workers, self._writer) if t.is_alive()]
-            if stuck:
-                log.error("threads still running after close: %s", stuck)
-            self._release_resources()
-            self._shut.set()
-        else:
-            self._shut.wait()
+        self._life.close(JOIN_WAIT_S_MAX)
 
     def _release_resources(self) -> None:
-        if self._engine is not None:
-            self._engine.dispose()
-        if self._file_lock is not None:
-            self._file_lock.release()
+        """Dispose the engine and drop the flock: only once no bank thread runs."""
+        _releaser(self._engine, self._file_lock)()
 
     def _check_open(self) -> None:
-        with self._state_lock:
-            if self._closed:
-                raise BankClosed("the bank is closed")
+        self._check_not_closed()
         if self._writer.broken.is_set():  # lock-free: this runs on every submit
             failure = self._writer.failure
             assert failure is not None
             raise failure
+
+    def _check_not_closed(self) -> None:
+        with self._life.lock:
+            if self._life.closed:
+                raise BankClosed("the bank is closed")
 
     # -- accounts ----------------------------------------------------------------------
 
@@ -408,11 +568,15 @@ class Bank:
         """Queue one command; its future gets the `Receipt` or the rejection.
 
         Blocks while the queue is full; with `timeout` raises `QueueFull` instead.
+        `timeout` is None or a number of seconds >= 0 (`inf`: no limit); anything
+        else (`nan`, a negative number, a bool, a str) raises `InvalidCommand`.
         """
         if type(command) not in _COMMAND_TYPES:
             raise InvalidCommand(
                 f"submit takes a bank.Deposit, Withdrawal or Transfer (got {type(command).__name__})"
             )
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
         self._check_open()
         future: Future[Receipt] = Future()
         self._buffer.put(([command], [future]), 1, timeout)
@@ -434,6 +598,8 @@ class Bank:
                     raise InvalidCommand(
                         f"submit_many: item {i} is a {type(command).__name__}, not a Deposit, Withdrawal or Transfer"
                     )
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
         self._check_open()
         futures: list[Future[Receipt]] = [Future() for _ in batch]
         chunk = min(SUBMIT_CHUNK_OPS_MAX, self._buffer.capacity)
@@ -488,9 +654,10 @@ class Bank:
         self._check_open()
         # An operation with this key in flight is answered first, so that `find`
         # never reports "no such key" for an operation that was already accepted.
-        holder = self._claims.holder(key)
-        if holder is not None:
-            wait([holder])
+        # The claim is released just before the answer, once the row is committed;
+        # the wait ends then, at close() (`BankClosed`) or at its deadline (`KeyInFlight`).
+        if self._claims.holder(key) is not None:
+            self._claims.wait_released(key, KEY_WAIT_S_MAX)
         assert self._engine is not None
         with self._engine.connect() as conn:
             return store.find_receipts(conn, [key]).get(key)
@@ -505,7 +672,8 @@ class Bank:
             return list(store.history(conn, account_id, limit=limit))
 
     def stats(self) -> BankStats:
-        """Counters of the queue and the ledger writer."""
+        """Counters of the queue and the ledger writer; raises `BankClosed` after `close()`."""
+        self._check_not_closed()
         queue = self._buffer.stats()
         writer = self._writer.stats()
         return BankStats(

@@ -1,4 +1,15 @@
-"""The error hierarchy: every expected failure is a `BankError` named like a sentence."""
+"""The error hierarchy: every expected failure is a `BankError` named like a sentence.
+
+The outcome model (what an answer means for an operation):
+- a `Receipt`: committed and durable;
+- a refusal (`InvalidCommand`, `AccountNotFound`, `InsufficientFunds`,
+  `BalanceOverflow`, `IdempotencyConflict`, `QueueFull`, `KeyInFlight`, ...):
+  nothing changed, nothing was written, a keyed refusal leaves its key free;
+- `BankClosed`: refused because the bank was closed; nothing changed;
+- `LedgerUnavailable` on an operation in flight: the outcome is unknown (its
+  commit may have reached the disk); reopen the ledger and `find(key)` tells.
+An operation the bank knows it committed is only ever answered with its receipt.
+"""
 
 
 class BankError(Exception):
@@ -37,12 +48,24 @@ class QueueFull(BankError):
     """The job queue stayed full for the whole `timeout` of a submit."""
 
 
+class KeyInFlight(BankError):
+    """An operation with the same idempotency key stayed unanswered past the wait's deadline;
+    this one changed nothing (retry it)."""
+
+
 class BankClosed(BankError):
-    """The bank was closed: it accepts no more calls (you closed it)."""
+    """The bank was closed (you closed it, or the program is exiting): nothing was changed."""
+
+
+class CloseFromBankThread(BankError):
+    """`close()` was called on one of the bank's own threads (a future's done-callback):
+    it would wait for itself; close from another thread."""
 
 
 class LedgerUnavailable(BankError):
-    """The ledger could not be written; the bank stopped to keep memory and disk equal (it broke)."""
+    """The ledger could not be written (it broke), so the bank stopped: on an operation in
+    flight the outcome is UNKNOWN (its commit may have reached the disk): after reopening,
+    `find(key)` tells whether it was committed."""
 
 
 class NotALedger(BankError):

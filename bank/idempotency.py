@@ -10,8 +10,11 @@ number of keys ever used.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 
+from bank import lockcheck
+from bank.errors import BankClosed, KeyInFlight
 from bank.records import Receipt
 
 
@@ -19,7 +22,12 @@ class KeyClaims:
     """Who is working on which key right now."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = lockcheck.lock("claims")
+        # Whoever waits for a key to be released waits here; releases notify it, and
+        # only when someone waits (`_waiting`), so the writer's release stays cheap.
+        self._released = threading.Condition(self._lock)
+        self._waiting = 0
+        self._closed = False
         self._claims: dict[str, Future[Receipt]] = {}
 
     def claim(self, key: str, future: Future[Receipt]) -> Future[Receipt] | None:
@@ -30,6 +38,54 @@ class KeyClaims:
                 self._claims[key] = future
             return holder
 
+    def claim_when_free(self, key: str, future: Future[Receipt], timeout: float) -> None:
+        """Claim `key` for `future`, waiting (at most `timeout` s) for its holder to let go.
+
+        Raises `KeyInFlight` past the deadline (nothing was changed) and `BankClosed`
+        once `close()` has given up on the claims.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._waiting += 1
+            try:
+                while (holder := self._claims.get(key)) is not None and holder is not future:
+                    if self._closed:
+                        raise BankClosed("the bank closed while this operation waited for its key")
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise KeyInFlight(
+                            f"the operation holding key {key!r} was not answered within "
+                            f"{timeout} s; nothing was changed"
+                        )
+                    self._released.wait(remaining)
+                self._claims[key] = future
+            finally:
+                self._waiting -= 1
+
+    def wait_released(self, key: str, timeout: float) -> None:
+        """Wait (at most `timeout` s) until no operation holds `key`; raises like `claim_when_free`."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._waiting += 1
+            try:
+                while key in self._claims:
+                    if self._closed:
+                        raise BankClosed("the bank closed while this call waited for its key")
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise KeyInFlight(
+                            f"the operation holding key {key!r} was not answered within {timeout} s"
+                        )
+                    self._released.wait(remaining)
+            finally:
+                self._waiting -= 1
+
+    def close(self) -> None:
+        """End every wait for a key (with `BankClosed`): the bank's threads are gone."""
+        with self._lock:
+            self._closed = True
+            self._released.notify_all()
+
     def holder(self, key: str) -> Future[Receipt] | None:
         """The future of the operation working on `key` right now, if any."""
         with self._lock:
@@ -39,18 +95,24 @@ class KeyClaims:
         """Give the key up: call after the ledger has it (or the operation was refused)."""
         with self._lock:
             self._claims.pop(key, None)
+            if self._waiting:
+                self._released.notify_all()
 
     def release_if_owner(self, key: str, future: Future[Receipt]) -> None:
         """Release `key` only if `future` holds it (error paths, where ownership is unsure)."""
         with self._lock:
             if self._claims.get(key) is future:
                 del self._claims[key]
+                if self._waiting:
+                    self._released.notify_all()
 
     def release_many(self, keys: list[str]) -> None:
         """`release` for a committed batch, under one acquisition."""
         with self._lock:
             for key in keys:
                 self._claims.pop(key, None)
+            if self._waiting:
+                self._released.notify_all()
 
     def __len__(self) -> int:
         with self._lock:

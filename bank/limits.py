@@ -43,5 +43,9 @@ SUBMIT_CHUNK_OPS_MAX: Final = 256
 
 #: How long `Bank.open` waits for SQLite's write lock before giving up.
 BUSY_TIMEOUT_MS: Final = 5000
-#: How long close() waits for a thread before reporting it stuck.
+#: How long close() waits for a thread before reporting it stuck (the ledger's lock is
+#: then released by the last bank thread to exit, never while one still runs).
 JOIN_WAIT_S_MAX: Final = 60.0
+#: How long an operation (or `find`) waits for another in-flight operation with the
+#: same idempotency key to be answered before giving up with `KeyInFlight`.
+KEY_WAIT_S_MAX: Final = 60.0

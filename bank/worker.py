@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Mapping
-from concurrent.futures import Future, wait
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from operator import attrgetter
 
 from sqlalchemy import Connection, Engine
@@ -23,8 +22,8 @@ from bank.commands import AnyCommand, Deposit, Transfer
 from bank.errors import AccountNotFound, BankError, IdempotencyConflict, LedgerUnavailable
 from bank.idempotency import KeyClaims
 from bank.ledger.store import find_receipts
-from bank.ledger.writer import LedgerWriter
-from bank.limits import CASH_ACCOUNT_ID, WORKER_BATCH_OPS_MAX
+from bank.ledger.writer import LedgerWriter, settle
+from bank.limits import CASH_ACCOUNT_ID, KEY_WAIT_S_MAX, WORKER_BATCH_OPS_MAX
 from bank.records import Receipt
 
 log = logging.getLogger(__name__)
@@ -38,15 +37,16 @@ _key_of = attrgetter("key")
 def answer_duplicate(command: AnyCommand, receipt: Receipt, future: Future[Receipt]) -> None:
     """Answer a repeated key from the ledger: the original receipt, or a conflict."""
     if receipt.signature() == command.signature():
-        future.set_result(receipt)
+        settle(future, receipt)
     else:
-        future.set_exception(
-            IdempotencyConflict(
+        settle(
+            future,
+            error=IdempotencyConflict(
                 f"key {command.key!r} was used at seq {receipt.seq} for {receipt.kind} "
                 f"{receipt.debit_account}->{receipt.credit_account} amount {receipt.amount}; "
                 f"this {command.kind} {command.debit_account}->{command.credit_account} "
                 f"amount {command.amount} is a different command"
-            )
+            ),
         )
 
 
@@ -61,8 +61,12 @@ class Worker(threading.Thread):
         writer: LedgerWriter,
         claims: KeyClaims,
         engine: Engine,
+        on_exit: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(name=f"bank-worker-{index}")
+        # A daemon so that a forgotten bank cannot hold up exit; the bank's finalizer
+        # drains it at exit (see `bank.engine._Lifecycle`).
+        super().__init__(name=f"bank-worker-{index}", daemon=True)
+        self.on_exit = on_exit  # told when this thread ends, however it ends
         self._buffer = buffer
         self._accounts = accounts
         self._writer = writer
@@ -71,17 +75,21 @@ class Worker(threading.Thread):
         self._conn: Connection | None = None
 
     def run(self) -> None:
-        # One connection per worker, for idempotency look-ups (thread-local by construction).
-        self._conn = self._engine.connect()
         try:
-            while True:
-                jobs = self._buffer.get_many(WORKER_BATCH_OPS_MAX)
-                if not jobs:
-                    return
-                for commands, futures in jobs:
-                    self._run_job(commands, futures)
+            # One connection per worker, for idempotency look-ups (thread-local by construction).
+            self._conn = self._engine.connect()
+            try:
+                while True:
+                    jobs = self._buffer.get_many(WORKER_BATCH_OPS_MAX)
+                    if not jobs:
+                        return
+                    for commands, futures in jobs:
+                        self._run_job(commands, futures)
+            finally:
+                self._conn.close()
         finally:
-            self._conn.close()
+            if self.on_exit is not None:
+                self.on_exit()
 
     def _run_job(self, commands: list[AnyCommand], futures: list[Future[Receipt]]) -> None:
         try:
@@ -91,7 +99,7 @@ class Worker(threading.Thread):
             error = LedgerUnavailable(f"the ledger could not be read ({type(exc).__name__}: {exc})")
             for future in futures:
                 if future.set_running_or_notify_cancel():
-                    future.set_exception(error)
+                    settle(future, error=error)
             return
         for command, future in zip(commands, futures, strict=True):
             try:
@@ -102,13 +110,18 @@ class Worker(threading.Thread):
                 if command.key is not None and self._answered_by_ledger(command, future, known):
                     continue
                 self._apply(command, future)
+            except BankError as exc:  # a refusal found before anything changed (KeyInFlight)
+                if command.key is not None:
+                    self._claims.release_if_owner(command.key, future)
+                if not future.done():
+                    settle(future, error=exc)
             except Exception as exc:
                 # A bug or a failed read, not a rejection: keep the worker alive.
                 log.error("worker failed on %r", command, exc_info=True)
                 if command.key is not None:
                     self._claims.release_if_owner(command.key, future)
                 if not future.done():
-                    future.set_exception(exc)
+                    settle(future, error=exc)
 
     # -- idempotency ---------------------------------------------------------------
 
@@ -153,14 +166,11 @@ class Worker(threading.Thread):
         assert key is not None
         owner, receipt = known.get(key, (None, None))
         if owner is not future:
-            # Someone (maybe an earlier command of this job) holds the key: wait for
-            # their answer. No lock is held here, and the writer never waits on a
-            # worker, so this wait always ends.
-            while (holder := self._claims.claim(key, future)) is not None:
-                if holder.done():
-                    time.sleep(0.001)  # answered (or cancelled): its claim is being dropped
-                else:
-                    wait([holder])
+            # Someone (maybe an earlier command of this job) holds the key: wait until
+            # it is released (the writer notifies as it answers). No lock is held here
+            # and the writer never waits on a worker, so this ends; the deadline bounds
+            # it all the same (`KeyInFlight`, nothing changed).
+            self._claims.claim_when_free(key, future, KEY_WAIT_S_MAX)
             receipt = self._lookup([key]).get(key)
         if receipt is None:
             return False  # we own the claim; the writer releases it

@@ -10,6 +10,35 @@ from pathlib import Path
 import pytest
 
 import bank
+from bank import lockcheck
+
+#: Test modules that run with the lock-order checker on (and fast thread switching).
+_LOCK_CHECKED = frozenset(
+    {"tests.test_contention", "tests.test_stateful", "tests.test_hangs", "tests.test_outcomes"}
+)
+
+
+@pytest.fixture(autouse=True)
+def _lock_order_checked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """In `_LOCK_CHECKED` modules, check every lock's order; any violation fails the test.
+
+    Violations are recorded even when the `LockOrderViolation` was swallowed (a
+    worker turns exceptions into answers), so the test fails at teardown.
+    """
+    if request.module.__name__ not in _LOCK_CHECKED and not lockcheck.is_enabled():
+        yield  # with BANK_LOCK_CHECK=1 in the environment, every module is checked
+        return
+    lockcheck.reset()
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        with lockcheck.enabled(True):
+            yield
+    finally:
+        sys.setswitchinterval(old)
+    found = lockcheck.violations()
+    lockcheck.reset()
+    assert not found, f"lock-order violations: {found}"
 
 
 @pytest.fixture

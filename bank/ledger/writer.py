@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from itertools import chain
@@ -28,7 +28,8 @@ from typing import Any
 from sqlalchemy import Dialect, Engine, bindparam, insert, update
 from sqlalchemy.sql.expression import ClauseElement
 
-from bank.errors import BankError, LedgerUnavailable
+from bank import lockcheck
+from bank.errors import BankClosed, BankError, LedgerUnavailable
 from bank.idempotency import KeyClaims
 from bank.ledger.chain import account_event_hash, transfer_hash
 from bank.ledger.models import account_events, accounts, transfers
@@ -61,6 +62,23 @@ _KEY_INDEX = _RECEIPT_COLUMNS.index("key")
 _KEYLESS_COLUMNS = tuple(c for c in _RECEIPT_COLUMNS if c != "key")
 #: Builds a `Receipt` without the NamedTuple's Python-level `__new__` (70 ns, not 170).
 _new_receipt = tuple.__new__
+
+
+def settle(future: Future[Any], result: Any = None, *, error: BaseException | None = None) -> None:
+    """Answer `future`; a done-callback's exception, even `SystemExit`, goes to the log.
+
+    `Future` catches only `Exception` from callbacks: anything else would escape
+    `set_result` into the answering thread (the writer, mid-batch) and change
+    other futures' answers. A callback cannot stop a bank thread: `KeyboardInterrupt`
+    and `SystemExit` raised there are logged, not obeyed.
+    """
+    try:
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+    except BaseException:
+        log.exception("a future's done-callback raised; the answer stands")
 
 
 def page_sizes(rows: int, largest: int) -> Iterator[int]:
@@ -108,12 +126,16 @@ class LedgerWriter(threading.Thread):
         event_seq: int,
         event_head_hash: str,
         commit_ops_max: int = COMMIT_BATCH_OPS_MAX,
+        on_exit: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(name="bank-ledger-writer")
+        # A daemon so that a forgotten bank cannot hold up exit; the bank's finalizer
+        # drains it at exit (see `bank.engine._Lifecycle`).
+        super().__init__(name="bank-ledger-writer", daemon=True)
+        self.on_exit = on_exit  # told when this thread ends, after its last answer
         self._engine = engine
         self._claims = claims
         self._commit_ops_max = commit_ops_max
-        self._lock = threading.Lock()
+        self._lock = lockcheck.lock("writer")
         # Workers notify `_wake` when they stage into an idle writer.
         self._wake = threading.Condition(self._lock)
         # The writer notifies `_progress` after every batch it has answered.
@@ -121,6 +143,9 @@ class LedgerWriter(threading.Thread):
         self._pending: list[tuple[Any, ...]] = []
         self._idle = False
         self._stopping = False
+        self._exited = False  # the thread has answered its last record and ended
+        #: Set once the writer is ready to write, or failed to get ready (see `failure`).
+        self.ready = threading.Event()
         self._failure: LedgerUnavailable | None = None
         #: Set once `_failure` is: callers check it without taking the writer's lock.
         self.broken = threading.Event()
@@ -186,8 +211,17 @@ class LedgerWriter(threading.Thread):
     def stage_account_event(
         self, kind: str, account_id: int, name: str, overdraft_limit: int, future: Future[Any]
     ) -> None:
-        """Queue an account opening ('open') or limit change ('limit'); `future` gets its event seq."""
+        """Queue an account opening ('open') or limit change ('limit'); `future` gets its event seq.
+
+        Raises `BankClosed` (nothing staged) once the writer is stopping: callers
+        outside the workers may race `close()`, and a record staged after the last
+        batch would never be answered. Raises the failure if the ledger broke.
+        """
         with self._lock:
+            if self._stopping or self._exited:
+                raise BankClosed("the bank is closed: it accepts no more operations")
+            if self._failure is not None:
+                raise self._failure
             seq = self._event_seq + 1
             ts_us = time.time_ns() // 1000
             head = account_event_hash(
@@ -229,6 +263,8 @@ class LedgerWriter(threading.Thread):
             while self._done < position:
                 if self._failure is not None:
                     raise self._failure
+                if self._exited:  # only if the thread died of a bug: never wait for it
+                    raise BankClosed("the ledger writer has stopped")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"the ledger did not catch up within {timeout} s")
@@ -257,7 +293,11 @@ class LedgerWriter(threading.Thread):
             )
 
     def stop(self) -> None:
-        """Finish what is pending, then end the thread (the caller joins it)."""
+        """Finish what is pending, then end the thread (the caller joins it).
+
+        Called once no worker can stage any more (the last worker to exit calls it);
+        account events staged after it are refused with `BankClosed`.
+        """
         with self._lock:
             self._stopping = True
             self._wake.notify()
@@ -275,13 +315,35 @@ class LedgerWriter(threading.Thread):
         # handful of statements whose texts are compiled from the Core tables once,
         # and SQLAlchemy's per-statement work (about 7 us each) would be most of a
         # small commit's Python time.
-        conn = self._engine.connect()
-        driver = conn.connection.driver_connection
-        assert driver is not None, "a live pooled connection has a driver connection"
-        cursor = driver.cursor()
+        try:
+            self._run()
+        finally:
+            with self._lock:
+                self._exited = True
+                left, self._pending = self._pending, []
+                failure = self._failure
+                self._progress.notify_all()
+            if left:  # only after a bug in the loop itself: still, no future stays pending
+                self._fail(left, failure or BankClosed("the ledger writer stopped"))
+            self.ready.set()
+            self._claims.close()
+            if self.on_exit is not None:
+                self.on_exit()
+
+    def _run(self) -> None:
+        conn = cursor = None
         committed: _Prepared | None = None  # durable, not yet answered
         try:
-            self._configure(driver)
+            try:
+                conn = self._engine.connect()
+                driver = conn.connection.driver_connection
+                assert driver is not None, "a live pooled connection has a driver connection"
+                cursor = driver.cursor()
+                self._configure(driver)
+            except BaseException as exc:  # the loop below then fails everything staged
+                self._broke(exc)
+            finally:
+                self.ready.set()
             while True:
                 with self._lock:
                     while not self._pending and not self._stopping and committed is None:
@@ -297,14 +359,20 @@ class LedgerWriter(threading.Thread):
                     committed = self._cycle(cursor, batch, committed, failure)
                 except BaseException as exc:  # a bug: never leave a future pending
                     broken = self._broke(exc)
-                    left = batch + (committed.batch if committed is not None else [])
+                    answered = len(batch)
+                    if committed is not None and not committed.answered:
+                        # Durable: its operations get their receipts, never a failure.
+                        self._answer_left(committed)
+                        answered += len(committed.batch)
                     self._fail(
-                        [r for r in left if not _future_of(r).done()], broken, answered=len(left)
+                        [r for r in batch if not _future_of(r).done()], broken, answered=answered
                     )
                     committed = None
         finally:
-            cursor.close()
-            conn.close()
+            if cursor is not None:
+                cursor.close()
+            if conn is not None:
+                conn.close()
 
     def _configure(self, driver: Any) -> None:
         """Size the statement pages for this connection's limit of bound variables."""
@@ -344,8 +412,11 @@ class LedgerWriter(threading.Thread):
     def _broke(self, exc: BaseException) -> LedgerUnavailable:
         """Record that the ledger can no longer be written; returns the error to answer with."""
         log.error("ledger commit failed; the bank stops accepting work", exc_info=exc)
+        # A COMMIT that raised may still have reached the disk (an fsync error after the
+        # WAL frames were written is replayed at the next open): the outcome is unknown.
         failure = LedgerUnavailable(
-            f"the ledger could not be written ({type(exc).__name__}: {exc})"
+            f"the ledger could not be written ({type(exc).__name__}: {exc}); the outcome of "
+            "operations in flight is unknown: reopen the ledger and find(key) tells"
         )
         with self._lock:
             if self._failure is None:
@@ -414,16 +485,22 @@ class LedgerWriter(threading.Thread):
         if done.keys:
             self._claims.release_many(done.keys)
         for rec in done.batch:
-            tag = rec[0]
-            if tag == _TRANSFER:
-                rec[1].set_result(rec[2])
-            elif tag == _REJECT:
-                _, future, error, key = rec
-                if key is not None:
-                    self._claims.release(key)
-                future.set_exception(error)
-            elif tag == _EVENT:
-                rec[1].set_result(rec[2]["seq"])
+            # A done-callback runs inside set_result; whatever it raises (SystemExit
+            # included) must not reach this loop (the try costs nothing until it raises).
+            try:
+                tag = rec[0]
+                if tag == _TRANSFER:
+                    rec[1].set_result(rec[2])
+                elif tag == _REJECT:
+                    _, future, error, key = rec
+                    if key is not None:
+                        self._claims.release(key)
+                    future.set_exception(error)
+                elif tag == _EVENT:
+                    rec[1].set_result(rec[2]["seq"])
+            except BaseException:
+                log.exception("a future's done-callback raised; the answer stands")
+        done.answered = True
         with self._lock:
             if done.last_seq:
                 self._committed_seq = done.last_seq
@@ -432,6 +509,23 @@ class LedgerWriter(threading.Thread):
             self._rows += len(done.rows)
             self._rejected += done.rejected
             self._progress.notify_all()
+
+    def _answer_left(self, done: _Prepared) -> None:
+        """Answer what a committed batch left unanswered (after a bug): receipts, durable."""
+        self._claims.release_many(done.keys)
+        for rec in done.batch:
+            future = _future_of(rec)
+            if future.done():
+                continue
+            if rec[0] == _TRANSFER:
+                settle(future, rec[2])
+            elif rec[0] == _REJECT:
+                if rec[3] is not None:
+                    self._claims.release(rec[3])
+                settle(future, error=rec[2])
+            else:
+                settle(future, rec[2]["seq"])
+        done.answered = True
 
     def _insert_transfers(self, cursor: Any, rows: list[Receipt], *, keyed: bool) -> None:
         """Insert rows as multi-row INSERT pages (SQLAlchemy's "insertmanyvalues" technique).
@@ -489,7 +583,7 @@ class LedgerWriter(threading.Thread):
             key = rec[2].key if rec[0] == _TRANSFER else rec[3] if rec[0] == _REJECT else None
             if key is not None:
                 self._claims.release(key)
-            future.set_exception(failure)
+            settle(future, error=failure)
         with self._lock:
             self._done += len(batch) if answered is None else answered
             self._progress.notify_all()
@@ -505,6 +599,7 @@ class _Prepared:
     keys: list[str]
     last_seq: int
     rejected: int
+    answered: bool = False
 
 
 class _Compiled:

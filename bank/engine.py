@@ -36,6 +36,8 @@ from bank.commands import (
     Transfer,
     Withdrawal,
     _check_text,
+    is_validated,
+    refusal,
 )
 from bank.errors import (
     AccountNameTaken,
@@ -78,9 +80,6 @@ if TYPE_CHECKING:
     from bank.ledger.audit import AuditReport
 
 log = logging.getLogger(__name__)
-
-#: Exact types only (no subclasses); a set so `submit_many` can test a batch in C.
-_COMMAND_TYPES = frozenset((Deposit, Withdrawal, Transfer))
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,10 +408,8 @@ class Bank:
 
         Blocks while the queue is full; with `timeout` raises `QueueFull` instead.
         """
-        if type(command) not in _COMMAND_TYPES:
-            raise InvalidCommand(
-                f"submit takes a bank.Deposit, Withdrawal or Transfer (got {type(command).__name__})"
-            )
+        if not is_validated(command):  # model_construct, model_copy, wrong type: refused
+            raise refusal(command, "submit")
         self._check_open()
         future: Future[Receipt] = Future()
         self._buffer.put(([command], [future]), 1, timeout)
@@ -428,12 +425,10 @@ class Bank:
         futures of the commands left out carry `QueueFull` (every future is answered).
         """
         batch = list(commands)
-        if not _COMMAND_TYPES.issuperset(map(type, batch)):  # then find the first bad one
+        if not all(map(is_validated, batch)):  # then name the first bad one; none is queued
             for i, command in enumerate(batch):
-                if type(command) not in _COMMAND_TYPES:
-                    raise InvalidCommand(
-                        f"submit_many: item {i} is a {type(command).__name__}, not a Deposit, Withdrawal or Transfer"
-                    )
+                if not is_validated(command):
+                    raise refusal(command, f"submit_many: item {i}")
         self._check_open()
         futures: list[Future[Receipt]] = [Future() for _ in batch]
         chunk = min(SUBMIT_CHUNK_OPS_MAX, self._buffer.capacity)

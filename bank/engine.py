@@ -47,11 +47,12 @@ from bank.errors import (
     CannotAudit,
     InsufficientFunds,
     InvalidCommand,
+    LedgerCorrupt,
     NotALedger,
     QueueFull,
 )
 from bank.idempotency import KeyClaims
-from bank.ledger import migrate, store
+from bank.ledger import migrate, store, verify
 from bank.ledger.sqlite import (
     Durability,
     FileLock,
@@ -66,6 +67,7 @@ from bank.limits import (
     COMMIT_BATCH_OPS_MAX,
     JOIN_WAIT_S_MAX,
     KEY_LENGTH_MAX,
+    OPEN_PROBLEMS_SHOWN_MAX,
     QUEUE_CAPACITY_DEFAULT,
     QUEUE_CAPACITY_MAX,
     SUBMIT_CHUNK_OPS_MAX,
@@ -180,7 +182,8 @@ class Bank:
         `durability="full"` (default) fsyncs every group commit before answering;
         `"normal"` survives a process crash but not a power loss. Raises
         `NotALedger` / `LedgerVersionError` for files it must not touch,
-        `LedgerBusy` if another `Bank` has the file open.
+        `LedgerBusy` if another `Bank` has the file open, `LedgerCorrupt` if the
+        ledger's stored state disagrees with its rows (it is left as it was).
         """
         return cls(
             db,
@@ -191,21 +194,21 @@ class Bank:
         )
 
     def _recover(self) -> None:
-        """Rebuild in-memory state from the last commit (a crash leaves a prefix of seq)."""
+        """Rebuild in-memory state from the last commit (a crash leaves a prefix of seq).
+
+        Raises `LedgerCorrupt` if the stored balances, limits or chain heads disagree
+        with the ledger's rows (see `bank.ledger.verify`): nothing is acknowledged on
+        top of an edited ledger.
+        """
         assert self._engine is not None
-        with self._engine.connect() as conn:
+        with self._engine.connect() as conn:  # one read transaction for all of it
+            report = verify.verify_ledger(conn)
             rows = store.load_accounts(conn)
             seq, head, event_seq, event_head = store.chain_heads(conn)
-        if not rows or rows[0].id != CASH_ACCOUNT_ID:
-            raise NotALedger(
-                f"{self._url.database}: the @cash account is missing; run `bank audit`"
-            )
-        total = sum(r.balance for r in rows)
-        if total != 0:
-            raise NotALedger(
-                f"{self._url.database}: balances sum to {total}, not 0: the ledger was altered; "
-                "run `bank audit` to locate the damage"
-            )
+        if not report.ok:
+            where = str(self._path) if self._path is not None else self._url.render_as_string()
+            raise LedgerCorrupt(verify.describe(report, where, OPEN_PROBLEMS_SHOWN_MAX))
+        assert rows and rows[0].id == CASH_ACCOUNT_ID  # verified above
         self._registry_lock = threading.Lock()
         self._accounts: dict[int, Account] = {
             r.id: Account(r.id, r.name, r.overdraft_limit, r.balance) for r in rows

@@ -45,3 +45,5 @@ SUBMIT_CHUNK_OPS_MAX: Final = 256
 BUSY_TIMEOUT_MS: Final = 5000
 #: How long close() waits for a thread before reporting it stuck.
 JOIN_WAIT_S_MAX: Final = 60.0
+#: Problems a `LedgerCorrupt` from `Bank.open` lists (the rest are counted).
+OPEN_PROBLEMS_SHOWN_MAX: Final = 5

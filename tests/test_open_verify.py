@@ -234,3 +234,19 @@ def test_flows_past_two_to_the_63_are_summed_exactly(tmp_path: Path) -> None:
         conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 1")
         conn.execute("UPDATE accounts SET balance = balance - 1 WHERE id = 0")
     assert "stored balance 4 but its transfers give 3" in _open_error(path)
+
+
+def test_bench_audit_open_runs_on_a_generated_ledger(tmp_path: Path) -> None:
+    # scripts/bench_audit.py --open at a tiny size: its generated ledger (raw sqlite3 rows
+    # with chain hashes) passes the open-time verification, and the timing is reported.
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_audit.py"
+    spec = importlib.util.spec_from_file_location("bank_bench_audit_script", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    argv = ["--open", "--sizes", "3000", "--cache", str(tmp_path), "--json"]
+    assert module.main(argv) == 0

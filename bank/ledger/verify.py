@@ -296,8 +296,8 @@ def describe(report: OpenReport, where: str, shown_max: int) -> str:
     """The `LedgerCorrupt` message: a headline with the count, then one line per problem."""
     count = f"{report.total} problem" + ("s" if report.total != 1 else "")
     lines = [
-        f"{where}: the ledger disagrees with itself ({count}); it was not opened and nothing "
-        f"was written. Run `bank audit --db {where}` to locate the damage:"
+        f"{where}: the ledger disagrees with itself ({count}); it was not opened. "
+        f"Run `bank audit --db {where}` to locate the damage:"
     ]
     lines += [f"  - {p}" for p in report.problems[:shown_max]]
     if report.total > shown_max:

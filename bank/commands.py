@@ -239,15 +239,14 @@ class _Sealed(set[str]):
         return (set, (list(self),))
 
 
-def _seal_instance(command: Command) -> None:
+def _seal_instance(command: Command, _set: Any = object.__setattr__) -> None:
     fields = command.__dict__
     sealed = _Sealed(command.__pydantic_fields_set__)
     sealed.fields = fields
-    if isinstance(command, Transfer):
-        sealed.values = (fields["amount"], fields["key"], fields["source"], fields["target"])
-    else:
-        sealed.values = (fields["amount"], fields["key"], fields["account"])
-    object.__setattr__(command, "__pydantic_fields_set__", sealed)
+    # pydantic fills __dict__ in field order (amount, key, then the accounts); were
+    # that to change, `is_validated` would refuse every command, never accept a bad one.
+    sealed.values = tuple(fields.values())
+    _set(command, "__pydantic_fields_set__", sealed)
 
 
 #: Exact types only: a subclass could override any field or property.
@@ -269,7 +268,7 @@ def is_validated(
     re-check: the values were checked when sealed and are immutable, and an edit
     of `__dict__` behind `frozen=True` puts a different object there (1.5 or
     True for 1 included, which `==` would let through). A new command type adds
-    a branch here and in `_seal_instance`.
+    a branch here.
     """
     kind = type(command)
     if kind is not _transfer and kind is not _deposit and kind is not _withdrawal:
@@ -281,7 +280,7 @@ def is_validated(
     try:
         if kind is _transfer:
             amount, key, source, target = seal.values
-            return bool(
+            return (
                 seal.fields is fields
                 and len(fields) == 4
                 and fields["amount"] is amount
@@ -290,7 +289,7 @@ def is_validated(
                 and fields["key"] is key
             )
         amount, key, account = seal.values
-        return bool(
+        return (
             seal.fields is fields
             and len(fields) == 3
             and fields["amount"] is amount

@@ -4,18 +4,28 @@ Building a command is where bad input is caught: a float, a bool, a numeric
 string, a zero or oversized amount, an overlong key or `source == target`
 raises `InvalidCommand` (never pydantic's own `ValidationError`), so that the
 engine's workers only ever see commands that are well formed.
+
+Pydantic also builds models without validating them (`model_construct`,
+`model_copy(update=...)`, `copy.copy`), so the engine trusts no command on its
+word: `is_validated` is the gate every entry point passes each command through.
+It asks two things, both cheap. Was this very instance validated? (The
+constructor seals it; model_construct and model_copy skip the constructor and
+every copy drops the seal.) And are its fields still, object for object, the
+ones validation accepted? (So a sealed command whose `__dict__` was edited
+afterwards is refused too.)
 """
 
 from __future__ import annotations
 
-import unicodedata
-from typing import Annotated, Any, ClassVar, Literal
+import re
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bank.errors import AccountsMustBeDifferent, InvalidCommand
 from bank.limits import (
     ACCOUNT_ID_MAX,
+    AMOUNT_MAX,
     CASH_ACCOUNT_ID,
     KEY_LENGTH_MAX,
     NAME_LENGTH_MAX,
@@ -30,11 +40,14 @@ AccountId = Annotated[int, Field(ge=0, le=ACCOUNT_ID_MAX)]
 Key = Annotated[str, Field(min_length=1, max_length=KEY_LENGTH_MAX)]
 
 
+#: Exactly Unicode categories Cc (control) and Cs (surrogate); a test compares every code point.
+_BAD_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def _check_text(value: str, what: str) -> str:
     """Keys and names end up in the hash chain as UTF-8: refuse what can't round-trip."""
-    for ch in value:
-        if unicodedata.category(ch) in ("Cc", "Cs"):
-            raise ValueError(f"{what} must not contain control characters or lone surrogates")
+    if _BAD_TEXT.search(value) is not None:
+        raise ValueError(f"{what} must not contain control characters or lone surrogates")
     return value
 
 
@@ -69,6 +82,28 @@ class Command(BaseModel):
                 else InvalidCommand
             )
             raise error(describe_validation_error(type(self).__name__, exc)) from None
+        # Only here, after validation passed: model_construct and model_copy never
+        # come this way (see `is_validated`).
+        _seal_instance(self)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **options: Any) -> Self:
+        """pydantic's validation from a mapping (or object), sealed like the constructor's."""
+        command = super().model_validate(obj, **options)
+        _seal_instance(command)
+        return command
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, **options: Any) -> Self:
+        """pydantic's validation from JSON, sealed like the constructor's."""
+        command = super().model_validate_json(json_data, **options)
+        _seal_instance(command)
+        return command
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Unpickling goes through the constructor, so a pickled command comes back
+        # validated (and sealed) or raises InvalidCommand.
+        return (_rebuild, (type(self), dict(self.__dict__)))
 
     @field_validator("key")
     @classmethod
@@ -170,6 +205,163 @@ class Transfer(Command):
 
 
 AnyCommand = Deposit | Withdrawal | Transfer
+
+
+def _rebuild(cls: type[Command], fields: dict[str, Any]) -> Command:
+    return cls(**fields)
+
+
+# -- the engine's gate: was this command validated, and is it still valid? ---------
+
+
+class _Sealed(set[str]):
+    """The fields-set of a validated command, tied to the fields it validated.
+
+    pydantic copies `__pydantic_fields_set__` with `copy()` in model_copy (with or
+    without `update`, deep or not) and pickles it: each of those gets a plain set,
+    so no copy inherits the seal. `fields` is the instance's own `__dict__` (a copy
+    has a new one), so a seal handed to `model_construct(_fields_set=...)` seals
+    nothing; holding the dict rather than an id means no new object can reuse it.
+    `values` are the field values as validated (amount, key, then the accounts).
+    """
+
+    __slots__ = ("fields", "values")
+    fields: dict[str, Any]
+    values: tuple[Any, ...]
+
+    def __copy__(self) -> set[str]:
+        return set(self)
+
+    def __deepcopy__(self, memo: object) -> set[str]:
+        return set(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (set, (list(self),))
+
+
+def _seal_instance(command: Command, _set: Any = object.__setattr__) -> None:
+    fields = command.__dict__
+    sealed = _Sealed(command.__pydantic_fields_set__)
+    sealed.fields = fields
+    # pydantic fills __dict__ in field order (amount, key, then the accounts); were
+    # that to change, `is_validated` would refuse every command, never accept a bad one.
+    sealed.values = tuple(fields.values())
+    _set(command, "__pydantic_fields_set__", sealed)
+
+
+#: Exact types only: a subclass could override any field or property.
+COMMAND_TYPES = frozenset((Deposit, Withdrawal, Transfer))
+
+
+def is_validated(
+    command: Any,
+    _transfer: type = Transfer,
+    _deposit: type = Deposit,
+    _withdrawal: type = Withdrawal,
+    _sealed: type[_Sealed] = _Sealed,
+) -> bool:
+    """True only for a Deposit, Withdrawal or Transfer that was validated and whose
+    fields are still, object for object, the ones validation accepted.
+
+    The engine calls it on every command it is given, so it is one function with
+    its names bound as fast locals: ~0.15 us. Identity (`is`) is the exact
+    re-check: the values were checked when sealed and are immutable, and an edit
+    of `__dict__` behind `frozen=True` puts a different object there (1.5 or
+    True for 1 included, which `==` would let through). A new command type adds
+    a branch here.
+    """
+    kind = type(command)
+    if kind is not _transfer and kind is not _deposit and kind is not _withdrawal:
+        return False
+    seal = command.__pydantic_fields_set__
+    if type(seal) is not _sealed:
+        return False  # model_construct, model_copy, copy.copy: never validated
+    fields = command.__dict__
+    try:
+        if kind is _transfer:
+            amount, key, source, target = seal.values
+            return (
+                seal.fields is fields
+                and len(fields) == 4
+                and fields["amount"] is amount
+                and fields["source"] is source
+                and fields["target"] is target
+                and fields["key"] is key
+            )
+        amount, key, account = seal.values
+        return (
+            seal.fields is fields
+            and len(fields) == 3
+            and fields["amount"] is amount
+            and fields["account"] is account
+            and fields["key"] is key
+        )
+    except KeyError:  # a field deleted from __dict__ (and another put in its place)
+        return False
+
+
+def _shown(value: object) -> str:
+    """A value for a one-line message, cut short (a forged key may be huge)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def _field_problem(name: str, value: object) -> str | None:
+    """Why one stored field breaks its rule, or None (the slow path of `is_validated`)."""
+    if name == "amount":
+        if type(value) is not int or not 1 <= value <= AMOUNT_MAX:
+            return f"must be an int from 1 to {AMOUNT_MAX} (got {_shown(value)})"
+    elif name == "key":
+        if value is not None and (type(value) is not str or not 1 <= len(value) <= KEY_LENGTH_MAX):
+            return (
+                f"must be None or a str of 1 to {KEY_LENGTH_MAX} characters (got {_shown(value)})"
+            )
+        if value is not None and _BAD_TEXT.search(value) is not None:
+            return f"must not contain control characters or lone surrogates (got {_shown(value)})"
+    elif type(value) is not int or not 0 <= value <= ACCOUNT_ID_MAX:
+        return f"must be an int from 1 to {ACCOUNT_ID_MAX} (got {_shown(value)})"
+    elif value == CASH_ACCOUNT_ID:
+        return f"must be a customer account, not @cash (got {_shown(value)})"
+    return None
+
+
+def refusal(command: object, where: str) -> InvalidCommand:
+    """The error for a command `is_validated` refused: the first broken field and its rule.
+
+    `where` says which call and item it was (`submit`, `submit_many: item 3`).
+    """
+    if type(command) not in COMMAND_TYPES:
+        return InvalidCommand(
+            f"{where}: takes a bank.Deposit, Withdrawal or Transfer (got {type(command).__name__})"
+        )
+    assert isinstance(command, Command)
+    kind = type(command)
+    name = kind.__name__
+    fields: dict[str, Any] = command.__dict__
+    expected = kind.model_fields
+    for field in expected:
+        if field not in fields:
+            return InvalidCommand(
+                f"{where}: {name}.{field}: missing (built without validation, by model_construct?)"
+            )
+    for field in fields:
+        if field not in expected:
+            return InvalidCommand(
+                f"{where}: {name}.{field}: unknown field (added by model_copy(update=...)?)"
+            )
+    for field, value in fields.items():
+        problem = _field_problem(field, value)
+        if problem is not None:
+            return InvalidCommand(f"{where}: {name}.{field}: {problem}")
+    if kind is Transfer and fields["source"] == fields["target"]:
+        return AccountsMustBeDifferent(
+            f"{where}: Transfer: source and target must be different accounts "
+            f"(both are {fields['source']!r})"
+        )
+    return InvalidCommand(
+        f"{where}: this {name} was not validated (made by model_construct, model_copy or "
+        f"copy): build it with {name}(...)"
+    )
 
 
 class AccountSpec(BaseModel):

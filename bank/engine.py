@@ -40,6 +40,8 @@ from bank.commands import (
     Transfer,
     Withdrawal,
     _check_text,
+    is_validated,
+    refusal,
 )
 from bank.errors import (
     AccountNameTaken,
@@ -49,12 +51,13 @@ from bank.errors import (
     CloseFromBankThread,
     InsufficientFunds,
     InvalidCommand,
+    LedgerCorrupt,
     LedgerUnavailable,
     NotALedger,
     QueueFull,
 )
 from bank.idempotency import KeyClaims
-from bank.ledger import migrate, store
+from bank.ledger import migrate, store, verify
 from bank.ledger.sqlite import (
     Durability,
     FileLock,
@@ -70,6 +73,7 @@ from bank.limits import (
     JOIN_WAIT_S_MAX,
     KEY_LENGTH_MAX,
     KEY_WAIT_S_MAX,
+    OPEN_PROBLEMS_SHOWN_MAX,
     QUEUE_CAPACITY_DEFAULT,
     QUEUE_CAPACITY_MAX,
     SUBMIT_CHUNK_OPS_MAX,
@@ -84,9 +88,6 @@ if TYPE_CHECKING:
     from bank.ledger.audit import AuditReport
 
 log = logging.getLogger(__name__)
-
-#: Exact types only (no subclasses); a set so `submit_many` can test a batch in C.
-_COMMAND_TYPES = frozenset((Deposit, Withdrawal, Transfer))
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +352,8 @@ class Bank:
         `durability="full"` (default) fsyncs every group commit before answering;
         `"normal"` survives a process crash but not a power loss. Raises
         `NotALedger` / `LedgerVersionError` for files it must not touch,
-        `LedgerBusy` if another `Bank` has the file open.
+        `LedgerBusy` if another `Bank` has the file open, `LedgerCorrupt` if the
+        ledger's stored state disagrees with its rows (it is left as it was).
         """
         return cls(
             db,
@@ -362,21 +364,21 @@ class Bank:
         )
 
     def _recover(self) -> None:
-        """Rebuild in-memory state from the last commit (a crash leaves a prefix of seq)."""
+        """Rebuild in-memory state from the last commit (a crash leaves a prefix of seq).
+
+        Raises `LedgerCorrupt` if the stored balances, limits or chain heads disagree
+        with the ledger's rows (see `bank.ledger.verify`): nothing is acknowledged on
+        top of an edited ledger.
+        """
         assert self._engine is not None
-        with self._engine.connect() as conn:
+        with self._engine.connect() as conn:  # one read transaction for all of it
+            report = verify.verify_ledger(conn)
             rows = store.load_accounts(conn)
             seq, head, event_seq, event_head = store.chain_heads(conn)
-        if not rows or rows[0].id != CASH_ACCOUNT_ID:
-            raise NotALedger(
-                f"{self._url.database}: the @cash account is missing; run `bank audit`"
-            )
-        total = sum(r.balance for r in rows)
-        if total != 0:
-            raise NotALedger(
-                f"{self._url.database}: balances sum to {total}, not 0: the ledger was altered; "
-                "run `bank audit` to locate the damage"
-            )
+        if not report.ok:
+            where = str(self._path) if self._path is not None else self._url.render_as_string()
+            raise LedgerCorrupt(verify.describe(report, where, OPEN_PROBLEMS_SHOWN_MAX))
+        assert rows and rows[0].id == CASH_ACCOUNT_ID  # verified above
         self._registry_lock = lockcheck.lock("registry")
         self._accounts: dict[int, Account] = {
             r.id: Account(r.id, r.name, r.overdraft_limit, r.balance) for r in rows
@@ -571,10 +573,8 @@ class Bank:
         `timeout` is None or a number of seconds >= 0 (`inf`: no limit); anything
         else (`nan`, a negative number, a bool, a str) raises `InvalidCommand`.
         """
-        if type(command) not in _COMMAND_TYPES:
-            raise InvalidCommand(
-                f"submit takes a bank.Deposit, Withdrawal or Transfer (got {type(command).__name__})"
-            )
+        if not is_validated(command):  # model_construct, model_copy, wrong type: refused
+            raise refusal(command, "submit")
         if timeout is not None:
             timeout = _check_timeout(timeout)
         self._check_open()
@@ -592,12 +592,10 @@ class Bank:
         futures of the commands left out carry `QueueFull` (every future is answered).
         """
         batch = list(commands)
-        if not _COMMAND_TYPES.issuperset(map(type, batch)):  # then find the first bad one
+        if not all(map(is_validated, batch)):  # then name the first bad one; none is queued
             for i, command in enumerate(batch):
-                if type(command) not in _COMMAND_TYPES:
-                    raise InvalidCommand(
-                        f"submit_many: item {i} is a {type(command).__name__}, not a Deposit, Withdrawal or Transfer"
-                    )
+                if not is_validated(command):
+                    raise refusal(command, f"submit_many: item {i}")
         if timeout is not None:
             timeout = _check_timeout(timeout)
         self._check_open()

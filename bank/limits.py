@@ -49,3 +49,5 @@ JOIN_WAIT_S_MAX: Final = 60.0
 #: How long an operation (or `find`) waits for another in-flight operation with the
 #: same idempotency key to be answered before giving up with `KeyInFlight`.
 KEY_WAIT_S_MAX: Final = 60.0
+#: Problems a `LedgerCorrupt` from `Bank.open` lists (the rest are counted).
+OPEN_PROBLEMS_SHOWN_MAX: Final = 5

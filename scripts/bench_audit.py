@@ -9,6 +9,12 @@ numbers); the point is that neither grows with the ledger's length.
 
     .venv/bin/python scripts/bench_audit.py                  # 250k and 1M transfers
     .venv/bin/python scripts/bench_audit.py --sizes 100000 --json
+
+With `--open` it measures `Bank.open` instead (the open-time verification of
+`bank.ledger.verify` plus migration check, recovery and thread start, then
+close), on the same ledgers; the target is at most 3 s for 1,000,000 transfers:
+
+    .venv/bin/python scripts/bench_audit.py --open --sizes 1000000
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bank.engine import Bank
+from bank.ledger import verify
 from bank.ledger.audit import audit_ledger
 from bank.ledger.chain import GENESIS, account_event_hash, transfer_hash
 from bank.ledger.migrate import upgrade_to_head
@@ -35,6 +43,8 @@ from bank.ledger.sqlite import Durability, create_ledger_engine, ledger_url
 from bank.limits import CASH_ACCOUNT_ID
 
 TARGET_TRANSFERS_PER_S = 200_000
+TARGET_OPEN_S = 3.0
+OPEN_RUNS = 3
 ROWS_PER_COMMIT = 50_000
 
 
@@ -139,6 +149,60 @@ def measure(path: Path) -> dict[str, Any]:
     }
 
 
+def measure_open(path: Path, runs: int = OPEN_RUNS) -> dict[str, Any]:
+    """Time `Bank.open` (and, apart, `verify_ledger` alone) `runs` times after a warm-up
+    open; report the median and the worst. A refused open is a failure."""
+    opens: list[float] = []
+    verifies: list[float] = []
+    Bank.open(path).close()  # warm the page cache
+    for _ in range(runs):
+        started = time.perf_counter()
+        bank = Bank.open(path)
+        opens.append(time.perf_counter() - started)
+        bank.close()
+        engine = create_ledger_engine(ledger_url(path), Durability.FULL)
+        try:
+            with engine.connect() as conn:
+                started = time.perf_counter()
+                report = verify.verify_ledger(conn)
+                verifies.append(time.perf_counter() - started)
+        finally:
+            engine.dispose()
+        if not report.ok:
+            raise SystemExit(f"{path}: {report.problems}")
+    opens.sort()
+    verifies.sort()
+    return {
+        "transfers": int(path.stem.rsplit("-", 1)[1]),
+        "open_s_median": round(opens[len(opens) // 2], 3),
+        "open_s_max": round(opens[-1], 3),
+        "verify_s_median": round(verifies[len(verifies) // 2], 3),
+    }
+
+
+def main_open(args: argparse.Namespace) -> int:
+    """`--open`: the cost of opening each ledger size."""
+    results = [measure_open(cached_ledger(args.cache, n)) for n in args.sizes]
+    passed = all(r["open_s_median"] <= TARGET_OPEN_S for r in results)
+    if args.json:
+        print(json.dumps({"target_open_s": TARGET_OPEN_S, "results": results}, indent=2))
+    else:
+        table = Table(
+            title=f"Bank.open benchmark (target <= {TARGET_OPEN_S} s, median of {OPEN_RUNS})"
+        )
+        for column in ("transfers", "open s (median)", "open s (max)", "verify s (median)"):
+            table.add_column(column, justify="right")
+        for r in results:
+            table.add_row(
+                f"{r['transfers']:,}",
+                f"{r['open_s_median']:.3f}",
+                f"{r['open_s_max']:.3f}",
+                f"{r['verify_s_median']:.3f}",
+            )
+        Console().print(table)
+    return 0 if passed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,8 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         help="directory where built ledgers are kept between runs",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--open", action="store_true", help="measure Bank.open (its verification) instead"
+    )
     args = parser.parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
+    if args.open:
+        return main_open(args)
     results = [measure(cached_ledger(args.cache, n)) for n in args.sizes]
     passed = all(r["ok"] and r["transfers_per_s"] >= TARGET_TRANSFERS_PER_S for r in results)
     if args.json:

@@ -217,7 +217,7 @@ def test_tampered_balances_are_refused_at_open(ledger_path: Path) -> None:
     con.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 1")
     con.commit()
     con.close()
-    with pytest.raises(bank.NotALedger, match="sum to 1"):
+    with pytest.raises(bank.LedgerCorrupt, match="sum to 1"):
         bank.Bank.open(ledger_path)
 
 

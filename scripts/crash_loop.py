@@ -353,7 +353,23 @@ def verify_acks(state: LedgerState, acks: list[list[str]]) -> tuple[int, int, in
 
 
 def verify_reopen(db: Path, durability: str, state: LedgerState, acks: list[list[str]]) -> None:
-    """Reopen with `bank.Bank.open` and check what it restored; then extend the chain by one."""
+    """Reopen with `bank.Bank.open` and check what it restored; then extend the chain by one.
+
+    Any exception on the way (a raw `OperationalError` from `Bank.open` on a file killed
+    mid-creation, say) fails the round with its seed, like a broken promise.
+    """
+    try:
+        _verify_reopen(db, durability, state, acks)
+    except CrashCheckFailed:
+        raise
+    except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise CrashCheckFailed(
+            f"reopening after the kill raised {type(exc).__module__}.{type(exc).__name__}: {first}"
+        ) from exc
+
+
+def _verify_reopen(db: Path, durability: str, state: LedgerState, acks: list[list[str]]) -> None:
     import bank
 
     with bank.Bank.open(db, workers=2, durability=durability) as b:

@@ -271,15 +271,20 @@ class Tmpfs:
     def unfill(self) -> None:
         self.filler.unlink(missing_ok=True)
 
+    def unmount(self) -> None:
+        """Unmount (lazily if a straggler still has a file open)."""
+        done = subprocess.run(["umount", str(self.path)], capture_output=True, check=False)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True, check=False)
+
     def free_bytes(self) -> int:
         st = os.statvfs(self.path)
         return st.f_bavail * st.f_frsize
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str = "256k") -> Iterator[Tmpfs]:
-    """Mount a tmpfs of `size` on `path` (created if missing) for the block; raises
-    `FaultUnavailable` if mounting is refused (not root, no CAP_SYS_ADMIN)."""
+def mount_tmpfs(path: Path, size: str = "256k") -> Tmpfs:
+    """Mount a tmpfs of `size` on `path` (created if missing); `unmount()` it when done.
+    Raises `FaultUnavailable` if mounting is refused (not root, no CAP_SYS_ADMIN)."""
     path.mkdir(parents=True, exist_ok=True)
     try:
         result = subprocess.run(
@@ -293,12 +298,17 @@ def tmpfs(path: Path, size: str = "256k") -> Iterator[Tmpfs]:
         raise FaultUnavailable("no mount(8) on this machine") from None
     if result.returncode != 0:
         raise FaultUnavailable(f"mount -t tmpfs refused: {result.stderr.strip()}")
+    return Tmpfs(path)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "256k") -> Iterator[Tmpfs]:
+    """A tmpfs on `path` for the duration of the block (see `mount_tmpfs`)."""
+    mounted = mount_tmpfs(path, size)
     try:
-        yield Tmpfs(path)
+        yield mounted
     finally:
-        done = subprocess.run(["umount", str(path)], capture_output=True, check=False)
-        if done.returncode != 0:  # a straggler still has a file open: detach it anyway
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+        mounted.unmount()
 
 
 # -- lock holders ----------------------------------------------------------------------------

@@ -6,9 +6,11 @@ import hashlib
 import os
 import shutil
 import sqlite3
+import subprocess
 import tempfile
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ from hypothesis.stateful import (
 )
 
 import bank
+from tests import faults
 
 CASH = bank.CASH_ACCOUNT_ID
 AMOUNT_MAX = bank.AMOUNT_MAX
@@ -532,6 +535,122 @@ class BankMachine(RuleBasedStateMachine):
         assert stats.keys_in_flight == 0, "a key claim outlived its operation"
 
 
+class FaultyBankMachine(BankMachine):
+    """The same machine, plus two steps that real trouble brings: a crash (the files as a
+    killed process leaves them, then a reopen) and a full disk (on a real tmpfs). After
+    each, the model accepts the outcome: every acknowledged op kept, every refused one
+    absent, and an op answered `LedgerUnavailable` either way, as `find(key)` then says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.faults = 0  # makes each step's keys unique
+        try:
+            self.fs: faults.Tmpfs | None = faults.mount_tmpfs(Path(self.dir), "16m")
+        except faults.FaultUnavailable:
+            self.fs = None  # the disk-full step is then never chosen
+
+    def teardown(self) -> None:
+        try:
+            if self.bank is not None:
+                self.bank.close()
+                self.check_ledger_file()
+                self.bank = None
+        finally:
+            if self.fs is not None:
+                self.fs.unmount()
+            super().teardown()
+
+    def _reopen_and_check_keys(self) -> None:
+        self.bank = bank.Bank.open(
+            self.path,
+            workers=self.workers,
+            queue_capacity=self.queue_capacity,
+            durability=self.durability,
+        )
+        for key, receipt in self.keys.items():
+            assert self.b.find(key) == receipt, f"key {key!r} lost its receipt across a crash"
+        for key in self.free_keys:
+            assert self.b.find(key) is None, f"rejected key {key!r} is in the ledger"
+
+    @rule()
+    def crash_and_reopen(self) -> None:
+        """Copy the ledger's files as a SIGKILL would leave them (db, hot -wal, -shm), then
+        reopen that copy: recovery must restore exactly what was acknowledged.
+
+        Everything is answered here (the `nothing_left_in_flight` invariant), so the
+        copy is one instant's state. `cp` runs in another process: this one owns the
+        ledger and must never open and close its files behind SQLite's back.
+        """
+        event("crash_and_reopen")
+        image = Path(self.dir) / "crash-image"
+        image.mkdir()
+        names = ("ledger.db", "ledger.db-wal", "ledger.db-shm")
+        present = [n for n in names if (Path(self.dir) / n).exists()]
+        assert "ledger.db-wal" in present, "a running bank has no -wal"
+        subprocess.run(
+            ["cp", "-p", *(str(Path(self.dir) / n) for n in present), str(image)],
+            check=True,
+            timeout=60,
+        )
+        self.b.close()  # the bank is gone; only the image of its files remains
+        for n in names:
+            (Path(self.dir) / n).unlink(missing_ok=True)
+        for n in present:
+            os.replace(image / n, Path(self.dir) / n)
+        image.rmdir()
+        self._reopen_and_check_keys()
+
+    @precondition(lambda self: self.fs is not None and bool(self.accounts))
+    @rule(data=st.data(), n=st.integers(1, 8))
+    def disk_full(self, data: st.DataObject, n: int) -> None:
+        """Fill the filesystem, submit keyed deposits, then free the space and reopen."""
+        assert self.fs is not None
+        self.faults += 1
+        ops = [
+            Op(
+                "deposit",
+                CASH,
+                data.draw(st.sampled_from(sorted(self.accounts)), label="account"),
+                data.draw(st.integers(1, 300), label="amount"),
+                f"disk-full-{self.faults}-{i}",
+            )
+            for i in range(n)
+        ]
+        self.b.snapshot()  # nothing in flight before the disk fills
+        self.fs.fill()
+        try:
+            futures = self.b.submit_many([op.command() for op in ops])
+            unknown: list[Op] = []
+            for op, future in zip(ops, futures, strict=True):
+                error = future.exception(timeout=RESULT_WAIT_S)
+                if isinstance(error, bank.LedgerUnavailable):
+                    assert "\n" not in str(error), f"a multi-line message: {error}"
+                    unknown.append(op)
+                    continue
+                assert not unknown, f"{op} answered {error!r} after an earlier failed commit"
+                self.check_outcome(op, future)  # a receipt, or the refusal the model expects
+            event(f"disk_full: {len(unknown)} of {n} unknown")
+            if unknown:
+                with pytest.raises(bank.LedgerUnavailable):
+                    self.b.submit(ops[0].command())  # the bank stopped at the failed commit
+                self.b.close()
+        finally:
+            self.fs.unfill()
+        if not unknown:
+            return
+        self._reopen_and_check_keys()
+        found = [self.b.find(op.key) for op in unknown if op.key is not None]
+        committed = len([r for r in found if r is not None])
+        assert all(r is not None for r in found[:committed]), (
+            f"the unknown ops that committed are not a prefix of seq order: {found}"
+        )
+        for op, receipt in zip(unknown, found[:committed], strict=False):
+            assert receipt is not None
+            done: Future[bank.Receipt] = Future()
+            done.set_result(receipt)
+            self.check_outcome(op, done)  # the model takes it as accepted, in order
+
+
 _SETTINGS: dict[str, Any] = {
     "deadline": None,
     "database": None,  # no .hypothesis/ directory in the working tree
@@ -544,6 +663,28 @@ def test_bank_matches_model() -> None:
     run_state_machine_as_test(
         BankMachine,
         settings=settings(max_examples=100, stateful_step_count=50, **_SETTINGS),
+    )
+
+
+@pytest.mark.timeout(240)
+def test_bank_matches_model_through_crashes_and_full_disks() -> None:
+    run_state_machine_as_test(
+        FaultyBankMachine,
+        settings=settings(max_examples=12, stateful_step_count=30, **_SETTINGS),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_bank_matches_model_through_crashes_and_full_disks_long() -> None:
+    """BANK_STATEFUL_EXAMPLES sets the example count."""
+    run_state_machine_as_test(
+        FaultyBankMachine,
+        settings=settings(
+            max_examples=int(os.environ.get("BANK_STATEFUL_EXAMPLES", "200")),
+            stateful_step_count=60,
+            **_SETTINGS,
+        ),
     )
 
 

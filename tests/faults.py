@@ -646,6 +646,77 @@ def read_lines(path: Path) -> list[str]:
     return text.split("\n")[:-1]
 
 
+# -- a bank served over a pipe -------------------------------------------------------------------
+
+
+def serve_main(argv: list[str]) -> int:
+    """A bank driven by JSON lines on stdin; answers (and each future's outcome, from its
+    done-callback, the instant it is known) go to stdout as JSON lines. One worker, so
+    operations are judged in the order they arrive (a model can predict every answer)."""
+    parser = argparse.ArgumentParser(prog="python -m tests.faults serve")
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--accounts", type=int, default=3)
+    parser.add_argument("--durability", default="full")
+    args = parser.parse_args(argv)
+    import bank
+
+    out_lock = threading.Lock()
+
+    def emit(obj: dict[str, Any]) -> None:
+        with out_lock:  # one write(2) per line: lines never interleave
+            os.write(1, (json.dumps(obj) + "\n").encode())
+
+    def answered(key: str) -> Any:
+        def callback(future: Any) -> None:
+            error = future.exception()
+            if error is None:
+                emit({"ans": "A", "key": key, "seq": future.result().seq})
+            elif isinstance(error, bank.LedgerUnavailable):
+                emit({"ans": "U", "key": key, "error": type(error).__name__})
+            else:
+                emit({"ans": "R", "key": key, "error": type(error).__name__})
+
+        return callback
+
+    b = bank.Bank.open(args.db, workers=1, durability=args.durability)
+    ids = [a.id for a in b.accounts()]
+    for i in range(len(ids), args.accounts):
+        ids.append(b.open_account(f"acct-{i}", overdraft_limit=100 * i).id)
+    emit({"ready": ids, "limits": {a.id: a.overdraft_limit for a in b.accounts()}})
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request["op"]
+        if op == "submit":
+            kind, key = request["kind"], request["key"]
+            command: bank.Deposit | bank.Withdrawal | bank.Transfer
+            if kind == "deposit":
+                command = bank.Deposit(account=request["credit"], amount=request["amount"], key=key)
+            elif kind == "withdrawal":
+                command = bank.Withdrawal(
+                    account=request["debit"], amount=request["amount"], key=key
+                )
+            else:
+                command = bank.Transfer(
+                    source=request["debit"],
+                    target=request["credit"],
+                    amount=request["amount"],
+                    key=key,
+                )
+            b.submit(command).add_done_callback(answered(key))
+        elif op == "find":
+            r = b.find(request["key"])
+            emit({"find": request["key"], "seq": None if r is None else r.seq})
+        elif op == "snapshot":
+            snap = b.snapshot()
+            emit({"snapshot": {str(k): v for k, v in snap.balances.items()}, "seq": snap.seq})
+        elif op == "close":
+            b.close()
+            emit({"closed": True})
+            return 0
+    b.close()
+    return 0
+
+
 # -- a fork server ------------------------------------------------------------------------------
 
 
@@ -910,6 +981,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["child"]:
         return child_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
     if argv[:1] == ["zygote"]:
         return _zygote_main()
     print("usage: python -m tests.faults child --db PATH [...]", file=sys.stderr)

@@ -57,11 +57,14 @@ SHIM_SOURCE = r"""
    stop) or BANK_FAULT_AFTER (faults start after that many calls of the chosen ops).
    BANK_FAULT_OPS: "fsync" (default), "write" or "fsync,write". BANK_FAULT_ERRNO: the
    errno (default EIO). BANK_FAULT_PATH: only fds whose path contains it (default: all
-   but 0-2). BANK_FAULT_LOG: a file that gets one line per injected fault. */
+   but 0-2). BANK_FAULT_LOG: a file that gets one line per injected fault.
+   BANK_FAULT_ACTION=kill: SIGKILL the process instead of failing the call. The
+   variables are read at each call, so a forked child may set them after the fork. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,9 +112,12 @@ static int faulty(const char *what, int fd) {
     const char *trigger, *after;
     if (!fd_matches(fd)) return 0;
     if (!__atomic_load_n(&armed_flag, __ATOMIC_SEQ_CST)) {
-        long n = __atomic_add_fetch(&calls, 1, __ATOMIC_SEQ_CST);
+        long n;
         trigger = getenv("BANK_FAULT_TRIGGER");
         after = getenv("BANK_FAULT_AFTER");
+        if ((trigger == NULL || !*trigger) && (after == NULL || !*after))
+            return 0; /* not armed: not even counted (a fork server forks from here) */
+        n = __atomic_add_fetch(&calls, 1, __ATOMIC_SEQ_CST);
         if ((trigger != NULL && *trigger && access(trigger, F_OK) == 0)
             || (after != NULL && *after && n > atol(after)))
             __atomic_store_n(&armed_flag, 1, __ATOMIC_SEQ_CST);
@@ -119,6 +125,11 @@ static int faulty(const char *what, int fd) {
             return 0;
     }
     note(what, fd);
+    {
+        const char *action = getenv("BANK_FAULT_ACTION");
+        if (action != NULL && strcmp(action, "kill") == 0)
+            kill(getpid(), SIGKILL); /* a crash exactly before this call reaches the disk */
+    }
     {
         const char *e = getenv("BANK_FAULT_ERRNO");
         errno = (e != NULL && *e) ? atoi(e) : EIO;
@@ -203,9 +214,13 @@ def shim_env(
     errno_value: int = errno.EIO,
     path_filter: str | None = None,
     log: Path | None = None,
+    kill: bool = False,
 ) -> dict[str, str]:
-    """Environment variables that load and arm the shim in a child process."""
+    """Environment variables that load and arm the shim in a child process (with `kill`,
+    the first faulty call SIGKILLs the process instead of failing)."""
     env = {"LD_PRELOAD": str(shim), "BANK_FAULT_OPS": ops, "BANK_FAULT_ERRNO": str(errno_value)}
+    if kill:
+        env["BANK_FAULT_ACTION"] = "kill"
     if trigger is not None:
         env["BANK_FAULT_TRIGGER"] = str(trigger)
     if after is not None:
@@ -730,12 +745,12 @@ class ForkServer:
     `subprocess` reports it (negative: the signal).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.faults", "zygote"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=child_env(),
+            env=child_env(env),
             cwd=REPO_ROOT,
             text=True,
         )
@@ -752,8 +767,16 @@ class ForkServer:
         self.proc.stdin.flush()
         return self._reply(timeout_s)
 
-    def spawn(self, script: Path, argv: list[str], stdout: Path, stderr: Path) -> int:
-        """Fork a child that runs `script` as `__main__` with `argv`; returns its pid."""
+    def spawn(
+        self,
+        script: Path,
+        argv: list[str],
+        stdout: Path,
+        stderr: Path,
+        env: dict[str, str] | None = None,
+    ) -> int:
+        """Fork a child that runs `script` as `__main__` with `argv` (and `env` added to
+        its environment); returns its pid."""
         reply = self._ask(
             {
                 "op": "spawn",
@@ -761,6 +784,7 @@ class ForkServer:
                 "argv": argv,
                 "out": str(stdout),
                 "err": str(stderr),
+                "env": env or {},
             }
         )
         return int(reply)
@@ -808,6 +832,7 @@ def _zygote_main() -> int:
                     os.dup2(out, 1)
                     os.dup2(err, 2)
                     random.seed()
+                    os.environ.update(request["env"])
                     sys.argv = [request["script"], *request["argv"]]
                     runpy.run_path(request["script"], run_name="__main__")
                     code = 0
@@ -970,6 +995,11 @@ def reopen_and_check(db: Path, answers: Answers) -> list[str]:
                 problems.append("the first op after reopening does not continue the seq")
     except bank.BankError as exc:
         return [f"Bank.open after the fault: {type(exc).__name__}: {exc}"]
+    except Exception as exc:  # a raw error: reported with the others, not raised
+        first = (str(exc).splitlines() or [""])[0]
+        return [
+            f"Bank.open after the fault raised {type(exc).__module__}.{type(exc).__name__}: {first}"
+        ]
     report = audit_ledger(db)
     if not report.ok:
         problems.append(f"audit: {[p.message for p in report.problems[:5]]}")

@@ -32,6 +32,7 @@ from hypothesis.stateful import (
 )
 
 import bank
+from bank.ledger.audit import audit_ledger
 from tests import faults
 
 CASH = bank.CASH_ACCOUNT_ID
@@ -561,6 +562,10 @@ class FaultyBankMachine(BankMachine):
                 self.bank.close()
                 self.check_ledger_file()
                 self.bank = None
+                # Only once closed: nothing in a process that owns a ledger may open
+                # and close its file behind SQLite's back.
+                report = audit_ledger(self.path)
+                assert report.ok, [p.message for p in report.problems[:5]]
         finally:
             if self.fs is not None:
                 self.fs.unmount()

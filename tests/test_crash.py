@@ -9,9 +9,11 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -47,7 +49,7 @@ def server() -> Iterator[ForkServer]:
 
 def _run(
     tmp_path: Path, durability: str, seed: int, iteration: int, server: ForkServer | None
-) -> None:
+) -> Any:
     workdir = tmp_path / f"{iteration:03d}-{durability}"
     workdir.mkdir()
     try:
@@ -59,6 +61,7 @@ def _run(
             pytrace=False,
         )
     assert outcome.rows >= outcome.acked
+    return outcome
 
 
 @pytest.mark.timeout(120)
@@ -106,7 +109,16 @@ def test_crash_loop_long(
     seed = _seed()
     rounds = int(os.environ.get("BANK_CRASH_ITERATIONS", "1000"))
     started = time.monotonic()
+    phases: Counter[str] = Counter()
+    acked = in_flight = 0
     for i in range(rounds):
-        _run(tmp_path, ("full", "normal")[i % 2], seed + i, i, server)
+        outcome = _run(tmp_path, ("full", "normal")[i % 2], seed + i, i, server)
         shutil.rmtree(tmp_path / f"{i:03d}-{('full', 'normal')[i % 2]}")
-    print(f"{rounds} kills, 0 lost, every audit clean, {time.monotonic() - started:.1f} s")
+        phases[outcome.phase] += 1
+        acked += outcome.acked
+        in_flight += outcome.in_flight_committed
+    print(
+        f"{rounds} kills (seeds {seed}..{seed + rounds - 1}; {dict(phases)}), "
+        f"{acked} acknowledged ops checked, 0 lost, {in_flight} committed while unanswered, "
+        f"every audit clean, {time.monotonic() - started:.1f} s"
+    )

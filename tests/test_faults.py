@@ -175,22 +175,28 @@ def test_a_crashed_ledger_on_a_read_only_filesystem_is_refused_then_recovers(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "ledger", ["new", pytest.param("existing", marks=pytest.mark.slow)], ids=["new", "existing"]
+)
 def test_an_exclusive_sqlite3_lock_at_open_is_refused_with_a_specific_error(
-    tmp_path: Path,
+    tmp_path: Path, ledger: str
 ) -> None:
+    """`new`: the sqlite3 shell holds EXCLUSIVE on the (empty) file the bank is to create.
+    `existing`: on a ledger at rest; the open itself writes nothing, so the first
+    commit waits out the busy timeout and the bank stops with LedgerUnavailable."""
     db = tmp_path / "ledger.db"
-    before = _prepare_ledger(db)
-    digest = _file_digest(db)
+    before = _prepare_ledger(db) if ledger == "existing" else Answers()
     try:
         with faults.sqlite_exclusive(db):
+            digest = _file_digest(db)
             child = Child(db, tmp_path / "child.log", ops=5)
             answers = _settle(child, 30.0)
     except faults.FaultUnavailable as exc:
         pytest.skip(str(exc))
     assert not answers.opened or not answers.acked, "acknowledged under another's EXCLUSIVE lock"
-    assert answers.errors or answers.unknown, f"no error: {child.lines()}\n{child.stderr()}"
     problems = faults.specific_error_problems(answers)
     assert not problems, problems
+    assert answers.errors or answers.unknown, f"no error: {child.lines()}\n{child.stderr()}"
     assert _file_digest(db) == digest, "the refused open wrote the ledger"
     _assert_promises_kept(db, before)
 

@@ -921,7 +921,7 @@ def test_bank_matches_model() -> None:
 def test_bank_matches_model_through_crashes_and_full_disks() -> None:
     run_state_machine_as_test(
         FaultyBankMachine,
-        settings=settings(max_examples=12, stateful_step_count=30, **_SETTINGS),
+        settings=settings(max_examples=8, stateful_step_count=30, **_SETTINGS),
     )
 
 

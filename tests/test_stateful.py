@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import queue
+import random
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +32,8 @@ from hypothesis.stateful import (
 )
 
 import bank
+from bank.ledger.audit import audit_ledger
+from tests import faults
 
 CASH = bank.CASH_ACCOUNT_ID
 AMOUNT_MAX = bank.AMOUNT_MAX
@@ -532,6 +542,366 @@ class BankMachine(RuleBasedStateMachine):
         assert stats.keys_in_flight == 0, "a key claim outlived its operation"
 
 
+class FaultyBankMachine(BankMachine):
+    """The same machine, plus two steps that real trouble brings: a crash (the files as a
+    killed process leaves them, then a reopen) and a full disk (on a real tmpfs). After
+    each, the model accepts the outcome: every acknowledged op kept, every refused one
+    absent, and an op answered `LedgerUnavailable` either way, as `find(key)` then says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.faults = 0  # makes each step's keys unique
+        try:
+            self.fs: faults.Tmpfs | None = faults.mount_tmpfs(Path(self.dir), "16m")
+        except faults.FaultUnavailable:
+            self.fs = None  # the disk-full step is then never chosen
+
+    def teardown(self) -> None:
+        try:
+            if self.bank is not None:
+                self.bank.close()
+                self.check_ledger_file()
+                self.bank = None
+                # Only once closed: nothing in a process that owns a ledger may open
+                # and close its file behind SQLite's back.
+                report = audit_ledger(self.path)
+                assert report.ok, [p.message for p in report.problems[:5]]
+        finally:
+            if self.fs is not None:
+                self.fs.unmount()
+            super().teardown()
+
+    def _reopen_and_check_keys(self) -> None:
+        self.bank = bank.Bank.open(
+            self.path,
+            workers=self.workers,
+            queue_capacity=self.queue_capacity,
+            durability=self.durability,
+        )
+        for key, receipt in self.keys.items():
+            assert self.b.find(key) == receipt, f"key {key!r} lost its receipt across a crash"
+        for key in self.free_keys:
+            assert self.b.find(key) is None, f"rejected key {key!r} is in the ledger"
+
+    @rule()
+    def crash_and_reopen(self) -> None:
+        """Copy the ledger's files as a SIGKILL would leave them (db, hot -wal, -shm), then
+        reopen that copy: recovery must restore exactly what was acknowledged.
+
+        Everything is answered here (the `nothing_left_in_flight` invariant), so the
+        copy is one instant's state. `cp` runs in another process: this one owns the
+        ledger and must never open and close its files behind SQLite's back.
+        """
+        event("crash_and_reopen")
+        image = Path(self.dir) / "crash-image"
+        image.mkdir()
+        names = ("ledger.db", "ledger.db-wal", "ledger.db-shm")
+        present = [n for n in names if (Path(self.dir) / n).exists()]
+        assert "ledger.db-wal" in present, "a running bank has no -wal"
+        subprocess.run(
+            ["cp", "-p", *(str(Path(self.dir) / n) for n in present), str(image)],
+            check=True,
+            timeout=60,
+        )
+        self.b.close()  # the bank is gone; only the image of its files remains
+        for n in names:
+            (Path(self.dir) / n).unlink(missing_ok=True)
+        for n in present:
+            os.replace(image / n, Path(self.dir) / n)
+        image.rmdir()
+        self._reopen_and_check_keys()
+
+    @precondition(lambda self: self.fs is not None and bool(self.accounts))
+    @rule(data=st.data(), n=st.integers(1, 8))
+    def disk_full(self, data: st.DataObject, n: int) -> None:
+        """Fill the filesystem, submit keyed deposits, then free the space and reopen."""
+        assert self.fs is not None
+        self.faults += 1
+        ops = [
+            Op(
+                "deposit",
+                CASH,
+                data.draw(st.sampled_from(sorted(self.accounts)), label="account"),
+                data.draw(st.integers(1, 300), label="amount"),
+                f"disk-full-{self.faults}-{i}",
+            )
+            for i in range(n)
+        ]
+        self.b.snapshot()  # nothing in flight before the disk fills
+        self.fs.fill()
+        try:
+            futures = self.b.submit_many([op.command() for op in ops])
+            unknown: list[Op] = []
+            for op, future in zip(ops, futures, strict=True):
+                error = future.exception(timeout=RESULT_WAIT_S)
+                if isinstance(error, bank.LedgerUnavailable):
+                    assert "\n" not in str(error), f"a multi-line message: {error}"
+                    unknown.append(op)
+                    continue
+                assert not unknown, f"{op} answered {error!r} after an earlier failed commit"
+                self.check_outcome(op, future)  # a receipt, or the refusal the model expects
+            event(f"disk_full: {len(unknown)} of {n} unknown")
+            if unknown:
+                with pytest.raises(bank.LedgerUnavailable):
+                    self.b.submit(ops[0].command())  # the bank stopped at the failed commit
+                self.b.close()
+        finally:
+            self.fs.unfill()
+        if not unknown:
+            return
+        self._reopen_and_check_keys()
+        found = [self.b.find(op.key) for op in unknown if op.key is not None]
+        committed = len([r for r in found if r is not None])
+        assert all(r is not None for r in found[:committed]), (
+            f"the unknown ops that committed are not a prefix of seq order: {found}"
+        )
+        for op, receipt in zip(unknown, found[:committed], strict=False):
+            assert receipt is not None
+            done: Future[bank.Receipt] = Future()
+            done.set_result(receipt)
+            self.check_outcome(op, done)  # the model takes it as accepted, in order
+
+
+class ServedBank:
+    """A child process serving a bank over a pipe (`python -m tests.faults serve`), with a
+    reader thread that files every answer by key the moment the child writes it."""
+
+    def __init__(self, path: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.faults", "serve", "--db", path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=faults.child_env(),
+            cwd=faults.REPO_ROOT,
+        )
+        self.answers: dict[str, dict[str, Any]] = {}
+        self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.ready = self.reply()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            message = json.loads(raw)
+            if "ans" in message:
+                with self.lock:
+                    self.answers[message["key"]] = message
+            else:
+                self.replies.put(message)
+
+    def send(self, request: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def reply(self) -> dict[str, Any]:
+        try:
+            return self.replies.get(timeout=RESULT_WAIT_S)
+        except queue.Empty:
+            raise AssertionError(
+                f"watchdog: the served bank did not answer: {self.stderr()}"
+            ) from None
+
+    def stderr(self) -> str:
+        return f"exit code {self.proc.poll()}"
+
+    def wait_answers(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + RESULT_WAIT_S
+        while True:
+            with self.lock:
+                if all(k in self.answers for k in keys):
+                    return dict(self.answers)
+            assert time.monotonic() < deadline, "watchdog: operations left unanswered"
+            time.sleep(0.001)
+
+    def kill(self) -> dict[str, dict[str, Any]]:
+        """SIGKILL the child; returns every answer it wrote before it died."""
+        self.proc.kill()
+        self.proc.wait(30)
+        self.reader.join(30)
+        with self.lock:
+            return dict(self.answers)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.send({"op": "close"})
+            self.reply()
+            self.proc.wait(30)
+        self.reader.join(30)
+
+
+@dataclass
+class Pending:
+    """An operation sent to the child, with the answer the model predicts for it."""
+
+    op: Op
+    predicted: str  # "accepted" or the refusal's class name
+
+
+class KilledChildMachine(RuleBasedStateMachine):
+    """A bank in a child process gets keyed operations without waiting for them, and is
+    SIGKILLed at random moments. After each kill a new child reopens the ledger, and the
+    model accepts what it finds: every acknowledged op present, every refused one absent,
+    and of the unanswered ones a prefix of the accepted, in order (a crash keeps a prefix
+    of seq order). Balances are then compared with the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="bank-killed-")
+        self.path = os.path.join(self.dir, "ledger.db")
+        self.child: ServedBank | None = None
+        self.ids: list[int] = []
+        self.limits: dict[int, int] = {}
+        self.confirmed: dict[int, int] = {}  # balances as of the last settled state
+        self.seq = 0
+        self.pending: list[Pending] = []
+        self.n = 0
+        self.kills = 0
+
+    @property
+    def c(self) -> ServedBank:
+        assert self.child is not None
+        return self.child
+
+    def _start(self) -> None:
+        self.child = ServedBank(self.path)
+        self.ids = self.c.ready["ready"]
+        self.limits = {int(k): v for k, v in self.c.ready["limits"].items()}
+
+    def _predicted_state(self, count: int | None = None) -> dict[int, int]:
+        """Balances after the confirmed state plus the first `count` accepted pending ops."""
+        state = dict(self.confirmed)
+        applied = 0
+        for p in self.pending:
+            if p.predicted != "accepted":
+                continue
+            if count is not None and applied == count:
+                break
+            state[p.op.debit] -= p.op.amount
+            state[p.op.credit] += p.op.amount
+            applied += 1
+        return state
+
+    @initialize()
+    def start(self) -> None:
+        self._start()
+        self.confirmed = {CASH: 0, **dict.fromkeys(self.ids, 0)}
+
+    def teardown(self) -> None:
+        try:
+            if self.child is not None:
+                self.child.close()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    @rule(data=st.data(), kind=kinds, amount=st.integers(1, 200))
+    def submit(self, data: st.DataObject, kind: str, amount: int) -> None:
+        if kind == "transfer":
+            debit, credit = data.draw(st.permutations(self.ids))[:2]
+        else:
+            debit = credit = data.draw(st.sampled_from(self.ids))
+        self._send(kind, debit, credit, amount)
+
+    @rule(seed=st.integers(0, 2**32), n=st.integers(10, 80))
+    def burst(self, seed: int, n: int) -> None:
+        """Many operations at once, so that a kill lands while commits are in flight."""
+        rng = random.Random(seed)
+        for _ in range(n):
+            debit, credit = rng.sample(self.ids, 2)
+            self._send(
+                rng.choice(["deposit", "withdrawal", "transfer"]),
+                debit,
+                credit,
+                rng.randint(1, 200),
+            )
+
+    def _send(self, kind: str, debit: int, credit: int, amount: int) -> None:
+        self.n += 1
+        key = f"op-{self.n}"
+        if kind == "deposit":
+            op = Op(kind, CASH, credit, amount, key)
+        elif kind == "withdrawal":
+            op = Op(kind, debit, CASH, amount, key)
+        else:
+            op = Op(kind, debit, credit, amount, key)
+        state = self._predicted_state()
+        floor = -self.limits[op.debit] if op.debit != CASH else BALANCE_MIN
+        predicted = "accepted" if state[op.debit] - amount >= floor else "InsufficientFunds"
+        self.pending.append(Pending(op, predicted))
+        self.c.send(
+            {
+                "op": "submit",
+                "kind": kind,
+                "debit": op.debit,
+                "credit": op.credit,
+                "amount": amount,
+                "key": key,
+            }
+        )
+
+    def _check_answers(self, answers: dict[str, dict[str, Any]]) -> None:
+        seq = self.seq
+        for p in self.pending:
+            if p.predicted == "accepted":
+                seq += 1
+            answer = answers.get(p.op.key or "")
+            if answer is None:
+                continue
+            if p.predicted == "accepted":
+                assert answer == {"ans": "A", "key": p.op.key, "seq": seq}, (p, answer)
+            else:
+                assert answer == {"ans": "R", "key": p.op.key, "error": p.predicted}, (p, answer)
+
+    @rule()
+    def settle(self) -> None:
+        """Wait for every answer; each must be the predicted one."""
+        answers = self.c.wait_answers([p.op.key or "" for p in self.pending])
+        self._check_answers(answers)
+        accepted = sum(1 for p in self.pending if p.predicted == "accepted")
+        self.confirmed = self._predicted_state()
+        self.seq += accepted
+        self.pending = []
+        self._check_balances()
+
+    def _check_balances(self) -> None:
+        self.c.send({"op": "snapshot"})
+        snap = self.c.reply()
+        assert snap["seq"] == self.seq
+        assert {int(k): v for k, v in snap["snapshot"].items()} == self.confirmed
+
+    @rule(delay_s=st.sampled_from([0.0, 0.0005, 0.002, 0.01, 0.05]))
+    def sigkill_and_reopen(self, delay_s: float) -> None:
+        time.sleep(delay_s)
+        answers = self.c.kill()
+        self.kills += 1
+        event(f"sigkill after {delay_s * 1000:g} ms")
+        self._check_answers(answers)
+        self._start()  # a new child: Bank.open recovers the ledger
+        found: list[tuple[Pending, int | None]] = []
+        for p in self.pending:
+            self.c.send({"op": "find", "key": p.op.key})
+            found.append((p, self.c.reply()["seq"]))
+        present = [seq is not None for p, seq in found if p.predicted == "accepted"]
+        committed = sum(present)
+        assert present == [True] * committed + [False] * (len(present) - committed), (
+            f"the ops kept are not a prefix of seq order: {present}"
+        )
+        for p, seq in found:
+            if p.predicted != "accepted":
+                assert seq is None, f"refused {p.op.key} is in the ledger"
+            elif answers.get(p.op.key or "", {}).get("ans") == "A":
+                assert seq is not None, f"acknowledged {p.op.key} was lost"
+        event(
+            f"unanswered kept: {committed - sum(1 for p, _ in found if p.op.key in answers and p.predicted == 'accepted')}"
+        )
+        self.confirmed = self._predicted_state(committed)
+        self.seq += committed
+        self.pending = []
+        self._check_balances()
+
+
 _SETTINGS: dict[str, Any] = {
     "deadline": None,
     "database": None,  # no .hypothesis/ directory in the working tree
@@ -544,6 +914,28 @@ def test_bank_matches_model() -> None:
     run_state_machine_as_test(
         BankMachine,
         settings=settings(max_examples=100, stateful_step_count=50, **_SETTINGS),
+    )
+
+
+@pytest.mark.timeout(240)
+def test_bank_matches_model_through_crashes_and_full_disks() -> None:
+    run_state_machine_as_test(
+        FaultyBankMachine,
+        settings=settings(max_examples=8, stateful_step_count=30, **_SETTINGS),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_bank_matches_model_through_crashes_and_full_disks_long() -> None:
+    """BANK_STATEFUL_EXAMPLES sets the example count."""
+    run_state_machine_as_test(
+        FaultyBankMachine,
+        settings=settings(
+            max_examples=int(os.environ.get("BANK_STATEFUL_EXAMPLES", "200")),
+            stateful_step_count=60,
+            **_SETTINGS,
+        ),
     )
 
 
@@ -560,6 +952,23 @@ def test_bank_matches_model_long(request: pytest.FixtureRequest) -> None:
         settings=settings(
             max_examples=int(os.environ.get("BANK_STATEFUL_EXAMPLES", "400")),
             stateful_step_count=100,
+            **_SETTINGS,
+        ),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_a_killed_child_bank_matches_the_model() -> None:
+    """A real SIGKILL of the process that owns the bank, at random moments mid-flight.
+
+    BANK_KILLED_EXAMPLES sets the example count.
+    """
+    run_state_machine_as_test(
+        KilledChildMachine,
+        settings=settings(
+            max_examples=int(os.environ.get("BANK_KILLED_EXAMPLES", "30")),
+            stateful_step_count=40,
             **_SETTINGS,
         ),
     )

@@ -64,3 +64,7 @@ class CannotAudit(BankError):
 class LedgerCorrupt(BankError):
     """`Bank.open` found stored balances, limits or chain heads that disagree with a replay
     of the ledger: it refuses to acknowledge anything on top of them (run `bank audit`)."""
+
+
+class SchemaDowngradeRefused(BankError):
+    """A schema downgrade would leave rows that the older revision cannot verify."""

@@ -208,17 +208,33 @@ def count_acks(path: Path) -> int:
         return 0
 
 
+def _v(value: object) -> str:
+    """V(value) of hash format 2, re-implemented from bank/ledger/chain.py."""
+    if value is None:
+        return "n"
+    if type(value) is int:
+        return f"i{value};"
+    if type(value) is str:
+        return f"s{len(value.encode())}:{value}"
+    raise TypeError(f"no chain encoding for {value!r}")
+
+
 def transfer_hash(prev: str, row: tuple[object, ...]) -> str:
-    """`transfers.hash`, re-implemented from the formula documented in bank/ledger/chain.py."""
+    """`transfers.hash`, format 2 (every transfer of a ledger this script creates)."""
     seq, key, kind, debit, credit, amount, ts_us = row
-    text = f"{prev}\n{seq}|{kind}|{debit}|{credit}|{amount}|{ts_us}|{key or ''}"
+    values = (prev, seq, kind, debit, credit, amount, ts_us, key)
+    text = "bank:transfers:2\n" + "".join(_v(v) for v in values)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def event_hash(prev: str, row: tuple[object, ...]) -> str:
-    """`account_events.hash`, likewise."""
+    """`account_events.hash`: format 1 for the `@cash` opening (event 1, migration 0001), else 2."""
     seq, account_id, kind, name, limit, transfer_seq, ts_us = row
-    text = f"{prev}\n{seq}|{account_id}|{kind}|{limit}|{transfer_seq}|{ts_us}|{name}"
+    if seq == 1:
+        text = f"{prev}\n{seq}|{account_id}|{kind}|{limit}|{transfer_seq}|{ts_us}|{name}"
+    else:
+        values = (prev, seq, account_id, kind, limit, transfer_seq, ts_us, name)
+        text = "bank:account_events:2\n" + "".join(_v(v) for v in values)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

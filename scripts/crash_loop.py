@@ -17,7 +17,8 @@ and nothing from `bank` (the checks are independent of the code they check):
 
 - `transfers.seq` runs 1..N without a gap;
 - the hash chains of `transfers` and `account_events` match the documented
-  formula (bank/ledger/chain.py), recomputed with hashlib;
+  formats (bank/ledger/chain.py: format 2, and format 1 for the `@cash` opening),
+  recomputed with hashlib;
 - replaying `transfers` in seq order, with each limit change applied where it
   took effect, never takes a customer below its overdraft limit, gives
   exactly the stored `accounts.balance` and `overdraft_limit`, and sums to 0;

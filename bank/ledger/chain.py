@@ -31,7 +31,8 @@ a text (12 is "i12;", the text "12" is "s2:12"). The leading tag names the table
 and the version, so a version-2 row never verifies as version 1 (and the reverse):
 moving the boundary in `chain_formats` breaks the hashes of the rows it moves over.
 Only integers, texts and NULL have an encoding: a row holding a REAL or a BLOB
-never verifies.
+never verifies, and neither does a row whose columns do not hold their declared
+types (a text in an INTEGER column; the audit reports it as `bad_type` too).
 
 Version 1 (rows written before revision 0003), kept verifiable:
 

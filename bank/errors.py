@@ -95,3 +95,7 @@ class LedgerCorrupt(BankError):
 
 class CannotCheckHistory(BankError):
     """`check-history` could not run: a missing or malformed history, or not its ledger."""
+
+
+class SchemaDowngradeRefused(BankError):
+    """A schema downgrade would leave rows that the older revision cannot verify."""

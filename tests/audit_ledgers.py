@@ -12,7 +12,12 @@ from pathlib import Path
 
 import bank
 from bank.ledger.audit import AuditReport
-from bank.ledger.chain import GENESIS, account_event_hash, transfer_hash
+from bank.ledger.chain import (
+    GENESIS,
+    stored_account_event_hash,
+    stored_transfer_hash,
+    version_at,
+)
 from bank.records import Receipt
 
 
@@ -88,24 +93,46 @@ def edit(path: Path, *, checks: bool = True) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
-def rechain(conn: sqlite3.Connection) -> None:
-    """Recompute every hash of both chains: a forger who knows the formula.
+def chain_formats(conn: sqlite3.Connection, chain: str) -> list[tuple[int, int]]:
+    """One chain's sorted `(first_seq, version)` entries; none on a ledger before 0003."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "chain_formats" not in tables:
+        return []
+    rows = conn.execute(
+        "SELECT first_seq, version FROM chain_formats WHERE chain = ? ORDER BY first_seq", (chain,)
+    )
+    return [(first_seq, version) for first_seq, version in rows]
 
-    What is left to catch is then only what the replay and the cross-checks find.
+
+def rechain(conn: sqlite3.Connection) -> None:
+    """Recompute every hash of both chains: a forger who knows the formats.
+
+    Each row gets the format `chain_formats` names for it. What is left to catch is
+    then only what the replay and the cross-checks find.
     """
+    formats = chain_formats(conn, "transfers")
     prev = GENESIS
     rows = conn.execute(
         "SELECT seq, kind, debit_account_id, credit_account_id, amount, ts_us, key FROM transfers ORDER BY seq"
     ).fetchall()
     for seq, kind, debit, credit, amount, ts_us, key in rows:
-        prev = transfer_hash(prev, seq, kind, debit, credit, amount, ts_us, key)
+        version = version_at(formats, seq)
+        digest = stored_transfer_hash(version, prev, seq, kind, debit, credit, amount, ts_us, key)
+        assert digest is not None, f"transfer {seq} has values of the wrong type"
+        prev = digest
         conn.execute("UPDATE transfers SET hash = ? WHERE seq = ?", (prev, seq))
+    formats = chain_formats(conn, "account_events")
     prev = GENESIS
     events = conn.execute(
         "SELECT seq, account_id, kind, overdraft_limit, transfer_seq, ts_us, name FROM account_events ORDER BY seq"
     ).fetchall()
     for seq, account, kind, limit, transfer_seq, ts_us, name in events:
-        prev = account_event_hash(prev, seq, account, kind, limit, transfer_seq, ts_us, name)
+        version = version_at(formats, seq)
+        digest = stored_account_event_hash(
+            version, prev, seq, account, kind, limit, transfer_seq, ts_us, name
+        )
+        assert digest is not None, f"event {seq} has values of the wrong type"
+        prev = digest
         conn.execute("UPDATE account_events SET hash = ? WHERE seq = ?", (prev, seq))
 
 

@@ -68,18 +68,31 @@ keys = st.one_of(
 kinds = st.sampled_from(["deposit", "withdrawal", "transfer"])
 
 
+def _v(value: object) -> str:
+    """V(value) of hash format 2 (bank/ledger/chain.py), re-implemented here."""
+    if value is None:
+        return "n"
+    if type(value) is int:
+        return f"i{value};"
+    assert type(value) is str, value
+    return f"s{len(value.encode())}:{value}"
+
+
 def chain_hash(prev: str, r: bank.Receipt) -> str:
-    """The documented `transfers.hash` formula (bank/ledger/chain.py), re-implemented here."""
-    text = (
-        f"{prev}\n{r.seq}|{r.kind}|{r.debit_account}|{r.credit_account}|{r.amount}|"
-        f"{r.ts_us}|{r.key or ''}"
-    )
+    """The documented `transfers.hash` formula, format 2 (every row of a new ledger)."""
+    values = (prev, r.seq, r.kind, r.debit_account, r.credit_account, r.amount, r.ts_us, r.key)
+    text = "bank:transfers:2\n" + "".join(_v(v) for v in values)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def event_hash(prev: str, row: tuple[Any, ...]) -> str:
+    """`account_events.hash`: format 1 for the `@cash` opening (event 1, migration 0001), else 2."""
     seq, account_id, kind, name, limit, transfer_seq, ts_us = row
-    text = f"{prev}\n{seq}|{account_id}|{kind}|{limit}|{transfer_seq}|{ts_us}|{name}"
+    if seq == 1:
+        text = f"{prev}\n{seq}|{account_id}|{kind}|{limit}|{transfer_seq}|{ts_us}|{name}"
+    else:
+        values = (prev, seq, account_id, kind, limit, transfer_seq, ts_us, name)
+        text = "bank:account_events:2\n" + "".join(_v(v) for v in values)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -2,8 +2,11 @@
 
 The audit trusts nothing the engine computed. It opens the file read-only, takes
 one read transaction (a consistent snapshot, even while an engine is writing),
-re-hashes both chains with the formula documented in `bank.ledger.chain`
-(re-implemented inline on purpose: a bug there must not hide itself), replays
+re-hashes both chains with the formats documented in `bank.ledger.chain`
+(re-implemented here on purpose: a bug there must not hide itself), each row in the
+format `chain_formats` names for it, checks the storage class of every column of
+every row (SQLite `typeof`; a text where an integer belongs is how an edit hid
+inside the ambiguous version-1 text), replays
 `transfers` in seq order against the overdraft limits that `account_events`
 says were in force, and compares what it rebuilt with the stored `accounts`.
 
@@ -21,6 +24,7 @@ from collections import Counter
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from hashlib import sha256
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote
@@ -58,7 +62,8 @@ PROBLEM_KINDS: Final[dict[str, str]] = {
     "rows (one forged under its original text), or the file is damaged",
     "seq_gap": "transfers.seq skips numbers: rows were deleted",
     "bad_seq": "a transfers.seq below 1 (a forged row)",
-    "hash_mismatch": "a transfer does not hash to its stored hash from the previous row's hash",
+    "hash_mismatch": "a transfer does not hash to its stored hash from the previous row's hash "
+    "(a row holding a value of the wrong type never does)",
     "head_mismatch": "the head of the transfers or account_events chain differs from the "
     "pinned head (expect_head)",
     "bad_kind": "a transfer's kind is not deposit, withdrawal or transfer",
@@ -75,7 +80,11 @@ PROBLEM_KINDS: Final[dict[str, str]] = {
     "duplicate_key": "an idempotency key is used by more than one transfer",
     "bad_key": f"a key that is not NULL or a text of 1 to {KEY_LENGTH_MAX} characters",
     "event_seq_gap": "account_events.seq skips numbers: events were deleted",
-    "event_hash_mismatch": "an account event does not hash to its stored hash from the previous one",
+    "event_hash_mismatch": "an account event does not hash to its stored hash from the previous one "
+    "(an event holding a value of the wrong type never does)",
+    "bad_type": "a column holds a value of another storage class than its type "
+    "(a text or REAL where an integer belongs, ...)",
+    "chain_format": "chain_formats does not describe the chains as the migrations write it",
     "bad_event": "an account event that breaks the rules (kind, order, limit, name, transfer_seq)",
     "account_without_open": "an accounts row with no opening event",
     "event_for_missing_account": "an account event for an account with no accounts row",
@@ -387,6 +396,158 @@ def _check_index_contents(cur: sqlite3.Cursor, problems: _Problems) -> None:
         )
 
 
+# -- column types and chain formats ----------------------------------------------------
+
+#: The storage classes (SQLite `typeof`) each column may hold, NULL only where allowed.
+COLUMN_TYPES: Final[dict[str, dict[str, tuple[str, ...]]]] = {
+    "accounts": {
+        "id": ("integer",),
+        "name": ("text",),
+        "overdraft_limit": ("integer",),
+        "balance": ("integer",),
+    },
+    "transfers": {
+        "seq": ("integer",),
+        "key": ("text", "null"),
+        "kind": ("text",),
+        "debit_account_id": ("integer",),
+        "credit_account_id": ("integer",),
+        "amount": ("integer",),
+        "ts_us": ("integer",),
+        "hash": ("text",),
+    },
+    "account_events": {
+        "seq": ("integer",),
+        "account_id": ("integer",),
+        "kind": ("text",),
+        "name": ("text",),
+        "overdraft_limit": ("integer",),
+        "transfer_seq": ("integer",),
+        "ts_us": ("integer",),
+        "hash": ("text",),
+    },
+    "chain_formats": {"chain": ("text",), "first_seq": ("integer",), "version": ("integer",)},
+}
+#: Where each table's problems are located (the Problem field and the column).
+_ROW_KEYS: Final = {
+    "accounts": ("account", "id"),
+    "transfers": ("seq", "seq"),
+    "account_events": ("event_seq", "seq"),
+    "chain_formats": (None, "first_seq"),
+}
+
+CHAIN_NAMES: Final = ("transfers", "account_events")
+#: Hash formats this audit verifies (see `bank.ledger.chain`).
+FORMAT_VERSIONS: Final = frozenset({1, 2})
+_TRANSFERS_TAG_V2: Final = "bank:transfers:2\n"
+_EVENTS_TAG_V2: Final = "bank:account_events:2\n"
+
+
+def _tables(cur: sqlite3.Cursor) -> set[str]:
+    return {row[0] for row in cur.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _audit_types(cur: sqlite3.Cursor, tables: set[str], problems: _Problems) -> None:
+    """Report every value whose storage class differs from its column's type (`bad_type`).
+
+    One scan per table inside SQLite, whatever the revision: STRICT tables (0003)
+    refuse such values, but a ledger at 0002, or one whose table was rebuilt by
+    hand, may hold them, and the version-1 chain text cannot tell 12 from '12'.
+    """
+    for table, columns in COLUMN_TYPES.items():
+        if table not in tables:
+            continue
+        where, key_column = _ROW_KEYS[table]
+        wrong = " OR ".join(
+            f"typeof({c}) NOT IN ({', '.join(repr(t) for t in allowed)})"
+            for c, allowed in columns.items()
+        )
+        cur.execute(
+            f"SELECT {key_column}, {', '.join(f'typeof({c}), {c}' for c in columns)} "
+            f"FROM {table} WHERE {wrong} ORDER BY {key_column}"
+        )
+        for row in cur:
+            for i, (column, allowed) in enumerate(columns.items()):
+                stored_type, value = row[1 + 2 * i], row[2 + 2 * i]
+                if stored_type in allowed:
+                    continue
+                location: dict[str, Any] = {}
+                if where is not None and _int(row[0]):
+                    location[where] = row[0]
+                problems.add(
+                    "bad_type",
+                    f"{table}.{column} holds {stored_type} {_value(value)!r}, "
+                    f"not {' or '.join(a.upper() for a in allowed)}",
+                    expected=" or ".join(allowed),
+                    found=stored_type,
+                    **location,
+                )
+
+
+def _chain_formats(
+    cur: sqlite3.Cursor, tables: set[str], problems: _Problems
+) -> dict[str, list[tuple[int, int]]]:
+    """Each chain's sorted `(first_seq, version)` entries; none (all version 1) without the table.
+
+    What migration 0003 writes: per chain, an entry at seq 1, versions that never go
+    back, all known. Anything else is reported (`chain_format`); the rows are then
+    verified with the entries as they stand, so a moved boundary also shows up as the
+    hash mismatches of the rows it moved over.
+    """
+    formats: dict[str, list[tuple[int, int]]] = {chain: [] for chain in CHAIN_NAMES}
+    if "chain_formats" not in tables:
+        return formats
+    rows = cur.execute(
+        "SELECT chain, first_seq, version FROM chain_formats ORDER BY chain, first_seq"
+    ).fetchall()
+    for chain, first_seq, version in rows:
+        if chain not in formats or not _int(first_seq) or first_seq < 1:
+            problems.add(
+                "chain_format",
+                "an entry for an unknown chain or with a first_seq below 1",
+                expected="transfers|account_events, first_seq >= 1",
+                found=f"{chain!r}, {first_seq!r}",
+            )
+        elif version not in FORMAT_VERSIONS or not _int(version):
+            problems.add(
+                "chain_format",
+                f"{chain} from seq {first_seq}: unknown hash format {version!r}",
+                expected="1 or 2",
+                found=_value(version),
+            )
+        else:
+            formats[chain].append((first_seq, version))
+    for chain, entries in formats.items():
+        if not entries or entries[0][0] != 1:
+            problems.add(
+                "chain_format",
+                f"no entry for {chain} at seq 1 (an entry was deleted?)",
+                expected=f"({chain}, 1, ...)",
+                found=entries[0][0] if entries else None,
+            )
+        for (_, before), (first_seq, after) in pairwise(entries):
+            if after <= before:
+                problems.add(
+                    "chain_format",
+                    f"{chain} goes from format {before} to {after} at seq {first_seq}",
+                    expected=f"> {before}",
+                    found=after,
+                )
+    return formats
+
+
+def _code(value: object) -> str:
+    """V(value) of hash format 2 (`bank.ledger.chain`); TypeError for REAL or BLOB."""
+    if value is None:
+        return "n"
+    if value.__class__ is int:
+        return f"i{value};"
+    if value.__class__ is str:
+        assert isinstance(value, str)
+        return f"s{len(value.encode())}:{value}"
+    raise TypeError("no encoding")
+
+
 # -- account events --------------------------------------------------------------------
 
 
@@ -404,10 +565,51 @@ class _AccountState:
         self.open_transfer_seq = open_transfer_seq
 
 
+def _event_hash(
+    version: int,
+    prev: object,
+    seq: object,
+    account: object,
+    kind: object,
+    limit: object,
+    transfer_seq: object,
+    ts_us: object,
+    name: object,
+) -> str | None:
+    """The hash an event must have in hash format `version`; None if its types have no encoding."""
+    ints = (seq, account, limit, transfer_seq, ts_us)
+    if any(v.__class__ is not int for v in ints) or kind.__class__ is not str:
+        return None
+    if name.__class__ is not str:
+        return None
+    if version == 1:
+        text = f"{prev}\n{seq}|{account}|{kind}|{limit}|{transfer_seq}|{ts_us}|{name}"
+    else:
+        try:
+            values = (prev, seq, account, kind, limit, transfer_seq, ts_us, name)
+            text = _EVENTS_TAG_V2 + "".join(map(_code, values))
+        except TypeError:
+            return None
+    return sha256(text.encode()).hexdigest()
+
+
+def _version_at(entries: list[tuple[int, int]], seq: int) -> int:
+    """The hash format of row `seq` (1 before the first entry)."""
+    version = 1
+    for first_seq, v in entries:
+        if first_seq > seq:
+            break
+        version = v
+    return version
+
+
 def _audit_events(
-    cur: sqlite3.Cursor, problems: _Problems
+    cur: sqlite3.Cursor, problems: _Problems, formats: list[tuple[int, int]]
 ) -> tuple[dict[int, _AccountState], int, str, int, int]:
-    """Check the account_events chain; returns (accounts, rows, head hash, last seq, max transfer_seq)."""
+    """Check the account_events chain; returns (accounts, rows, head hash, last seq, max transfer_seq).
+
+    `formats` are the chain's `(first_seq, version)` entries of `chain_formats`.
+    """
     state: dict[int, _AccountState] = {}
     prev = GENESIS
     expected_seq = 1
@@ -439,8 +641,8 @@ def _audit_events(
             )
         if seq >= 1:
             expected_seq = seq + 1
-        text = f"{prev}\n{seq}|{account}|{kind}|{limit}|{transfer_seq}|{ts_us}|{name}"
-        computed = sha256(text.encode()).hexdigest()
+        version = _version_at(formats, seq) if _int(seq) else 1
+        computed = _event_hash(version, prev, seq, account, kind, limit, transfer_seq, ts_us, name)
         if computed != stored:
             problems.add(
                 "event_hash_mismatch",
@@ -555,13 +757,31 @@ class _Replay:
     balances: dict[int, int] = field(default_factory=dict)
 
 
+def _text_code(value: object) -> str:
+    """V(text) of hash format 2; TypeError for anything but a text (it never verifies)."""
+    if value.__class__ is not str:
+        raise TypeError("not a text")
+    assert isinstance(value, str)
+    return f"s{len(value.encode())}:{value}"
+
+
+#: V(kind) of the transfer kinds, precomputed (kinds are ASCII).
+_KIND_CODES: Final = {kind: f"s{len(kind)}:{kind}" for kind in _KIND_SIDES}
+
+
 def _replay_transfers(
-    conn: sqlite3.Connection, accounts: dict[int, _AccountState], problems: _Problems
+    conn: sqlite3.Connection,
+    accounts: dict[int, _AccountState],
+    problems: _Problems,
+    formats: list[tuple[int, int]],
 ) -> _Replay:
     """Stream `transfers` in seq order: chain, per-row rules, and the balance replay.
 
     The loop is the audit's hot path: plain tuples, locals only, and one combined
     test per row that sends the rare bad row to `_check_row` for the details.
+    Each row is hashed in the format `formats` (`chain_formats` entries) gives its
+    seq; the `:d` and `:s` format specs raise for a value of the wrong type, which
+    then has no encoding and never verifies (the hot path pays nothing for the check).
     """
     balances: dict[int, int] = {}
     floors: dict[int, int] = {}  # accounts open so far -> lowest balance allowed
@@ -586,6 +806,23 @@ def _replay_transfers(
             pending = next(events, None)
         return pending[0] if pending is not None else BALANCE_MAX
 
+    switches = iter(formats)
+    switch = next(switches, None)
+    version = 1
+
+    def next_version(seq: int) -> tuple[int, int]:
+        """The format from `seq` on, and the seq of the next switch (for sorted entries)."""
+        nonlocal switch
+        current = version
+        while switch is not None and switch[0] <= seq:
+            current = switch[1]
+            switch = next(switches, None)
+        return current, switch[0] if switch is not None else BALANCE_MAX
+
+    next_switch_at = switch[0] if switch is not None else BALANCE_MAX
+    tag = _TRANSFERS_TAG_V2
+    kind_codes = _KIND_CODES
+    text_code = _text_code
     kind_sides = _KIND_SIDES
     amount_max = AMOUNT_MAX
     balance_max = BALANCE_MAX
@@ -609,9 +846,35 @@ def _replay_transfers(
                 expected_seq = _seq_problem(problems, seq, expected_seq)
             if seq > next_event_at:
                 next_event_at = apply_events(seq)
-            computed = hasher(
-                f"{prev}\n{seq}|{kind}|{debit}|{credit}|{amount}|{ts_us}|{key or ''}".encode()
-            ).hexdigest()
+            if seq >= next_switch_at:
+                version, next_switch_at = next_version(seq)
+            computed: str | None
+            try:
+                if version == 2:
+                    p = (
+                        f"s{len(prev)}:{prev}"
+                        if prev.__class__ is str and prev.isascii()
+                        else text_code(prev)
+                    )
+                    k = (
+                        "n"
+                        if key is None
+                        else f"s{len(key)}:{key}"
+                        if key.__class__ is str and key.isascii()
+                        else text_code(key)
+                    )
+                    text = (
+                        f"{tag}{p}i{seq:d};{kind_codes.get(kind) or text_code(kind)}"
+                        f"i{debit:d};i{credit:d};i{amount:d};i{ts_us:d};{k}"
+                    )
+                else:
+                    text = (
+                        f"{prev}\n{seq:d}|{kind:s}|{debit:d}|{credit:d}|{amount:d}|{ts_us:d}|"
+                        f"{'' if key is None else key:s}"
+                    )
+                computed = hasher(text.encode()).hexdigest()
+            except (TypeError, ValueError):
+                computed = None  # a value of the wrong type: no encoding, never verifies
             if computed != stored:
                 problems.add(
                     "hash_mismatch",
@@ -980,8 +1243,13 @@ def _audit_once(db: Path, pinned: Head | None, *, immutable: bool) -> AuditRepor
         cur.execute("BEGIN")
         # The first read pins the snapshot: every query below sees the same commit.
         revision = _check_schema(cur, db, problems)
-        state, events, accounts_head, accounts_seq, last_transfer_seq = _audit_events(cur, problems)
-        replay = _replay_transfers(raw, state, problems)
+        tables = _tables(cur)
+        _audit_types(cur, tables, problems)
+        formats = _chain_formats(cur, tables, problems)
+        state, events, accounts_head, accounts_seq, last_transfer_seq = _audit_events(
+            cur, problems, formats["account_events"]
+        )
+        replay = _replay_transfers(raw, state, problems, formats["transfers"])
         if last_transfer_seq > replay.last_seq:
             problems.add(
                 "bad_event",

@@ -1,11 +1,29 @@
 """Typed SQLAlchemy models of the ledger schema (the migrations are the source of truth;
-CI's `alembic check` keeps these in step with them)."""
+CI's `alembic check` keeps these in step with them).
+
+On SQLite every table is STRICT (revision 0003): a column holds only values of its
+type, so no edit can store a text where the chain encodes an integer. STRICT allows
+only the type names INTEGER and TEXT, hence the SQLite variants below; other
+backends get the plain types (BIGINT, VARCHAR(n)) and no SQLite option.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, cast
+from typing import Annotated, Any, Final, cast
 
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, MetaData, String, Table, text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from bank.limits import KEY_LENGTH_MAX, NAME_LENGTH_MAX
@@ -18,9 +36,21 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-Int64 = Annotated[int, mapped_column(BigInteger)]
+#: Signed 64-bit integers: INTEGER on SQLite (STRICT knows no BIGINT), BIGINT elsewhere.
+BIGINT = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def text_type(length: int) -> String:
+    """VARCHAR(length), or TEXT on SQLite (STRICT knows no VARCHAR; the audit checks lengths)."""
+    return String(length).with_variant(Text(), "sqlite")
+
+
+#: Options of every ledger table: STRICT on SQLite (revision 0003), nothing elsewhere.
+TABLE_OPTIONS: Final[dict[str, Any]] = {"sqlite_strict": True}
+
+Int64 = Annotated[int, mapped_column(BIGINT)]
 AccountRef = Annotated[int, mapped_column(ForeignKey("accounts.id"))]
-Hash = Annotated[str, mapped_column(String(64))]
+Hash = Annotated[str, mapped_column(text_type(64))]
 
 TRANSFER_KINDS = ("deposit", "withdrawal", "transfer")
 ACCOUNT_EVENT_KINDS = ("open", "limit")
@@ -36,11 +66,14 @@ class AccountRow(Base):
     __tablename__ = "accounts"
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    name: Mapped[str] = mapped_column(String(NAME_LENGTH_MAX), unique=True)
+    name: Mapped[str] = mapped_column(text_type(NAME_LENGTH_MAX), unique=True)
     overdraft_limit: Mapped[Int64]
     balance: Mapped[Int64]
 
-    __table_args__ = (CheckConstraint("overdraft_limit >= 0", name="overdraft_limit_non_negative"),)
+    __table_args__ = (
+        CheckConstraint("overdraft_limit >= 0", name="overdraft_limit_non_negative"),
+        TABLE_OPTIONS,
+    )
 
 
 class TransferRow(Base):
@@ -49,8 +82,8 @@ class TransferRow(Base):
     __tablename__ = "transfers"
 
     seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    key: Mapped[str | None] = mapped_column(String(KEY_LENGTH_MAX))
-    kind: Mapped[str] = mapped_column(String(16))
+    key: Mapped[str | None] = mapped_column(text_type(KEY_LENGTH_MAX))
+    kind: Mapped[str] = mapped_column(text_type(16))
     debit_account_id: Mapped[AccountRef]
     credit_account_id: Mapped[AccountRef]
     amount: Mapped[Int64]
@@ -63,6 +96,7 @@ class TransferRow(Base):
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("debit_account_id != credit_account_id", name="accounts_differ"),
         CheckConstraint("kind IN ('deposit', 'withdrawal', 'transfer')", name="kind_known"),
+        TABLE_OPTIONS,
     )
 
 
@@ -77,16 +111,42 @@ class AccountEventRow(Base):
 
     seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     account_id: Mapped[AccountRef]
-    kind: Mapped[str] = mapped_column(String(16))
-    name: Mapped[str] = mapped_column(String(NAME_LENGTH_MAX))
+    kind: Mapped[str] = mapped_column(text_type(16))
+    name: Mapped[str] = mapped_column(text_type(NAME_LENGTH_MAX))
     overdraft_limit: Mapped[Int64]
     transfer_seq: Mapped[Int64]
     ts_us: Mapped[Int64]
     hash: Mapped[Hash]
 
-    __table_args__ = (CheckConstraint("kind IN ('open', 'limit')", name="kind_known"),)
+    __table_args__ = (
+        CheckConstraint("kind IN ('open', 'limit')", name="kind_known"),
+        TABLE_OPTIONS,
+    )
+
+
+class ChainFormatRow(Base):
+    """From which seq on a chain's rows use a hash format version (see `bank.ledger.chain`).
+
+    Written by migration 0003 (version 1 for the rows that existed, 2 after them);
+    the engine never writes it. Moving a boundary breaks the hashes it moves over.
+    """
+
+    __tablename__ = "chain_formats"
+
+    chain: Mapped[str] = mapped_column(text_type(16))
+    first_seq: Mapped[Int64]
+    version: Mapped[Int64]
+
+    __table_args__ = (
+        PrimaryKeyConstraint("chain", "first_seq"),
+        CheckConstraint("chain IN ('transfers', 'account_events')", name="chain_known"),
+        CheckConstraint("first_seq >= 1", name="first_seq_positive"),
+        CheckConstraint("version IN (1, 2)", name="version_known"),
+        TABLE_OPTIONS,
+    )
 
 
 accounts = cast(Table, AccountRow.__table__)
 transfers = cast(Table, TransferRow.__table__)
 account_events = cast(Table, AccountEventRow.__table__)
+chain_formats = cast(Table, ChainFormatRow.__table__)

@@ -30,7 +30,13 @@ from typing import Any, Final
 
 from sqlalchemy import Connection
 
-from bank.ledger.chain import GENESIS, account_event_hash, transfer_hash
+from bank.ledger.chain import (
+    FORMAT_V1,
+    GENESIS,
+    stored_account_event_hash,
+    stored_transfer_hash,
+    version_at,
+)
 from bank.limits import (
     AMOUNT_MAX,
     BALANCE_MAX,
@@ -154,17 +160,33 @@ def _contiguous(report: OpenReport, table: str, count: int, first: int, last: in
         )
 
 
-def _transfer_row_hash(prev: str, row: Sequence[Any]) -> str:
+def _transfer_row_hash(version: int, prev: str, row: Sequence[Any]) -> str | None:
     """The chain hash of one `transfers` row (seq, kind, debit, credit, amount, ts_us, key)."""
     seq, kind, debit, credit, amount, ts_us, key = row
-    return transfer_hash(prev, seq, kind, debit, credit, amount, ts_us, key)
+    return stored_transfer_hash(version, prev, seq, kind, debit, credit, amount, ts_us, key)
 
 
-def _event_row_hash(prev: str, row: Sequence[Any]) -> str:
+def _event_row_hash(version: int, prev: str, row: Sequence[Any]) -> str | None:
     """The chain hash of one `account_events` row (seq, account, kind, limit, transfer_seq,
     ts_us, name)."""
     seq, account, kind, limit, transfer_seq, ts_us, name = row
-    return account_event_hash(prev, seq, account, kind, limit, transfer_seq, ts_us, name)
+    return stored_account_event_hash(
+        version, prev, seq, account, kind, limit, transfer_seq, ts_us, name
+    )
+
+
+def _format_of(conn: Connection, table: str, seq: int) -> int:
+    """The hash format of row `seq` of chain `table` (`chain_formats`; format 1 without it)."""
+    has_table = conn.exec_driver_sql(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chain_formats'"
+    ).first()
+    if has_table is None:
+        return FORMAT_V1
+    entries = conn.exec_driver_sql(
+        "SELECT first_seq, version FROM chain_formats WHERE chain = ? ORDER BY first_seq",
+        (table,),
+    ).all()
+    return version_at([(int(a), int(b)) for a, b in entries], seq)
 
 
 _NoneType = type(None)
@@ -220,7 +242,8 @@ def _check_tail(conn: Connection, report: OpenReport, table: str) -> None:
     else:
         prev = GENESIS
     hasher = _transfer_row_hash if table == "transfers" else _event_row_hash
-    if type(prev) is not str or hasher(prev, fields) != stored:
+    version = _format_of(conn, table, seq)
+    if type(prev) is not str or hasher(version, prev, fields) != stored:
         report.add(
             f"{table} seq {seq} (the newest row) does not hash to its stored hash from the "
             "row before it: it or its predecessor was edited"

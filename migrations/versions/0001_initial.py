@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from bank.ledger.chain import GENESIS, account_event_hash
+from bank.ledger.chain import GENESIS, account_event_hash_v1
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -102,7 +102,7 @@ def upgrade() -> None:
                 "overdraft_limit": CASH_LIMIT,
                 "transfer_seq": 0,
                 "ts_us": 0,
-                "hash": account_event_hash(
+                "hash": account_event_hash_v1(
                     GENESIS, 1, CASH_ID, "open", CASH_LIMIT, 0, 0, CASH_NAME
                 ),
             }

@@ -288,7 +288,7 @@ def test_the_audit_finds_the_finding_2_edit_on_a_rebuilt_table(
 ) -> None:
     source, ids = head_ledger
     path = copy_of(source, tmp_path / "l.db")
-    head = audit_ledger(path).head_hash
+    head = audit_ledger(path).head
     with forger(path) as conn:
         rebuild_without_strict(conn, ATTACKS[name][0])
         attack(conn, name, ids)
@@ -426,7 +426,7 @@ def test_the_audit_finds_the_finding_2_edit_at_revision_0002(
     source, ids = ledger_0002
     path = copy_of(source, tmp_path / "l.db")
     assert audit_ledger(path).ok
-    head = audit_ledger(path).head_hash
+    head = audit_ledger(path).head
     with forger(path) as conn:
         attack(conn, name, ids)
     report = audit_ledger(path, expect_head=head)

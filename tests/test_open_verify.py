@@ -15,6 +15,7 @@ from bank.cli import main as cli_main
 from bank.ledger.audit import audit_ledger
 from bank.limits import AMOUNT_MAX
 from tests.audit_ledgers import copy_ledger, edit
+from tests.test_chain_encoding import rebuild_without_strict
 
 # The base ledger's accounts, in opening order.
 A, B, C, IDLE = 1, 2, 3, 4
@@ -169,6 +170,7 @@ def test_newest_account_event_renamed(ledger: Path) -> None:
 def test_newest_transfer_with_a_mistyped_column(ledger: Path) -> None:
     last = _last(ledger, "transfers")
     with edit(ledger) as conn:
+        rebuild_without_strict(conn, "transfers")  # STRICT refuses the edit itself
         conn.execute("UPDATE transfers SET ts_us = 'soon' WHERE seq = ?", (last,))
     _refused(ledger, f"transfers seq {last} (the newest row): ts_us holds 'soon', not int")
 
@@ -183,6 +185,7 @@ def test_a_middle_transfer_deleted_with_balances_to_match(ledger: Path) -> None:
 
 def test_an_amount_made_real(ledger: Path) -> None:
     with edit(ledger) as conn:
+        rebuild_without_strict(conn, "transfers")  # STRICT refuses the edit itself
         conn.execute("UPDATE transfers SET amount = amount + 0.5 WHERE seq = 2")
     _refused(ledger, f"1 row(s) with an amount that is not an integer from 1 to {AMOUNT_MAX}")
 

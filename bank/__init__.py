@@ -11,6 +11,7 @@ from bank.errors import (
     BankClosed,
     BankError,
     CannotAudit,
+    CannotOpenLedger,
     IdempotencyConflict,
     InsufficientFunds,
     InvalidCommand,
@@ -20,6 +21,7 @@ from bank.errors import (
     LedgerVersionError,
     NotALedger,
     QueueFull,
+    UnsupportedLedgerUrl,
 )
 from bank.ledger.audit import AuditReport, Problem
 from bank.limits import AMOUNT_MAX, CASH_ACCOUNT_ID, CASH_ACCOUNT_NAME
@@ -41,6 +43,7 @@ __all__ = [
     "BankError",
     "BankStats",
     "CannotAudit",
+    "CannotOpenLedger",
     "Deposit",
     "IdempotencyConflict",
     "InsufficientFunds",
@@ -55,5 +58,6 @@ __all__ = [
     "Receipt",
     "Snapshot",
     "Transfer",
+    "UnsupportedLedgerUrl",
     "Withdrawal",
 ]

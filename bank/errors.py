@@ -64,3 +64,13 @@ class CannotAudit(BankError):
 class LedgerCorrupt(BankError):
     """`Bank.open` found stored balances, limits or chain heads that disagree with a replay
     of the ledger: it refuses to acknowledge anything on top of them (run `bank audit`)."""
+
+
+class UnsupportedLedgerUrl(NotALedger):
+    """The URL names no durable single-writer ledger file (in memory, read-only, immutable,
+    nolock, another VFS or driver): refused before anything is opened."""
+
+
+class CannotOpenLedger(NotALedger):
+    """SQLite could not open or create the ledger (disk full, read-only, I/O error, a hot
+    journal a reader cannot roll back); nothing was written and nothing half-made is left."""

@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 from bank.errors import CannotAudit
 from bank.ledger.migrate import SQLITE_MAGIC, known_revisions
+from bank.ledger.sqlite import owned_here
 from bank.ledger.views import AUDIT_VIEWS, REVISIONS_WITHOUT_VIEWS, normalize_sql
 from bank.limits import (
     AMOUNT_MAX,
@@ -240,12 +241,18 @@ def _int(v: object) -> bool:
 # -- opening ---------------------------------------------------------------------------
 
 
-def _check_file(path: Path) -> None:
-    """Refuse what cannot be a ledger before SQLite sees it (reads at most 16 bytes)."""
+def _check_file(path: Path, *, owned: bool = False) -> None:
+    """Refuse what cannot be a ledger before SQLite sees it (reads at most 16 bytes).
+
+    `owned`: a `Bank` of this process holds the file, so it is a ledger and its header
+    must not be read with Python I/O (closing that descriptor would drop SQLite's locks).
+    """
     if not path.exists():
         raise CannotAudit(f"{path}: no such file")
     if not path.is_file():
         raise CannotAudit(f"{path}: not a regular file")
+    if owned:
+        return
     try:
         with path.open("rb") as fh:
             head = fh.read(len(SQLITE_MAGIC))
@@ -881,17 +888,22 @@ def audit_ledger(path: str | os.PathLike[str], *, expect_head: str | None = None
     never creates, migrates or writes a ledger. A ledger at rest (no -wal or journal
     content) is read as `immutable`, so not even SQLite's -wal/-shm side files
     appear; if the file changed meanwhile, the audit runs again through SQLite's
-    locking (which, like every WAL reader, may create the -shm index).
+    locking (which, like every WAL reader, may create the -shm index). A ledger owned
+    by a `Bank` of this process is only read through SQLite (never immutable).
     `expect_head`, if given, must equal the snapshot's transfers head hash (else a
     `head_mismatch` problem). Raises `CannotAudit` (one-line reason) for a missing
     file, a file that is not a ledger, a newer schema revision, or a database
     SQLite cannot read.
     """
     db = Path(os.fspath(path)).expanduser().absolute()
-    _check_file(db)
+    # In the process that owns the ledger: no Python file I/O and no immutable mode
+    # (both close descriptors behind SQLite's back); plain read-only connections only,
+    # whose closes SQLite's unix VFS defers while the owner holds locks.
+    owned = owned_here(db)
+    _check_file(db, owned=owned)
     try:
         before = _fingerprint(db)
-        if before[3] <= 0 and before[4] <= 0:
+        if not owned and before[3] <= 0 and before[4] <= 0:
             report = _audit_once(db, expect_head, immutable=True)
             if _fingerprint(db) == before:
                 return report

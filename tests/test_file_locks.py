@@ -13,11 +13,12 @@ import sys
 import textwrap
 from pathlib import Path
 from typing import IO
+from urllib.parse import quote
 
 import pytest
 
 import bank
-from bank.errors import LedgerBusy
+from bank.errors import LedgerBusy, NotALedger, UnsupportedLedgerUrl
 
 SQLITE3 = shutil.which("sqlite3")
 
@@ -151,3 +152,124 @@ def test_second_open_in_process_is_refused_without_touching_the_file(tmp_path: P
                 bank.Bank.open(spelling)  # type: ignore[arg-type]
     with bank.Bank.open(link) as b:  # released: any spelling opens it again
         assert b.path is not None
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys
+    import bank
+
+    with bank.Bank.open(sys.argv[1]) as b:
+        b.open_account("held")
+        print("READY", flush=True)
+        sys.stdin.readline()
+    """
+)
+
+
+def _spellings(tmp_path: Path) -> dict[str, str]:
+    """Ways to name tmp_path/"l b.db" (a space, so percent-decoding matters)."""
+    path = tmp_path / "l b.db"
+    link = tmp_path / "link.db"
+    if not link.exists():
+        link.symlink_to(path)
+    return {
+        "path": str(path),
+        "uri": f"sqlite:///file:{quote(str(path))}?uri=true",
+        "uri_localhost": f"sqlite:///file://localhost{quote(str(path))}?uri=true&mode=rwc",
+        "uri_without_flag": f"sqlite:///file:{quote(str(path))}",
+        "symlink": str(link),
+    }
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("path", "uri"),
+        ("uri", "path"),
+        ("path", "uri_localhost"),
+        ("uri_without_flag", "path"),
+        ("symlink", "uri"),
+        ("path", "symlink"),
+    ],
+)
+def test_two_processes_one_ledger_whatever_the_spelling(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    names = _spellings(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, names[first]],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "READY", holder.stderr
+        with pytest.raises(LedgerBusy):
+            bank.Bank.open(names[second])
+        holder.stdin.write("done\n")
+        holder.stdin.flush()
+        assert holder.wait(timeout=30) == 0
+    finally:
+        holder.kill()
+        holder.communicate(timeout=30)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == ["l b.db", "link.db"]
+    with bank.Bank.open(names[second]) as b:  # the one ledger, with the holder's account
+        assert [a.name for a in b.accounts()] == ["held"]
+
+
+def test_relative_uri_is_resolved_against_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with bank.Bank.open("sqlite:///file:l.db?uri=true") as b:
+        assert b.path == tmp_path / "l.db"
+        with pytest.raises(LedgerBusy):
+            bank.Bank.open(tmp_path / "l.db")
+    assert not (tmp_path / "file:l.db").exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://",
+        "sqlite:///:memory:",
+        "sqlite:///file::memory:?uri=true",
+        "sqlite:///file:?uri=true",
+        "sqlite:///file:{p}?uri=true&mode=ro",
+        "sqlite:///file:{p}?uri=true&mode=memory",
+        "sqlite:///file:{p}?uri=true&immutable=1",
+        "sqlite:///file:{p}?uri=true&nolock=1",
+        "sqlite:///file:{p}?uri=true&vfs=unix-none",
+        "sqlite:///file:{p}?uri=true&cache=shared",
+        "sqlite:///file://otherhost{p}?uri=true",
+        "sqlite:///{p}?mode=ro",
+        "sqlite+aiosqlite:///{p}",
+    ],
+)
+def test_urls_that_cannot_hold_a_durable_single_writer_ledger_are_refused(
+    tmp_path: Path, url: str
+) -> None:
+    path = tmp_path / "l.db"
+    text = url.format(p=path)
+    with pytest.raises(UnsupportedLedgerUrl) as caught:
+        bank.Bank.open(text)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(text.split("?")[0][:12])
+    assert list(tmp_path.iterdir()) == []  # nothing created, nothing written
+
+
+def test_mode_rw_opens_an_existing_ledger_but_creates_none(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    url = f"sqlite:///file:{path}?uri=true&mode=rw"
+    with pytest.raises(NotALedger, match="no ledger at"):
+        bank.Bank.open(url)
+    assert list(tmp_path.iterdir()) == []
+    bank.Bank.open(path).close()
+    with bank.Bank.open(url) as b:
+        assert b.path == path

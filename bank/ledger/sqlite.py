@@ -123,7 +123,7 @@ def resolve_sqlite_target(url: URL) -> SqliteTarget | None:
     """
     if url.get_backend_name() != "sqlite":
         return None
-    shown = url.render_as_string(hide_password=True)
+    shown = unquote(url.render_as_string(hide_password=True))
     if url.get_driver_name() != "pysqlite":
         raise _refuse(shown, f"the driver {url.get_driver_name()!r} is not supported")
     database = url.database or ""
@@ -366,7 +366,9 @@ class FileLock:
                     self.created = True
                     return fd
                 except FileExistsError:
-                    pass
+                    # Raced by another creator, or a dangling symlink (O_EXCL refuses
+                    # those): create through it, not knowing for sure who made the file.
+                    return os.open(path, flags | os.O_CREAT, 0o644)
             return os.open(path, flags)
         except OSError as exc:
             raise CannotOpenLedger(f"{path}: cannot be opened ({exc.strerror})") from None

@@ -171,8 +171,10 @@ class Bank:
         try:
             if self._file_lock is not None:
                 lock = self._file_lock
-                migrate.check_sqlite_header(lock.read_header(len(migrate.SQLITE_MAGIC)), lock.path)
+                # First undo an interrupted write (e.g. a kill while the file was being
+                # created): until then page 1 may still be zeros.
                 roll_back_hot_journal(lock.path)
+                migrate.check_sqlite_header(lock.read_header(len(migrate.SQLITE_MAGIC)), lock.path)
                 if lock.size > 0 or side_file_size(lock.path, "-wal") > 0:
                     # Judge an existing file through a read-only connection first: even
                     # the WAL pragma of a normal connection would rewrite its header.

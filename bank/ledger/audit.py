@@ -261,6 +261,10 @@ def _check_file(path: Path, *, owned: bool = False) -> None:
     wal = path.with_name(path.name + "-wal")
     if not head and not (wal.exists() and wal.stat().st_size > 0):
         raise CannotAudit(f"{path}: an empty file, not a ledger")
+    if head != SQLITE_MAGIC and _sidecar(path, "-journal") > 0:
+        raise CannotAudit(
+            f"{path}: a write was interrupted (a hot -journal); `bank init` recovers it"
+        )
     if head and head != SQLITE_MAGIC:
         raise CannotAudit(f"{path}: not an SQLite database, so not a ledger")
 

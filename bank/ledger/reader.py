@@ -45,6 +45,8 @@ class LedgerReader:
         # A file a `Bank` of this process owns is read through SQLite only: opening and
         # closing it here, or an immutable connection, would drop the owner's locks.
         self._owned = owned_here(self.path)
+        if side_file_size(self.path, "-journal") > 0:
+            raise self._hot_journal()
         if not self._owned:
             migrate.sniff_sqlite_file(self.path)
         revision = self._read(lambda engine: migrate.ledger_revision(engine, str(self.path)))
@@ -70,6 +72,12 @@ class LedgerReader:
             self._engine.dispose()
             self._engine = None
 
+    def _hot_journal(self) -> CannotOpenLedger:
+        return CannotOpenLedger(
+            f"{self.path}: a -journal beside it (a write interrupted or under way, a hot "
+            "-journal) that a reader may not roll back; `bank init` recovers an interrupted one"
+        )
+
     def _read(self, read: Callable[[Engine], T]) -> T:
         """`read` on one snapshot: immutable when the ledger is at rest and unchanged
         meanwhile (no side file is created), else through SQLite's locking."""
@@ -89,10 +97,7 @@ class LedgerReader:
         except (DBAPIError, sqlite3.Error) as exc:
             self.close()
             if side_file_size(self.path, "-journal") > 0:
-                raise CannotOpenLedger(
-                    f"{self.path}: a write was interrupted (a hot -journal) and a reader cannot "
-                    "roll it back; open it once with `bank init` to recover it"
-                ) from None
+                raise self._hot_journal() from None
             raise open_error(exc, str(self.path)) from None
         except OSError as exc:
             self.close()

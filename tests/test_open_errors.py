@@ -349,3 +349,16 @@ def test_sigkill_of_bank_init_then_bank_init_never_prints_a_traceback(tmp_path: 
             )
             assert "Traceback" not in done.stderr, done.stderr
         assert done.returncode == 0, done.stderr
+
+
+def test_cli_init_and_accounts_take_a_sqlite_uri(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    url = "sqlite:///file:l.db?uri=true"
+    assert cli.main(["init", "--db", url]) == cli.EXIT_OK
+    assert "created ledger" in capsys.readouterr().out
+    assert cli.main(["init", "--db", url]) == cli.EXIT_OK
+    assert "opened existing ledger" in capsys.readouterr().out
+    assert cli.main(["accounts", "--db", url]) == cli.EXIT_OK
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.db"]  # no stray `file:l.db`

@@ -3,6 +3,7 @@ file lock, so that another SQLAlchemy backend can be added in one place."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -53,7 +54,8 @@ def ledger_url(db: str | os.PathLike[str] | URL) -> URL:
 
 
 def sqlite_path(url: URL) -> Path | None:
-    """The file behind a SQLite URL, or None for another backend or `:memory:`."""
+    """The file behind a SQLite URL, or None for another backend or `:memory:` (no URI
+    resolution: `resolve_sqlite_target` says which file SQLite really opens)."""
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return None
     return Path(url.database)
@@ -385,12 +387,9 @@ class FileLock:
         if not self.created or self._fd is None:
             return
         for suffix in ("", *SIDE_FILES):
-            try:
+            # Absent, or best effort: an empty or uncommitted file reads as new anyway.
+            with contextlib.suppress(OSError):
                 os.unlink(self.path.with_name(self.path.name + suffix))
-            except FileNotFoundError:
-                pass
-            except OSError:
-                pass  # best effort: the file stays empty or uncommitted, which reads as new
 
     def release(self) -> None:
         """Drop the lock (idempotent)."""

@@ -16,9 +16,11 @@ from typing import IO
 from urllib.parse import quote
 
 import pytest
+from sqlalchemy.engine import URL
 
 import bank
 from bank.errors import LedgerBusy, NotALedger, UnsupportedLedgerUrl
+from bank.ledger.sqlite import FileLock, create_ledger_engine
 
 SQLITE3 = shutil.which("sqlite3")
 
@@ -285,3 +287,16 @@ def test_mode_rw_opens_an_existing_ledger_but_creates_none(tmp_path: Path) -> No
     bank.Bank.open(path).close()
     with bank.Bank.open(url) as b:
         assert b.path == path
+
+
+def test_a_connection_to_another_file_than_the_locked_one_is_refused(tmp_path: Path) -> None:
+    locked, other = tmp_path / "locked.db", tmp_path / "other.db"
+    lock = FileLock(locked)
+    try:
+        engine = create_ledger_engine(URL.create("sqlite", database=str(other)), lock=lock)
+        with pytest.raises(LedgerBusy, match="not the file this bank locked"):
+            engine.connect()
+        engine.dispose()
+        assert other.stat().st_size == 0  # refused before the WAL pragma could write it
+    finally:
+        lock.release()

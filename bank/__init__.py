@@ -11,6 +11,7 @@ from bank.errors import (
     BankClosed,
     BankError,
     CannotAudit,
+    CannotOpenLedger,
     CloseFromBankThread,
     IdempotencyConflict,
     InsufficientFunds,
@@ -23,6 +24,7 @@ from bank.errors import (
     LedgerVersionError,
     NotALedger,
     QueueFull,
+    UnsupportedLedgerUrl,
 )
 from bank.ledger.audit import AuditReport, Problem
 from bank.limits import AMOUNT_MAX, CASH_ACCOUNT_ID, CASH_ACCOUNT_NAME
@@ -44,6 +46,7 @@ __all__ = [
     "BankError",
     "BankStats",
     "CannotAudit",
+    "CannotOpenLedger",
     "CloseFromBankThread",
     "Deposit",
     "IdempotencyConflict",
@@ -61,5 +64,6 @@ __all__ = [
     "Receipt",
     "Snapshot",
     "Transfer",
+    "UnsupportedLedgerUrl",
     "Withdrawal",
 ]

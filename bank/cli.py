@@ -38,6 +38,7 @@ from bank.errors import (
     NotALedger,
 )
 from bank.ledger.reader import LedgerReader
+from bank.ledger.sqlite import ledger_url, resolve_sqlite_target
 from bank.limits import (
     AMOUNT_MAX,
     CASH_ACCOUNT_ID,
@@ -356,8 +357,17 @@ def _error(command: str, message: str) -> None:
     print(f"bank {command}: {message}", file=sys.stderr)
 
 
-def _existing_ledger(path: str) -> str:
-    """Refuse a missing path before opening (opening would create an empty ledger)."""
+def _existing_ledger(db: str) -> str:
+    """Refuse a missing path before opening (opening would create an empty ledger).
+
+    A SQLite URL is resolved to the file SQLite would open (the readers take a path).
+    """
+    path = db
+    if "://" in db:
+        target = resolve_sqlite_target(ledger_url(db))
+        if target is None:
+            raise _UsageError(f"{db}: `accounts` and `history` read SQLite ledger files only")
+        path = str(target.path)
     if not Path(path).exists():
         raise _UsageError(f"no ledger at {path} (create one with `bank init --db {path}`)")
     if Path(path).is_dir():
@@ -459,7 +469,8 @@ def _cmd_check_history(args: argparse.Namespace) -> int:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    existed = Path(args.db).exists()
+    target = resolve_sqlite_target(ledger_url(args.db))
+    existed = target is None or (target.path.exists() and target.path.stat().st_size > 0)
     with Bank.open(args.db) as bank:
         revision = bank.revision
         rows = _account_rows(bank)

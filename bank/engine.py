@@ -16,6 +16,7 @@ import atexit
 import logging
 import math
 import os
+import sqlite3
 import threading
 import time
 import weakref
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 
 from bank import lockcheck
 from bank.account import Account
@@ -47,6 +49,7 @@ from bank.errors import (
     AccountNameTaken,
     AccountNotFound,
     BankClosed,
+    BankError,
     CannotAudit,
     CloseFromBankThread,
     InsufficientFunds,
@@ -61,10 +64,14 @@ from bank.ledger import migrate, store, verify
 from bank.ledger.sqlite import (
     Durability,
     FileLock,
+    check_writable,
     create_ledger_engine,
     create_readonly_engine,
     ledger_url,
-    sqlite_path,
+    open_error,
+    resolve_sqlite_target,
+    roll_back_hot_journal,
+    side_file_size,
 )
 from bank.ledger.writer import LedgerWriter
 from bank.limits import (
@@ -290,37 +297,13 @@ class Bank:
             raise InvalidCommand(
                 f"durability must be 'full' or 'normal' (got {durability!r})"
             ) from None
-        self._url = ledger_url(db)
-        self._path = sqlite_path(self._url)
         self._life = _Lifecycle()
         self._file_lock: FileLock | None = None
         self._engine: Engine | None = None
-        if self._path is not None:
-            if self._path.is_dir():
-                raise NotALedger(f"{self._path} is a directory, not a ledger file")
-            if not self._path.parent.is_dir():
-                raise NotALedger(
-                    f"{self._path.parent} does not exist: cannot create a ledger there"
-                )
-            migrate.sniff_sqlite_file(self._path)
-            if self._path.exists() and self._path.stat().st_size > 0:
-                # Judge an existing file through a read-only connection first: even
-                # the WAL pragma of a normal connection would rewrite its header.
-                probe = create_readonly_engine(self._path)
-                try:
-                    migrate.ledger_revision(probe)
-                finally:
-                    probe.dispose()
-            self._file_lock = FileLock(self._path)
-        try:
-            self._engine = create_ledger_engine(self._url, self._durability)
-            self.revision = migrate.upgrade_to_head(self._engine)
-            self._recover()
-        except BaseException:
-            self._release_resources()
-            raise
+        self._open_ledger(ledger_url(db))
+        assert self._engine is not None
         self._buffer: BoundedBuffer[Job] = BoundedBuffer(queue_capacity)
-        self._workers = [
+        self._workers: list[Worker] = [
             Worker(i, self._buffer, self._accounts, self._writer, self._claims, self._engine)
             for i in range(workers)
         ]
@@ -336,6 +319,65 @@ class Bank:
             self._life.close()
             why = failure if failure is not None else f"not ready within {JOIN_WAIT_S_MAX} s"
             raise LedgerUnavailable(f"the ledger writer could not start: {why}") from failure
+
+    def _open_ledger(self, url: URL) -> None:
+        """Lock, judge, create or migrate, and recover the ledger at `url`.
+
+        Every failure is a specific `BankError` naming the path, and leaves nothing
+        behind: no lock, no connection, no half-created file. Once the file is locked,
+        nothing here opens or closes it outside SQLite (the header is read on the
+        lock's descriptor), so an owner elsewhere in this process keeps its locks.
+        """
+        target = resolve_sqlite_target(url)
+        self._url = target.engine_url if target is not None else url
+        self._path = target.path if target is not None else None
+        where = str(self._path) if self._path is not None else url.render_as_string()
+        if target is not None:
+            path = target.path
+            if path.is_dir():
+                raise NotALedger(f"{path} is a directory, not a ledger file")
+            if not path.parent.is_dir():
+                raise NotALedger(f"{path.parent} does not exist: cannot create a ledger there")
+            self._file_lock = FileLock(path, create=target.create)
+        try:
+            if self._file_lock is not None:
+                lock = self._file_lock
+                # First undo an interrupted write (e.g. a kill while the file was being
+                # created): until then page 1 may still be zeros.
+                roll_back_hot_journal(lock.path)
+                migrate.check_sqlite_header(lock.read_header(len(migrate.SQLITE_MAGIC)), lock.path)
+                if lock.size > 0 or side_file_size(lock.path, "-wal") > 0:
+                    # Judge an existing file through a read-only connection first: even
+                    # the WAL pragma of a normal connection would rewrite its header.
+                    probe = create_readonly_engine(lock.path)
+                    try:
+                        migrate.ledger_revision(probe, where)
+                    finally:
+                        probe.dispose()
+            self._engine = create_ledger_engine(self._url, self._durability, lock=self._file_lock)
+            self.revision = migrate.upgrade_to_head(self._engine)
+            missing = migrate.missing_tables(self._engine)
+            if missing:
+                raise LedgerCorrupt(
+                    f"{where}: the ledger's table(s) {', '.join(missing)} are missing "
+                    "(dropped by hand?); run `bank audit`"
+                )
+            if self._file_lock is not None:
+                check_writable(self._engine)
+            self._recover()
+        except BaseException as exc:
+            created = self._file_lock is not None and self._file_lock.created
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
+            if created and self._file_lock is not None:
+                self._file_lock.remove_created()
+            self._release_resources()
+            if isinstance(exc, BankError) or not isinstance(exc, Exception):
+                raise
+            if isinstance(exc, DBAPIError | sqlite3.Error):
+                raise open_error(exc, where) from None
+            raise
 
     @classmethod
     def open(

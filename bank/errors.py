@@ -99,3 +99,13 @@ class CannotCheckHistory(BankError):
 
 class SchemaDowngradeRefused(BankError):
     """A schema downgrade would leave rows that the older revision cannot verify."""
+
+
+class UnsupportedLedgerUrl(NotALedger):
+    """The URL names no durable single-writer ledger file (in memory, read-only, immutable,
+    nolock, another VFS or driver): refused before anything is opened."""
+
+
+class CannotOpenLedger(NotALedger):
+    """SQLite could not open or create the ledger (disk full, read-only, I/O error, a hot
+    journal a reader cannot roll back); nothing was written and nothing half-made is left."""

@@ -254,7 +254,9 @@ def test_column_type_weakened_by_a_rebuilt_table(ledger: Path) -> None:
     """`amount BIGINT` rebuilt as an untyped column: nothing would coerce a forged TEXT amount."""
     sql = _table_sql(ledger, "transfers")
     assert "amount INTEGER NOT NULL" in sql
-    loose = re.sub(r"\)\s*STRICT\s*$", ")", sql.strip())  # an untyped column needs a non-STRICT table
+    loose = re.sub(
+        r"\)\s*STRICT\s*$", ")", sql.strip()
+    )  # an untyped column needs a non-STRICT table
     _rebuild(ledger, "transfers", loose.replace("amount INTEGER NOT NULL", "amount NOT NULL"))
     report = audit_ledger(ledger)
     [message] = _schema(report)

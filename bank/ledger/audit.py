@@ -38,6 +38,7 @@ from bank.ledger.schema_ref import (
     read_schema,
     reference_schemas,
 )
+from bank.ledger.sqlite import owned_here
 from bank.limits import (
     AMOUNT_MAX,
     BALANCE_MAX,
@@ -266,12 +267,18 @@ def _int(v: object) -> bool:
 # -- opening ---------------------------------------------------------------------------
 
 
-def _check_file(path: Path) -> None:
-    """Refuse what cannot be a ledger before SQLite sees it (reads at most 16 bytes)."""
+def _check_file(path: Path, *, owned: bool = False) -> None:
+    """Refuse what cannot be a ledger before SQLite sees it (reads at most 16 bytes).
+
+    `owned`: a `Bank` of this process holds the file, so it is a ledger and its header
+    must not be read with Python I/O (closing that descriptor would drop SQLite's locks).
+    """
     if not path.exists():
         raise CannotAudit(f"{path}: no such file")
     if not path.is_file():
         raise CannotAudit(f"{path}: not a regular file")
+    if owned:
+        return
     try:
         with path.open("rb") as fh:
             head = fh.read(len(SQLITE_MAGIC))
@@ -280,6 +287,10 @@ def _check_file(path: Path) -> None:
     wal = path.with_name(path.name + "-wal")
     if not head and not (wal.exists() and wal.stat().st_size > 0):
         raise CannotAudit(f"{path}: an empty file, not a ledger")
+    if head != SQLITE_MAGIC and _sidecar(path, "-journal") > 0:
+        raise CannotAudit(
+            f"{path}: a write was interrupted (a hot -journal); `bank init` recovers it"
+        )
     if head and head != SQLITE_MAGIC:
         raise CannotAudit(f"{path}: not an SQLite database, so not a ledger")
 
@@ -1209,7 +1220,8 @@ def audit_ledger(path: str | os.PathLike[str], *, expect_head: str | None = None
     never creates, migrates or writes a ledger. A ledger at rest (no -wal or journal
     content) is read as `immutable`, so not even SQLite's -wal/-shm side files
     appear; if the file changed meanwhile, the audit runs again through SQLite's
-    locking (which, like every WAL reader, may create the -shm index).
+    locking (which, like every WAL reader, may create the -shm index). A ledger owned
+    by a `Bank` of this process is only read through SQLite (never immutable).
     `expect_head`, if given, is a head as the report's `head` gives it
     (`SEQ:HASH/EVENT_SEQ:EVENT_HASH`); each chain whose end differs from it is a
     `head_mismatch` problem. Raises `InvalidExpectedHead` (a `CannotAudit`) for any
@@ -1219,10 +1231,14 @@ def audit_ledger(path: str | os.PathLike[str], *, expect_head: str | None = None
     """
     pinned = None if expect_head is None else parse_head(expect_head)
     db = Path(os.fspath(path)).expanduser().absolute()
-    _check_file(db)
+    # In the process that owns the ledger: no Python file I/O and no immutable mode
+    # (both close descriptors behind SQLite's back); plain read-only connections only,
+    # whose closes SQLite's unix VFS defers while the owner holds locks.
+    owned = owned_here(db)
+    _check_file(db, owned=owned)
     try:
         before = _fingerprint(db)
-        if before[3] <= 0 and before[4] <= 0:
+        if not owned and before[3] <= 0 and before[4] <= 0:
             report = _audit_once(db, pinned, immutable=True)
             if _fingerprint(db) == before:
                 return report

@@ -16,6 +16,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect
 
 from bank.errors import LedgerVersionError, NotALedger
+from bank.ledger.models import Base
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 #: Tables a ledger at any revision has; their presence without `alembic_version` is damage.
@@ -66,7 +67,9 @@ def alembic_config() -> Config:
 def sniff_sqlite_file(path: Path) -> None:
     """Raise `NotALedger` if `path` exists, is not empty and is not an SQLite database.
 
-    Reads 16 bytes; never writes.
+    Reads 16 bytes; never writes. It opens and closes the file, so never call it on a
+    file this process owns (POSIX would drop SQLite's locks): `Bank.open` reads the
+    header on its lock's descriptor instead (`check_sqlite_header`).
     """
     if not path.exists():
         return
@@ -74,45 +77,55 @@ def sniff_sqlite_file(path: Path) -> None:
         raise NotALedger(f"{path} is not a regular file")
     with path.open("rb") as fh:
         head = fh.read(len(SQLITE_MAGIC))
-    if head and head != SQLITE_MAGIC:
+    check_sqlite_header(head, path)
+
+
+def check_sqlite_header(head: bytes, path: Path) -> None:
+    """Raise `NotALedger` unless `head` (a file's first bytes) is empty or SQLite's magic."""
+    if head and head[: len(SQLITE_MAGIC)] != SQLITE_MAGIC:
         raise NotALedger(
             f"{path} is not an SQLite database (it does not start with the SQLite header)"
         )
 
 
-def ledger_revision(engine: Engine) -> str | None:
+def missing_tables(engine: Engine) -> list[str]:
+    """The tables of the newest schema that the ledger behind `engine` lacks (dropped by hand)."""
+    with engine.connect() as conn:
+        tables = set(inspect(conn).get_table_names())
+    return sorted(set(Base.metadata.tables) - tables)
+
+
+def ledger_revision(engine: Engine, where: str | None = None) -> str | None:
     """The schema revision of the ledger behind `engine`; None for an empty database.
 
     Raises `NotALedger` for a database with other tables, `LedgerVersionError`
-    for one written by a newer `bank`.
+    for one written by a newer `bank`. Messages name `where` (default: the URL's
+    database, which is None for an engine built with a `creator`).
     """
+    name = where if where is not None else engine.url.database
     try:
         with engine.connect() as conn:
             tables = set(inspect(conn).get_table_names())
             current = MigrationContext.configure(conn).get_current_revision()
     except sqlite3.DatabaseError as exc:
-        raise NotALedger(f"{engine.url.database}: not a readable SQLite database ({exc})") from None
+        raise NotALedger(f"{name}: not a readable SQLite database ({exc})") from None
     except Exception as exc:
         if "file is not a database" in str(exc) or "malformed" in str(exc):
-            raise NotALedger(
-                f"{engine.url.database}: not a readable SQLite database ({exc})"
-            ) from None
+            raise NotALedger(f"{name}: not a readable SQLite database ({exc})") from None
         raise
     if current is None:
         if not tables:
             return None
         if tables & LEDGER_TABLES:
             raise NotALedger(
-                f"{engine.url.database}: has ledger tables but no schema revision "
+                f"{name}: has ledger tables but no schema revision "
                 "(alembic_version is missing): refusing to touch it"
             )
         listed = ", ".join(sorted(tables)[:5])
-        raise NotALedger(
-            f"{engine.url.database}: an SQLite database of another program (tables: {listed})"
-        )
+        raise NotALedger(f"{name}: an SQLite database of another program (tables: {listed})")
     if current not in known_revisions():
         raise LedgerVersionError(
-            f"{engine.url.database}: schema revision {current!r} is newer than this bank "
+            f"{name}: schema revision {current!r} is newer than this bank "
             f"knows (newest known: {head_revision()!r}); upgrade bank to open it"
         )
     return current

@@ -64,6 +64,7 @@ from bank.ledger import migrate, store, verify
 from bank.ledger.sqlite import (
     Durability,
     FileLock,
+    check_not_read_only,
     check_writable,
     create_ledger_engine,
     create_readonly_engine,
@@ -342,6 +343,7 @@ class Bank:
         try:
             if self._file_lock is not None:
                 lock = self._file_lock
+                check_not_read_only(lock.path)
                 # First undo an interrupted write (e.g. a kill while the file was being
                 # created): until then page 1 may still be zeros.
                 roll_back_hot_journal(lock.path)

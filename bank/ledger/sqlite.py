@@ -417,6 +417,31 @@ def roll_back_hot_journal(path: Path) -> None:
         raise open_error(exc, str(path)) from None
 
 
+def check_not_read_only(path: Path) -> None:
+    """Refuse a ledger that cannot be written before SQLite sees it: on a read-only file
+    system SQLite quietly opens the file read-only (and may not even see a hot -wal's
+    frames), so the bank would start and fail at its first commit."""
+    where = path if path.exists() else path.parent
+    try:
+        read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+    except OSError as exc:
+        raise CannotOpenLedger(f"{path}: cannot inspect its file system ({exc.strerror})") from None
+    if read_only:
+        raise CannotOpenLedger(
+            f"{path}: the file system is mounted read-only; a ledger must be writable "
+            "(read it with `bank audit`); nothing was written"
+        )
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CannotOpenLedger(
+            f"{path}: the file is not writable by this user; nothing was written"
+        )
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise CannotOpenLedger(
+            f"{path.parent}: the directory is not writable by this user (SQLite needs its "
+            "-wal and -shm beside the ledger); nothing was written"
+        )
+
+
 def check_writable(engine: Engine) -> None:
     """Take and drop SQLite's write lock once (bounded by the busy timeout): a ledger that
     another process keeps locked is refused at open, not at the first operation."""

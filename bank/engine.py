@@ -13,6 +13,7 @@ the writer's lock. The buffer's and the key claims' locks are leaves.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,8 @@ class _Lifecycle:
         self.writer: LedgerWriter | None = None
         self.release: Callable[[], None] = lambda: None
         self._live_workers = 0
+        self._readers = 0  # callers reading the ledger through the engine (under `lock`)
+        self._no_readers = threading.Condition(self.lock)  # notified by the last reader out
 
     def start(
         self,
@@ -192,12 +195,36 @@ class _Lifecycle:
             self.writer.stop()  # nothing can stage transfers any more
 
     def _writer_exited(self) -> None:
+        with self.lock:  # `closed` is set: no reader can start; wait for the ones inside
+            while self._readers:
+                self._no_readers.wait()
         try:
             self.release()
         finally:
             self.released.set()
             with _OPEN_LOCK:
                 _OPEN.discard(self)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Read the ledger on the caller's thread; raises `BankClosed` once `close()` began.
+
+        Checking "open" and then connecting is not enough: the ledger could be released
+        in between, and the engine would open a new connection to a file this bank no
+        longer owns and keep it open after `close()` returned. The release waits for
+        every reader inside (a read is one bounded query).
+        """
+        with self.lock:
+            if self.closed:
+                raise BankClosed("the bank is closed")
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._readers -= 1
+                if not self._readers:
+                    self._no_readers.notify_all()
 
     def on_bank_thread(self) -> bool:
         """True if the caller is one of the bank's threads."""
@@ -701,7 +728,7 @@ class Bank:
         if self._claims.holder(key) is not None:
             self._claims.wait_released(key, KEY_WAIT_S_MAX)
         assert self._engine is not None
-        with self._engine.connect() as conn:
+        with self._life.reading(), self._engine.connect() as conn:
             return store.find_receipts(conn, [key]).get(key)
 
     def history(self, account_id: int, *, limit: int | None = None) -> list[Receipt]:
@@ -710,7 +737,7 @@ class Bank:
         if limit is not None:
             _check_int(limit, "limit", 1, 10**9)
         assert self._engine is not None
-        with self._engine.connect() as conn:
+        with self._life.reading(), self._engine.connect() as conn:
             return list(store.history(conn, account_id, limit=limit))
 
     def stats(self) -> BankStats:

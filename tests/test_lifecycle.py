@@ -7,12 +7,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import bank
+from bank.ledger import store
 from bank.limits import BALANCE_MAX
-from tests.conftest import bank_threads
+from tests.conftest import bank_threads, run_threads
 
 
 def _fingerprint(path: Path) -> tuple[bytes, int]:
@@ -330,3 +332,70 @@ def test_transfer_that_would_overflow_the_target_is_refused(
         b.transfer(borrower, rich, amount)
     assert b.snapshot() == before
     assert before.total == 0
+
+
+def _open_descriptors(path: Path) -> list[str]:
+    """The files of this process's descriptors that are the ledger or its side files."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = str(fd.readlink())
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            found.append(target)
+    return found
+
+
+@pytest.mark.parametrize("where", ["before the read", "inside the read"])
+def test_a_read_racing_close_leaves_no_connection_to_the_released_ledger(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """`history`/`find` checked "open" and then connected: a close() in between released
+    the ledger and the read opened a new connection that outlived the bank."""
+    b = bank.Bank.open(ledger_path)
+    alice = b.open_account("alice")
+    b.deposit(alice.id, 5)
+    paused, resume = threading.Event(), threading.Event()
+
+    def pause() -> None:
+        paused.set()
+        assert resume.wait(10), "watchdog: never resumed"
+
+    check, real = b.account, store.history
+
+    def account_then_pause(account_id: int) -> bank.Account:
+        found = check(account_id)
+        pause()
+        return found
+
+    def pause_then_history(*args: Any, **kwargs: Any) -> Any:
+        pause()
+        return real(*args, **kwargs)
+
+    if where == "before the read":  # past the "open" check, not yet connected
+        monkeypatch.setattr(b, "account", account_then_pause)
+    else:  # connected, in the query
+        monkeypatch.setattr(store, "history", pause_then_history)
+    results: list[object] = []
+
+    def read() -> None:
+        try:
+            results.append(len(b.history(alice.id)))
+        except bank.BankError as exc:
+            results.append(type(exc))
+
+    def close() -> None:
+        assert paused.wait(10)
+        closer = threading.Thread(target=b.close, daemon=True)
+        closer.start()
+        closer.join(0.5)  # a reader inside holds the release (not the closed flag) back
+        resume.set()
+        closer.join(10)
+        assert not closer.is_alive()
+
+    run_threads([read, close], timeout_s=30)
+    expected = bank.BankClosed if where == "before the read" else 1
+    assert results == [expected]
+    assert b.closed
+    assert _open_descriptors(ledger_path) == []

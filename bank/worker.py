@@ -132,14 +132,20 @@ class Worker(threading.Thread):
 
         Returns key -> (the future that owns the claim, the committed receipt or None).
         Looking up only after claiming matters: a key committed by someone else
-        between a look-up and a claim would otherwise be applied twice.
+        between a look-up and a claim would otherwise be applied twice. Claiming stops
+        at the first key held elsewhere: a command that waits for a key must not hold
+        claims for the commands after it, or two workers with batches sharing keys in
+        opposite orders would each wait for a key the other holds. The rest are claimed
+        one by one as they come (`_answered_by_ledger`).
         """
         if not any(map(_key_of, commands)):  # no keys (never empty): skip the loop
             return {}
         owned: dict[str, Future[Receipt]] = {}
         for command, future in zip(commands, futures, strict=True):
             key = command.key
-            if key is not None and key not in owned and self._claims.claim(key, future) is None:
+            if key is not None and key not in owned:
+                if self._claims.claim(key, future) is not None:
+                    break
                 owned[key] = future
         if not owned:
             return {}

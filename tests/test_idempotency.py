@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,43 @@ def test_find_refuses_bad_keys(make_bank: Callable[..., bank.Bank], key: object)
     b = make_bank()
     with pytest.raises(bank.InvalidCommand, match="key"):
         b.find(key)  # type: ignore[arg-type]
+
+
+def test_batches_with_shared_keys_in_opposite_orders_do_not_wait_on_each_other(
+    make_bank: Callable[..., bank.Bank], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker used to claim all of a batch's keys up front, then wait at an earlier
+    command for a key held elsewhere: two workers could each hold the key the other
+    waits for (a cycle only `KeyInFlight` broke, 60 s later, refusing both)."""
+    b = make_bank(workers=2)
+    alice = b.open_account("alice").id
+    claims = b._claims
+    real_claim = claims.claim
+    in_flight: Future[bank.Receipt] = Future()  # an operation with key "k2" still in flight
+    assert real_claim("k2", in_flight) is None
+
+    def claim(key: str, future: Future[bank.Receipt]) -> Future[bank.Receipt] | None:
+        # The in-flight "k2" is answered just as another batch claims it (the race, won
+        # by that batch, made deterministic): the claim passes straight to it.
+        with claims._lock:
+            if key == "k2" and claims._claims.get(key) is in_flight and future is not first[0]:
+                claims._claims[key] = future
+                return None
+        return real_claim(key, future)
+
+    monkeypatch.setattr(claims, "claim", claim)
+    x, a = (
+        bank.Deposit(account=alice, amount=1, key="k2"),
+        bank.Deposit(account=alice, amount=2, key="k"),
+    )
+    first = b.submit_many([x, a])  # waits at x for "k2" (a's "k" claimed, or not)
+    deadline = time.monotonic() + 10
+    while claims._waiting == 0:
+        assert time.monotonic() < deadline, "watchdog: the first batch never waited for its key"
+        time.sleep(0.001)
+    second = b.submit_many([a, x])  # "k" before "k2"
+    _, pending = wait([*first, *second], timeout=15)
+    assert not pending, "watchdog: the batches wait on each other's keys"
+    outcomes = [f.exception() or f.result() for f in (*first, *second)]
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+    assert b.balance(alice) == 3  # each key applied once

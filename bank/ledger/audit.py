@@ -38,7 +38,7 @@ from bank.ledger.schema_ref import (
     read_schema,
     reference_schemas,
 )
-from bank.ledger.sqlite import owned_here
+from bank.ledger.sqlite import fingerprint, owned_here, side_file_size
 from bank.limits import (
     AMOUNT_MAX,
     BALANCE_MAX,
@@ -287,7 +287,7 @@ def _check_file(path: Path, *, owned: bool = False) -> None:
     wal = path.with_name(path.name + "-wal")
     if not head and not (wal.exists() and wal.stat().st_size > 0):
         raise CannotAudit(f"{path}: an empty file, not a ledger")
-    if head != SQLITE_MAGIC and _sidecar(path, "-journal") > 0:
+    if head != SQLITE_MAGIC and side_file_size(path, "-journal") > 0:
         raise CannotAudit(
             f"{path}: a write was interrupted (a hot -journal); `bank init` recovers it"
         )
@@ -1180,26 +1180,6 @@ def _audit_accounts(
 # -- the audit -------------------------------------------------------------------------
 
 
-def _sidecar(path: Path, suffix: str) -> int:
-    """Size of `path` + suffix (-wal, -journal), -1 when absent."""
-    try:
-        return path.with_name(path.name + suffix).stat().st_size
-    except FileNotFoundError:
-        return -1
-
-
-def _fingerprint(path: Path) -> tuple[int, int, int, int, int]:
-    """What changes when anyone writes the ledger: the file's identity, size, mtime, WAL size."""
-    st = path.stat()
-    return (
-        st.st_ino,
-        st.st_size,
-        st.st_mtime_ns,
-        _sidecar(path, "-wal"),
-        _sidecar(path, "-journal"),
-    )
-
-
 def _connect(path: Path, *, immutable: bool) -> sqlite3.Connection:
     """A read-only connection (`mode=ro`, `query_only`), autocommit so BEGIN is ours.
 
@@ -1237,10 +1217,10 @@ def audit_ledger(path: str | os.PathLike[str], *, expect_head: str | None = None
     owned = owned_here(db)
     _check_file(db, owned=owned)
     try:
-        before = _fingerprint(db)
+        before = fingerprint(db)
         if not owned and before[3] <= 0 and before[4] <= 0:
             report = _audit_once(db, pinned, immutable=True)
-            if _fingerprint(db) == before:
+            if fingerprint(db) == before:
                 return report
     except OSError as exc:
         raise CannotAudit(f"{db}: {exc.strerror or exc}") from None

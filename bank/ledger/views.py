@@ -1,10 +1,11 @@
-"""The SQL views shipped for auditors (schema revisions 0002 and 0003), as the audit expects them.
+"""The SQL views shipped for auditors (schema revisions 0002 and 0003), documented in one place.
 
-Migration 0002 carries its own frozen copy of this text; a test keeps the two equal.
-The audit does not read this module: it compares every stored view (like every
-other object) with what the migrations themselves create up to the ledger's
-revision (`bank.ledger.schema_ref`), because an auditor running plain `sqlite3`
-trusts these views and a redefined view could hide a mismatch.
+Migrations 0002 and 0003 each carry their own frozen copy of this text, and
+`tests/test_audit.py` keeps the three equal. Nothing in the package reads this module:
+the audit compares every stored view (like every other object) with what the
+migrations themselves create up to the ledger's revision (`bank.ledger.schema_ref`),
+because an auditor running plain `sqlite3` trusts these views and a redefined view
+could hide a mismatch.
 """
 
 from __future__ import annotations

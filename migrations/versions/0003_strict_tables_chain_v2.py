@@ -57,7 +57,7 @@ COLUMN_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
 KEY_COLUMNS = {"accounts": "id", "transfers": "seq", "account_events": "seq"}
 
 # Frozen with this revision (bank.ledger.views holds what the audit expects at head;
-# tests/test_views_exact.py keeps the two equal). Creation order matters.
+# tests/test_audit.py keeps the two equal). Creation order matters.
 VIEWS: dict[str, str] = {
     "account_flows": """
 CREATE VIEW account_flows AS

@@ -77,7 +77,8 @@ class LedgerVersionError(NotALedger):
 
 
 class LedgerBusy(BankError):
-    """Another open `Bank` (in this or another process) owns the ledger file."""
+    """Another open `Bank` (in this or another process) owns the ledger file, or another
+    process kept SQLite's lock on it past the busy timeout."""
 
 
 class CannotAudit(BankError):
@@ -90,7 +91,8 @@ class InvalidExpectedHead(CannotAudit, ValueError):
 
 class LedgerCorrupt(BankError):
     """`Bank.open` found stored balances, limits or chain heads that disagree with a replay
-    of the ledger: it refuses to acknowledge anything on top of them (run `bank audit`)."""
+    of the ledger, a ledger table missing, or (upgrading) a value of the wrong type: it
+    refuses to acknowledge anything on top of them (run `bank audit`)."""
 
 
 class CannotCheckHistory(BankError):

@@ -7,7 +7,7 @@ callers --submit--> BoundedBuffer --get_many--> Workers --stage--> LedgerWriter 
 ```
 
 Lock order, everywhere: `_registry_lock` -> account locks (ascending id) ->
-the writer's lock. The buffer's and the key claims' locks are leaves.
+the writer's lock. The buffer's, the key claims' and the lifecycle's locks are leaves.
 """
 
 from __future__ import annotations

@@ -245,8 +245,8 @@ class _Lifecycle:
 
         Every caller waits for the same thing (the ledger released by the last
         thread), so concurrent closers all return once the bank is shut. On a bank
-        thread (a finalizer run by the garbage collector there) it only starts the
-        shutdown: a thread cannot wait for itself.
+        thread it only starts the shutdown, since a thread cannot wait for itself
+        (`Bank.close()` refuses there, and a collected bank closes on a thread of its own).
         """
         with self.lock:
             first = not self.closed

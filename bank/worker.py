@@ -63,8 +63,8 @@ class Worker(threading.Thread):
         engine: Engine,
         on_exit: Callable[[], None] | None = None,
     ) -> None:
-        # A daemon so that a forgotten bank cannot hold up exit; the bank's finalizer
-        # drains it at exit (see `bank.engine._Lifecycle`).
+        # A daemon so that a forgotten bank cannot hold up exit; `bank.engine`'s atexit
+        # hook drains it first (see `bank.engine._Lifecycle`).
         super().__init__(name=f"bank-worker-{index}", daemon=True)
         self.on_exit = on_exit  # told when this thread ends, however it ends
         self._buffer = buffer

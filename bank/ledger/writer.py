@@ -128,8 +128,8 @@ class LedgerWriter(threading.Thread):
         commit_ops_max: int = COMMIT_BATCH_OPS_MAX,
         on_exit: Callable[[], None] | None = None,
     ) -> None:
-        # A daemon so that a forgotten bank cannot hold up exit; the bank's finalizer
-        # drains it at exit (see `bank.engine._Lifecycle`).
+        # A daemon so that a forgotten bank cannot hold up exit; `bank.engine`'s atexit
+        # hook drains it first (see `bank.engine._Lifecycle`).
         super().__init__(name="bank-ledger-writer", daemon=True)
         self.on_exit = on_exit  # told when this thread ends, after its last answer
         self._engine = engine
@@ -293,7 +293,7 @@ class LedgerWriter(threading.Thread):
             )
 
     def stop(self) -> None:
-        """Finish what is pending, then end the thread (the caller joins it).
+        """Finish what is pending, then end the thread (`close()` joins it).
 
         Called once no worker can stage any more (the last worker to exit calls it);
         account events staged after it are refused with `BankClosed`.

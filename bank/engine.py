@@ -183,9 +183,19 @@ class _Lifecycle:
         writer.on_exit = self._writer_exited
         with _OPEN_LOCK:
             _OPEN.add(self)
-        writer.start()
-        for worker in workers:
-            worker.start()
+        try:
+            writer.start()
+        except BaseException:  # nothing runs (no thread could be made): release now
+            self._writer_exited()
+            raise
+        started = 0
+        try:
+            for worker in workers:
+                worker.start()
+                started += 1
+        finally:
+            for _ in range(len(workers) - started):
+                self._worker_exited()  # never ran; the last one out still stops the writer
 
     def _worker_exited(self) -> None:
         with self.lock:
@@ -267,7 +277,7 @@ class _Lifecycle:
             )
             return
         for thread in (*self.workers, self.writer):
-            if thread is not None:
+            if thread is not None and thread.ident is not None:  # started
                 thread.join()  # past its last step (the release): ends at once
 
 
@@ -337,7 +347,13 @@ class Bank:
         ]
         # The release must not hold the Bank (a bound method would): see `_Lifecycle`.
         release = _releaser(self._engine, self._file_lock)
-        self._life.start(self._buffer, self._workers, self._writer, release)
+        try:
+            self._life.start(self._buffer, self._workers, self._writer, release)
+        except Exception as exc:  # e.g. no thread could be made: shut what did start
+            self._life.close()
+            raise LedgerUnavailable(
+                f"the bank's threads could not start ({type(exc).__name__}: {exc})"
+            ) from exc
         # A forgotten bank is closed when it is collected, or at exit (`_OPEN`).
         weakref.finalize(self, self._life.collected).atexit = False
         # Set by the writer in every case, failure included; bounded all the same.

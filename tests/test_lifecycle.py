@@ -399,3 +399,34 @@ def test_a_read_racing_close_leaves_no_connection_to_the_released_ledger(
     assert results == [expected]
     assert b.closed
     assert _open_descriptors(ledger_path) == []
+
+
+@pytest.mark.parametrize("failing", ["bank-ledger-writer", "bank-worker-1"])
+def test_a_thread_that_cannot_start_fails_the_open_and_frees_the_ledger(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """`Thread.start` failing (no resources for a new thread) escaped as a raw
+    RuntimeError and left the started threads running and the ledger locked for good."""
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == failing:
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    outcome: list[BaseException] = []
+
+    def open_bank() -> None:
+        try:
+            bank.Bank.open(ledger_path, workers=2).close()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    run_threads([open_bank], timeout_s=20)
+    monkeypatch.undo()
+    assert len(outcome) == 1 and isinstance(outcome[0], bank.LedgerUnavailable), outcome
+    assert "could not start" in str(outcome[0])
+    assert bank_threads() == []
+    with bank.Bank.open(ledger_path) as b:  # the lock was released
+        assert b.snapshot().total == 0

@@ -312,17 +312,32 @@ def _field_problem(name: str, value: object) -> str | None:
         if type(value) is not int or not 1 <= value <= AMOUNT_MAX:
             return f"must be an int from 1 to {AMOUNT_MAX} (got {_shown(value)})"
     elif name == "key":
-        if value is not None and (type(value) is not str or not 1 <= len(value) <= KEY_LENGTH_MAX):
-            return (
-                f"must be None or a str of 1 to {KEY_LENGTH_MAX} characters (got {_shown(value)})"
-            )
-        if value is not None and _BAD_TEXT.search(value) is not None:
-            return f"must not contain control characters or lone surrogates (got {_shown(value)})"
+        if value is not None:
+            return _key_problem(value, "None or ")
     elif type(value) is not int or not 0 <= value <= ACCOUNT_ID_MAX:
         return f"must be an int from 1 to {ACCOUNT_ID_MAX} (got {_shown(value)})"
     elif value == CASH_ACCOUNT_ID:
         return f"must be a customer account, not @cash (got {_shown(value)})"
     return None
+
+
+def _key_problem(value: object, also: str = "") -> str | None:
+    """Why `value` is not an idempotency key, or None (`also`: what else is allowed)."""
+    if type(value) is not str or not 1 <= len(value) <= KEY_LENGTH_MAX:
+        return f"must be {also}a str of 1 to {KEY_LENGTH_MAX} characters (got {_shown(value)})"
+    if _BAD_TEXT.search(value) is not None:
+        return f"must not contain control characters or lone surrogates (got {_shown(value)})"
+    return None
+
+
+def check_key(key: object, where: str) -> str:
+    """`key` if it is a valid idempotency key (a command's rule for `key`, None excluded);
+    raises `InvalidCommand` naming `where` and the rule. For look-ups by key (`Bank.find`)."""
+    problem = _key_problem(key)
+    if problem is not None:
+        raise InvalidCommand(f"{where}: key {problem}")
+    assert isinstance(key, str)
+    return key
 
 
 def refusal(command: object, where: str) -> InvalidCommand:

@@ -42,7 +42,7 @@ from bank.commands import (
     LimitSpec,
     Transfer,
     Withdrawal,
-    _check_text,
+    check_key,
     is_validated,
     refusal,
 )
@@ -80,7 +80,6 @@ from bank.limits import (
     CASH_ACCOUNT_ID,
     COMMIT_BATCH_OPS_MAX,
     JOIN_WAIT_S_MAX,
-    KEY_LENGTH_MAX,
     KEY_WAIT_S_MAX,
     OPEN_PROBLEMS_SHOWN_MAX,
     QUEUE_CAPACITY_DEFAULT,
@@ -728,14 +727,7 @@ class Bank:
 
     def find(self, key: str) -> Receipt | None:
         """The receipt of the operation with idempotency key `key`, if one was accepted."""
-        if not isinstance(key, str) or not 1 <= len(key) <= KEY_LENGTH_MAX:
-            raise InvalidCommand(
-                f"key must be a str of 1 to {KEY_LENGTH_MAX} characters (got {key!r})"
-            )
-        try:
-            _check_text(key, "key")
-        except ValueError as exc:
-            raise InvalidCommand(str(exc)) from None
+        check_key(key, "find")
         self._check_open()
         # An operation with this key in flight is answered first, so that `find`
         # never reports "no such key" for an operation that was already accepted.

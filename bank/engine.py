@@ -495,7 +495,7 @@ class Bank:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._life.closed else "open"
+        state = "closed" if self.closed else "open"
         return f"<Bank {self._url.render_as_string(hide_password=True)} {state}>"
 
     @property

@@ -11,6 +11,7 @@ from bank.errors import (
     BankClosed,
     BankError,
     CannotAudit,
+    CannotCheckHistory,
     CannotOpenLedger,
     CloseFromBankThread,
     IdempotencyConflict,
@@ -24,6 +25,7 @@ from bank.errors import (
     LedgerVersionError,
     NotALedger,
     QueueFull,
+    SchemaDowngradeRefused,
     UnsupportedLedgerUrl,
 )
 from bank.ledger.audit import AuditReport, Problem
@@ -46,6 +48,7 @@ __all__ = [
     "BankError",
     "BankStats",
     "CannotAudit",
+    "CannotCheckHistory",
     "CannotOpenLedger",
     "CloseFromBankThread",
     "Deposit",
@@ -62,6 +65,7 @@ __all__ = [
     "Problem",
     "QueueFull",
     "Receipt",
+    "SchemaDowngradeRefused",
     "Snapshot",
     "Transfer",
     "UnsupportedLedgerUrl",

@@ -362,3 +362,20 @@ def test_cli_init_and_accounts_take_a_sqlite_uri(
     assert "opened existing ledger" in capsys.readouterr().out
     assert cli.main(["accounts", "--db", url]) == cli.EXIT_OK
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.db"]  # no stray `file:l.db`
+
+
+def test_every_bank_error_is_public_with_a_one_line_docstring() -> None:
+    """Callers catch what the README lists as `bank.X` (`CannotCheckHistory` and
+    `SchemaDowngradeRefused` were raised but not exported)."""
+    import bank.errors
+
+    errors = [
+        obj
+        for obj in vars(bank.errors).values()
+        if isinstance(obj, type) and issubclass(obj, bank.BankError)
+    ]
+    assert len(errors) > 20
+    for error in errors:
+        assert getattr(bank, error.__name__, None) is error, error.__name__
+        assert error.__name__ in bank.__all__, error.__name__
+        assert error.__doc__ and error.__doc__.strip(), error.__name__

@@ -23,14 +23,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Dialect, Engine, bindparam, insert, update
 from sqlalchemy.sql.expression import ClauseElement
 
 from bank import lockcheck
 from bank.errors import BankClosed, BankError, LedgerUnavailable
-from bank.idempotency import KeyClaims
 from bank.ledger.chain import account_event_hash, transfer_hash
 from bank.ledger.models import account_events, accounts, transfers
 from bank.ledger.sqlite import BEGIN_SQL, bound_variables_max
@@ -101,6 +100,15 @@ def _largest_page(columns: int, variables_max: int) -> int:
     return 1 << (fits.bit_length() - 1)
 
 
+class KeyReleaser(Protocol):
+    """What the writer needs of the engine's in-flight key claims (`bank.idempotency`),
+    without the ledger importing from the layer above it."""
+
+    def release(self, key: str) -> None: ...
+    def release_many(self, keys: list[str]) -> None: ...
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class WriterStats:
     """Counters of the writer, read under its lock."""
@@ -119,7 +127,7 @@ class LedgerWriter(threading.Thread):
     def __init__(
         self,
         engine: Engine,
-        claims: KeyClaims,
+        claims: KeyReleaser,
         *,
         seq: int,
         head_hash: str,

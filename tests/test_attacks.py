@@ -1,0 +1,78 @@
+"""Attacks on the promises of issue 9 that once broke them: each test failed before its fix."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+import bank
+from bank.commands import is_validated
+
+
+def _rows(path: Path) -> list[tuple[object, ...]]:
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT seq, amount, typeof(amount) FROM transfers").fetchall()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "launder",
+    [
+        lambda: bank.Deposit.model_validate(bank.Deposit.model_construct(account=1, amount=1.5)),  # type: ignore[arg-type]
+        lambda: bank.Deposit.model_validate(bank.Deposit.model_construct(account=1, amount=True)),
+        lambda: bank.Transfer.model_validate(
+            bank.Transfer.model_construct(source=1, target=2, amount=10**16)
+        ),
+        lambda: bank.Withdrawal.model_validate(
+            bank.Withdrawal(account=1, amount=1).model_copy(update={"amount": 0})
+        ),
+    ],
+    ids=["construct-real", "construct-bool", "construct-huge", "copy-update-zero"],
+)
+def test_model_validate_of_an_instance_validates_it(launder: object, tmp_path: Path) -> None:
+    """`model_validate(instance)`: pydantic returns the instance unvalidated; it was sealed.
+
+    Before the fix the laundered command passed the gate and a REAL amount stopped the bank.
+    """
+    path = tmp_path / "l.db"
+    with bank.Bank.open(path) as b:
+        b.open_account("a")
+        b.open_account("b")
+        b.deposit(1, 100)
+        command: object = None
+        with pytest.raises(bank.InvalidCommand):
+            command = launder()  # type: ignore[operator]
+            b.submit(command).result(timeout=10)  # type: ignore[arg-type]
+        assert command is None or not is_validated(command)
+        assert b.deposit(1, 1).seq == 2  # the bank still works: nothing reached the writer
+    assert _rows(path) == [(1, 100, "integer"), (2, 1, "integer")]
+
+
+def test_model_validate_of_an_edited_command_is_refused() -> None:
+    """A sealed command edited behind frozen=True is not re-sealed by model_validate."""
+    command = bank.Deposit(account=1, amount=5)
+    object.__setattr__(command, "amount", 2.5)
+    assert not is_validated(command)
+    with pytest.raises(bank.InvalidCommand, match=r"Deposit\.amount"):
+        bank.Deposit.model_validate(command)
+    assert not is_validated(command)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: bank.Deposit.model_validate({"account": 1, "amount": 1.5}),
+        lambda: bank.Deposit.model_validate_json('{"account": 1, "amount": 1.5}'),
+        lambda: bank.Transfer.model_validate({"source": 1, "target": 1, "amount": 1}),
+        lambda: bank.Withdrawal.model_validate_json("not json"),
+    ],
+    ids=["dict", "json", "same-accounts", "bad-json"],
+)
+def test_model_validate_raises_invalid_command(call: object) -> None:
+    """Bad input through model_validate(_json) is an InvalidCommand, not pydantic's error."""
+    with pytest.raises(bank.InvalidCommand) as info:
+        call()  # type: ignore[operator]
+    assert "source/target: " not in str(info.value).split(".", 1)[0]
+    assert "\n" not in str(info.value)

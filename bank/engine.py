@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from bank import lockcheck
 from bank.account import Account
@@ -51,6 +51,7 @@ from bank.errors import (
     BankClosed,
     BankError,
     CannotAudit,
+    CannotOpenLedger,
     CloseFromBankThread,
     InsufficientFunds,
     InvalidCommand,
@@ -58,6 +59,7 @@ from bank.errors import (
     LedgerUnavailable,
     NotALedger,
     QueueFull,
+    UnsupportedLedgerUrl,
 )
 from bank.idempotency import KeyClaims
 from bank.ledger import migrate, store, verify
@@ -137,6 +139,25 @@ def _check_timeout(timeout: object) -> float | None:
     if math.isnan(seconds) or seconds < 0:
         raise InvalidCommand(f"timeout must be None or a number of seconds >= 0 (got {timeout!r})")
     return None if seconds > threading.TIMEOUT_MAX else seconds
+
+
+def _open_failure(db: object, exc: BaseException) -> BankError:
+    """The specific error for a `db` that names no openable ledger (raised outside SQLite).
+
+    A path the OS refuses (too long, a NUL byte): `CannotOpenLedger`; a URL of a driver
+    that is not installed or not known: `UnsupportedLedgerUrl`; not a path at all:
+    `InvalidCommand`. Each names what it was given.
+    """
+    shown = repr(db) if not isinstance(db, str | os.PathLike | URL) else str(db)
+    shown = repr(shown) if any(c < " " for c in shown) else shown  # a NUL, say, shown as \x00
+    shown = shown if len(shown) <= 200 else f"{shown[:197]}..."
+    if isinstance(exc, ImportError | ArgumentError):
+        return UnsupportedLedgerUrl(f"{shown}: no driver for this URL ({exc})")
+    if isinstance(exc, OSError):
+        return CannotOpenLedger(f"{shown}: {exc.strerror or exc}")
+    if isinstance(exc, TypeError):
+        return InvalidCommand(f"db must be a path or an SQLAlchemy URL (got {shown})")
+    return CannotOpenLedger(f"{shown}: not a usable path ({exc})")
 
 
 class _Lifecycle:
@@ -301,7 +322,12 @@ class Bank:
         self._life = _Lifecycle()
         self._file_lock: FileLock | None = None
         self._engine: Engine | None = None
-        self._open_ledger(ledger_url(db))
+        try:
+            self._open_ledger(ledger_url(db))
+        except BankError:
+            raise
+        except (OSError, ValueError, TypeError, ImportError, ArgumentError) as exc:
+            raise _open_failure(db, exc) from None
         assert self._engine is not None
         self._buffer: BoundedBuffer[Job] = BoundedBuffer(queue_capacity)
         self._workers: list[Worker] = [

@@ -76,3 +76,102 @@ def test_model_validate_raises_invalid_command(call: object) -> None:
         call()  # type: ignore[operator]
     assert "source/target: " not in str(info.value).split(".", 1)[0]
     assert "\n" not in str(info.value)
+
+
+# -- bad paths and URLs: a specific BankError, never a raw OSError/TypeError -----------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("db", "error"),
+    [
+        ("x" * 5000, bank.CannotOpenLedger),
+        ("x" * 300 + "/l.db", bank.CannotOpenLedger),
+        ("a\x00b.db", bank.CannotOpenLedger),
+        ("sqlite:///" + "y" * 5000, bank.CannotOpenLedger),
+        ("sqlite:///a%00b.db", bank.CannotOpenLedger),
+        ("notaurl://x", bank.UnsupportedLedgerUrl),
+        ("mysql://u@127.0.0.1:1/db", bank.UnsupportedLedgerUrl),
+        (b"b.db", bank.InvalidCommand),
+        (123, bank.InvalidCommand),
+        (None, bank.InvalidCommand),
+    ],
+    ids=[
+        "name-too-long",
+        "dir-too-long",
+        "nul",
+        "url-too-long",
+        "url-nul",
+        "unknown-dialect",
+        "driver-not-installed",
+        "bytes",
+        "int",
+        "none",
+    ],
+)
+def test_open_of_an_unusable_db_is_a_bank_error(
+    db: object, error: type[bank.BankError], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: raw OSError, ValueError, TypeError, NoSuchModuleError, ModuleNotFoundError."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error) as info:
+        bank.Bank.open(db)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "path", ["x" * 5000, "a\x00b", 5], ids=["name-too-long", "nul", "not-a-path"]
+)
+def test_audit_of_an_unusable_path_is_cannot_audit(
+    path: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`audit_ledger` promises CannotAudit; it raised OSError, ValueError, TypeError."""
+    from bank.ledger.audit import audit_ledger
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(bank.CannotAudit):
+        audit_ledger(path)  # type: ignore[arg-type]
+
+
+def test_reader_of_a_name_too_long_is_a_bank_error(tmp_path: Path) -> None:
+    from bank.ledger.reader import LedgerReader
+
+    with pytest.raises(bank.CannotOpenLedger, match="cannot be examined"):
+        LedgerReader(tmp_path / ("x" * 5000))
+
+
+@pytest.mark.timeout(60)
+def test_cli_could_not_run_is_exit_2_not_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An OSError (a name too long) meant exit 1, which reads as "problems found"."""
+    from bank.cli import main
+
+    long = str(tmp_path / ("x" * 5000))
+    for argv in (["audit", "--db", long], ["accounts", "--db", long], ["init", "--db", long]):
+        assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_check_history_of_a_fifo_or_device_ends(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check-history FIFO` blocked forever in open(); `/dev/zero` read forever."""
+    import os
+
+    from bank.cli import main
+
+    db = tmp_path / "l.db"
+    with bank.Bank.open(db):
+        pass
+    if kind == "fifo":
+        history = tmp_path / "h.fifo"
+        os.mkfifo(history)
+    else:
+        history = Path("/dev/zero")
+    assert main(["check-history", str(history), "--db", str(db)]) == 2
+    assert "not a regular file" in capsys.readouterr().err

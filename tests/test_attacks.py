@@ -175,3 +175,82 @@ def test_check_history_of_a_fifo_or_device_ends(
         history = Path("/dev/zero")
     assert main(["check-history", str(history), "--db", str(db)]) == 2
     assert "not a regular file" in capsys.readouterr().err
+
+
+# -- a tampered schema: Bank.open refuses what the migrations did not make --------------------
+
+
+def _sound_ledger(path: Path) -> None:
+    with bank.Bank.open(path) as b:
+        alice = b.open_account("alice")
+        b.deposit(alice.id, 1000, key="d1")
+
+
+def _edit(path: Path, sql: str) -> None:
+    """An edit with plain sqlite3, as an attacker with write access makes it."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript(sql)
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_open_refuses_a_trigger_that_swallows_the_writers_rows(tmp_path: Path) -> None:
+    """Two `RAISE(IGNORE)` triggers made every INSERT into transfers and UPDATE of accounts
+    a silent no-op: Bank.open accepted the ledger, acknowledged a deposit (a receipt with a
+    seq), and after reopening (accepted again) `find` did not know the key: lost."""
+    path = tmp_path / "l.db"
+    _sound_ledger(path)
+    _edit(
+        path,
+        "CREATE TRIGGER t1 BEFORE INSERT ON transfers BEGIN SELECT RAISE(IGNORE); END;"
+        "CREATE TRIGGER t2 BEFORE UPDATE ON accounts BEGIN SELECT RAISE(IGNORE); END;",
+    )
+    acknowledged: list[str] = []
+    with (
+        pytest.raises(bank.LedgerCorrupt, match="unexpected trigger t1 on transfers") as info,
+        bank.Bank.open(path) as b,
+    ):
+        acknowledged.append(b.deposit(1, 777, key="gone").key or "")
+    assert acknowledged == []
+    assert "bank audit" in str(info.value)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TRIGGER t AFTER INSERT ON transfers BEGIN "
+        "UPDATE transfers SET key = NULL WHERE seq = new.seq; END;",
+        "CREATE VIEW v AS SELECT 1;",
+        "CREATE INDEX ix ON transfers(amount);",
+        "CREATE TABLE zz(x);",
+    ],
+    ids=["trigger-drops-keys", "view", "index", "table"],
+)
+def test_open_refuses_schema_objects_no_migration_made(sql: str, tmp_path: Path) -> None:
+    """The audit reported them; Bank.open opened the ledger and wrote through them."""
+    path = tmp_path / "l.db"
+    _sound_ledger(path)
+    _edit(path, sql)
+    with pytest.raises(bank.LedgerCorrupt, match="schema: unexpected"):
+        bank.Bank.open(path)
+
+
+def test_open_accepts_planner_statistics(tmp_path: Path) -> None:
+    """ANALYZE (sqlite_stat1) and VACUUM change no result: still a sound ledger."""
+    path = tmp_path / "l.db"
+    _sound_ledger(path)
+    _edit(path, "ANALYZE; VACUUM;")
+    with bank.Bank.open(path) as b:
+        assert b.balance(1) == 1000
+
+
+def test_open_of_two_schema_revisions_is_ledger_corrupt(tmp_path: Path) -> None:
+    """A second alembic_version row: Bank.open raised alembic's raw CommandError."""
+    path = tmp_path / "l.db"
+    _sound_ledger(path)
+    _edit(path, "INSERT INTO alembic_version VALUES ('0002');")
+    with pytest.raises(bank.LedgerCorrupt, match="more than one schema revision"):
+        bank.Bank.open(path)

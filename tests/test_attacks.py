@@ -254,3 +254,39 @@ def test_open_of_two_schema_revisions_is_ledger_corrupt(tmp_path: Path) -> None:
     _edit(path, "INSERT INTO alembic_version VALUES ('0002');")
     with pytest.raises(bank.LedgerCorrupt, match="more than one schema revision"):
         bank.Bank.open(path)
+
+
+def _forge_trigger(path: Path, name: str, table: str, body: str) -> None:
+    """A trigger under a name `CREATE TRIGGER` refuses (sqlite_stat1): via writable_schema."""
+    sql = f"CREATE TRIGGER {name} BEFORE {body} ON {table} BEGIN SELECT RAISE(IGNORE); END"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute(
+            "INSERT INTO sqlite_master(type, name, tbl_name, rootpage, sql) "
+            "VALUES ('trigger', ?, ?, 0, ?)",
+            (name, table, sql),
+        )
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_trigger_named_like_planner_statistics_is_not_ignored(tmp_path: Path) -> None:
+    """The schema check skipped every object *named* sqlite_stat1..4, whatever its type:
+    two RAISE(IGNORE) triggers so named swallowed an acknowledged deposit, and the audit
+    said CLEAN even with --expect-head (the pinned head had not moved); Bank.open accepted."""
+    from bank.ledger.audit import audit_ledger
+
+    path = tmp_path / "l.db"
+    _sound_ledger(path)
+    head = audit_ledger(path).head
+    _forge_trigger(path, "sqlite_stat1", "transfers", "INSERT")
+    _forge_trigger(path, "sqlite_stat4", "accounts", "UPDATE")
+    report = audit_ledger(path, expect_head=head)
+    assert not report.ok
+    assert {p.message for p in report.problems} >= {
+        "unexpected trigger sqlite_stat1 on transfers: no migration up to revision 0003 creates it"
+    }
+    with pytest.raises(bank.LedgerCorrupt, match="unexpected trigger sqlite_stat1"):
+        bank.Bank.open(path)

@@ -764,6 +764,20 @@ class Bank:
         self._check_open()
         from bank.ledger.audit import audit_ledger
 
+        lock = self._file_lock
+        if lock is not None:
+            # The path may name another file by now (a symlink re-pointed, the ledger
+            # renamed and another put in its place): auditing that would vouch for it.
+            try:
+                st = os.stat(self._path)
+                moved = (st.st_dev, st.st_ino) != lock.identity
+            except OSError:
+                moved = True
+            if moved:
+                raise CannotAudit(
+                    f"{self._path} is no longer the file this bank holds (renamed, replaced "
+                    "or re-linked while it runs): audit the ledger at rest instead"
+                )
         return audit_ledger(self._path)
 
 

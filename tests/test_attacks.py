@@ -290,3 +290,33 @@ def test_a_trigger_named_like_planner_statistics_is_not_ignored(tmp_path: Path) 
     }
     with pytest.raises(bank.LedgerCorrupt, match="unexpected trigger sqlite_stat1"):
         bank.Bank.open(path)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["symlink-repointed", "renamed-and-replaced"])
+def test_bank_audit_never_vouches_for_another_file(how: str, tmp_path: Path) -> None:
+    """`Bank.audit()` audited whatever its path named now: after the symlink it was opened
+    through was re-pointed (or the file renamed and another ledger put in its place) it
+    reported the *other* ledger CLEAN as its own."""
+    other = tmp_path / "other.db"
+    with bank.Bank.open(other) as o:
+        o.open_account("zed")
+    real = tmp_path / "real.db"
+    link = tmp_path / "link.db"
+    if how == "symlink-repointed":
+        link.symlink_to(real)
+        opened = link
+    else:
+        opened = real
+    with bank.Bank.open(opened) as b:
+        b.deposit(b.open_account("a").id, 5)
+        assert b.audit().ok
+        if how == "symlink-repointed":
+            link.unlink()
+            link.symlink_to(other)
+        else:
+            real.rename(tmp_path / "moved.db")
+            other.rename(real)
+        with pytest.raises(bank.CannotAudit, match="no longer the file this bank holds"):
+            b.audit()
+        assert b.deposit(1, 1).seq == 2  # the bank goes on, on its own file

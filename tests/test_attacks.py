@@ -320,3 +320,42 @@ def test_bank_audit_never_vouches_for_another_file(how: str, tmp_path: Path) -> 
         with pytest.raises(bank.CannotAudit, match="no longer the file this bank holds"):
             b.audit()
         assert b.deposit(1, 1).seq == 2  # the bank goes on, on its own file
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("through", ["fifo", "symlink-to-fifo"])
+def test_simulate_json_to_a_fifo_writes_through_it(through: str, tmp_path: Path) -> None:
+    """`--json` renamed a temporary file over its target: `--json /dev/full` (tried as
+    root) replaced the device with a regular file, `--json /dev/stdout` would replace that
+    link for every process. A FIFO stands in for the device here: it must stay a FIFO
+    and its reader must get the JSON."""
+    import json
+    import os
+    import stat
+    import threading
+
+    from bank.cli import main
+
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    target = fifo
+    if through == "symlink-to-fifo":
+        target = tmp_path / "link"
+        target.symlink_to(fifo)
+    received: list[str] = []
+
+    def read() -> None:
+        with fifo.open(encoding="utf-8") as inp:
+            received.append(inp.read())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    argv = ["simulate", "--db", str(tmp_path / "s.db"), "--ops", "50", "--tellers", "2"]
+    code = main([*argv, "--accounts", "5", "--json", str(target), "--no-progress"])
+    if not received:  # before the fix nothing opened the FIFO: let the reader go
+        with fifo.open("w") if stat.S_ISFIFO(os.stat(fifo).st_mode) else open(os.devnull, "w"):
+            pass
+    reader.join(10)
+    assert code == 0
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO was replaced by a regular file"
+    assert json.loads(received[0])["ops"] == 50

@@ -25,6 +25,7 @@ from bank.errors import (
     NotALedger,
     QueueFull,
     UnsupportedLedgerUrl,
+    WaitOnBankThread,
 )
 from bank.ledger.audit import AuditReport, Problem
 from bank.limits import AMOUNT_MAX, CASH_ACCOUNT_ID, CASH_ACCOUNT_NAME
@@ -65,5 +66,6 @@ __all__ = [
     "Snapshot",
     "Transfer",
     "UnsupportedLedgerUrl",
+    "WaitOnBankThread",
     "Withdrawal",
 ]

@@ -60,6 +60,7 @@ from bank.errors import (
     NotALedger,
     QueueFull,
     UnsupportedLedgerUrl,
+    WaitOnBankThread,
 )
 from bank.idempotency import KeyClaims
 from bank.ledger import migrate, store, verify
@@ -525,6 +526,15 @@ class Bank:
             if self._life.closed:
                 raise BankClosed("the bank is closed")
 
+    def _check_may_wait(self, call: str) -> None:
+        """Refuse a waiting call on a bank thread (a done-callback runs on the writer):
+        it would wait for the very thread it blocks, forever, and wedge the bank."""
+        if self._life.on_bank_thread():
+            raise WaitOnBankThread(
+                f"{call}() waits for the ledger and was called on the bank's own thread (a "
+                "future's done-callback): use submit() there, or call it from another thread"
+            )
+
     # -- accounts ----------------------------------------------------------------------
 
     def open_account(self, name: str, overdraft_limit: int = 0) -> Account:
@@ -534,6 +544,7 @@ class Bank:
         """
         spec = AccountSpec(name=name, overdraft_limit=overdraft_limit)
         self._check_open()
+        self._check_may_wait("open_account")
         future: Future[int] = Future()
         with self._registry_lock:
             taken = self._names.get(spec.name)
@@ -563,6 +574,7 @@ class Bank:
         """
         spec = LimitSpec(account=account_id, overdraft_limit=overdraft_limit)
         self._check_open()
+        self._check_may_wait("set_overdraft_limit")
         account = self.account(spec.account)
         if account.is_system:
             raise InvalidCommand("set_overdraft_limit.account: @cash has no overdraft limit to set")
@@ -610,6 +622,7 @@ class Bank:
         self, account: int, amount: int, *, key: str | None = None, timeout: float | None = None
     ) -> Receipt:
         """Move `amount` from `@cash` into `account`; returns the receipt once durable."""
+        self._check_may_wait("deposit")
         return self.submit(
             Deposit(account=account, amount=amount, key=key), timeout=timeout
         ).result()
@@ -618,6 +631,7 @@ class Bank:
         self, account: int, amount: int, *, key: str | None = None, timeout: float | None = None
     ) -> Receipt:
         """Move `amount` from `account` to `@cash`; raises `InsufficientFunds` past the limit."""
+        self._check_may_wait("withdraw")
         return self.submit(
             Withdrawal(account=account, amount=amount, key=key), timeout=timeout
         ).result()
@@ -632,6 +646,7 @@ class Bank:
         timeout: float | None = None,
     ) -> Receipt:
         """Move `amount` from `source` to `target`; returns the receipt once durable."""
+        self._check_may_wait("transfer")
         return self.submit(
             Transfer(source=source, target=target, amount=amount, key=key), timeout=timeout
         ).result()
@@ -694,6 +709,7 @@ class Bank:
     def balance(self, account_id: int) -> int:
         """The account's balance once everything it reflects is durable."""
         account = self.account(account_id)
+        self._check_may_wait("balance")
         with account.lock:
             balance = account.balance
             position, _ = self._writer.position()
@@ -703,6 +719,7 @@ class Bank:
     def snapshot(self) -> Snapshot:
         """All balances at one seq (every account locked at once, in id order), once durable."""
         self._check_open()
+        self._check_may_wait("snapshot")
         with self._registry_lock, locked(self._accounts.values()) as ordered:
             balances = {a.id: a.balance for a in ordered}
             position, seq = self._writer.position()

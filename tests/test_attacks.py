@@ -359,3 +359,56 @@ def test_simulate_json_to_a_fifo_writes_through_it(through: str, tmp_path: Path)
     assert code == 0
     assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO was replaced by a regular file"
     assert json.loads(received[0])["ops"] == 50
+
+
+# -- a done-callback that waits on the bank: it ran on the writer and waited for itself --------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda b: b.balance(1),
+        lambda b: b.deposit(1, 1),
+        lambda b: b.withdraw(1, 1),
+        lambda b: b.transfer(1, 2, 1),
+        lambda b: b.snapshot(),
+        lambda b: b.open_account("late"),
+        lambda b: b.set_overdraft_limit(1, 10),
+    ],
+    ids=[
+        "balance",
+        "deposit",
+        "withdraw",
+        "transfer",
+        "snapshot",
+        "open_account",
+        "set_overdraft_limit",
+    ],
+)
+def test_a_waiting_call_from_a_done_callback_is_refused(call: object, tmp_path: Path) -> None:
+    """Each of these, called in a done-callback (on the ledger writer), waited forever for
+    the writer it was blocking: the bank was wedged, and close() gave up after 60 s with
+    the ledger locked. Now WaitOnBankThread at once, and the bank goes on."""
+    import threading
+
+    path = tmp_path / "l.db"
+    outcome: list[BaseException | object] = []
+    done = threading.Event()
+    with bank.Bank.open(path) as b:
+        b.open_account("a")
+        b.open_account("b")
+        b.deposit(1, 100)
+
+        def callback(_future: object) -> None:
+            try:
+                outcome.append(call(b))  # type: ignore[operator]
+            except BaseException as exc:
+                outcome.append(exc)
+            done.set()
+
+        b.submit(bank.Deposit(account=1, amount=5)).add_done_callback(callback)
+        assert done.wait(10), "the call in the callback never returned (the bank is wedged)"
+        assert isinstance(outcome[0], bank.WaitOnBankThread), outcome
+        assert b.deposit(1, 1).seq == 3  # nothing of the refused call was written
+    assert [r[0] for r in _rows(path)] == [1, 2, 3]

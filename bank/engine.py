@@ -186,6 +186,8 @@ class _Lifecycle:
         self.writer: LedgerWriter | None = None
         self.release: Callable[[], None] = lambda: None
         self._live_workers = 0
+        #: Set in a forked child: the threads (and the ledger) stay with the parent.
+        self.forked = False
 
     def start(
         self,
@@ -243,6 +245,8 @@ class _Lifecycle:
         thread (a finalizer run by the garbage collector there) it only starts the
         shutdown: a thread cannot wait for itself.
         """
+        if self.forked:  # a forked child: nothing of this bank runs here to wait for
+            return
         with self.lock:
             first = not self.closed
             self.closed = True
@@ -285,6 +289,25 @@ def _close_open_banks() -> None:
             life.close()
         except Exception:
             log.exception("closing a forgotten bank at exit failed")
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of a bank's threads: its banks are closed there at once.
+
+    Otherwise a call in the child would queue work no thread takes (a wait that never
+    ends), and `close()` (at exit too) would wait 60 s for threads that are not there.
+    Locks held by a parent thread at the fork are replaced: nobody here will free them.
+    """
+    global _OPEN_LOCK  # noqa: PLW0603 (replaced once, in the child, before any thread runs)
+    _OPEN_LOCK = threading.Lock()
+    for life in _OPEN:
+        life.lock = threading.Lock()
+        life.closed = True
+        life.forked = True
+    _OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _releaser(engine: Engine | None, file_lock: FileLock | None) -> Callable[[], None]:
@@ -524,6 +547,11 @@ class Bank:
     def _check_not_closed(self) -> None:
         with self._life.lock:
             if self._life.closed:
+                if self._life.forked:
+                    raise BankClosed(
+                        "this bank belongs to the process that opened it (this is a forked "
+                        "child): open the ledger again here once that process has closed it"
+                    )
                 raise BankClosed("the bank is closed")
 
     def _check_may_wait(self, call: str) -> None:

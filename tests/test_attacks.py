@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -412,3 +413,85 @@ def test_a_waiting_call_from_a_done_callback_is_refused(call: object, tmp_path: 
         assert isinstance(outcome[0], bank.WaitOnBankThread), outcome
         assert b.deposit(1, 1).seq == 3  # nothing of the refused call was written
     assert [r[0] for r in _rows(path)] == [1, 2, 3]
+
+
+# -- fork: a child has none of the bank's threads ---------------------------------------------
+
+
+def _in_fork_child(child: Callable[[], str], timeout_s: float) -> str:
+    """Run `child` in a forked child (which leaves with os._exit); its text, or a timeout."""
+    import os
+    import select
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            os.close(read_end)
+            os.write(write_end, child().encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], timeout_s)
+        return os.read(read_end, 4096).decode() if ready else "TIMEOUT"
+    finally:
+        os.close(read_end)
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_neither_waits_forever_nor_60_s(tmp_path: Path) -> None:
+    """In a child forked from a process with an open bank, `deposit` queued work that no
+    thread would ever take (it waited forever) and close() - also the one at exit - waited
+    60 s for threads that are not there. Now BankClosed at once, close() returns at once."""
+    import time
+
+    from bank.engine import _close_open_banks
+
+    with bank.Bank.open(tmp_path / "l.db") as b:
+        b.deposit(b.open_account("a").id, 5)
+
+        def child() -> str:
+            started = time.monotonic()
+            try:
+                b.deposit(1, 1)
+                answer = "deposited"
+            except bank.BankClosed as exc:
+                answer = f"BankClosed: {exc}"
+            b.close()
+            _close_open_banks()  # what atexit runs
+            return f"{answer} in {time.monotonic() - started:.1f} s"
+
+        answer = _in_fork_child(child, timeout_s=20)
+        assert answer.startswith("BankClosed: this bank belongs to the process"), answer
+        assert answer.endswith(" in 0.0 s"), answer
+        assert b.deposit(1, 1).seq == 2  # the parent's bank is untouched
+
+
+@pytest.mark.timeout(60)
+def test_close_releases_the_ledger_while_a_forked_child_lives(tmp_path: Path) -> None:
+    """The flock was released by closing its descriptor only: a forked child's copy of that
+    descriptor kept the lock, so the ledger stayed LedgerBusy until the child ended."""
+    import os
+    import time
+
+    path = tmp_path / "l.db"
+    b = bank.Bank.open(path)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child: lives until the parent is done)
+        os.close(write_end)
+        os.read(read_end, 1)
+        os._exit(0)
+    os.close(read_end)
+    try:
+        b.close()
+        deadline = time.monotonic() + 5
+        with bank.Bank.open(path) as again:  # LedgerBusy before the fix
+            assert again.path == path
+        assert time.monotonic() < deadline
+    finally:
+        os.close(write_end)
+        os.waitpid(pid, 0)

@@ -158,7 +158,7 @@ def _open_failure(db: object, exc: BaseException) -> BankError:
         return CannotOpenLedger(f"{shown}: {exc.strerror or exc}")
     if isinstance(exc, TypeError):
         return InvalidCommand(f"db must be a path or an SQLAlchemy URL (got {shown})")
-    return CannotOpenLedger(f"{shown}: not a usable path ({exc})")
+    return CannotOpenLedger(f"{shown}: not a usable path or URL ({exc})")
 
 
 class _Lifecycle:

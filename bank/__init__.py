@@ -27,6 +27,7 @@ from bank.errors import (
     QueueFull,
     SchemaDowngradeRefused,
     UnsupportedLedgerUrl,
+    WaitOnBankThread,
 )
 from bank.ledger.audit import AuditReport, Problem
 from bank.limits import AMOUNT_MAX, CASH_ACCOUNT_ID, CASH_ACCOUNT_NAME
@@ -69,5 +70,6 @@ __all__ = [
     "Snapshot",
     "Transfer",
     "UnsupportedLedgerUrl",
+    "WaitOnBankThread",
     "Withdrawal",
 ]

@@ -346,6 +346,9 @@ def read_history(path: str | os.PathLike[str]) -> _History:
     """Parse a history file; raises `CannotCheckHistory` naming the first bad line."""
     p = Path(path)
     try:
+        # A FIFO or a device (`/dev/zero`) would block or never end: regular files only.
+        if p.exists() and not p.is_dir() and not p.is_file():
+            raise CannotCheckHistory(f"{p}: not a regular file, so not a history")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CannotCheckHistory(f"{p}: no such history file") from None

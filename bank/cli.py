@@ -344,8 +344,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except OSError as exc:  # a file we were told to write or read: say which, no traceback
-        _error(args.command, f"{type(exc).__name__}: {exc}")
-        return EXIT_PROBLEM
+        # Could not run (exit 2), not "found a problem": 1 would read as a failed audit.
+        shown = (
+            f"{exc.filename}: "
+            if exc.filename is not None and str(exc.filename) not in str(exc)
+            else ""
+        )
+        _error(args.command, f"{shown}{type(exc).__name__}: {exc}")
+        return EXIT_USAGE
 
 
 def _console(out: TextIO) -> Console:

@@ -63,6 +63,24 @@ def describe_validation_error(model: str, exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _invalid(model: str, exc: ValidationError) -> InvalidCommand:
+    """The `InvalidCommand` (or `AccountsMustBeDifferent`) for a failed validation.
+
+    pydantic's `model_validate` runs our `__init__`, so its error may wrap the
+    constructor's own `InvalidCommand`: that one is returned as it is.
+    """
+    for err in exc.errors():
+        inner = err.get("ctx", {}).get("error")
+        if isinstance(inner, InvalidCommand):
+            return inner
+    error = (
+        AccountsMustBeDifferent
+        if any(e["type"] == "accounts_must_be_different" for e in exc.errors())
+        else InvalidCommand
+    )
+    return error(describe_validation_error(model, exc))
+
+
 class Command(BaseModel):
     """Base of the three operations; subclasses say which accounts they debit and credit."""
 
@@ -76,27 +94,35 @@ class Command(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            error = (
-                AccountsMustBeDifferent
-                if any(e["type"] == "accounts_must_be_different" for e in exc.errors())
-                else InvalidCommand
-            )
-            raise error(describe_validation_error(type(self).__name__, exc)) from None
+            raise _invalid(type(self).__name__, exc) from None
         # Only here, after validation passed: model_construct and model_copy never
         # come this way (see `is_validated`).
         _seal_instance(self)
 
     @classmethod
     def model_validate(cls, obj: Any, **options: Any) -> Self:
-        """pydantic's validation from a mapping (or object), sealed like the constructor's."""
-        command = super().model_validate(obj, **options)
+        """pydantic's validation from a mapping (or object), sealed like the constructor's.
+
+        A model instance is validated again from its fields: pydantic would hand it
+        back as it is (`revalidate_instances="never"`), and sealing that would accept
+        a `model_construct`ed or edited command. Raises `InvalidCommand`.
+        """
+        if isinstance(obj, BaseModel):
+            obj = dict(obj.__dict__)
+        try:
+            command = super().model_validate(obj, **options)
+        except ValidationError as exc:
+            raise _invalid(cls.__name__, exc) from None
         _seal_instance(command)
         return command
 
     @classmethod
     def model_validate_json(cls, json_data: str | bytes | bytearray, **options: Any) -> Self:
-        """pydantic's validation from JSON, sealed like the constructor's."""
-        command = super().model_validate_json(json_data, **options)
+        """pydantic's validation from JSON, sealed like the constructor's; raises `InvalidCommand`."""
+        try:
+            command = super().model_validate_json(json_data, **options)
+        except ValidationError as exc:
+            raise _invalid(cls.__name__, exc) from None
         _seal_instance(command)
         return command
 

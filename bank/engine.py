@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from bank import lockcheck
 from bank.account import Account
@@ -52,6 +52,7 @@ from bank.errors import (
     BankClosed,
     BankError,
     CannotAudit,
+    CannotOpenLedger,
     CloseFromBankThread,
     InsufficientFunds,
     InvalidCommand,
@@ -59,6 +60,8 @@ from bank.errors import (
     LedgerUnavailable,
     NotALedger,
     QueueFull,
+    UnsupportedLedgerUrl,
+    WaitOnBankThread,
 )
 from bank.idempotency import KeyClaims
 from bank.ledger import migrate, store, verify
@@ -139,6 +142,25 @@ def _check_timeout(timeout: object) -> float | None:
     return None if seconds > threading.TIMEOUT_MAX else seconds
 
 
+def _open_failure(db: object, exc: BaseException) -> BankError:
+    """The specific error for a `db` that names no openable ledger (raised outside SQLite).
+
+    A path the OS refuses (too long, a NUL byte): `CannotOpenLedger`; a URL of a driver
+    that is not installed or not known: `UnsupportedLedgerUrl`; not a path at all:
+    `InvalidCommand`. Each names what it was given.
+    """
+    shown = repr(db) if not isinstance(db, str | os.PathLike | URL) else str(db)
+    shown = repr(shown) if any(c < " " for c in shown) else shown  # a NUL, say, shown as \x00
+    shown = shown if len(shown) <= 200 else f"{shown[:197]}..."
+    if isinstance(exc, ImportError | ArgumentError):
+        return UnsupportedLedgerUrl(f"{shown}: no driver for this URL ({exc})")
+    if isinstance(exc, OSError):
+        return CannotOpenLedger(f"{shown}: {exc.strerror or exc}")
+    if isinstance(exc, TypeError):
+        return InvalidCommand(f"db must be a path or an SQLAlchemy URL (got {shown})")
+    return CannotOpenLedger(f"{shown}: not a usable path or URL ({exc})")
+
+
 class _Lifecycle:
     """Ends a bank's threads and, only once the last has ended, releases its ledger.
 
@@ -166,6 +188,8 @@ class _Lifecycle:
         self._live_workers = 0
         self._readers = 0  # callers reading the ledger through the engine (under `lock`)
         self._no_readers = threading.Condition(self.lock)  # notified by the last reader out
+        #: Set in a forked child: the threads (and the ledger) stay with the parent.
+        self.forked = False
 
     def start(
         self,
@@ -257,6 +281,8 @@ class _Lifecycle:
         thread it only starts the shutdown, since a thread cannot wait for itself
         (`Bank.close()` refuses there, and a collected bank closes on a thread of its own).
         """
+        if self.forked:  # a forked child: nothing of this bank runs here to wait for
+            return
         with self.lock:
             first = not self.closed
             self.closed = True
@@ -301,6 +327,25 @@ def _close_open_banks() -> None:
             log.exception("closing a forgotten bank at exit failed")
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has none of a bank's threads: its banks are closed there at once.
+
+    Otherwise a call in the child would queue work no thread takes (a wait that never
+    ends), and `close()` (at exit too) would wait 60 s for threads that are not there.
+    Locks held by a parent thread at the fork are replaced: nobody here will free them.
+    """
+    global _OPEN_LOCK  # noqa: PLW0603 (replaced once, in the child, before any thread runs)
+    _OPEN_LOCK = threading.Lock()
+    for life in _OPEN:
+        life.lock = threading.Lock()
+        life.closed = True
+        life.forked = True
+    _OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _releaser(engine: Engine | None, file_lock: FileLock | None) -> Callable[[], None]:
     """What frees a ledger, without a reference to its `Bank` (so a forgotten one is collected)."""
 
@@ -337,7 +382,12 @@ class Bank:
         self._life = _Lifecycle()
         self._file_lock: FileLock | None = None
         self._engine: Engine | None = None
-        self._open_ledger(ledger_url(db))
+        try:
+            self._open_ledger(ledger_url(db))
+        except BankError:
+            raise
+        except (OSError, ValueError, TypeError, ImportError, ArgumentError) as exc:
+            raise _open_failure(db, exc) from None
         assert self._engine is not None
         self._buffer: BoundedBuffer[Job] = BoundedBuffer(queue_capacity)
         self._workers: list[Worker] = [
@@ -539,7 +589,21 @@ class Bank:
     def _check_not_closed(self) -> None:
         with self._life.lock:
             if self._life.closed:
+                if self._life.forked:
+                    raise BankClosed(
+                        "this bank belongs to the process that opened it (this is a forked "
+                        "child): open the ledger again here once that process has closed it"
+                    )
                 raise BankClosed("the bank is closed")
+
+    def _check_may_wait(self, call: str) -> None:
+        """Refuse a waiting call on a bank thread (a done-callback runs on the writer):
+        it would wait for the very thread it blocks, forever, and wedge the bank."""
+        if self._life.on_bank_thread():
+            raise WaitOnBankThread(
+                f"{call}() waits for the ledger and was called on the bank's own thread (a "
+                "future's done-callback): use submit() there, or call it from another thread"
+            )
 
     # -- accounts ----------------------------------------------------------------------
 
@@ -550,6 +614,7 @@ class Bank:
         """
         spec = AccountSpec(name=name, overdraft_limit=overdraft_limit)
         self._check_open()
+        self._check_may_wait("open_account")
         future: Future[int] = Future()
         with self._registry_lock:
             taken = self._names.get(spec.name)
@@ -579,6 +644,7 @@ class Bank:
         """
         spec = LimitSpec(account=account_id, overdraft_limit=overdraft_limit)
         self._check_open()
+        self._check_may_wait("set_overdraft_limit")
         account = self.account(spec.account)
         if account.is_system:
             raise InvalidCommand("set_overdraft_limit.account: @cash has no overdraft limit to set")
@@ -626,6 +692,7 @@ class Bank:
         self, account: int, amount: int, *, key: str | None = None, timeout: float | None = None
     ) -> Receipt:
         """Move `amount` from `@cash` into `account`; returns the receipt once durable."""
+        self._check_may_wait("deposit")
         return self.submit(
             Deposit(account=account, amount=amount, key=key), timeout=timeout
         ).result()
@@ -634,6 +701,7 @@ class Bank:
         self, account: int, amount: int, *, key: str | None = None, timeout: float | None = None
     ) -> Receipt:
         """Move `amount` from `account` to `@cash`; raises `InsufficientFunds` past the limit."""
+        self._check_may_wait("withdraw")
         return self.submit(
             Withdrawal(account=account, amount=amount, key=key), timeout=timeout
         ).result()
@@ -648,6 +716,7 @@ class Bank:
         timeout: float | None = None,
     ) -> Receipt:
         """Move `amount` from `source` to `target`; returns the receipt once durable."""
+        self._check_may_wait("transfer")
         return self.submit(
             Transfer(source=source, target=target, amount=amount, key=key), timeout=timeout
         ).result()
@@ -710,6 +779,7 @@ class Bank:
     def balance(self, account_id: int) -> int:
         """The account's balance once everything it reflects is durable."""
         account = self.account(account_id)
+        self._check_may_wait("balance")
         with account.lock:
             balance = account.balance
             position, _ = self._writer.position()
@@ -719,6 +789,7 @@ class Bank:
     def snapshot(self) -> Snapshot:
         """All balances at one seq (every account locked at once, in id order), once durable."""
         self._check_open()
+        self._check_may_wait("snapshot")
         with self._registry_lock, locked(self._accounts.values()) as ordered:
             balances = {a.id: a.balance for a in ordered}
             position, seq = self._writer.position()
@@ -773,6 +844,20 @@ class Bank:
         self._check_open()
         from bank.ledger.audit import audit_ledger
 
+        lock = self._file_lock
+        if lock is not None:
+            # The path may name another file by now (a symlink re-pointed, the ledger
+            # renamed and another put in its place): auditing that would vouch for it.
+            try:
+                st = os.stat(self._path)
+                moved = (st.st_dev, st.st_ino) != lock.identity
+            except OSError:
+                moved = True
+            if moved:
+                raise CannotAudit(
+                    f"{self._path} is no longer the file this bank holds (renamed, replaced "
+                    "or re-linked while it runs): audit the ledger at rest instead"
+                )
         return audit_ledger(self._path)
 
 

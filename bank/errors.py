@@ -62,6 +62,12 @@ class CloseFromBankThread(BankError):
     it would wait for itself; close from another thread."""
 
 
+class WaitOnBankThread(BankError):
+    """A call that waits for the ledger (`deposit`, `balance`, `snapshot`, `open_account`,
+    ...) was made on one of the bank's own threads (a done-callback): it would wait for
+    itself forever; `submit` without waiting, or call from another thread."""
+
+
 class LedgerUnavailable(BankError):
     """The ledger could not be written (it broke), so the bank stopped: on an operation in
     flight the outcome is UNKNOWN (its commit may have reached the disk): after reopening,

@@ -1210,12 +1210,20 @@ def audit_ledger(path: str | os.PathLike[str], *, expect_head: str | None = None
     schema revision, or a database SQLite cannot read.
     """
     pinned = None if expect_head is None else parse_head(expect_head)
-    db = Path(os.fspath(path)).expanduser().absolute()
+    try:
+        db = Path(os.fspath(path)).expanduser().absolute()
+    except TypeError:
+        raise CannotAudit(f"the audit takes a path to a ledger file (got {path!r})") from None
     # In the process that owns the ledger: no Python file I/O and no immutable mode
     # (both close descriptors behind SQLite's back); plain read-only connections only,
     # whose closes SQLite's unix VFS defers while the owner holds locks.
-    owned = owned_here(db)
-    _check_file(db, owned=owned)
+    try:
+        owned = owned_here(db)
+        _check_file(db, owned=owned)
+    except OSError as exc:  # a name too long, a loop of symlinks, ...
+        raise CannotAudit(f"{db}: cannot be examined ({exc.strerror or exc})") from None
+    except ValueError as exc:  # a NUL in the path (a BankError is not a ValueError)
+        raise CannotAudit(f"{str(db)!r}: not a usable path ({exc})") from None
     try:
         before = fingerprint(db)
         if not owned and before[3] <= 0 and before[4] <= 0:

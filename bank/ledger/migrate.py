@@ -13,9 +13,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Engine, inspect
 
-from bank.errors import LedgerVersionError, NotALedger
+from bank.errors import LedgerCorrupt, LedgerVersionError, NotALedger
 from bank.ledger.models import Base
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -109,6 +110,11 @@ def ledger_revision(engine: Engine, where: str | None = None) -> str | None:
             current = MigrationContext.configure(conn).get_current_revision()
     except sqlite3.DatabaseError as exc:
         raise NotALedger(f"{name}: not a readable SQLite database ({exc})") from None
+    except CommandError as exc:  # several rows in alembic_version: not one revision
+        raise LedgerCorrupt(
+            f"{name}: alembic_version holds more than one schema revision (edited?): "
+            "refusing to touch it; run `bank audit`"
+        ) from exc
     except Exception as exc:
         if "file is not a database" in str(exc) or "malformed" in str(exc):
             raise NotALedger(f"{name}: not a readable SQLite database ({exc})") from None

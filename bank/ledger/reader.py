@@ -38,9 +38,14 @@ class LedgerReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._engine: Engine | None = None
-        if not self.path.exists():
+        try:
+            found = self.path.exists()
+            regular = self.path.is_file()
+        except OSError as exc:  # a name too long, a loop of symlinks, ...
+            raise CannotOpenLedger(f"{self.path}: cannot be examined ({exc.strerror})") from None
+        if not found:
             raise NotALedger(f"no ledger at {self.path}")
-        if not self.path.is_file():
+        if not regular:
             raise NotALedger(f"{self.path} is not a regular file")
         # A file a `Bank` of this process owns is read through SQLite only: opening and
         # closing it here, or an immutable connection, would drop the owner's locks.

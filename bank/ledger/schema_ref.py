@@ -108,7 +108,9 @@ def read_schema(cur: sqlite3.Cursor) -> dict[str, SchemaObject]:
     rows = cur.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall()
     schema: dict[str, SchemaObject] = {}
     for kind, name, table, sql in rows:
-        if name in IGNORED_OBJECTS:
+        # Only the statistics *tables* ANALYZE makes: with writable_schema a trigger can
+        # be named sqlite_stat1 too, and that one must not go unseen.
+        if name in IGNORED_OBJECTS and kind == "table" and table == name:
             continue
         columns: tuple[Column, ...] = ()
         if kind == "table":

@@ -396,7 +396,11 @@ class FileLock:
         with _owned_lock:
             if self._fd is not None:
                 _owned.pop(self.identity, None)
-                os.close(self._fd)  # closes the flock too
+                # Unlock before closing: a forked child shares this open file description,
+                # and closing our descriptor alone would leave the lock held by its copy.
+                with contextlib.suppress(OSError):
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
                 self._fd = None
 
 

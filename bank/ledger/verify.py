@@ -13,6 +13,8 @@ enough to run on every open and that covers what the engine relies on:
   and is not below `-overdraft_limit` for a customer;
 - each stored name and limit equals the account's latest chained event; every
   `accounts` row has an opening event and every event an `accounts` row;
+- every table, index, view and trigger is the newest revision's, token by token
+  (no trigger the migrations did not make can swallow or rewrite the writer's rows);
 - both chains are contiguous (count, first and last seq) and the newest row of
   each hashes, with `bank.ledger.chain`, to its stored hash from its
   predecessor's: an edit of the rows the writer chains onto is caught here;
@@ -24,6 +26,7 @@ list of one-line problems (capped, with a total), empty for a sound ledger.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -37,6 +40,7 @@ from bank.ledger.chain import (
     stored_transfer_hash,
     version_at,
 )
+from bank.ledger.schema_ref import compare_schema, read_schema, reference_schemas
 from bank.limits import (
     AMOUNT_MAX,
     BALANCE_MAX,
@@ -250,6 +254,27 @@ def _check_tail(conn: Connection, report: OpenReport, table: str) -> None:
         )
 
 
+def _check_schema(conn: Connection, report: OpenReport) -> None:
+    """Every schema object must be the newest revision's, as the migrations make it.
+
+    The engine writes through the schema: a trigger it did not make could swallow
+    its INSERTs (`RAISE(IGNORE)`) or rewrite rows after they are chained, so that
+    acknowledged operations never reach the ledger. Compared like the audit does
+    (`bank.ledger.schema_ref`; the reference is built once per process).
+    """
+    schemas = reference_schemas()
+    revision, expected = list(schemas.items())[-1]  # oldest first: the newest is last
+    raw = conn.connection.driver_connection  # the sqlite3 connection, in this transaction
+    assert isinstance(raw, sqlite3.Connection)
+    cur = raw.cursor()
+    try:
+        found = read_schema(cur)
+    finally:
+        cur.close()
+    for difference in compare_schema(expected, found, revision):
+        report.add(f"schema: {difference.message}")
+
+
 def verify_ledger(conn: Connection) -> OpenReport:
     """Check what the engine restores from (see the module docstring); reads only.
 
@@ -257,6 +282,7 @@ def verify_ledger(conn: Connection) -> OpenReport:
     same commit.
     """
     report = OpenReport()
+    _check_schema(conn, report)
     accounts = conn.exec_driver_sql(
         "SELECT id, name, overdraft_limit, balance FROM accounts ORDER BY id"
     ).all()

@@ -70,9 +70,17 @@ def result_json(result: SimulationResult) -> dict[str, Any]:
 
 def write_json(result: SimulationResult, path: str | os.PathLike[str]) -> None:
     """Write `result_json(result)` to `path` (atomically: a reader never sees half a file)."""
-    target = Path(path)
+    text = json.dumps(result_json(result), indent=2) + "\n"
+    # Through symlinks, so the file is replaced and the link kept.
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        # /dev/stdout, a FIFO, a device: write through it. Renaming a temporary file
+        # over it would replace the device itself (as root, /dev/stdout for everyone).
+        with target.open("w", encoding="utf-8") as out:
+            out.write(text)
+        return
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(result_json(result), indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(target)
 
 

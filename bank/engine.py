@@ -17,7 +17,6 @@ import contextlib
 import logging
 import math
 import os
-import sqlite3
 import threading
 import time
 import weakref
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError
 
 from bank import lockcheck
 from bank.account import Account
@@ -72,6 +71,7 @@ from bank.ledger.sqlite import (
     check_writable,
     create_ledger_engine,
     create_readonly_engine,
+    is_driver_error,
     ledger_url,
     open_error,
     resolve_sqlite_target,
@@ -469,7 +469,7 @@ class Bank:
             self._release_resources()
             if isinstance(exc, BankError) or not isinstance(exc, Exception):
                 raise
-            if isinstance(exc, DBAPIError | sqlite3.Error):
+            if is_driver_error(exc):
                 raise open_error(exc, where) from None
             raise
 

@@ -44,41 +44,34 @@ class KeyClaims:
         Raises `KeyInFlight` past the deadline (nothing was changed) and `BankClosed`
         once `close()` has given up on the claims.
         """
-        deadline = time.monotonic() + timeout
         with self._lock:
-            self._waiting += 1
-            try:
-                while (holder := self._claims.get(key)) is not None and holder is not future:
-                    if self._closed:
-                        raise BankClosed("the bank closed while this operation waited for its key")
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise KeyInFlight(
-                            f"the operation holding key {key!r} was not answered within "
-                            f"{timeout} s; nothing was changed"
-                        )
-                    self._released.wait(remaining)
-                self._claims[key] = future
-            finally:
-                self._waiting -= 1
+            self._wait_free(key, future, timeout, "operation")
+            self._claims[key] = future
 
     def wait_released(self, key: str, timeout: float) -> None:
         """Wait (at most `timeout` s) until no operation holds `key`; raises like `claim_when_free`."""
-        deadline = time.monotonic() + timeout
         with self._lock:
-            self._waiting += 1
-            try:
-                while key in self._claims:
-                    if self._closed:
-                        raise BankClosed("the bank closed while this call waited for its key")
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise KeyInFlight(
-                            f"the operation holding key {key!r} was not answered within {timeout} s"
-                        )
-                    self._released.wait(remaining)
-            finally:
-                self._waiting -= 1
+            self._wait_free(key, None, timeout, "call")
+
+    def _wait_free(
+        self, key: str, future: Future[Receipt] | None, timeout: float, who: str
+    ) -> None:
+        """Under `_lock`: wait until `key` is free or held by `future` itself."""
+        deadline = time.monotonic() + timeout
+        self._waiting += 1
+        try:
+            while (holder := self._claims.get(key)) is not None and holder is not future:
+                if self._closed:
+                    raise BankClosed(f"the bank closed while this {who} waited for its key")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise KeyInFlight(
+                        f"the operation holding key {key!r} was not answered within "
+                        f"{timeout} s; nothing was changed"
+                    )
+                self._released.wait(remaining)
+        finally:
+            self._waiting -= 1
 
     def close(self) -> None:
         """End every wait for a key (with `BankClosed`): the bank's threads are gone."""

@@ -194,9 +194,7 @@ def stored_transfer_hash(
     if version == FORMAT_V1:
         return transfer_hash_v1(prev, seq, kind, debit, credit, amount, ts_us, key)
     if version == FORMAT_V2:
-        values = (prev, seq, kind, debit, credit, amount, ts_us, key)
-        text = TRANSFERS_TAG_V2 + "".join(encode_value(v) for v in values)
-        return sha256(text.encode()).hexdigest()
+        return transfer_hash(prev, seq, kind, debit, credit, amount, ts_us, key)
     return None
 
 
@@ -228,9 +226,9 @@ def stored_account_event_hash(
             prev, seq, account_id, kind, overdraft_limit, transfer_seq, ts_us, name
         )
     if version == FORMAT_V2:
-        values = (prev, seq, account_id, kind, overdraft_limit, transfer_seq, ts_us, name)
-        text = ACCOUNT_EVENTS_TAG_V2 + "".join(encode_value(v) for v in values)
-        return sha256(text.encode()).hexdigest()
+        return account_event_hash(
+            prev, seq, account_id, kind, overdraft_limit, transfer_seq, ts_us, name
+        )
     return None
 
 

@@ -461,6 +461,11 @@ def check_writable(engine: Engine) -> None:
         raw.close()
 
 
+def is_driver_error(exc: BaseException) -> bool:
+    """True for a failure of SQLite itself (raw, or wrapped by SQLAlchemy): `open_error`'s domain."""
+    return isinstance(exc, DBAPIError | sqlite3.Error)
+
+
 def open_error(exc: BaseException, where: str) -> BankError:
     """A specific, one-line `BankError` for an SQLite failure while opening `where`."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, inspect, select
 
 from bank.ledger.chain import (
     FORMAT_V1,
@@ -40,6 +40,7 @@ from bank.ledger.chain import (
     stored_transfer_hash,
     version_at,
 )
+from bank.ledger.models import chain_formats
 from bank.ledger.schema_ref import compare_schema, read_schema, reference_schemas
 from bank.limits import (
     AMOUNT_MAX,
@@ -181,14 +182,12 @@ def _event_row_hash(version: int, prev: str, row: Sequence[Any]) -> str | None:
 
 def _format_of(conn: Connection, table: str, seq: int) -> int:
     """The hash format of row `seq` of chain `table` (`chain_formats`; format 1 without it)."""
-    has_table = conn.exec_driver_sql(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chain_formats'"
-    ).first()
-    if has_table is None:
+    if not inspect(conn).has_table(chain_formats.name):
         return FORMAT_V1
-    entries = conn.exec_driver_sql(
-        "SELECT first_seq, version FROM chain_formats WHERE chain = ? ORDER BY first_seq",
-        (table,),
+    entries = conn.execute(
+        select(chain_formats.c.first_seq, chain_formats.c.version)
+        .where(chain_formats.c.chain == table)
+        .order_by(chain_formats.c.first_seq)
     ).all()
     return version_at([(int(a), int(b)) for a, b in entries], seq)
 

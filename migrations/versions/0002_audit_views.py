@@ -2,7 +2,7 @@
 
 An auditor with only `sqlite3` can run `SELECT * FROM balance_mismatches;` (no
 rows on a sound ledger). `bank audit` checks that these views still have exactly
-the text of `bank.ledger.views`, since a redefined view could hide a mismatch. The
+the text this migration creates, since a redefined view could hide a mismatch. The
 text is frozen here: a change of the views ships as a new revision.
 
 Revision ID: 0002
@@ -19,8 +19,8 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Frozen with this revision (bank.ledger.views holds what the audit expects at head;
-# tests/test_audit.py keeps the two equal). Creation order matters: account_flows first.
+# Frozen with this revision: the audit compares a ledger's views with what the
+# migrations create (bank.ledger.schema_ref), so a change of the views is a new revision. Creation order matters: account_flows first.
 VIEWS: dict[str, str] = {
     "account_flows": """
 CREATE VIEW account_flows AS

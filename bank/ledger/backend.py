@@ -1,0 +1,177 @@
+"""The storage seam: what the engine, the writer's pipeline and the audit need of a ledger store.
+
+Two implementations exist, `bank.ledger.sqlite` (an embedded file) and
+`bank.ledger.postgres` (a server). Everything above this seam (sequencing, the
+hash chains, the pipeline thread, the audit's rules, recovery) is written once
+and is backend-independent; everything below it (SQL dialect details, locks,
+durability settings, how rows are streamed) lives in one backend's folder.
+
+`bank.ledger.backends.backend_for(url)` picks the implementation from the URL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import Engine
+from sqlalchemy.engine import URL
+
+from bank.errors import BankError
+from bank.records import Receipt
+
+
+class Durability(StrEnum):
+    """How an acknowledged operation survives trouble (each backend says how it maps).
+
+    FULL: every group commit is durable on disk before anyone is answered, so an
+    acknowledged operation survives a power loss (SQLite: WAL + `synchronous=FULL`;
+    PostgreSQL: `synchronous_commit=on` on a server with `fsync=on`).
+    NORMAL: an acknowledged operation survives a crash of the bank's process, but a
+    crash of the machine (SQLite) or of the server (PostgreSQL) may take the last
+    commits back; the ledger stays consistent: a prefix survives.
+    """
+
+    FULL = "full"
+    NORMAL = "normal"
+
+
+# -- what one group commit writes ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AccountEventRow:
+    """One row of `account_events` (an opening, kind 'open', or a limit change, 'limit')."""
+
+    seq: int
+    account_id: int
+    kind: str
+    name: str
+    overdraft_limit: int
+    transfer_seq: int
+    ts_us: int
+    hash: str
+
+
+@dataclass(slots=True)
+class WriteBatch:
+    """Everything one transaction writes, in the order a backend must write it.
+
+    Accounts first (this batch's transfers may reference them), then their events,
+    then limit changes, then transfer rows (receipts are rows, in `Receipt` field
+    order), then the batch's final balances.
+    """
+
+    new_accounts: list[AccountEventRow] = field(default_factory=list)  # kind 'open'
+    events: list[AccountEventRow] = field(default_factory=list)  # all events, seq order
+    limits: list[AccountEventRow] = field(default_factory=list)  # kind 'limit'
+    transfers: list[Receipt] = field(default_factory=list)  # seq order
+    balances: dict[int, int] = field(default_factory=dict)  # account id -> final balance
+    keyed: bool = False  # some transfer carries an idempotency key
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.transfers)
+
+
+class BatchWriter(Protocol):
+    """One connection that writes group commits; used only from the writer thread.
+
+    `begin` + `write` + `commit` is one durable transaction; any of them may raise
+    (the pipeline then fails the batch and stops the bank: the outcome of a commit
+    that raised is unknown). `rollback` never raises.
+    """
+
+    def begin(self) -> None: ...
+    def write(self, batch: WriteBatch) -> None: ...
+    def commit(self) -> None: ...
+    def rollback(self) -> None: ...
+    def close(self) -> None: ...
+
+
+# -- the owner -----------------------------------------------------------------------------
+
+
+class OwnerLock(Protocol):
+    """Proof that this process is the ledger's one writer, held from open to close.
+
+    SQLite: an flock on the file (cannot be lost while the process lives).
+    PostgreSQL: a session advisory lock on a dedicated connection (a lease: it is
+    lost with that connection, and `lost` then returns a reason; the bank stops).
+    """
+
+    def lost(self) -> str | None: ...
+    def release(self) -> None: ...
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+class LedgerSnapshot(Protocol):
+    """One consistent, read-only view of a ledger; rows stream in seq (or id) order.
+
+    Memory stays flat: every `*_rows` method streams from the store (SQLite: one
+    read transaction; PostgreSQL: one REPEATABLE READ READ ONLY transaction with
+    server-side cursors). Rows are plain tuples in the columns' declared order.
+    """
+
+    where: str
+
+    def revision(self) -> str | None: ...
+    def tables(self) -> set[str]: ...
+    def transfer_rows(self) -> Iterator[tuple[Any, ...]]: ...
+    def account_event_rows(self) -> Iterator[tuple[Any, ...]]: ...
+    def account_rows(self) -> Iterator[tuple[Any, ...]]: ...
+    def chain_format_rows(self) -> Iterator[tuple[Any, ...]]: ...
+
+
+# -- the backend ----------------------------------------------------------------------------
+
+
+class Backend(Protocol):
+    """One ledger location (a file or a server database) and how to store a ledger there."""
+
+    #: "sqlite" or "postgresql".
+    name: str
+    #: The SQLAlchemy URL the engine connects with (passwords stay in it; show `where`).
+    url: URL
+    #: How messages name the ledger: a path, or the URL without its password.
+    where: str
+    #: The file, for a file-backed ledger (else None).
+    path: Path | None
+
+    def acquire(self, *, create: bool, wait_s: float) -> OwnerLock:
+        """Become the ledger's one writer, or raise `LedgerBusy` (after `wait_s`)."""
+        ...
+
+    def preflight(self, lock: OwnerLock) -> str | None:
+        """The ledger's revision (None: empty, a new ledger), or a `BankError` for a
+        location that is not a ledger or one this version must not touch. Writes nothing."""
+        ...
+
+    def create_engine(self, durability: Durability, lock: OwnerLock) -> Engine:
+        """The pooled engine of the bank's own connections (workers' reads, recovery)."""
+        ...
+
+    def check_writable(self, engine: Engine) -> None:
+        """Raise a specific `BankError` if the ledger cannot take a commit (read-only, ...)."""
+        ...
+
+    def batch_writer(self, engine: Engine) -> BatchWriter:
+        """The writer thread's connection."""
+        ...
+
+    def snapshot(self) -> AbstractContextManager[LedgerSnapshot]:
+        """A read-only snapshot for the audit and readers (never locks the writer out)."""
+        ...
+
+    def open_error(self, exc: BaseException) -> BankError | None:
+        """The specific error for a driver exception at open, or None if it is not the driver's."""
+        ...
+
+    def discard_created(self, lock: OwnerLock) -> None:
+        """Undo a ledger this open created and could not finish (SQLite: remove the file)."""
+        ...

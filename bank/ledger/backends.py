@@ -1,0 +1,25 @@
+"""Which backend stores the ledger at a URL (imported lazily: PostgreSQL's driver is an extra)."""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import URL
+
+from bank.errors import UnsupportedLedgerUrl
+from bank.ledger.backend import Backend
+
+
+def backend_for(url: URL) -> Backend:
+    """The backend for `url`: `sqlite` (a file) or `postgresql` (a server database)."""
+    name = url.get_backend_name()
+    if name == "sqlite":
+        from bank.ledger.sqlite import SqliteBackend
+
+        return SqliteBackend(url)
+    if name == "postgresql":
+        from bank.ledger.postgres import PostgresBackend
+
+        return PostgresBackend(url)
+    raise UnsupportedLedgerUrl(
+        f"{url.render_as_string()}: a ledger is stored in SQLite (a path or sqlite:///path) "
+        "or PostgreSQL (postgresql://...); not in a database of kind " f"{name!r}"
+    )

@@ -21,5 +21,5 @@ def backend_for(url: URL) -> Backend:
         return PostgresBackend(url)
     raise UnsupportedLedgerUrl(
         f"{url.render_as_string()}: a ledger is stored in SQLite (a path or sqlite:///path) "
-        "or PostgreSQL (postgresql://...); not in a database of kind " f"{name!r}"
+        f"or PostgreSQL (postgresql://...); not in a database of kind {name!r}"
     )

@@ -1,16 +1,38 @@
-"""Shared fixtures: real file ledgers under tmp_path, and a watchdog for threaded tests."""
+"""Shared fixtures: real ledgers on both backends, and a watchdog for threaded tests.
+
+Ledgers on both backends: a test that takes `ledger_db` runs twice, ids `[sqlite]` and
+`[postgres]`; `ledger_db` is a `LedgerDb`:
+
+    def test_x(ledger_db: LedgerDb) -> None:
+        with bank.Bank.open(ledger_db.db) as b: ...     # a file path, or a URL string
+        if ledger_db.backend == "sqlite": ...           # "sqlite" or "postgres"
+        ledger_db.url                                   # an SQLAlchemy URL on both
+
+`make_ledger_bank` opens banks on `ledger_db` (like `make_bank` on `ledger_path`).
+A PostgreSQL-only test takes `pg_url` (the URL of a fresh empty database on the
+session's server, dropped afterwards) or `postgres_server` (a `tests.postgres.Server`).
+The server is `BANK_TEST_POSTGRES_URL` or a throwaway cluster (see `tests/postgres.py`);
+without one the PostgreSQL variants skip with the reason, or fail under
+`BANK_REQUIRE_POSTGRES=1`. `-m "not postgres"` deselects them.
+"""
 
 from __future__ import annotations
 
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 import bank
 from bank import lockcheck
+from tests import postgres
+
+Backend = Literal["sqlite", "postgres"]
+BACKENDS: tuple[Backend, ...] = ("sqlite", "postgres")
 
 #: Test modules that run with the lock-order checker on (and fast thread switching).
 _LOCK_CHECKED = frozenset(
@@ -111,3 +133,71 @@ def bank_threads() -> list[str]:
     return [
         t.name for t in threading.enumerate() if t.name.startswith(("bank-worker", "bank-ledger"))
     ]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[postgres.Server]:
+    """The session's PostgreSQL server (skip, or fail under BANK_REQUIRE_POSTGRES=1, without one)."""
+    try:
+        server = postgres.start_server()
+    except postgres.NoPostgres as exc:
+        reason = f"no PostgreSQL server: {exc}"
+        if postgres.required():
+            pytest.fail(f"{reason} ({postgres.ENV_REQUIRE}=1 requires one)", pytrace=False)
+        pytest.skip(reason)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server: postgres.Server) -> Iterator[str]:
+    """The SQLAlchemy URL of a new empty database, dropped (sessions forced off) afterwards."""
+    with postgres_server.database() as url:
+        yield url
+
+
+@dataclass(frozen=True)
+class LedgerDb:
+    """Where a test's ledger lives: `db` is what `Bank.open` takes, `url` its SQLAlchemy URL."""
+
+    backend: Backend
+    db: Path | str
+    url: str
+
+    @property
+    def path(self) -> Path:
+        """The ledger file (SQLite only)."""
+        assert isinstance(self.db, Path), f"a {self.backend} ledger has no file"
+        return self.db
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    ]
+)
+def ledger_db(request: pytest.FixtureRequest, tmp_path: Path) -> LedgerDb:
+    """A ledger that does not exist yet (an empty database), on each backend in turn."""
+    if request.param == "sqlite":
+        path = tmp_path / "ledger.db"
+        return LedgerDb("sqlite", path, f"sqlite:///{path}")
+    url: str = request.getfixturevalue("pg_url")
+    return LedgerDb("postgres", url, url)
+
+
+@pytest.fixture
+def make_ledger_bank(ledger_db: LedgerDb) -> Iterator[Callable[..., bank.Bank]]:
+    """Open banks on `ledger_db` (options passed through); all are closed at teardown."""
+    opened: list[bank.Bank] = []
+
+    def _make(**options: object) -> bank.Bank:
+        b = bank.Bank.open(ledger_db.db, **options)  # type: ignore[arg-type]
+        opened.append(b)
+        return b
+
+    yield _make
+    for b in opened:
+        b.close()

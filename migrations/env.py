@@ -1,12 +1,27 @@
-"""Alembic environment: `Bank.open` passes its own connection; the CLI uses the ini URL."""
+"""Alembic environment: `Bank.open` passes its own connection; the CLI uses the ini URL.
+
+`alembic -x url=...` points the command line at any ledger: `sqlite:///path` or
+`postgresql+psycopg://user@host/db` (a bare `postgresql://` means psycopg 3, the
+driver of `bank[postgres]`, not SQLAlchemy's default psycopg2).
+"""
 
 from alembic import context
-from sqlalchemy import Connection, create_engine
+from sqlalchemy import Connection, create_engine, make_url
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
 
 from bank.ledger.models import Base
 
 config = context.config
 target_metadata = Base.metadata
+
+
+def _url() -> URL:
+    given = context.get_x_argument(as_dictionary=True).get("url")
+    url = make_url(given or config.get_main_option("sqlalchemy.url") or "sqlite://")
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    return url
 
 
 def _run(connection: Connection) -> None:
@@ -25,16 +40,14 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    # `alembic -x url=sqlite:///path ...` points the command line at any ledger.
-    url = context.get_x_argument(as_dictionary=True).get("url")
-    engine = create_engine(url or config.get_main_option("sqlalchemy.url") or "sqlite://")
+    engine = create_engine(_url(), poolclass=NullPool)
     with engine.connect() as conn:
         _run(conn)
     engine.dispose()
 
 
 if context.is_offline_mode():
-    context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata)
+    context.configure(url=_url(), target_metadata=target_metadata)
     with context.begin_transaction():
         context.run_migrations()
 else:

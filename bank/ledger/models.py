@@ -4,7 +4,8 @@ CI's `alembic check` keeps these in step with them).
 On SQLite every table is STRICT (revision 0003): a column holds only values of its
 type, so no edit can store a text where the chain encodes an integer. STRICT allows
 only the type names INTEGER and TEXT, hence the SQLite variants below; other
-backends get the plain types (BIGINT, VARCHAR(n)) and no SQLite option.
+backends get the plain types (BIGINT, VARCHAR(n)) and no SQLite option. Every id,
+seq and account reference is 64-bit on both (PostgreSQL since revision 0004).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def text_type(length: int) -> String:
 TABLE_OPTIONS: Final[dict[str, Any]] = {"sqlite_strict": True}
 
 Int64 = Annotated[int, mapped_column(BIGINT)]
-AccountRef = Annotated[int, mapped_column(ForeignKey("accounts.id"))]
+AccountRef = Annotated[int, mapped_column(BIGINT, ForeignKey("accounts.id"))]
 Hash = Annotated[str, mapped_column(text_type(64))]
 
 TRANSFER_KINDS = ("deposit", "withdrawal", "transfer")
@@ -65,7 +66,7 @@ class AccountRow(Base):
 
     __tablename__ = "accounts"
 
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    id: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(text_type(NAME_LENGTH_MAX), unique=True)
     overdraft_limit: Mapped[Int64]
     balance: Mapped[Int64]
@@ -81,7 +82,7 @@ class TransferRow(Base):
 
     __tablename__ = "transfers"
 
-    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=False)
     key: Mapped[str | None] = mapped_column(text_type(KEY_LENGTH_MAX))
     kind: Mapped[str] = mapped_column(text_type(16))
     debit_account_id: Mapped[AccountRef]
@@ -92,7 +93,13 @@ class TransferRow(Base):
 
     __table_args__ = (
         # Partial: rows without a key (most of them) cost no index maintenance.
-        Index("uq_transfers_key", "key", unique=True, sqlite_where=text("key IS NOT NULL")),
+        Index(
+            "uq_transfers_key",
+            "key",
+            unique=True,
+            sqlite_where=text("key IS NOT NULL"),
+            postgresql_where=text("key IS NOT NULL"),
+        ),
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("debit_account_id != credit_account_id", name="accounts_differ"),
         CheckConstraint("kind IN ('deposit', 'withdrawal', 'transfer')", name="kind_known"),
@@ -109,7 +116,7 @@ class AccountEventRow(Base):
 
     __tablename__ = "account_events"
 
-    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=False)
     account_id: Mapped[AccountRef]
     kind: Mapped[str] = mapped_column(text_type(16))
     name: Mapped[str] = mapped_column(text_type(NAME_LENGTH_MAX))

@@ -5,6 +5,8 @@ column holds only values of its type), copying every row verbatim: no hash is ev
 rewritten. A ledger holding a value of the wrong type is refused, not coerced. Adds
 `chain_formats`, which records from which seq each chain's rows use hash format 2
 (see `bank.ledger.chain`), and redefines the audit views so that no sum overflows.
+The table rebuild and the views are SQLite's; on PostgreSQL this revision only adds
+`chain_formats` (revision 0004 does the rest there).
 
 Revision ID: 0003
 Revises: 0002
@@ -341,8 +343,11 @@ def upgrade() -> None:
             formats.append({"chain": chain, "first_seq": 1, "version": 1})
         formats.append({"chain": chain, "first_seq": last + 1, "version": 2})
     op.bulk_insert(chain_formats, formats)
-    for sql in VIEWS.values():
-        op.execute(sql.strip())
+    if op.get_bind().dialect.name == "sqlite":
+        # SQLite-only text (printf, INTEGER overflow); other backends keep 0002's views
+        # until revision 0004 gives them their own exact ones.
+        for sql in VIEWS.values():
+            op.execute(sql.strip())
 
 
 def downgrade() -> None:
@@ -358,8 +363,9 @@ def downgrade() -> None:
                 f"{newer} {chain} rows use hash format 2, which revision 0002 cannot verify: "
                 "not downgraded"
             )
-    for name in reversed(VIEWS):
-        op.execute(f"DROP VIEW IF EXISTS {name}")
+    if conn.dialect.name == "sqlite":
+        for name in reversed(VIEWS):
+            op.execute(f"DROP VIEW IF EXISTS {name}")
     op.drop_table("chain_formats")
     if conn.dialect.name == "sqlite":
         _rebuild(strict=False)

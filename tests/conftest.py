@@ -7,6 +7,8 @@ Ledgers on both backends: a test that takes `ledger_db` runs twice, ids `[sqlite
         with bank.Bank.open(ledger_db.db) as b: ...     # a file path, or a URL string
         if ledger_db.backend == "sqlite": ...           # "sqlite" or "postgres"
         ledger_db.url                                   # an SQLAlchemy URL on both
+        ledger_db.query("SELECT COUNT(*) FROM transfers")   # rows, read beside the engine
+        ledger_db.execute("UPDATE accounts SET ...")        # an edit behind its back
 
 `make_ledger_bank` opens banks on `ledger_db` (like `make_bank` on `ledger_path`).
 A PostgreSQL-only test takes `pg_url` (the URL of a fresh empty database on the
@@ -18,12 +20,14 @@ without one the PostgreSQL variants skip with the reason, or fail under
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -171,6 +175,47 @@ class LedgerDb:
         """The ledger file (SQLite only)."""
         assert isinstance(self.db, Path), f"a {self.backend} ledger has no file"
         return self.db
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Rows of `sql` (no parameters; portable SQL), read beside the engine, not through it.
+
+        SQLite: plain `sqlite3`, read-only; PostgreSQL: plain psycopg. A `numeric` with no
+        fraction (PostgreSQL's SUM of bigints) comes back as an int, as on SQLite.
+        """
+        if self.backend == "sqlite":
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            try:
+                return conn.execute(sql).fetchall()
+            finally:
+                conn.close()
+        import psycopg
+
+        with psycopg.connect(postgres.libpq_conninfo(self.url), autocommit=True) as pg:
+            return [tuple(_plain(v) for v in row) for row in pg.execute(sql).fetchall()]
+
+    def execute(self, *statements: str) -> None:
+        """Run `statements` in one transaction on the ledger, behind the engine's back."""
+        if self.backend == "sqlite":
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for sql in statements:
+                    conn.execute(sql)
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+            return
+        import psycopg
+
+        with psycopg.connect(postgres.libpq_conninfo(self.url)) as pg:
+            for sql in statements:
+                pg.execute(sql)
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Decimal) and value == value.to_integral_value():
+        return int(value)
+    return value
 
 
 @pytest.fixture(

@@ -4,42 +4,36 @@ from __future__ import annotations
 
 import functools
 import random
-import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
 
 import pytest
 
 import bank
-from tests.conftest import bank_threads, run_threads
+from tests.conftest import LedgerDb, bank_threads, run_threads
 
 TELLERS = 16
 OPS_PER_TELLER = 400
 
 
-def _ledger_balances(path: Path) -> tuple[dict[int, int], dict[int, int]]:
-    """(stored balances, balances replayed from transfers), read with plain sqlite3."""
-    con = sqlite3.connect(path)
-    try:
-        stored = dict(con.execute("SELECT id, balance FROM accounts"))
-        replayed = dict.fromkeys(stored, 0)
-        for debit, credit, amount in con.execute(
-            "SELECT debit_account_id, credit_account_id, amount FROM transfers ORDER BY seq"
-        ):
-            replayed[debit] -= amount
-            replayed[credit] += amount
-        return stored, replayed
-    finally:
-        con.close()
+def _ledger_balances(ledger_db: LedgerDb) -> tuple[dict[int, int], dict[int, int]]:
+    """(stored balances, balances replayed from transfers), read beside the engine."""
+    stored: dict[int, int] = dict(ledger_db.query("SELECT id, balance FROM accounts"))
+    replayed = dict.fromkeys(stored, 0)
+    for debit, credit, amount in ledger_db.query(
+        "SELECT debit_account_id, credit_account_id, amount FROM transfers ORDER BY seq"
+    ):
+        replayed[debit] -= amount
+        replayed[credit] += amount
+    return stored, replayed
 
 
 @pytest.mark.timeout(180)
 def test_conservation_under_contention(
-    make_bank: Callable[..., bank.Bank], ledger_path: Path, fast_switching: None
+    make_ledger_bank: Callable[..., bank.Bank], ledger_db: LedgerDb, fast_switching: None
 ) -> None:
-    b = make_bank(workers=4, queue_capacity=64)
+    b = make_ledger_bank(workers=4, queue_capacity=64)
     hot = [b.open_account(f"hot-{i}", overdraft_limit=(i % 2) * 500).id for i in range(5)]
     for account in hot:
         b.deposit(account, 2_000)
@@ -112,7 +106,7 @@ def test_conservation_under_contention(
     assert stats.accepted == snap.seq == stats.committed_seq
     assert stats.accepted == outcomes["ok"] + 5  # + the five opening deposits
     b.close()
-    stored, replayed = _ledger_balances(ledger_path)
+    stored, replayed = _ledger_balances(ledger_db)
     assert stored == replayed == {0: snap.balances[0], **{a: snap.balances[a] for a in hot}}
     assert sum(stored.values()) == 0
     assert bank_threads() == []
@@ -120,9 +114,9 @@ def test_conservation_under_contention(
 
 @pytest.mark.timeout(120)
 def test_ring_of_transfers_in_both_directions_never_deadlocks(
-    make_bank: Callable[..., bank.Bank], fast_switching: None
+    make_ledger_bank: Callable[..., bank.Bank], fast_switching: None
 ) -> None:
-    b = make_bank(workers=4)
+    b = make_ledger_bank(workers=4)
     ring = [b.open_account(f"ring-{i}").id for i in range(6)]
     for account in ring:
         b.deposit(account, 1_000)
@@ -142,9 +136,9 @@ def test_ring_of_transfers_in_both_directions_never_deadlocks(
 
 @pytest.mark.timeout(120)
 def test_one_hot_account_drained_by_many_threads_never_goes_below_its_limit(
-    make_bank: Callable[..., bank.Bank], fast_switching: None
+    make_ledger_bank: Callable[..., bank.Bank], fast_switching: None
 ) -> None:
-    b = make_bank(workers=4)
+    b = make_ledger_bank(workers=4)
     hot = b.open_account("hot", overdraft_limit=250).id
     b.deposit(hot, 10_000)
     accepted = []

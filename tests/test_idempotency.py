@@ -7,18 +7,17 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, wait
-from pathlib import Path
 
 import pytest
 
 import bank
-from tests.conftest import run_threads
+from tests.conftest import LedgerDb, run_threads
 
 
 def test_same_key_same_command_returns_the_original_receipt(
-    make_bank: Callable[..., bank.Bank],
+    make_ledger_bank: Callable[..., bank.Bank],
 ) -> None:
-    b = make_bank()
+    b = make_ledger_bank()
     alice = b.open_account("alice").id
     shop = b.open_account("shop").id
     b.deposit(alice, 100_00)
@@ -32,9 +31,9 @@ def test_same_key_same_command_returns_the_original_receipt(
 
 
 def test_same_key_other_command_is_a_conflict_and_changes_nothing(
-    make_bank: Callable[..., bank.Bank],
+    make_ledger_bank: Callable[..., bank.Bank],
 ) -> None:
-    b = make_bank()
+    b = make_ledger_bank()
     alice = b.open_account("alice").id
     shop = b.open_account("shop").id
     b.deposit(alice, 100_00, key="dep-1")
@@ -50,11 +49,11 @@ def test_same_key_other_command_is_a_conflict_and_changes_nothing(
     assert b.snapshot() == before
 
 
-def test_keys_survive_a_restart(ledger_path: Path) -> None:
-    with bank.Bank.open(ledger_path) as b:
+def test_keys_survive_a_restart(ledger_db: LedgerDb) -> None:
+    with bank.Bank.open(ledger_db.db) as b:
         alice = b.open_account("alice").id
         first = b.deposit(alice, 500, key="payday")
-    with bank.Bank.open(ledger_path) as b:
+    with bank.Bank.open(ledger_db.db) as b:
         assert b.deposit(alice, 500, key="payday") == first
         assert b.balance(alice) == 500
         with pytest.raises(bank.IdempotencyConflict):
@@ -62,8 +61,10 @@ def test_keys_survive_a_restart(ledger_path: Path) -> None:
         assert b.find("payday") == first
 
 
-def test_a_refused_operation_does_not_use_up_its_key(make_bank: Callable[..., bank.Bank]) -> None:
-    b = make_bank()
+def test_a_refused_operation_does_not_use_up_its_key(
+    make_ledger_bank: Callable[..., bank.Bank],
+) -> None:
+    b = make_ledger_bank()
     alice = b.open_account("alice").id
     with pytest.raises(bank.InsufficientFunds):
         b.withdraw(alice, 10, key="w-1")
@@ -75,8 +76,8 @@ def test_a_refused_operation_does_not_use_up_its_key(make_bank: Callable[..., ba
     assert b.balance(alice) == 0
 
 
-def test_duplicates_inside_one_batch(make_bank: Callable[..., bank.Bank]) -> None:
-    b = make_bank(workers=1)
+def test_duplicates_inside_one_batch(make_ledger_bank: Callable[..., bank.Bank]) -> None:
+    b = make_ledger_bank(workers=1)
     alice = b.open_account("alice").id
     futures = b.submit_many(
         [bank.Deposit(account=alice, amount=5, key="d")] * 3
@@ -91,9 +92,9 @@ def test_duplicates_inside_one_batch(make_bank: Callable[..., bank.Bank]) -> Non
 
 @pytest.mark.timeout(120)
 def test_racing_duplicates_apply_exactly_once(
-    make_bank: Callable[..., bank.Bank], fast_switching: None
+    make_ledger_bank: Callable[..., bank.Bank], fast_switching: None
 ) -> None:
-    b = make_bank(workers=4)
+    b = make_ledger_bank(workers=4)
     alice = b.open_account("alice").id
     keys = [f"k-{i}" for i in range(150)]
     seen: dict[str, set[int]] = {k: set() for k in keys}
@@ -114,10 +115,10 @@ def test_racing_duplicates_apply_exactly_once(
 
 
 def test_memory_for_keys_does_not_grow_with_the_number_of_keys(
-    make_bank: Callable[..., bank.Bank],
+    make_ledger_bank: Callable[..., bank.Bank],
 ) -> None:
     """Keys live in the ledger's unique index; memory holds only keys still in flight."""
-    b = make_bank()
+    b = make_ledger_bank()
     alice = b.open_account("alice").id
     for chunk in range(4):
         futures = b.submit_many(
@@ -131,19 +132,19 @@ def test_memory_for_keys_does_not_grow_with_the_number_of_keys(
 
 
 @pytest.mark.parametrize("key", ["", "x" * 129, 5, None, "a\nb"])
-def test_find_refuses_bad_keys(make_bank: Callable[..., bank.Bank], key: object) -> None:
-    b = make_bank()
+def test_find_refuses_bad_keys(make_ledger_bank: Callable[..., bank.Bank], key: object) -> None:
+    b = make_ledger_bank()
     with pytest.raises(bank.InvalidCommand, match="key"):
         b.find(key)  # type: ignore[arg-type]
 
 
 def test_batches_with_shared_keys_in_opposite_orders_do_not_wait_on_each_other(
-    make_bank: Callable[..., bank.Bank], monkeypatch: pytest.MonkeyPatch
+    make_ledger_bank: Callable[..., bank.Bank], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker used to claim all of a batch's keys up front, then wait at an earlier
     command for a key held elsewhere: two workers could each hold the key the other
     waits for (a cycle only `KeyInFlight` broke, 60 s later, refusing both)."""
-    b = make_bank(workers=2)
+    b = make_ledger_bank(workers=2)
     alice = b.open_account("alice").id
     claims = b._claims
     real_claim = claims.claim

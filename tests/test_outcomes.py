@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 import bank
 from bank.ledger.writer import LedgerWriter
-from tests.conftest import bank_threads
+from tests.conftest import LedgerDb, bank_threads
+
+#: A trigger that makes every insert into `transfers` fail, on each backend.
+SABOTAGE: dict[str, tuple[str, ...]] = {
+    "sqlite": (
+        "CREATE TRIGGER sabotage BEFORE INSERT ON transfers BEGIN SELECT RAISE(ABORT, 'no'); END",
+    ),
+    "postgres": (
+        "CREATE FUNCTION sabotage() RETURNS trigger LANGUAGE plpgsql "
+        "AS $$ BEGIN RAISE EXCEPTION 'no'; END $$",
+        "CREATE TRIGGER sabotage BEFORE INSERT ON transfers "
+        "FOR EACH ROW EXECUTE FUNCTION sabotage()",
+    ),
+}
 
 
 def _raiser(exc: BaseException, calls: list[str]) -> Callable[[object], None]:
@@ -29,9 +40,9 @@ def _raiser(exc: BaseException, calls: list[str]) -> Callable[[object], None]:
     "exc", [SystemExit(3), KeyboardInterrupt(), GeneratorExit(), RuntimeError("x")], ids=repr
 )
 def test_a_raising_callback_changes_no_other_answer(
-    make_bank: Callable[..., bank.Bank], exc: BaseException
+    make_ledger_bank: Callable[..., bank.Bank], exc: BaseException
 ) -> None:
-    b = make_bank(workers=1)
+    b = make_ledger_bank(workers=1)
     a = b.open_account("a").id
     calls: list[str] = []
     # Holding the account's lock keeps the worker from applying anything, so all the
@@ -50,9 +61,9 @@ def test_a_raising_callback_changes_no_other_answer(
 
 @pytest.mark.timeout(60)
 def test_a_raising_callback_on_a_worker_answer_leaves_the_worker_alive(
-    make_bank: Callable[..., bank.Bank],
+    make_ledger_bank: Callable[..., bank.Bank],
 ) -> None:
-    b = make_bank(workers=1)
+    b = make_ledger_bank(workers=1)
     a = b.open_account("a").id
     first = b.deposit(a, 1, key="dup")
     calls: list[str] = []
@@ -77,7 +88,7 @@ class _Boom(BaseException):
 
 @pytest.mark.timeout(60)
 def test_a_committed_batch_gets_its_receipts_even_if_the_writer_then_fails(
-    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+    ledger_db: LedgerDb, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     original = LedgerWriter._prepare
     prepared = 0
@@ -92,7 +103,7 @@ def test_a_committed_batch_gets_its_receipts_even_if_the_writer_then_fails(
         return original(self, cursor, batch)
 
     monkeypatch.setattr(LedgerWriter, "_prepare", prepare)
-    b = bank.Bank.open(ledger_path, workers=1)
+    b = bank.Bank.open(ledger_db.db, workers=1)
     try:
         a = b.open_account("a").id
         futures = [b.submit(bank.Deposit(account=a, amount=1, key="k0"))]
@@ -114,7 +125,7 @@ def test_a_committed_batch_gets_its_receipts_even_if_the_writer_then_fails(
     assert receipts, "the committed batch must be answered with its receipts"
     assert unknown and "unknown" in str(unknown[0])
     monkeypatch.undo()
-    with bank.Bank.open(ledger_path) as again:
+    with bank.Bank.open(ledger_db.db) as again:
         for i, outcome in enumerate(outcomes):  # a receipt means committed, every time
             if isinstance(outcome, bank.Receipt):
                 assert again.find(f"k{i}") == outcome
@@ -123,16 +134,11 @@ def test_a_committed_batch_gets_its_receipts_even_if_the_writer_then_fails(
 
 @pytest.mark.timeout(60)
 def test_ledger_unavailable_says_the_outcome_is_unknown_and_how_to_learn_it(
-    make_bank: Callable[..., bank.Bank], ledger_path: Path
+    make_ledger_bank: Callable[..., bank.Bank], ledger_db: LedgerDb
 ) -> None:
-    b = make_bank()
+    b = make_ledger_bank()
     a = b.open_account("a").id
-    saboteur = sqlite3.connect(ledger_path)
-    saboteur.execute(
-        "CREATE TRIGGER sabotage BEFORE INSERT ON transfers BEGIN SELECT RAISE(ABORT, 'no'); END"
-    )
-    saboteur.commit()
-    saboteur.close()
+    ledger_db.execute(*SABOTAGE[ledger_db.backend])
     with pytest.raises(bank.LedgerUnavailable) as caught:
         b.deposit(a, 5, key="k1")
     assert "outcome" in str(caught.value) and "unknown" in str(caught.value)
@@ -148,8 +154,10 @@ def test_ledger_unavailable_says_the_outcome_is_unknown_and_how_to_learn_it(
 
 
 @pytest.mark.timeout(60)
-def test_a_cancelled_holder_does_not_stall_a_waiter(make_bank: Callable[..., bank.Bank]) -> None:
-    b = make_bank(workers=1)
+def test_a_cancelled_holder_does_not_stall_a_waiter(
+    make_ledger_bank: Callable[..., bank.Bank],
+) -> None:
+    b = make_ledger_bank(workers=1)
     a = b.open_account("a").id
     with b.account(a).lock:
         blocker = b.submit(bank.Deposit(account=a, amount=1))

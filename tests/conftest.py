@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -169,6 +170,29 @@ class LedgerDb:
     backend: Backend
     db: Path | str
     url: str
+    #: The PostgreSQL server the database is on (None for SQLite).
+    server: postgres.Server | None = None
+
+    @classmethod
+    def sqlite(cls, path: Path) -> LedgerDb:
+        return cls("sqlite", path, f"sqlite:///{path}")
+
+    def fresh(self) -> LedgerDb:
+        """Another empty ledger on the same backend (a new file beside this one, or a new
+        database on the same server); `drop()` it when done (a property test makes many)."""
+        if self.server is None:
+            directory = Path(tempfile.mkdtemp(prefix="ledger-", dir=self.path.parent))
+            return LedgerDb.sqlite(directory / "ledger.db")
+        url = self.server.create_database()
+        return LedgerDb("postgres", url, url, self.server)
+
+    def drop(self) -> None:
+        """Delete the ledger: its file and side files, or its database."""
+        if self.server is None:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        else:
+            self.server.drop_database(self.url)
 
     @property
     def path(self) -> Path:
@@ -227,10 +251,10 @@ def _plain(value: object) -> object:
 def ledger_db(request: pytest.FixtureRequest, tmp_path: Path) -> LedgerDb:
     """A ledger that does not exist yet (an empty database), on each backend in turn."""
     if request.param == "sqlite":
-        path = tmp_path / "ledger.db"
-        return LedgerDb("sqlite", path, f"sqlite:///{path}")
+        return LedgerDb.sqlite(tmp_path / "ledger.db")
     url: str = request.getfixturevalue("pg_url")
-    return LedgerDb("postgres", url, url)
+    server: postgres.Server = request.getfixturevalue("postgres_server")
+    return LedgerDb("postgres", url, url, server)
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import os
 import queue
 import random
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from hypothesis.stateful import (
 import bank
 from bank.ledger.audit import audit_ledger
 from tests import faults
+from tests.conftest import LedgerDb
 
 CASH = bank.CASH_ACCOUNT_ID
 AMOUNT_MAX = bank.AMOUNT_MAX
@@ -138,10 +139,12 @@ class Op:
 class BankMachine(RuleBasedStateMachine):
     """The real engine on a temp-file ledger, checked against a dict-based model."""
 
-    def __init__(self) -> None:
+    def __init__(self, new_ledger: Callable[[], LedgerDb] | None = None) -> None:
+        """A new ledger per example: `new_ledger()` (e.g. `ledger_db.fresh`), else a temp file."""
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="bank-stateful-")
-        self.path = os.path.join(self.dir, "ledger.db")
+        self.ledger = new_ledger() if new_ledger else LedgerDb.sqlite(Path(self.dir) / "ledger.db")
+        self.path = self.ledger.db  # what `Bank.open` takes, on either backend
         self.bank: bank.Bank | None = None
         self.workers = 1
         self.queue_capacity = 64
@@ -256,37 +259,35 @@ class BankMachine(RuleBasedStateMachine):
         return future
 
     def check_ledger_file(self) -> None:
-        """Read the ledger with plain sqlite3 and compare every row with the model."""
-        con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-        try:
-            rows = con.execute(
-                "SELECT seq, kind, key, amount, debit_account_id, credit_account_id, ts_us, hash "
-                "FROM transfers ORDER BY seq"
-            ).fetchall()
-            assert [bank.Receipt(*row) for row in rows] == self.receipts
-            stored = {
-                r[0]: (r[1], r[2], r[3])
-                for r in con.execute("SELECT id, name, overdraft_limit, balance FROM accounts")
-            }
-            expected = {i: (a.name, a.limit, a.balance) for i, a in self.accounts.items()}
-            cash = stored.pop(CASH)
-            assert cash[0] == bank.CASH_ACCOUNT_NAME and cash[2] == self.cash
-            assert stored == expected
-            prev = GENESIS
-            last_limit: dict[int, int] = {}
-            for row in con.execute(
-                "SELECT seq, account_id, kind, name, overdraft_limit, transfer_seq, ts_us, hash "
-                "FROM account_events ORDER BY seq"
-            ):
-                prev_ok = event_hash(prev, row[:7])
-                assert row[7] == prev_ok, f"account_events chain broken at seq {row[0]}"
-                prev = row[7]
-                last_limit[row[1]] = row[4]
-            assert {i: last_limit[i] for i in self.accounts} == {
-                i: a.limit for i, a in self.accounts.items()
-            }
-        finally:
-            con.close()
+        """Read the ledger beside the engine (plain sqlite3 or psycopg) and compare every row
+        with the model."""
+        query = self.ledger.query
+        rows = query(
+            "SELECT seq, kind, key, amount, debit_account_id, credit_account_id, ts_us, hash "
+            "FROM transfers ORDER BY seq"
+        )
+        assert [bank.Receipt(*row) for row in rows] == self.receipts
+        stored = {
+            r[0]: (r[1], r[2], r[3])
+            for r in query("SELECT id, name, overdraft_limit, balance FROM accounts")
+        }
+        expected = {i: (a.name, a.limit, a.balance) for i, a in self.accounts.items()}
+        cash = stored.pop(CASH)
+        assert cash[0] == bank.CASH_ACCOUNT_NAME and cash[2] == self.cash
+        assert stored == expected
+        prev = GENESIS
+        last_limit: dict[int, int] = {}
+        for row in query(
+            "SELECT seq, account_id, kind, name, overdraft_limit, transfer_seq, ts_us, hash "
+            "FROM account_events ORDER BY seq"
+        ):
+            prev_ok = event_hash(prev, row[:7])
+            assert row[7] == prev_ok, f"account_events chain broken at seq {row[0]}"
+            prev = row[7]
+            last_limit[row[1]] = row[4]
+        assert {i: last_limit[i] for i in self.accounts} == {
+            i: a.limit for i, a in self.accounts.items()
+        }
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -316,6 +317,7 @@ class BankMachine(RuleBasedStateMachine):
                 self.bank.close()
                 self.check_ledger_file()
         finally:
+            self.ledger.drop()
             shutil.rmtree(self.dir, ignore_errors=True)
 
     @rule(workers=st.integers(1, 3), durability=st.sampled_from(["full", "normal"]))
@@ -922,11 +924,21 @@ _SETTINGS: dict[str, Any] = {
 }
 
 
+#: Examples per backend: each PostgreSQL example pays for a new database and its migrations.
+MODEL_EXAMPLES = {"sqlite": 100, "postgres": 25}
+
+
 @pytest.mark.timeout(240)
-def test_bank_matches_model() -> None:
+def test_bank_matches_model(ledger_db: LedgerDb) -> None:
+    class Machine(BankMachine):
+        def __init__(self) -> None:
+            super().__init__(ledger_db.fresh)
+
     run_state_machine_as_test(
-        BankMachine,
-        settings=settings(max_examples=100, stateful_step_count=50, **_SETTINGS),
+        Machine,
+        settings=settings(
+            max_examples=MODEL_EXAMPLES[ledger_db.backend], stateful_step_count=50, **_SETTINGS
+        ),
     )
 
 

@@ -14,15 +14,15 @@ import pytest
 import bank
 from bank.ledger import store
 from bank.limits import BALANCE_MAX
-from tests.conftest import bank_threads, run_threads
+from tests.conftest import LedgerDb, bank_threads, run_threads
 
 
 def _fingerprint(path: Path) -> tuple[bytes, int]:
     return path.read_bytes(), path.stat().st_mtime_ns
 
 
-def test_new_ledger_has_cash_and_reopens_with_balances_and_limits(ledger_path: Path) -> None:
-    with bank.Bank.open(ledger_path) as b:
+def test_new_ledger_has_cash_and_reopens_with_balances_and_limits(ledger_db: LedgerDb) -> None:
+    with bank.Bank.open(ledger_db.db) as b:
         assert b.account(bank.CASH_ACCOUNT_ID).name == "@cash"
         alice = b.open_account("alice", overdraft_limit=10)
         shop = b.open_account("shop")
@@ -30,7 +30,7 @@ def test_new_ledger_has_cash_and_reopens_with_balances_and_limits(ledger_path: P
         b.transfer(alice.id, shop.id, 105)
         b.set_overdraft_limit(shop.id, 40)
         assert alice.balance == -5
-    with bank.Bank.open(ledger_path) as b:
+    with bank.Bank.open(ledger_db.db) as b:
         assert [(a.id, a.name, a.balance, a.overdraft_limit) for a in b.accounts()] == [
             (1, "alice", -5, 10),
             (2, "shop", 105, 40),
@@ -41,9 +41,9 @@ def test_new_ledger_has_cash_and_reopens_with_balances_and_limits(ledger_path: P
         assert b.transfer(1, 3, 5).seq == 3
 
 
-def test_close_joins_every_thread_and_is_idempotent(ledger_path: Path) -> None:
+def test_close_joins_every_thread_and_is_idempotent(ledger_db: LedgerDb) -> None:
     before = set(threading.enumerate())
-    b = bank.Bank.open(ledger_path, workers=6)
+    b = bank.Bank.open(ledger_db.db, workers=6)
     assert len(bank_threads()) == 7
     acct = b.open_account("a").id
     futures = b.submit_many([bank.Deposit(account=acct, amount=1) for _ in range(3_000)])
@@ -57,8 +57,8 @@ def test_close_joins_every_thread_and_is_idempotent(ledger_path: Path) -> None:
     assert b.closed
 
 
-def test_concurrent_closes_all_return_after_shutdown(ledger_path: Path) -> None:
-    b = bank.Bank.open(ledger_path)
+def test_concurrent_closes_all_return_after_shutdown(ledger_db: LedgerDb) -> None:
+    b = bank.Bank.open(ledger_db.db)
     threads = [threading.Thread(target=b.close) for _ in range(5)]
     for t in threads:
         t.start()
@@ -68,8 +68,8 @@ def test_concurrent_closes_all_return_after_shutdown(ledger_path: Path) -> None:
     assert bank_threads() == []
 
 
-def test_every_call_after_close_raises_bank_closed(ledger_path: Path) -> None:
-    b = bank.Bank.open(ledger_path)
+def test_every_call_after_close_raises_bank_closed(ledger_db: LedgerDb) -> None:
+    b = bank.Bank.open(ledger_db.db)
     a = b.open_account("a").id
     b.close()
     calls: list[Callable[[], object]] = [
@@ -93,8 +93,10 @@ def test_every_call_after_close_raises_bank_closed(ledger_path: Path) -> None:
             call()
 
 
-def test_close_from_a_future_callback_is_refused(make_bank: Callable[..., bank.Bank]) -> None:
-    b = make_bank()
+def test_close_from_a_future_callback_is_refused(
+    make_ledger_bank: Callable[..., bank.Bank],
+) -> None:
+    b = make_ledger_bank()
     a = b.open_account("a").id
     errors: list[BaseException] = []
     ran_on: list[str] = []
@@ -121,9 +123,9 @@ def test_close_from_a_future_callback_is_refused(make_bank: Callable[..., bank.B
 
 @pytest.mark.timeout(60)
 def test_full_queue_blocks_then_raises_queue_full_with_a_timeout(
-    make_bank: Callable[..., bank.Bank],
+    make_ledger_bank: Callable[..., bank.Bank],
 ) -> None:
-    b = make_bank(workers=1, queue_capacity=2)
+    b = make_ledger_bank(workers=1, queue_capacity=2)
     a = b.open_account("a").id
     b.deposit(a, 100)
     account = b.account(a)
@@ -157,9 +159,9 @@ def test_full_queue_blocks_then_raises_queue_full_with_a_timeout(
 
 
 def test_submit_many_answers_every_future_when_a_later_chunk_times_out(
-    make_bank: Callable[..., bank.Bank],
+    make_ledger_bank: Callable[..., bank.Bank],
 ) -> None:
-    b = make_bank(workers=1, queue_capacity=300)
+    b = make_ledger_bank(workers=1, queue_capacity=300)
     a = b.open_account("a").id
     account = b.account(a)
     account.lock.acquire()
@@ -212,15 +214,12 @@ def test_newer_schema_revision_is_refused(ledger_path: Path) -> None:
     assert _fingerprint(ledger_path) == before
 
 
-def test_tampered_balances_are_refused_at_open(ledger_path: Path) -> None:
-    with bank.Bank.open(ledger_path) as b:
+def test_tampered_balances_are_refused_at_open(ledger_db: LedgerDb) -> None:
+    with bank.Bank.open(ledger_db.db) as b:
         b.deposit(b.open_account("a").id, 10)
-    con = sqlite3.connect(ledger_path)
-    con.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 1")
-    con.commit()
-    con.close()
+    ledger_db.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 1")
     with pytest.raises(bank.LedgerCorrupt, match="sum to 1"):
-        bank.Bank.open(ledger_path)
+        bank.Bank.open(ledger_db.db)
 
 
 def test_directory_and_missing_parent(tmp_path: Path) -> None:
@@ -230,10 +229,14 @@ def test_directory_and_missing_parent(tmp_path: Path) -> None:
         bank.Bank.open(tmp_path / "missing" / "ledger.db")
 
 
-def test_one_bank_per_ledger_file(make_bank: Callable[..., bank.Bank], ledger_path: Path) -> None:
-    make_bank()
-    with pytest.raises(bank.LedgerBusy, match="already open"):
-        bank.Bank.open(ledger_path)
+def test_one_bank_per_ledger(
+    make_ledger_bank: Callable[..., bank.Bank], ledger_db: LedgerDb
+) -> None:
+    make_ledger_bank()
+    with pytest.raises(bank.LedgerBusy) as busy:
+        bank.Bank.open(ledger_db.db)
+    if ledger_db.backend == "sqlite":
+        assert "already open" in str(busy.value)
 
 
 def test_empty_file_becomes_a_new_ledger(tmp_path: Path) -> None:
@@ -258,8 +261,8 @@ def test_bad_open_options(ledger_path: Path, options: dict[str, object], words: 
     assert not ledger_path.exists()
 
 
-def test_bad_operations_change_nothing(make_bank: Callable[..., bank.Bank]) -> None:
-    b = make_bank()
+def test_bad_operations_change_nothing(make_ledger_bank: Callable[..., bank.Bank]) -> None:
+    b = make_ledger_bank()
     a = b.open_account("a", overdraft_limit=5).id
     b.deposit(a, 10)
     before = b.snapshot()
@@ -297,9 +300,9 @@ def test_bad_operations_change_nothing(make_bank: Callable[..., bank.Bank]) -> N
 
 
 def test_deposit_that_would_overflow_64_bits_is_refused(
-    make_bank: Callable[..., bank.Bank],
+    make_ledger_bank: Callable[..., bank.Bank],
 ) -> None:
-    b = make_bank()
+    b = make_ledger_bank()
     rich = b.open_account("rich").id
     amount = bank.AMOUNT_MAX
     count = BALANCE_MAX // amount  # 9,223 deposits of 10**15 reach just below 2**63
@@ -314,9 +317,9 @@ def test_deposit_that_would_overflow_64_bits_is_refused(
 
 
 def test_transfer_that_would_overflow_the_target_is_refused(
-    make_bank: Callable[..., bank.Bank],
+    make_ledger_bank: Callable[..., bank.Bank],
 ) -> None:
-    b = make_bank()
+    b = make_ledger_bank()
     rich = b.open_account("rich").id
     borrower = b.open_account("borrower", overdraft_limit=10 * bank.AMOUNT_MAX).id
     amount = bank.AMOUNT_MAX
@@ -403,7 +406,7 @@ def test_a_read_racing_close_leaves_no_connection_to_the_released_ledger(
 
 @pytest.mark.parametrize("failing", ["bank-ledger-writer", "bank-worker-1"])
 def test_a_thread_that_cannot_start_fails_the_open_and_frees_the_ledger(
-    ledger_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+    ledger_db: LedgerDb, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
     """`Thread.start` failing (no resources for a new thread) escaped as a raw
     RuntimeError and left the started threads running and the ledger locked for good."""
@@ -419,7 +422,7 @@ def test_a_thread_that_cannot_start_fails_the_open_and_frees_the_ledger(
 
     def open_bank() -> None:
         try:
-            bank.Bank.open(ledger_path, workers=2).close()
+            bank.Bank.open(ledger_db.db, workers=2).close()
         except BaseException as exc:
             outcome.append(exc)
 
@@ -428,5 +431,5 @@ def test_a_thread_that_cannot_start_fails_the_open_and_frees_the_ledger(
     assert len(outcome) == 1 and isinstance(outcome[0], bank.LedgerUnavailable), outcome
     assert "could not start" in str(outcome[0])
     assert bank_threads() == []
-    with bank.Bank.open(ledger_path) as b:  # the lock was released
+    with bank.Bank.open(ledger_db.db) as b:  # the lock was released
         assert b.snapshot().total == 0

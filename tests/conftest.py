@@ -11,6 +11,7 @@ Ledgers on both backends: a test that takes `ledger_db` runs twice, ids `[sqlite
         ledger_db.execute("UPDATE accounts SET ...")        # an edit behind its back
 
 `make_ledger_bank` opens banks on `ledger_db` (like `make_bank` on `ledger_path`).
+A fixture of a wider scope takes `params=LEDGER_PARAMS` and calls `new_ledger(request, dir)`.
 A PostgreSQL-only test takes `pg_url` (the URL of a fresh empty database on the
 session's server, dropped afterwards) or `postgres_server` (a `tests.postgres.Server`).
 The server is `BANK_TEST_POSTGRES_URL` or a throwaway cluster (see `tests/postgres.py`);
@@ -242,19 +243,30 @@ def _plain(value: object) -> object:
     return value
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("sqlite", id="sqlite"),
-        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
-    ]
-)
-def ledger_db(request: pytest.FixtureRequest, tmp_path: Path) -> LedgerDb:
-    """A ledger that does not exist yet (an empty database), on each backend in turn."""
+#: The params of every fixture over both backends (ids `sqlite`, `postgres`).
+LEDGER_PARAMS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+]
+
+
+def new_ledger(request: pytest.FixtureRequest, directory: Path) -> LedgerDb:
+    """An empty ledger on `request.param`'s backend: a file in `directory`, or a new
+    database on the session's server (the caller drops it), for fixtures of any scope."""
     if request.param == "sqlite":
-        return LedgerDb.sqlite(tmp_path / "ledger.db")
-    url: str = request.getfixturevalue("pg_url")
+        return LedgerDb.sqlite(directory / "ledger.db")
     server: postgres.Server = request.getfixturevalue("postgres_server")
+    url = server.create_database()
     return LedgerDb("postgres", url, url, server)
+
+
+@pytest.fixture(params=LEDGER_PARAMS)
+def ledger_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerDb]:
+    """A ledger that does not exist yet (an empty database), on each backend in turn."""
+    ledger = new_ledger(request, tmp_path)
+    yield ledger
+    if ledger.server is not None:
+        ledger.drop()
 
 
 @pytest.fixture

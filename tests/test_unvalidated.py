@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-import sqlite3
 import unicodedata
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,6 +14,7 @@ import pytest
 import bank
 from bank.ledger.audit import audit_ledger
 from bank.limits import ACCOUNT_ID_MAX, KEY_LENGTH_MAX
+from tests.conftest import LEDGER_PARAMS, new_ledger
 
 Command = bank.Deposit | bank.Withdrawal | bank.Transfer
 
@@ -174,22 +174,29 @@ FORGED: list[tuple[str, Callable[[], Any], str]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def module_bank(tmp_path_factory: pytest.TempPathFactory) -> Iterator[bank.Bank]:
-    """One bank for the whole file (with accounts 1 and 2 funded); audited after it closes."""
-    path = tmp_path_factory.mktemp("unvalidated") / "ledger.db"
-    b = bank.Bank.open(path)
-    assert b.open_account("a").id == A
-    assert b.open_account("b").id == B
-    b.deposit(A, 1_000)
-    b.deposit(B, 1_000)
-    yield b
-    b.close()
-    report = audit_ledger(path)
-    assert report.ok, report.problems
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-        types = conn.execute("SELECT DISTINCT typeof(amount) FROM transfers").fetchall()
-    assert types == [("integer",)]
+@pytest.fixture(scope="module", params=LEDGER_PARAMS)
+def module_bank(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[bank.Bank]:
+    """One bank per backend for the whole file (with accounts 1 and 2 funded); audited
+    after it closes."""
+    ledger = new_ledger(request, tmp_path_factory.mktemp("unvalidated"))
+    try:
+        b = bank.Bank.open(ledger.db)
+        assert b.open_account("a").id == A
+        assert b.open_account("b").id == B
+        b.deposit(A, 1_000)
+        b.deposit(B, 1_000)
+        yield b
+        b.close()
+        report = audit_ledger(ledger.db)
+        assert report.ok, report.problems
+        if ledger.backend == "sqlite":  # PostgreSQL's BIGINT column holds nothing else
+            types = ledger.query("SELECT DISTINCT typeof(amount) FROM transfers")
+            assert types == [("integer",)]
+    finally:
+        if ledger.server is not None:
+            ledger.drop()
 
 
 def _state(b: bank.Bank) -> tuple[int, dict[int, int]]:

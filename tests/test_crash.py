@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import LedgerDb
 from tests.faults import ForkServer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "crash_loop.py"
@@ -48,18 +49,34 @@ def server() -> Iterator[ForkServer]:
 
 
 def _run(
-    tmp_path: Path, durability: str, seed: int, iteration: int, server: ForkServer | None
+    tmp_path: Path,
+    durability: str,
+    seed: int,
+    iteration: int,
+    server: ForkServer | None,
+    ledger: LedgerDb | None = None,
 ) -> Any:
+    """One kill-and-check round in a new directory; on PostgreSQL (`ledger`), in a new
+    database on the test server, passed to the harness as `db=` (its file is `workdir`'s
+    ledger.db otherwise)."""
     workdir = tmp_path / f"{iteration:03d}-{durability}"
     workdir.mkdir()
+    fresh = ledger.fresh() if ledger is not None and ledger.backend == "postgres" else None
+    where: dict[str, Any] = {} if fresh is None else {"db": fresh.db}
     try:
-        outcome = crash_loop.run_once(workdir, durability, seed, server=server)
+        outcome = crash_loop.run_once(workdir, durability, seed, server=server, **where)
     except crash_loop.CrashCheckFailed as exc:
-        pytest.fail(
+        pytest.fail(  # the ledger is kept (a PostgreSQL one until the server stops)
             f"durability={durability} seed={seed} (BANK_CRASH_SEED={seed} to retry): {exc}\n"
-            f"ledger and ack file kept in {workdir}",
+            f"ledger and ack file kept in {fresh.db if fresh else workdir}",
             pytrace=False,
         )
+    except BaseException:
+        if fresh is not None:
+            fresh.drop()
+        raise
+    if fresh is not None:
+        fresh.drop()
     assert outcome.rows >= outcome.acked
     return outcome
 
@@ -67,11 +84,11 @@ def _run(
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("durability", ["full", "normal"])
 def test_sigkill_at_random_instants_loses_nothing_acknowledged(
-    tmp_path: Path, durability: str, server: ForkServer
+    tmp_path: Path, durability: str, server: ForkServer, ledger_db: LedgerDb
 ) -> None:
     seed = _seed()
     for i in range(5):
-        _run(tmp_path, durability, seed + i, i, server)
+        _run(tmp_path, durability, seed + i, i, server, ledger_db)
 
 
 @pytest.mark.timeout(120)

@@ -236,6 +236,28 @@ class LedgerDb:
             for sql in statements:
                 pg.execute(sql)
 
+    def sabotage(self, message: str) -> None:
+        """From now on every insert into `transfers` fails with `message` (a trigger)."""
+        if self.backend == "sqlite":
+            self.execute(
+                "CREATE TRIGGER sabotage BEFORE INSERT ON transfers "
+                f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
+            )
+        else:
+            self.execute(
+                "CREATE FUNCTION sabotage() RETURNS trigger LANGUAGE plpgsql "
+                f"AS $$ BEGIN RAISE EXCEPTION '{message}'; END $$",
+                "CREATE TRIGGER sabotage BEFORE INSERT ON transfers "
+                "FOR EACH ROW EXECUTE FUNCTION sabotage()",
+            )
+
+    def repair(self) -> None:
+        """Undo `sabotage`."""
+        if self.backend == "sqlite":
+            self.execute("DROP TRIGGER sabotage")
+        else:
+            self.execute("DROP TRIGGER sabotage ON transfers", "DROP FUNCTION sabotage()")
+
 
 def _plain(value: object) -> object:
     if isinstance(value, Decimal) and value == value.to_integral_value():

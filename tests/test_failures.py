@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 import bank
-from tests.conftest import bank_threads
+from tests.conftest import LedgerDb, bank_threads
 
 
 @pytest.mark.timeout(60)
-def test_a_failed_commit_fails_its_operations_and_stops_the_bank(ledger_path: Path) -> None:
-    b = bank.Bank.open(ledger_path)
+def test_a_failed_commit_fails_its_operations_and_stops_the_bank(ledger_db: LedgerDb) -> None:
+    b = bank.Bank.open(ledger_db.db)
     a = b.open_account("a").id
     b.deposit(a, 100)
-    saboteur = sqlite3.connect(ledger_path)
-    saboteur.execute(
-        "CREATE TRIGGER sabotage BEFORE INSERT ON transfers BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
-    )
-    saboteur.commit()
+    ledger_db.sabotage("disk on fire")
     with pytest.raises(bank.LedgerUnavailable, match="disk on fire"):
         b.deposit(a, 5)
     with pytest.raises(bank.LedgerUnavailable):
@@ -31,18 +25,16 @@ def test_a_failed_commit_fails_its_operations_and_stops_the_bank(ledger_path: Pa
         b.balance(a)
     b.close()
     assert bank_threads() == []
-    saboteur.execute("DROP TRIGGER sabotage")
-    saboteur.commit()
-    saboteur.close()
-    with bank.Bank.open(ledger_path) as again:  # the last commit is what counts
+    ledger_db.repair()
+    with bank.Bank.open(ledger_db.db) as again:  # the last commit is what counts
         assert again.balance(a) == 100
         assert again.snapshot().seq == 1
         assert again.audit().ok
 
 
 @pytest.mark.timeout(60)
-def test_cancelled_futures_are_never_applied(make_bank: Callable[..., bank.Bank]) -> None:
-    b = make_bank(workers=1)
+def test_cancelled_futures_are_never_applied(make_ledger_bank: Callable[..., bank.Bank]) -> None:
+    b = make_ledger_bank(workers=1)
     a = b.open_account("a").id
     account = b.account(a)
     account.lock.acquire()
@@ -63,9 +55,9 @@ def test_cancelled_futures_are_never_applied(make_bank: Callable[..., bank.Bank]
 
 @pytest.mark.timeout(60)
 def test_find_agrees_with_the_futures_while_operations_are_in_flight(
-    make_bank: Callable[..., bank.Bank],
+    make_ledger_bank: Callable[..., bank.Bank],
 ) -> None:
-    b = make_bank(workers=2)
+    b = make_ledger_bank(workers=2)
     a = b.open_account("a").id
     futures = b.submit_many([bank.Deposit(account=a, amount=1, key=f"f{i}") for i in range(500)])
     early = {i: b.find(f"f{i}") for i in range(0, 500, 7)}

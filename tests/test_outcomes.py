@@ -13,19 +13,6 @@ import bank
 from bank.ledger.writer import LedgerWriter
 from tests.conftest import LedgerDb, bank_threads
 
-#: A trigger that makes every insert into `transfers` fail, on each backend.
-SABOTAGE: dict[str, tuple[str, ...]] = {
-    "sqlite": (
-        "CREATE TRIGGER sabotage BEFORE INSERT ON transfers BEGIN SELECT RAISE(ABORT, 'no'); END",
-    ),
-    "postgres": (
-        "CREATE FUNCTION sabotage() RETURNS trigger LANGUAGE plpgsql "
-        "AS $$ BEGIN RAISE EXCEPTION 'no'; END $$",
-        "CREATE TRIGGER sabotage BEFORE INSERT ON transfers "
-        "FOR EACH ROW EXECUTE FUNCTION sabotage()",
-    ),
-}
-
 
 def _raiser(exc: BaseException, calls: list[str]) -> Callable[[object], None]:
     def callback(_f: object) -> None:
@@ -138,7 +125,7 @@ def test_ledger_unavailable_says_the_outcome_is_unknown_and_how_to_learn_it(
 ) -> None:
     b = make_ledger_bank()
     a = b.open_account("a").id
-    ledger_db.execute(*SABOTAGE[ledger_db.backend])
+    ledger_db.sabotage("no")
     with pytest.raises(bank.LedgerUnavailable) as caught:
         b.deposit(a, 5, key="k1")
     assert "outcome" in str(caught.value) and "unknown" in str(caught.value)

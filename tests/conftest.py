@@ -304,3 +304,10 @@ def make_ledger_bank(ledger_db: LedgerDb) -> Iterator[Callable[..., bank.Bank]]:
     yield _make
     for b in opened:
         b.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on the PostgreSQL server carries the `postgres` mark (`-m "not postgres"`)."""
+    for item in items:
+        if "postgres_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)

@@ -19,7 +19,7 @@ import bank
 import bank.worker
 from bank import engine as engine_module
 from bank.ledger.writer import LedgerWriter
-from tests.conftest import bank_threads, run_threads
+from tests.conftest import LedgerDb, bank_threads, run_threads
 
 
 def _close_after_check(monkeypatch: pytest.MonkeyPatch, nth: int) -> None:
@@ -72,9 +72,9 @@ def test_a_call_racing_close_ends(
 
 
 @pytest.mark.timeout(60)
-def test_calls_racing_close_for_real_all_end(ledger_path: Path) -> None:
+def test_calls_racing_close_for_real_all_end(ledger_db: LedgerDb) -> None:
     for round_ in range(5):
-        b = bank.Bank.open(ledger_path)
+        b = bank.Bank.open(ledger_db.db)
         a = b.account(1).id if round_ else b.open_account("a").id
         stop = threading.Event()
 
@@ -106,7 +106,7 @@ def test_calls_racing_close_for_real_all_end(ledger_path: Path) -> None:
             stop.set()
 
         run_threads([*(lambda i=i: hammer(i) for i in range(4)), closer], timeout_s=20)
-    with bank.Bank.open(ledger_path) as again:
+    with bank.Bank.open(ledger_db.db) as again:
         assert again.audit().ok
 
 
@@ -230,7 +230,7 @@ _FORGETFUL = textwrap.dedent(
 
 @pytest.mark.timeout(120)
 def test_a_forgotten_bank_does_not_hang_exit_and_commits_what_it_accepted(
-    tmp_path: Path, ledger_path: Path
+    tmp_path: Path, ledger_db: LedgerDb
 ) -> None:
     script = tmp_path / "forgetful.py"
     script.write_text(_FORGETFUL)
@@ -238,7 +238,7 @@ def test_a_forgotten_bank_does_not_hang_exit_and_commits_what_it_accepted(
     ops = 2_000
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, str(script), str(ledger_path), str(acked_path), str(ops)],
+        [sys.executable, str(script), str(ledger_db.db), str(acked_path), str(ops)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -250,7 +250,7 @@ def test_a_forgotten_bank_does_not_hang_exit_and_commits_what_it_accepted(
     assert elapsed < 30
     acked = acked_path.read_text().split()
     assert len(acked) == ops + 50  # every accepted operation was committed and answered
-    with bank.Bank.open(ledger_path) as b:
+    with bank.Bank.open(ledger_db.db) as b:
         assert b.audit().ok
         assert b.balance(1) == ops + 50
         missing = [k for k in acked if b.find(k) is None]
@@ -282,11 +282,11 @@ _GC_FORGETFUL = textwrap.dedent(
 
 
 @pytest.mark.timeout(60)
-def test_a_collected_bank_closes_itself(tmp_path: Path, ledger_path: Path) -> None:
+def test_a_collected_bank_closes_itself(tmp_path: Path, ledger_db: LedgerDb) -> None:
     script = tmp_path / "gc_forgetful.py"
     script.write_text(_GC_FORGETFUL)
     proc = subprocess.run(
-        [sys.executable, str(script), str(ledger_path)],
+        [sys.executable, str(script), str(ledger_db.db)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -294,16 +294,16 @@ def test_a_collected_bank_closes_itself(tmp_path: Path, ledger_path: Path) -> No
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["0"]
-    with bank.Bank.open(ledger_path) as b:
+    with bank.Bank.open(ledger_db.db) as b:
         assert b.balance(1) == 3
 
 
 @pytest.mark.timeout(60)
 def test_close_never_frees_the_ledger_while_a_slow_callback_runs(
-    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+    ledger_db: LedgerDb, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(engine_module, "JOIN_WAIT_S_MAX", 0.2)
-    b = bank.Bank.open(ledger_path)
+    b = bank.Bank.open(ledger_db.db)
     a = b.open_account("a").id
     in_callback = threading.Event()
     finish = threading.Event()
@@ -320,7 +320,7 @@ def test_close_never_frees_the_ledger_while_a_slow_callback_runs(
     started = time.monotonic()
     b.close()  # gives up waiting after 0.2 s; the writer is still in the callback
     assert time.monotonic() - started < 5
-    other = _open_elsewhere(ledger_path)
+    other = _open_elsewhere(ledger_db.db)
     assert other["error"] == "LedgerBusy", other  # one writer, always
     finish.set()
     assert second.result(timeout=10).amount == 2  # no future is left pending
@@ -329,10 +329,10 @@ def test_close_never_frees_the_ledger_while_a_slow_callback_runs(
         assert time.monotonic() < deadline, bank_threads()
         time.sleep(0.01)
     assert b._life.released.wait(10)
-    assert _open_elsewhere(ledger_path) == {"error": None, "balance": 3}
+    assert _open_elsewhere(ledger_db.db) == {"error": None, "balance": 3}
 
 
-def _open_elsewhere(path: Path) -> dict[str, object]:
+def _open_elsewhere(path: Path | str) -> dict[str, object]:
     """Open the ledger from another process: its error class name, or the balance of 1."""
     code = textwrap.dedent(
         """

@@ -37,8 +37,9 @@ from bank.errors import (
     LedgerBusy,
     NotALedger,
 )
+from bank.ledger.backend import Backend
+from bank.ledger.backends import backend_for, ledger_url
 from bank.ledger.reader import LedgerReader
-from bank.ledger.sqlite import ledger_url, resolve_sqlite_target
 from bank.limits import (
     AMOUNT_MAX,
     CASH_ACCOUNT_ID,
@@ -134,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--db",
-        metavar="PATH",
-        help="ledger file (created if missing; simulation accounts are reused if present); "
+        metavar="PATH|URL",
+        help="ledger file or URL (created if missing; simulation accounts are reused if present); "
         "default: a temporary ledger, deleted afterwards",
     )
     sim.add_argument(
@@ -249,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
             "Exit 0 clean, 1 problems found, 2 could not audit (missing file, not a ledger, ...)."
         ),
     )
-    aud.add_argument("--db", metavar="PATH", required=True, help="the ledger file")
+    aud.add_argument(
+        "--db",
+        metavar="PATH|URL",
+        required=True,
+        help="the ledger: a file path or an SQLAlchemy URL",
+    )
     aud.add_argument("--json", action="store_true", help="print the report as JSON")
     aud.add_argument(
         "--expect-head",
@@ -274,7 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     chk.add_argument("file", metavar="FILE", help="the history file (JSON lines)")
-    chk.add_argument("--db", metavar="PATH", required=True, help="the ledger file")
+    chk.add_argument(
+        "--db",
+        metavar="PATH|URL",
+        required=True,
+        help="the ledger: a file path or an SQLAlchemy URL",
+    )
     chk.add_argument("--json", action="store_true", help="print the result as JSON")
     chk.set_defaults(run=_cmd_check_history)
 
@@ -285,7 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
         "schema; print its revision and accounts. A file that is not a ledger is refused "
         "(exit 2) and left untouched.",
     )
-    ini.add_argument("--db", metavar="PATH", required=True, help="the ledger file")
+    ini.add_argument(
+        "--db",
+        metavar="PATH|URL",
+        required=True,
+        help="the ledger: a file path or an SQLAlchemy URL",
+    )
     ini.set_defaults(run=_cmd_init)
 
     acc = sub.add_parser(
@@ -294,7 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="List every account (@cash included) with its balance and overdraft "
         "limit. Amounts are printed in major units; --json gives exact integer minor units.",
     )
-    acc.add_argument("--db", metavar="PATH", required=True, help="an existing ledger file")
+    acc.add_argument(
+        "--db",
+        metavar="PATH|URL",
+        required=True,
+        help="an existing ledger: a file path or an SQLAlchemy URL",
+    )
     acc.add_argument("--json", action="store_true", help="print JSON (amounts in minor units)")
     acc.set_defaults(run=_cmd_accounts)
 
@@ -305,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
         "touch ACCOUNT, oldest first.",
     )
     his.add_argument("account", metavar="ACCOUNT", help="account id, or account name")
-    his.add_argument("--db", metavar="PATH", required=True, help="an existing ledger file")
+    his.add_argument(
+        "--db",
+        metavar="PATH|URL",
+        required=True,
+        help="an existing ledger: a file path or an SQLAlchemy URL",
+    )
     his.add_argument(
         "--limit",
         type=_int_range(1, 10**9),
@@ -363,17 +389,24 @@ def _error(command: str, message: str) -> None:
     print(f"bank {command}: {message}", file=sys.stderr)
 
 
+def _backend(db: str) -> Backend:
+    """The backend of `--db` (a path, or any URL `backend_for` accepts); nothing is opened."""
+    return backend_for(ledger_url(db))
+
+
 def _existing_ledger(db: str) -> str:
     """Refuse a missing path before opening (opening would create an empty ledger).
 
-    A SQLite URL is resolved to the file SQLite would open (the readers take a path).
+    A file URL is resolved to the file it names (the readers take a path).
     """
     path = db
     if "://" in db:
-        target = resolve_sqlite_target(ledger_url(db))
-        if target is None:
-            raise _UsageError(f"{db}: `accounts` and `history` read SQLite ledger files only")
-        path = str(target.path)
+        backend = _backend(db)
+        if backend.path is None:
+            raise _UsageError(
+                f"{backend.where}: `accounts` and `history` read SQLite ledger files only"
+            )
+        path = str(backend.path)
     if not Path(path).exists():
         raise _UsageError(f"no ledger at {path} (create one with `bank init --db {path}`)")
     if Path(path).is_dir():
@@ -475,13 +508,15 @@ def _cmd_check_history(args: argparse.Namespace) -> int:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    target = resolve_sqlite_target(ledger_url(args.db))
-    existed = target is None or (target.path.exists() and target.path.stat().st_size > 0)
+    backend = _backend(args.db)
+    path = backend.path
+    existed = path is None or (path.exists() and path.stat().st_size > 0)
     with Bank.open(args.db) as bank:
         revision = bank.revision
         rows = _account_rows(bank)
     verb = "opened existing" if existed else "created"
-    print(f"{verb} ledger {args.db}: schema revision {revision} (the newest)")
+    shown = args.db if path is not None else backend.where  # a URL's password stays hidden
+    print(f"{verb} ledger {shown}: schema revision {revision} (the newest)")
     _print_accounts(rows, sys.stdout)
     return EXIT_OK
 

@@ -1,7 +1,7 @@
 """The `Bank` facade: lifecycle, the embedded API, and the threads behind it.
 
 ```
-callers --submit--> BoundedBuffer --get_many--> Workers --stage--> LedgerWriter --commit--> SQLite
+callers --submit--> BoundedBuffer --get_many--> Workers --stage--> LedgerWriter --commit--> the ledger's store
    ^                                                                    |
    +------------------- Future[Receipt], answered after the commit -----+
 ```
@@ -57,27 +57,14 @@ from bank.errors import (
     InvalidCommand,
     LedgerCorrupt,
     LedgerUnavailable,
-    NotALedger,
     QueueFull,
     UnsupportedLedgerUrl,
     WaitOnBankThread,
 )
 from bank.idempotency import KeyClaims
 from bank.ledger import migrate, store, verify
-from bank.ledger.sqlite import (
-    Durability,
-    FileLock,
-    check_not_read_only,
-    check_writable,
-    create_ledger_engine,
-    create_readonly_engine,
-    is_driver_error,
-    ledger_url,
-    open_error,
-    resolve_sqlite_target,
-    roll_back_hot_journal,
-    side_file_size,
-)
+from bank.ledger.backend import Backend, Durability, OwnerLock
+from bank.ledger.backends import backend_for, ledger_url
 from bank.ledger.writer import LedgerWriter
 from bank.limits import (
     CASH_ACCOUNT_ID,
@@ -142,8 +129,21 @@ def _check_timeout(timeout: object) -> float | None:
     return None if seconds > threading.TIMEOUT_MAX else seconds
 
 
+def _check_wait(wait_s: object) -> float:
+    """A `wait_s=` argument: a finite number of seconds >= 0 (not a bool)."""
+    if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)):
+        raise InvalidCommand(f"wait_s must be a number of seconds >= 0 (got {wait_s!r})")
+    try:
+        seconds = float(wait_s)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidCommand(f"wait_s must be a finite number of seconds >= 0 (got {wait_s!r})")
+    return seconds
+
+
 def _open_failure(db: object, exc: BaseException) -> BankError:
-    """The specific error for a `db` that names no openable ledger (raised outside SQLite).
+    """The specific error for a `db` that names no openable ledger (raised outside the driver).
 
     A path the OS refuses (too long, a NUL byte): `CannotOpenLedger`; a URL of a driver
     that is not installed or not known: `UnsupportedLedgerUrl`; not a path at all:
@@ -346,14 +346,14 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _releaser(engine: Engine | None, file_lock: FileLock | None) -> Callable[[], None]:
+def _releaser(engine: Engine | None, owner: OwnerLock | None) -> Callable[[], None]:
     """What frees a ledger, without a reference to its `Bank` (so a forgotten one is collected)."""
 
     def release() -> None:
         if engine is not None:
             engine.dispose()
-        if file_lock is not None:
-            file_lock.release()
+        if owner is not None:
+            owner.release()
 
     return release
 
@@ -369,8 +369,10 @@ class Bank:
         queue_capacity: int = QUEUE_CAPACITY_DEFAULT,
         durability: Durability | str = Durability.FULL,
         commit_ops_max: int = COMMIT_BATCH_OPS_MAX,
+        wait_s: float = 0.0,
     ) -> None:
         _check_int(workers, "workers", 1, WORKERS_MAX)
+        wait_s = _check_wait(wait_s)
         _check_int(queue_capacity, "queue_capacity", 1, QUEUE_CAPACITY_MAX)
         _check_int(commit_ops_max, "commit_ops_max", 1, 1_000_000)
         try:
@@ -380,10 +382,10 @@ class Bank:
                 f"durability must be 'full' or 'normal' (got {durability!r})"
             ) from None
         self._life = _Lifecycle()
-        self._file_lock: FileLock | None = None
+        self._owner: OwnerLock | None = None
         self._engine: Engine | None = None
         try:
-            self._open_ledger(ledger_url(db))
+            self._open_ledger(ledger_url(db), wait_s)
         except BankError:
             raise
         except (OSError, ValueError, TypeError, ImportError, ArgumentError) as exc:
@@ -395,7 +397,7 @@ class Bank:
             for i in range(workers)
         ]
         # The release must not hold the Bank (a bound method would): see `_Lifecycle`.
-        release = _releaser(self._engine, self._file_lock)
+        release = _releaser(self._engine, self._owner)
         try:
             self._life.start(self._buffer, self._workers, self._writer, release)
         except Exception as exc:  # e.g. no thread could be made: shut what did start
@@ -413,65 +415,52 @@ class Bank:
             why = failure if failure is not None else f"not ready within {JOIN_WAIT_S_MAX} s"
             raise LedgerUnavailable(f"the ledger writer could not start: {why}") from failure
 
-    def _open_ledger(self, url: URL) -> None:
-        """Lock, judge, create or migrate, and recover the ledger at `url`.
+    def _open_ledger(self, url: URL, wait_s: float) -> None:
+        """Lock, judge, create or migrate, and recover the ledger at `url`, through its backend.
 
-        Every failure is a specific `BankError` naming the path, and leaves nothing
-        behind: no lock, no connection, no half-created file. Once the file is locked,
-        nothing here opens or closes it outside SQLite (the header is read on the
-        lock's descriptor), so an owner elsewhere in this process keeps its locks.
+        Every failure is a specific `BankError` naming the ledger (`backend.where`), and
+        leaves nothing behind: no lock, no connection, no half-created ledger.
         """
-        target = resolve_sqlite_target(url)
-        self._url = target.engine_url if target is not None else url
-        self._path = target.path if target is not None else None
-        where = str(self._path) if self._path is not None else url.render_as_string()
-        if target is not None:
-            path = target.path
-            if path.is_dir():
-                raise NotALedger(f"{path} is a directory, not a ledger file")
-            if not path.parent.is_dir():
-                raise NotALedger(f"{path.parent} does not exist: cannot create a ledger there")
-            self._file_lock = FileLock(path, create=target.create)
+        backend = backend_for(url)
+        self._backend: Backend = backend
+        self._url = backend.url
+        self._path = backend.path
+        self._where = backend.where
         try:
-            if self._file_lock is not None:
-                lock = self._file_lock
-                check_not_read_only(lock.path)
-                # First undo an interrupted write (e.g. a kill while the file was being
-                # created): until then page 1 may still be zeros.
-                roll_back_hot_journal(lock.path)
-                migrate.check_sqlite_header(lock.read_header(len(migrate.SQLITE_MAGIC)), lock.path)
-                if lock.size > 0 or side_file_size(lock.path, "-wal") > 0:
-                    # Judge an existing file through a read-only connection first: even
-                    # the WAL pragma of a normal connection would rewrite its header.
-                    probe = create_readonly_engine(lock.path)
-                    try:
-                        migrate.ledger_revision(probe, where)
-                    finally:
-                        probe.dispose()
-            self._engine = create_ledger_engine(self._url, self._durability, lock=self._file_lock)
+            self._owner = backend.acquire(create=True, wait_s=wait_s)
+        except Exception as exc:
+            raise self._open_error(exc) from None
+        owner = self._owner
+        try:
+            backend.preflight(owner)
+            self._engine = backend.create_engine(self._durability, owner)
             self.revision = migrate.upgrade_to_head(self._engine)
             missing = migrate.missing_tables(self._engine)
             if missing:
                 raise LedgerCorrupt(
-                    f"{where}: the ledger's table(s) {', '.join(missing)} are missing "
+                    f"{self._where}: the ledger's table(s) {', '.join(missing)} are missing "
                     "(dropped by hand?); run `bank audit`"
                 )
-            if self._file_lock is not None:
-                check_writable(self._engine)
+            backend.check_writable(self._engine)
             self._recover()
         except BaseException as exc:
-            created = self._file_lock is not None and self._file_lock.created
             if self._engine is not None:
                 self._engine.dispose()
                 self._engine = None
-            if created and self._file_lock is not None:
-                self._file_lock.remove_created()
-            self._release_resources()
-            if isinstance(exc, BankError) or not isinstance(exc, Exception):
+            try:
+                backend.discard_created(owner)
+            finally:
+                self._release_resources()
+            if not isinstance(exc, Exception):
                 raise
-            if is_driver_error(exc):
-                raise open_error(exc, where) from None
-            raise
+            raise self._open_error(exc) from None
+
+    def _open_error(self, exc: Exception) -> Exception:
+        """`exc` as the error `Bank.open` raises: a `BankError` as is, a driver's error as the
+        backend names it, anything else unchanged (`__init__` classifies OSError & co)."""
+        if isinstance(exc, BankError):
+            return exc
+        return self._backend.open_error(exc) or exc
 
     @classmethod
     def open(
@@ -482,14 +471,17 @@ class Bank:
         queue_capacity: int = QUEUE_CAPACITY_DEFAULT,
         durability: Durability | str = Durability.FULL,
         commit_ops_max: int = COMMIT_BATCH_OPS_MAX,
+        wait_s: float = 0.0,
     ) -> Bank:
         """Open (creating or migrating) the ledger at `db` and start the bank's threads.
 
         `durability="full"` (default) fsyncs every group commit before answering;
         `"normal"` survives a process crash but not a power loss. Raises
         `NotALedger` / `LedgerVersionError` for files it must not touch,
-        `LedgerBusy` if another `Bank` has the file open, `LedgerCorrupt` if the
-        ledger's stored state disagrees with its rows (it is left as it was).
+        `LedgerBusy` if another `Bank` has the ledger open (with `wait_s` > 0, after
+        waiting up to that many seconds for it to close or die: a hot standby),
+        `LedgerCorrupt` if the ledger's stored state disagrees with its rows (it is left
+        as it was).
         """
         return cls(
             db,
@@ -497,6 +489,7 @@ class Bank:
             queue_capacity=queue_capacity,
             durability=durability,
             commit_ops_max=commit_ops_max,
+            wait_s=wait_s,
         )
 
     def _recover(self) -> None:
@@ -512,8 +505,7 @@ class Bank:
             rows = store.load_accounts(conn)
             seq, head, event_seq, event_head = store.chain_heads(conn)
         if not report.ok:
-            where = str(self._path) if self._path is not None else self._url.render_as_string()
-            raise LedgerCorrupt(verify.describe(report, where, OPEN_PROBLEMS_SHOWN_MAX))
+            raise LedgerCorrupt(verify.describe(report, self._where, OPEN_PROBLEMS_SHOWN_MAX))
         assert rows and rows[0].id == CASH_ACCOUNT_ID  # verified above
         self._registry_lock = lockcheck.lock("registry")
         self._accounts: dict[int, Account] = {
@@ -522,14 +514,18 @@ class Bank:
         self._names: dict[str, int] = {r.name: r.id for r in rows}
         self._next_id = rows[-1].id + 1
         self._claims = KeyClaims()
+        engine, backend = self._engine, self._backend
         self._writer = LedgerWriter(
-            self._engine,
+            lambda: backend.batch_writer(engine),
             self._claims,
             seq=seq,
             head_hash=head,
             event_seq=event_seq,
             event_head_hash=event_head,
+            owner=self._owner,
         )
+        assert self._owner is not None
+        self._owner.watch(self._writer.lose)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -546,7 +542,7 @@ class Bank:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"<Bank {self._url.render_as_string(hide_password=True)} {state}>"
+        return f"<Bank {self._where} {state}>"
 
     @property
     def path(self) -> Path | None:
@@ -577,7 +573,7 @@ class Bank:
 
     def _release_resources(self) -> None:
         """Dispose the engine and drop the flock: only once no bank thread runs."""
-        _releaser(self._engine, self._file_lock)()
+        _releaser(self._engine, self._owner)()
 
     def _check_open(self) -> None:
         self._check_not_closed()
@@ -840,24 +836,14 @@ class Bank:
     def audit(self) -> AuditReport:
         """Verify the ledger read-only (see `bank.ledger.audit`)."""
         if self._path is None:
-            raise CannotAudit("the audit reads SQLite ledger files only")
+            raise CannotAudit(f"{self._where}: this version audits ledger files only")
         self._check_open()
         from bank.ledger.audit import audit_ledger
 
-        lock = self._file_lock
-        if lock is not None:
-            # The path may name another file by now (a symlink re-pointed, the ledger
-            # renamed and another put in its place): auditing that would vouch for it.
-            try:
-                st = os.stat(self._path)
-                moved = (st.st_dev, st.st_ino) != lock.identity
-            except OSError:
-                moved = True
-            if moved:
-                raise CannotAudit(
-                    f"{self._path} is no longer the file this bank holds (renamed, replaced "
-                    "or re-linked while it runs): audit the ledger at rest instead"
-                )
+        assert self._owner is not None
+        # The path may name another file by now (a symlink re-pointed, the ledger
+        # renamed and another put in its place): auditing that would vouch for it.
+        self._backend.check_still_held(self._owner)
         return audit_ledger(self._path)
 
 

@@ -21,8 +21,9 @@ from bank.buffer import BoundedBuffer
 from bank.commands import AnyCommand, Deposit, Transfer
 from bank.errors import AccountNotFound, BankError, IdempotencyConflict, LedgerUnavailable
 from bank.idempotency import KeyClaims
+from bank.ledger.pipeline import settle
 from bank.ledger.store import find_receipts
-from bank.ledger.writer import LedgerWriter, settle
+from bank.ledger.writer import LedgerWriter
 from bank.limits import CASH_ACCOUNT_ID, KEY_WAIT_S_MAX, WORKER_BATCH_OPS_MAX
 from bank.records import Receipt
 

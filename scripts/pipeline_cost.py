@@ -37,7 +37,7 @@ from bank.commands import Transfer
 from bank.idempotency import KeyClaims
 from bank.ledger import store
 from bank.ledger.audit import audit_ledger
-from bank.ledger.sqlite import Durability, create_ledger_engine, ledger_url
+from bank.ledger.sqlite import Durability, SqliteBatchWriter, create_ledger_engine, ledger_url
 from bank.ledger.writer import LedgerWriter
 from bank.records import Receipt
 from bank.simulate.tuning import throughput_gc
@@ -76,7 +76,12 @@ def measure(
     registry = {r.id: Account(r.id, r.name, r.overdraft_limit, r.balance) for r in rows}
     claims = KeyClaims()
     writer = LedgerWriter(
-        engine, claims, seq=seq, head_hash=head, event_seq=event_seq, event_head_hash=event_head
+        lambda: SqliteBatchWriter(engine),
+        claims,
+        seq=seq,
+        head_hash=head,
+        event_seq=event_seq,
+        event_head_hash=event_head,
     )
     unused: BoundedBuffer[Job] = BoundedBuffer(1)
     worker = Worker(0, unused, registry, writer, claims, engine)
@@ -85,11 +90,7 @@ def measure(
     for _ in range(ops):
         source, target = rnd.sample(range(1, accounts + 1), 2)
         commands.append(Transfer(source=source, target=target, amount=rnd.randint(1, 10_000)))
-    conn = engine.connect()
-    driver = conn.connection.driver_connection
-    assert driver is not None
-    cursor = driver.cursor()
-    writer._configure(driver)
+    batch_writer = SqliteBatchWriter(engine)
     spent: dict[str, float] = dict.fromkeys(STAGES, 0.0)
     clock = time.perf_counter
 
@@ -108,11 +109,11 @@ def measure(
             for j in range(0, len(chunk), JOB_OPS):
                 worker._run_job(list(chunk[j : j + JOB_OPS]), futures[j : j + JOB_OPS])
             t = lap("worker", t)
-            pending = writer._pending[:]  # what the writer thread would take
-            writer._pending.clear()
-            prepared = writer._prepare(cursor, pending)
+            pending = writer.sequencer.pending[:]  # what the writer thread would take
+            writer.sequencer.pending.clear()
+            prepared = writer._prepare(batch_writer, pending)
             t = lap("write", t)
-            cursor.execute("COMMIT")
+            batch_writer.commit()
             t = lap("commit", t)
             writer._answer(prepared)
             t = lap("answer", t)
@@ -120,8 +121,7 @@ def measure(
                 future.result()
             lap("result", t)
         wall, cpu = clock() - wall0, time.process_time() - cpu0
-    cursor.close()
-    conn.close()
+    batch_writer.close()
     engine.dispose()
     return wall, cpu, spent
 

@@ -100,7 +100,7 @@ def test_a_failed_commit_is_never_acknowledged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Hold the lock past the writer's busy timeout: the answer is an error, not a receipt."""
-    monkeypatch.setattr("bank.ledger.sqlite.BUSY_TIMEOUT_MS", 200)  # instead of 5 s
+    monkeypatch.setattr("bank.ledger.sqlite.engine.BUSY_TIMEOUT_MS", 200)  # instead of 5 s
     path = tmp_path / "ledger.db"
     b = bank.Bank.open(path, workers=1)
     try:

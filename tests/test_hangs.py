@@ -174,10 +174,10 @@ def test_find_waiting_on_a_key_ends_at_close(
 def test_a_writer_that_fails_at_start_fails_open(
     ledger_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken_configure(self: LedgerWriter, driver: object) -> None:
+    def broken_set_up(self: LedgerWriter) -> None:
         raise AttributeError("'NoneType' object has no attribute 'getlimit'")
 
-    monkeypatch.setattr(LedgerWriter, "_configure", broken_configure)
+    monkeypatch.setattr(LedgerWriter, "_open_batch_writer", broken_set_up)
     errors: list[BaseException] = []
 
     def open_bank() -> None:

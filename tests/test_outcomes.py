@@ -80,7 +80,7 @@ def test_a_committed_batch_gets_its_receipts_even_if_the_writer_then_fails(
     original = LedgerWriter._prepare
     prepared = 0
 
-    def prepare(self: LedgerWriter, cursor: Any, batch: list[tuple[Any, ...]]) -> Any:
+    def prepare(self: LedgerWriter, cursor: Any, batch: list[Any]) -> Any:
         nonlocal prepared
         prepared += 1
         if prepared == 2:  # batch 1 committed; open-account event batch is 1

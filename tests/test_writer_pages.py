@@ -15,7 +15,9 @@ from bank.idempotency import KeyClaims
 from bank.ledger import store
 from bank.ledger.audit import audit_ledger
 from bank.ledger.sqlite import create_ledger_engine, ledger_url
-from bank.ledger.writer import LedgerWriter, _largest_page, page_sizes
+from bank.ledger.sqlite.writer import SqliteBatchWriter, page_sizes
+from bank.ledger.sqlite.writer import largest_page as _largest_page
+from bank.ledger.writer import LedgerWriter
 from bank.limits import CASH_ACCOUNT_ID, ROWS_PER_STATEMENT_MAX
 from bank.records import Receipt
 
@@ -73,7 +75,7 @@ def write_one_batch(path: Path, keys: list[str | None]) -> list[Receipt]:
         with engine.connect() as conn:
             seq, head, event_seq, event_head = store.chain_heads(conn)
         writer = LedgerWriter(
-            engine,
+            lambda: SqliteBatchWriter(engine),
             KeyClaims(),
             seq=seq,
             head_hash=head,

@@ -31,14 +31,14 @@ from urllib.parse import quote
 
 from bank.errors import CannotAudit
 from bank.ledger.head import Head, parse_head
-from bank.ledger.migrate import SQLITE_MAGIC, known_revisions
+from bank.ledger.migrate import known_revisions
 from bank.ledger.schema_ref import (
     compare_schema,
     matching_revisions,
     read_schema,
     reference_schemas,
 )
-from bank.ledger.sqlite import fingerprint, owned_here, side_file_size
+from bank.ledger.sqlite import SQLITE_MAGIC, fingerprint, owned_here, side_file_size
 from bank.limits import (
     AMOUNT_MAX,
     BALANCE_MAX,

@@ -11,7 +11,7 @@ durability settings, how rows are streamed) lives in one backend's folder.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -104,6 +104,13 @@ class OwnerLock(Protocol):
     """
 
     def lost(self) -> str | None: ...
+
+    def watch(self, on_lost: Callable[[str], None]) -> None:
+        """Have `on_lost(reason)` called (once, from any thread) when the lock is lost, so
+        that the bank stops at once instead of at its next commit. The pipeline also
+        checks `lost()` before every commit. A lock that cannot be lost ignores it."""
+        ...
+
     def release(self) -> None: ...
 
 
@@ -170,6 +177,12 @@ class Backend(Protocol):
 
     def open_error(self, exc: BaseException) -> BankError | None:
         """The specific error for a driver exception at open, or None if it is not the driver's."""
+        ...
+
+    def check_still_held(self, lock: OwnerLock) -> None:
+        """Raise `CannotAudit` if `where` no longer names the ledger `lock` holds (SQLite:
+        the file renamed or replaced while the bank runs); before an audit of a running
+        bank, which must not vouch for another ledger. A server database cannot move."""
         ...
 
     def discard_created(self, lock: OwnerLock) -> None:

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-from sqlalchemy.engine import URL
+import os
+from pathlib import Path
+
+from sqlalchemy.engine import URL, make_url
 
 from bank.errors import UnsupportedLedgerUrl
 from bank.ledger.backend import Backend
+
+
+def ledger_url(db: str | os.PathLike[str] | URL) -> URL:
+    """A path or URL as an SQLAlchemy URL (`sqlite:///path` for a bare path)."""
+    if isinstance(db, URL):
+        return db
+    text = os.fspath(db)
+    if "://" in text:
+        return make_url(text)
+    return URL.create("sqlite", database=str(Path(text).expanduser().absolute()))
 
 
 def backend_for(url: URL) -> Backend:

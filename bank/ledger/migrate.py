@@ -1,9 +1,11 @@
-"""Create or upgrade a ledger to the newest schema, refusing files that are not ledgers."""
+"""Create or upgrade a ledger to the newest schema, refusing databases that are not ledgers.
+
+Backend-independent (SQLAlchemy and Alembic only): whether a file is a database at
+all is the backend's preflight (`bank.ledger.sqlite.preflight`), not this module's."""
 
 from __future__ import annotations
 
 import itertools
-import sqlite3
 import threading
 from functools import cache
 from importlib.resources import files
@@ -19,7 +21,6 @@ from sqlalchemy import Engine, inspect
 from bank.errors import LedgerCorrupt, LedgerVersionError, NotALedger
 from bank.ledger.models import Base
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
 #: Tables a ledger at any revision has; their presence without `alembic_version` is damage.
 LEDGER_TABLES = frozenset({"accounts", "transfers", "account_events"})
 #: Alembic keeps the running migration's context in module globals, so two migrations
@@ -65,30 +66,6 @@ def alembic_config() -> Config:
     return cfg
 
 
-def sniff_sqlite_file(path: Path) -> None:
-    """Raise `NotALedger` if `path` exists, is not empty and is not an SQLite database.
-
-    Reads 16 bytes; never writes. It opens and closes the file, so never call it on a
-    file this process owns (POSIX would drop SQLite's locks): `Bank.open` reads the
-    header on its lock's descriptor instead (`check_sqlite_header`).
-    """
-    if not path.exists():
-        return
-    if not path.is_file():
-        raise NotALedger(f"{path} is not a regular file")
-    with path.open("rb") as fh:
-        head = fh.read(len(SQLITE_MAGIC))
-    check_sqlite_header(head, path)
-
-
-def check_sqlite_header(head: bytes, path: Path) -> None:
-    """Raise `NotALedger` unless `head` (a file's first bytes) is empty or SQLite's magic."""
-    if head and head[: len(SQLITE_MAGIC)] != SQLITE_MAGIC:
-        raise NotALedger(
-            f"{path} is not an SQLite database (it does not start with the SQLite header)"
-        )
-
-
 def missing_tables(engine: Engine) -> list[str]:
     """The tables of the newest schema that the ledger behind `engine` lacks (dropped by hand)."""
     with engine.connect() as conn:
@@ -100,7 +77,8 @@ def ledger_revision(engine: Engine, where: str | None = None) -> str | None:
     """The schema revision of the ledger behind `engine`; None for an empty database.
 
     Raises `NotALedger` for a database with other tables, `LedgerVersionError`
-    for one written by a newer `bank`. Messages name `where` (default: the URL's
+    for one written by a newer `bank`, `LedgerCorrupt` for several revisions; a driver's
+    error (e.g. not a database at all) propagates for the backend to name (`open_error`). Messages name `where` (default: the URL's
     database, which is None for an engine built with a `creator`).
     """
     name = where if where is not None else engine.url.database
@@ -108,17 +86,12 @@ def ledger_revision(engine: Engine, where: str | None = None) -> str | None:
         with engine.connect() as conn:
             tables = set(inspect(conn).get_table_names())
             current = MigrationContext.configure(conn).get_current_revision()
-    except sqlite3.DatabaseError as exc:
-        raise NotALedger(f"{name}: not a readable SQLite database ({exc})") from None
     except CommandError as exc:  # several rows in alembic_version: not one revision
         raise LedgerCorrupt(
             f"{name}: alembic_version holds more than one schema revision (edited?): "
             "refusing to touch it; run `bank audit`"
         ) from exc
-    except Exception as exc:
-        if "file is not a database" in str(exc) or "malformed" in str(exc):
-            raise NotALedger(f"{name}: not a readable SQLite database ({exc})") from None
-        raise
+    # A driver error (not a database, unreadable) propagates: the backend names it.
     if current is None:
         if not tables:
             return None
@@ -128,7 +101,7 @@ def ledger_revision(engine: Engine, where: str | None = None) -> str | None:
                 "(alembic_version is missing): refusing to touch it"
             )
         listed = ", ".join(sorted(tables)[:5])
-        raise NotALedger(f"{name}: an SQLite database of another program (tables: {listed})")
+        raise NotALedger(f"{name}: a database of another program (tables: {listed})")
     if current not in known_revisions():
         raise LedgerVersionError(
             f"{name}: schema revision {current!r} is newer than this bank "

@@ -26,6 +26,7 @@ from bank.ledger.sqlite import (
     open_error,
     owned_here,
     side_file_size,
+    sniff_sqlite_file,
 )
 from bank.records import AccountInfo, Receipt
 
@@ -53,7 +54,7 @@ class LedgerReader:
         if side_file_size(self.path, "-journal") > 0:
             raise self._hot_journal()
         if not self._owned:
-            migrate.sniff_sqlite_file(self.path)
+            sniff_sqlite_file(self.path)
         revision = self._read(lambda engine: migrate.ledger_revision(engine, str(self.path)))
         if revision is None:
             self.close()

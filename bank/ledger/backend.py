@@ -11,7 +11,7 @@ durability settings, how rows are streamed) lives in one backend's folder.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -105,6 +105,12 @@ class OwnerLock(Protocol):
 
     def lost(self) -> str | None: ...
     def release(self) -> None: ...
+
+    def set_on_lost(self, callback: Callable[[str], None] | None) -> None:
+        """Have `callback(reason)` called once, from a thread of the lock's own, when the
+        lock is lost (at once, by the caller, if it already is); never after `release`.
+        SQLite's flock cannot be lost while the process lives: there it is a no-op."""
+        ...
 
 
 # -- reading -----------------------------------------------------------------------------

@@ -103,3 +103,23 @@ def throwaway_cluster(*settings: str) -> Iterator[URL]:
             )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def make_ledger_tables(url: URL, accounts: int = 2) -> None:
+    """The ledger's tables from the models (until the migrations run on PostgreSQL), with
+    `@cash` and accounts 1..accounts-1 at balance 0."""
+    from sqlalchemy import create_engine
+
+    from bank.ledger.models import Base
+
+    engine = create_engine(url)
+    try:
+        Base.metadata.create_all(engine)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO accounts SELECT i, CASE WHEN i = 0 THEN '@cash' ELSE 'a' || i END, "
+                f"CASE WHEN i = 0 THEN 9223372036854775807 ELSE 0 END, 0 "
+                f"FROM generate_series(0, {accounts - 1}) i"
+            )
+    finally:
+        engine.dispose()

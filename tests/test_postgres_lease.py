@@ -22,18 +22,23 @@ psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (the p
 
 from sqlalchemy.engine import URL
 
-from bank.errors import LedgerBusy
+from bank.errors import LedgerBusy, LedgerUnavailable
+from bank.ledger.backend import Durability, WriteBatch
 from bank.ledger.postgres import PostgresBackend
 from bank.ledger.postgres.lease import Lease
 from bank.ledger.postgres.url import connect_kwargs
-from tests.pg_helpers import fresh_database
+from bank.records import Receipt
+from tests.pg_helpers import fresh_database, make_ledger_tables
 
-#: A process that takes the lease (waiting up to argv[2] s), says so, and holds it.
+#: A process that says it is ready (imports done), takes the lease (waiting up to argv[2]
+#: s), says so with the wall clock, and holds it.
 HOLDER = """
 import sys, time
 from sqlalchemy import make_url
 from bank.ledger.postgres import PostgresBackend
-lock = PostgresBackend(make_url(sys.argv[1])).acquire(create=True, wait_s=float(sys.argv[2]))
+backend = PostgresBackend(make_url(sys.argv[1]))
+print("ready", flush=True)
+lock = backend.acquire(create=True, wait_s=float(sys.argv[2]))
 print("held", time.time(), flush=True)
 time.sleep(600)
 """
@@ -46,11 +51,13 @@ def pg_url() -> Iterator[URL]:
 
 
 def _holder(url: URL, wait_s: float) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-c", HOLDER, url.render_as_string(hide_password=False), str(wait_s)],
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert _line(proc, 60) == "ready\n"
+    return proc
 
 
 def _line(proc: subprocess.Popen[str], timeout: float) -> str | None:
@@ -81,7 +88,7 @@ def test_a_second_writer_is_refused_at_once_and_a_standby_takes_over_after_sigki
         assert repr(pg_url.database) in message and "another bank writes" in message
         assert "wait_s" in message
         standby = _holder(pg_url, 60)
-        assert _line(standby, 1.5) is None  # it waits while the holder lives
+        assert _line(standby, 1.0) is None  # it waits while the holder lives
         killed = time.time()
         holder.send_signal(signal.SIGKILL)
         line = _line(standby, 30)
@@ -148,6 +155,116 @@ def test_a_forked_child_holds_no_lease_and_leaves_the_parents_alone(pg_url: URL)
             _acquire(pg_url)
     finally:
         lease.release()
+
+
+#: A writer on the backend alone: takes the lease (waiting up to argv[2] s), resumes
+#: after the committed prefix, and prints each batch's last seq once it is committed.
+WRITER = """
+import sys
+from sqlalchemy import make_url
+from bank.ledger.backend import Durability, WriteBatch
+from bank.ledger.postgres import PostgresBackend
+from bank.records import Receipt
+backend = PostgresBackend(make_url(sys.argv[1]))
+lock = backend.acquire(create=True, wait_s=float(sys.argv[2]))
+engine = backend.create_engine(Durability.FULL, lock)
+with engine.connect() as conn:
+    seq = conn.exec_driver_sql("SELECT coalesce(max(seq), 0) FROM transfers").scalar_one()
+    balance = conn.exec_driver_sql("SELECT balance FROM accounts WHERE id = 1").scalar_one()
+print("open", seq, flush=True)
+writer = backend.batch_writer(engine)
+while True:
+    batch = WriteBatch(keyed=True)
+    for _ in range(10):
+        seq += 1
+        balance += 1
+        batch.transfers.append(Receipt(seq, "deposit", f"k{seq}", 1, 0, 1, seq, "0" * 64))
+    batch.balances = {0: -balance, 1: balance}
+    writer.begin()
+    writer.write(batch)
+    writer.commit()
+    print(seq, flush=True)
+"""
+
+
+def test_a_standby_writer_resumes_after_every_acknowledged_batch(pg_url: URL) -> None:
+    make_ledger_tables(pg_url)
+    url = pg_url.render_as_string(hide_password=False)
+    first = subprocess.Popen(
+        [sys.executable, "-c", WRITER, url, "0"], stdout=subprocess.PIPE, text=True
+    )
+    standby: subprocess.Popen[str] | None = None
+    try:
+        assert _line(first, 30) == "open 0\n"
+        standby = subprocess.Popen(
+            [sys.executable, "-c", WRITER, url, "60"], stdout=subprocess.PIPE, text=True
+        )
+        acknowledged = [int(_line(first, 30) or "0") for _ in range(30)]
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        assert first.stdout is not None
+        acknowledged += [int(line) for line in first.stdout.read().split()]
+        opened = _line(standby, 30)
+        assert opened is not None and opened.startswith("open"), opened
+        resumed_at = int(opened.split()[1])
+        assert resumed_at >= acknowledged[-1]  # nothing acknowledged is missing
+        more = [int(_line(standby, 30) or "0") for _ in range(5)]
+        assert more[0] == resumed_at + 10
+    finally:
+        for proc in (first, standby):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+    with psycopg.connect(**connect_kwargs(pg_url)) as conn:
+        seqs = [r[0] for r in conn.execute("SELECT seq FROM transfers ORDER BY seq")]
+        balance = conn.execute("SELECT balance FROM accounts WHERE id = 1").fetchone()
+    assert seqs == list(range(1, len(seqs) + 1))  # gapless: one writer at a time
+    assert balance == (len(seqs),)
+    assert set(acknowledged + more) <= set(seqs)
+
+
+def test_a_batch_that_passed_the_lease_check_ends_before_a_new_holder_reads(pg_url: URL) -> None:
+    make_ledger_tables(pg_url)
+    backend = PostgresBackend(pg_url)
+    lease = backend.acquire(create=True, wait_s=0)
+    engine = backend.create_engine(Durability.FULL, lease)
+    writer = backend.batch_writer(engine)
+    taken: list[Lease] = []
+    try:
+        writer.begin()
+        writer.write(
+            WriteBatch(
+                transfers=[Receipt(1, "deposit", None, 5, 0, 1, 1, "0" * 64)],
+                balances={0: -5, 1: 5},
+            )
+        )
+        assert isinstance(lease, Lease)
+        with psycopg.connect(**connect_kwargs(pg_url), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (lease.backend_pid,))
+        successor = threading.Thread(target=lambda: taken.append(_acquire(pg_url, wait_s=30)))
+        successor.start()
+        successor.join(1.0)
+        assert successor.is_alive() and not taken  # the lease is free, the fence is not
+        writer.commit()  # checked before the lease changed hands: it may commit
+        successor.join(30)
+        assert taken, "the new holder did not get past the fence"
+        writer.begin()  # ... but no batch of the old writer passes the check any more
+        with pytest.raises(LedgerUnavailable, match="no longer holds the writer lease"):
+            writer.write(
+                WriteBatch(
+                    transfers=[Receipt(2, "deposit", None, 5, 0, 1, 2, "0" * 64)],
+                    balances={0: -10, 1: 10},
+                )
+            )
+        writer.rollback()
+    finally:
+        writer.close()
+        engine.dispose()
+        lease.release()
+        for other in taken:
+            other.release()
+    with psycopg.connect(**connect_kwargs(pg_url)) as conn:
+        assert conn.execute("SELECT seq FROM transfers").fetchall() == [(1,)]
 
 
 # -- end to end: Bank.open on PostgreSQL, SIGKILL, a standby takes over -------------------

@@ -41,7 +41,7 @@ from bank.ledger.postgres import PostgresBackend
 from bank.ledger.postgres.lease import Lease
 from bank.ledger.postgres.writer import PostgresBatchWriter
 from bank.records import Receipt
-from tests.pg_helpers import fresh_database, throwaway_cluster
+from tests.pg_helpers import fresh_database, make_ledger_tables, throwaway_cluster
 
 
 @pytest.fixture
@@ -185,6 +185,32 @@ def test_preflight_reads_the_revision_and_writes_nothing(pg_url: URL) -> None:
     backend = PostgresBackend(pg_url)
     lock = backend.acquire(create=True, wait_s=0)
     try:
+        assert backend.preflight(lock) == head_revision()
+    finally:
+        lock.release()
+
+
+def test_a_ledger_this_open_created_and_could_not_finish_is_discarded(pg_url: URL) -> None:
+    backend = PostgresBackend(pg_url)
+    lock = backend.acquire(create=True, wait_s=0)
+    try:
+        assert backend.preflight(lock) is None
+        make_ledger_tables(pg_url)  # what the migrations would have made
+        _sql(
+            pg_url,
+            "CREATE TABLE alembic_version (version_num varchar(32))",
+            f"INSERT INTO alembic_version VALUES ('{head_revision()}')",
+        )
+        backend.discard_created(lock)
+        assert backend.preflight(lock) is None  # empty again
+        make_ledger_tables(pg_url)
+        _sql(
+            pg_url,
+            "CREATE TABLE alembic_version (version_num varchar(32))",
+            f"INSERT INTO alembic_version VALUES ('{head_revision()}')",
+        )
+        assert backend.preflight(lock) == head_revision()
+        backend.discard_created(lock)  # an existing ledger is never dropped
         assert backend.preflight(lock) == head_revision()
     finally:
         lock.release()

@@ -15,7 +15,7 @@ from bank.ledger.backend import BatchWriter, Durability, LedgerSnapshot, OwnerLo
 from bank.ledger.postgres import engine as pg_engine
 from bank.ledger.postgres import lease as pg_lease
 from bank.ledger.postgres.errors import open_error
-from bank.ledger.postgres.preflight import ledger_revision
+from bank.ledger.postgres.preflight import drop_ledger_sql, ledger_revision
 from bank.ledger.postgres.url import engine_url, shown
 from bank.ledger.postgres.writer import PostgresBatchWriter
 
@@ -39,6 +39,7 @@ class PostgresBackend:
         self.where = shown(self.url)
         self._lease: Lease | None = None
         self._durability = Durability.FULL
+        self._found_empty = False  # preflight saw an empty database: this open creates it
 
     def acquire(self, *, create: bool, wait_s: float) -> OwnerLock:
         """Take the writer lease (`LedgerBusy` at once, or after `wait_s`); `create` is moot:
@@ -49,14 +50,13 @@ class PostgresBackend:
 
     def preflight(self, lock: OwnerLock) -> str | None:
         """The revision of the ledger (None for an empty database); writes nothing."""
+        conn = pg_lease.connect(self.url, self.where, application="bank preflight")
         try:
-            conn = pg_lease.connect(self.url, self.where, application="bank preflight")
-        except BankError:
-            raise
-        try:
-            return ledger_revision(conn, self.where)
+            revision = ledger_revision(conn, self.where)
         finally:
             conn.close()
+        self._found_empty = revision is None
+        return revision
 
     def create_engine(self, durability: Durability, lock: OwnerLock) -> Engine:
         """The bank's pool, every connection set for `durability`."""
@@ -87,4 +87,19 @@ class PostgresBackend:
         return None
 
     def discard_created(self, lock: OwnerLock) -> None:
-        """Nothing to undo: the migrations run in one transaction, rolled back on failure."""
+        """Drop the ledger this open created in an empty database and could not finish
+        (e.g. refused after the migrations ran), so the database is empty again.
+
+        Only with the lease still held and only if `preflight` found the database empty;
+        the migrations themselves run in one transaction (a failure there leaves nothing).
+        """
+        if not self._found_empty or lock.lost() is not None:
+            return
+        self._found_empty = False
+        conn = pg_lease.connect(self.url, self.where, application="bank discard")
+        try:
+            with conn.transaction():
+                for statement in drop_ledger_sql():
+                    conn.execute(statement)
+        finally:
+            conn.close()

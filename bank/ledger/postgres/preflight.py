@@ -8,6 +8,7 @@ import psycopg
 
 from bank.errors import LedgerCorrupt, LedgerVersionError, NotALedger
 from bank.ledger.migrate import LEDGER_TABLES, head_revision, known_revisions
+from bank.ledger.models import Base
 
 #: Relations of the ledger's schema (`current_schema()`, normally `public`) that count
 #: as "a database of another program": tables, views, foreign and partitioned tables.
@@ -63,3 +64,9 @@ def ledger_revision(conn: psycopg.Connection[Any], where: str) -> str | None:
             f"knows (newest known: {head_revision()!r}); upgrade bank to open it"
         )
     return current
+
+
+def drop_ledger_sql() -> list[str]:
+    """Statements that remove a ledger's tables (and, by CASCADE, its views) and revision."""
+    tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
+    return [f"DROP TABLE IF EXISTS {name} CASCADE" for name in [*tables, "alembic_version"]]

@@ -388,3 +388,34 @@ def _conforms(
 ) -> tuple[Backend, OwnerLock, BatchWriter]:
     """Never called: mypy checks here that the classes satisfy the seam's protocols."""
     return PostgresBackend(url), lease, writer
+
+
+def test_a_forked_child_closing_everything_leaves_the_parents_sessions_alone(
+    backend: PostgresBackend,
+) -> None:
+    import os
+
+    engine = _ledger(backend)
+    writer = backend.batch_writer(engine)
+    with engine.connect() as conn:  # a pooled session the child inherits
+        conn.exec_driver_sql("SELECT 1")
+    assert backend._lease is not None
+    event = _event(1, 1, "open", 0, 0)
+    try:
+        writer.begin()
+        writer.write(WriteBatch(new_accounts=[event], events=[event]))
+        pid = os.fork()  # mid-transaction, as a fork from any thread of a busy bank may be
+        if pid == 0:  # the child closes what it inherited, as a forked Bank would
+            writer.rollback()
+            writer.close()
+            engine.dispose()
+            backend._lease.release()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        writer.commit()
+    finally:
+        writer.close()
+    assert _rows(engine, "SELECT id FROM accounts ORDER BY id") == [(0,), (1,)]
+    assert backend._lease.lost() is None
+    engine.dispose()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Any
 
 import psycopg
@@ -107,6 +108,7 @@ class PostgresBatchWriter:
             # Every int as int8 (binary): one statement type per text, no int2/int4 guesses.
             cursor.adapters.register_dumper(int, Int8BinaryDumper)
         self._begun = False
+        self._pid = os.getpid()  # a forked child must not speak on the parent's session
 
     def begin(self) -> None:
         """Start a transaction (sent with the batch's first statements, in one round trip)."""
@@ -190,6 +192,8 @@ class PostgresBatchWriter:
     def rollback(self) -> None:
         """Roll back whatever is open; never raises."""
         self._begun = False
+        if self._pid != os.getpid():
+            return
         try:
             if self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 self._cur.execute("ROLLBACK")
@@ -197,7 +201,10 @@ class PostgresBatchWriter:
             log.warning("rollback failed", exc_info=True)
 
     def close(self) -> None:
-        """Give the connection back to the pool (or drop it if it broke); never raises."""
+        """Give the connection back to the pool (or drop it if it broke); never raises.
+        In a forked child it does nothing: the session is the parent's."""
+        if self._pid != os.getpid():
+            return
         try:
             if self._conn.closed or self._conn.broken:
                 self._raw.invalidate()

@@ -26,6 +26,7 @@ from bank.errors import (
     NotALedger,
     QueueFull,
     SchemaDowngradeRefused,
+    ServerNotDurable,
     UnsupportedLedgerUrl,
     WaitOnBankThread,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "QueueFull",
     "Receipt",
     "SchemaDowngradeRefused",
+    "ServerNotDurable",
     "Snapshot",
     "Transfer",
     "UnsupportedLedgerUrl",

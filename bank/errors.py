@@ -117,3 +117,8 @@ class UnsupportedLedgerUrl(NotALedger):
 class CannotOpenLedger(NotALedger):
     """SQLite could not open or create the ledger (disk full, read-only, I/O error, a hot
     journal a reader cannot roll back); nothing was written and nothing half-made is left."""
+
+
+class ServerNotDurable(CannotOpenLedger):
+    """`durability="full"` was asked of a PostgreSQL server that cannot make a commit
+    durable (it runs with `fsync=off`): refused before anything is written."""

@@ -1,0 +1,302 @@
+"""The writer lease: a session advisory lock on a dedicated connection, held while the bank writes.
+
+Advisory locks belong to one database, so the ledger is the database: whichever
+process or machine holds `LEASE_KEY` there is its one writer. The server frees the
+lock the moment the holder's session ends (a SIGKILLed holder's socket closes), so
+a standby polling for it takes over at once. A monitor thread notices when this
+connection dies and reports it (`lost`, `set_on_lost`): the bank must stop writing.
+
+Fencing a stale writer: every batch transaction takes `FENCE_KEY` shared and checks
+in `pg_locks` that this lease's session still holds `LEASE_KEY`; a new holder takes
+`FENCE_KEY` exclusively once before it reads the ledger, so a batch that passed the
+check before the lease changed hands is committed (or gone) before the new writer's
+recovery reads, and none can pass it after. The `seq` primary keys stay the last fence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import select
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from sqlalchemy.engine import URL
+
+from bank.errors import LedgerBusy
+from bank.ledger.postgres.errors import open_error
+from bank.ledger.postgres.url import connect_kwargs
+
+log = logging.getLogger(__name__)
+
+
+def advisory_key(name: str) -> int:
+    """A fixed signed 64-bit advisory lock key derived from `name`."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+#: Held (session level) by the ledger's one writer.
+LEASE_KEY = advisory_key("bank-ledger")
+#: Shared by each batch transaction, exclusive (briefly) by a new lease holder.
+FENCE_KEY = advisory_key("bank-ledger-fence")
+
+#: How often a waiting standby retries the lease.
+POLL_INTERVAL_S = 0.05
+#: How often the monitor probes the lease connection (it also wakes on any traffic).
+PROBE_INTERVAL_S = 0.5
+#: How long a new holder waits at least for a previous writer's last transaction.
+FENCE_WAIT_S_MIN = 5.0
+#: Client-side TCP keepalives of the lease connection (a dead server is noticed).
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 1,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+    "connect_timeout": 10,
+}
+#: Server-side settings of the lease session: a holder whose machine vanished is
+#: dropped (and its lease freed) within seconds, not after the OS default of 2 hours.
+SERVER_KEEPALIVES = (
+    "SET tcp_keepalives_idle = 5",
+    "SET tcp_keepalives_interval = 1",
+    "SET tcp_keepalives_count = 5",
+    "SET tcp_user_timeout = 10000",
+)
+
+#: `pg_locks` spells a 64-bit key as classid (high 32 bits) and objid (low), objsubid 1.
+_KEY_MATCH = (
+    "l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND l.classid = {hi}::oid AND l.objid = {lo}::oid"
+)
+
+
+def key_match_sql(key: int) -> str:
+    """The `pg_locks l` condition that selects the granted session lock on `key`."""
+    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+    return _KEY_MATCH.format(hi=unsigned >> 32, lo=unsigned & 0xFFFF_FFFF)
+
+
+_HOLDER_SQL = (
+    "SELECT l.pid, a.client_addr::text, a.application_name, a.backend_start "
+    "FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+    f"WHERE {key_match_sql(LEASE_KEY)}"
+)
+
+#: Live leases of this process (a forked child must not touch them: see `_after_fork`).
+_leases: weakref.WeakSet[Lease] = weakref.WeakSet()
+
+
+class Lease:
+    """The writer lease of one ledger database (an `OwnerLock`)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], where: str) -> None:
+        self.where = where
+        #: The server process of the lease session (batches check it holds the lease).
+        self.backend_pid: int = conn.info.backend_pid
+        self._conn = conn
+        self._pid = os.getpid()
+        self._io = threading.Lock()  # one user of the connection at a time
+        self._state = threading.Lock()
+        self._lost: str | None = None
+        self._released = False
+        self._on_lost: Callable[[str], None] | None = None
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_inheritable(self._wake_r, False)
+        os.set_inheritable(self._wake_w, False)
+        self._monitor = threading.Thread(target=self._watch, name="bank-ledger-lease", daemon=True)
+        _leases.add(self)
+        self._monitor.start()
+
+    # -- OwnerLock ---------------------------------------------------------------------
+
+    def lost(self) -> str | None:
+        """Why this process no longer holds the lease (None while it does)."""
+        with self._state:
+            return self._lost
+
+    def set_on_lost(self, callback: Callable[[str], None] | None) -> None:
+        """Call `callback(reason)` once, from the monitor thread, when the lease is lost
+        (at once, here, if it already is). Not called on `release`."""
+        with self._state:
+            self._on_lost = callback
+            reason = self._lost
+        if reason is not None and callback is not None:
+            _notify(callback, reason)
+
+    def release(self) -> None:
+        """Give the lease up and close its connection (idempotent; never raises)."""
+        with self._state:
+            if self._released:
+                return
+            self._released = True
+            self._on_lost = None
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._pid != os.getpid():
+            return  # a forked child: the session is the parent's; touch nothing
+        if self._monitor.is_alive() and self._monitor is not threading.current_thread():
+            self._monitor.join(PROBE_INTERVAL_S * 4)
+        with self._io:
+            if not self._conn.closed:
+                with contextlib.suppress(psycopg.Error):
+                    self._conn.execute("SELECT pg_advisory_unlock(%s)", (LEASE_KEY,))
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # -- the monitor -------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Probe the connection every `PROBE_INTERVAL_S`, and at once when the server
+        sends anything (a terminated session's FATAL message, or EOF)."""
+        try:
+            sock = self._conn.fileno()
+        except psycopg.Error as exc:
+            self._lose(exc)
+            return
+        while not self._stop.is_set():
+            try:
+                select.select([sock, self._wake_r], [], [], PROBE_INTERVAL_S)
+            except (OSError, ValueError) as exc:
+                if self._stop.is_set():
+                    return
+                self._lose(exc)
+                return
+            if self._stop.is_set():
+                return
+            try:
+                with self._io:
+                    self._conn.execute("SELECT 1")
+            except psycopg.Error as exc:
+                if not self._stop.is_set():
+                    self._lose(exc)
+                return
+
+    def _lose(self, exc: BaseException) -> None:
+        first = str(exc).strip().splitlines()
+        why = first[0] if first else type(exc).__name__
+        self.mark_lost(
+            f"{self.where}: the writer lease's connection to the server was lost ({why}); "
+            "this bank must not write again (another bank may own the ledger now)"
+        )
+
+    def mark_lost(self, reason: str) -> None:
+        """Record that the lease is gone and tell the callback (once)."""
+        with self._state:
+            if self._lost is not None or self._released:
+                return
+            self._lost = reason
+            callback = self._on_lost
+        log.error("%s", reason)
+        if callback is not None:
+            _notify(callback, reason)
+
+
+def _notify(callback: Callable[[str], None], reason: str) -> None:
+    try:
+        callback(reason)
+    except BaseException:
+        log.exception("the lease-lost callback raised")
+
+
+def _after_fork() -> None:
+    # The child shares the parent's socket: it holds no lease and must never speak on it
+    # (psycopg does not close a connection it inherited; `release` returns early).
+    for lease in list(_leases):
+        with lease._state:
+            if lease._lost is None:
+                lease._lost = f"{lease.where}: a forked child holds no writer lease"
+            lease._on_lost = None
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+# -- acquiring -------------------------------------------------------------------------
+
+
+def connect(url: URL, where: str, *, application: str) -> psycopg.Connection[Any]:
+    """A dedicated autocommit psycopg connection to the ledger database, with keepalives."""
+    kwargs = {**KEEPALIVES, **connect_kwargs(url)}
+    kwargs.setdefault("application_name", application)
+    try:
+        return psycopg.connect(autocommit=True, **kwargs)
+    except psycopg.Error as exc:
+        raise (open_error(exc, where) or exc) from None
+
+
+def acquire(url: URL, where: str, *, wait_s: float) -> Lease:
+    """Take the writer lease of the database at `url`, waiting up to `wait_s` for it.
+
+    Raises `LedgerBusy` (naming the holder) when another session holds it past the wait.
+    """
+    deadline = time.monotonic() + max(wait_s, 0.0)
+    conn = connect(url, where, application="bank writer lease")
+    try:
+        for statement in SERVER_KEEPALIVES:
+            conn.execute(statement)
+        while not _try_lock(conn):
+            if time.monotonic() >= deadline:
+                raise LedgerBusy(_busy_message(conn, where, wait_s))
+            time.sleep(POLL_INTERVAL_S)
+        _drain_fence(conn, where, max(deadline - time.monotonic(), FENCE_WAIT_S_MIN))
+    except psycopg.Error as exc:
+        conn.close()
+        error = open_error(exc, where)
+        if error is None:
+            raise
+        raise error from None
+    except BaseException:
+        conn.close()
+        raise
+    return Lease(conn, where)
+
+
+def _try_lock(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEASE_KEY,)).fetchone()
+    return bool(row and row[0])
+
+
+def _drain_fence(conn: psycopg.Connection[Any], where: str, wait_s: float) -> None:
+    """Wait until no batch of a previous writer is between its lease check and its commit."""
+    conn.execute(f"SET lock_timeout = {int(wait_s * 1000)}")
+    try:
+        conn.execute("SELECT pg_advisory_lock(%s)", (FENCE_KEY,))
+        conn.execute("SELECT pg_advisory_unlock(%s)", (FENCE_KEY,))
+    except psycopg.errors.LockNotAvailable:
+        raise LedgerBusy(
+            f"{where}: the previous writer still has a transaction open after {wait_s:.0f} s; "
+            "try again once the server has ended its session"
+        ) from None
+    finally:
+        conn.execute("RESET lock_timeout")
+
+
+def _busy_message(conn: psycopg.Connection[Any], where: str, wait_s: float) -> str:
+    database = conn.info.dbname
+    holder = ""
+    with contextlib.suppress(psycopg.Error):
+        row = conn.execute(_HOLDER_SQL).fetchone()
+        if row is not None:
+            pid, addr, app, since = row
+            holder = (
+                f" (server process {pid}, client {addr or 'local socket'}, "
+                f"{app or 'no application name'}, connected since {since:%Y-%m-%d %H:%M:%S %Z})"
+            )
+    waited = f"waited {wait_s:g} s; " if wait_s > 0 else ""
+    return (
+        f"{where}: another bank writes the ledger in database {database!r}{holder}; "
+        f"{waited}pass wait_s to wait for its writer lease (a hot standby)"
+    )

@@ -1,0 +1,219 @@
+"""The PostgreSQL batch writer: one statement per batch of transfers, arrays bound in binary.
+
+Measured (scripts/pg_writer_cost.py): `WITH ins AS (INSERT INTO transfers ... SELECT *
+FROM unnest(...)) UPDATE accounts ... FROM unnest(...)` with one binary array per
+column, prepared once, writes a batch in one round trip and one plan, far ahead of
+executemany or multi-row VALUES pages (planned per page size). BEGIN, the lease
+check and the statements of a batch travel in one pipeline (one round trip), COMMIT
+in another. Account events are rare and get their own (equally array-bound) statements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+import psycopg
+from psycopg.types.numeric import Int8BinaryDumper
+from sqlalchemy import Column, Engine, Table
+from sqlalchemy.dialects import postgresql
+
+from bank.errors import LedgerUnavailable
+from bank.ledger.backend import AccountEventRow, WriteBatch
+from bank.ledger.models import account_events, accounts, transfers
+from bank.ledger.postgres.lease import FENCE_KEY, LEASE_KEY, Lease, key_match_sql
+from bank.records import Receipt
+
+log = logging.getLogger(__name__)
+
+_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+#: `Receipt` fields in order, as `transfers` columns: a receipt is its own row.
+RECEIPT_COLUMNS = tuple(
+    {"debit_account": "debit_account_id", "credit_account": "credit_account_id"}.get(f, f)
+    for f in Receipt._fields
+)
+assert sorted(RECEIPT_COLUMNS) == sorted(c.name for c in transfers.c), "Receipt and model drifted"
+_KEY_INDEX = RECEIPT_COLUMNS.index("key")
+#: `AccountEventRow` fields are `account_events` columns, in order.
+EVENT_COLUMNS = tuple(AccountEventRow.__dataclass_fields__)
+assert sorted(EVENT_COLUMNS) == sorted(c.name for c in account_events.c), "events drifted"
+#: A new account's row, from its 'open' event.
+ACCOUNT_COLUMNS = ("id", "name", "overdraft_limit", "balance")
+assert sorted(ACCOUNT_COLUMNS) == sorted(c.name for c in accounts.c), "accounts drifted"
+
+
+def _array(column: Column[Any]) -> str:
+    """A binary array parameter cast to the column's own type (from the model)."""
+    return f"%b::{column.type.compile(dialect=_DIALECT)}[]"
+
+
+def unnest_insert(table: Table, columns: tuple[str, ...]) -> str:
+    """`INSERT INTO table (columns) SELECT * FROM unnest(one array per column)`."""
+    arrays = ", ".join(_array(table.c[name]) for name in columns)
+    return f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
+
+
+def unnest_update(table: Table, key: str, column: str) -> str:
+    """`UPDATE table SET column = u.column FROM unnest(keys, values) WHERE key = u.key`."""
+    return (
+        f"UPDATE {table.name} SET {column} = u.{column} "
+        f"FROM unnest({_array(table.c[key])}, {_array(table.c[column])}) AS u({key}, {column}) "
+        f"WHERE {table.name}.{key} = u.{key}"
+    )
+
+
+def batch_sql(columns: tuple[str, ...]) -> str:
+    """The one statement of a batch: insert its transfers, write its final balances."""
+    return (
+        f"WITH ins AS ({unnest_insert(transfers, columns)}) "
+        f"{unnest_update(accounts, accounts.c.id.name, accounts.c.balance.name)}"
+    )
+
+
+TRANSFERS_SQL = batch_sql(RECEIPT_COLUMNS)
+#: Batches without keys leave the key column out (NULL): no text[] of NULLs to bind.
+KEYLESS_TRANSFERS_SQL = batch_sql(tuple(c for c in RECEIPT_COLUMNS if c != "key"))
+BALANCES_SQL = unnest_update(accounts, accounts.c.id.name, accounts.c.balance.name)
+ACCOUNTS_SQL = unnest_insert(accounts, ACCOUNT_COLUMNS)
+EVENTS_SQL = unnest_insert(account_events, EVENT_COLUMNS)
+LIMITS_SQL = unnest_update(accounts, accounts.c.id.name, accounts.c.overdraft_limit.name)
+#: The lease check: keeps a new holder's fence waiting until this transaction ends,
+#: and is false unless the lease session (its pid bound) still holds the lease.
+FENCE_SQL = (
+    "SELECT pg_advisory_xact_lock_shared(%b), EXISTS (SELECT 1 FROM pg_locks l "
+    f"WHERE {key_match_sql(LEASE_KEY)} AND l.pid = %b)"
+)
+
+
+class PostgresBatchWriter:
+    """The writer thread's connection (a `BatchWriter`), borrowed from the engine's pool.
+
+    `lease`: when given, every batch checks (same round trip) that it still holds
+    the writer lease, so a writer that lost it cannot commit after a new one reads.
+    """
+
+    def __init__(self, engine: Engine, lease: Lease | None, where: str) -> None:
+        self._where = where
+        self._lease = lease
+        self._raw = engine.raw_connection()
+        conn: psycopg.Connection[Any] = self._raw.driver_connection  # type: ignore[assignment]
+        conn.autocommit = True  # BEGIN and COMMIT are sent explicitly, pipelined
+        self._conn = conn
+        self._cur = conn.cursor()
+        self._fence = conn.cursor()
+        for cursor in (self._cur, self._fence):
+            # Every int as int8 (binary): one statement type per text, no int2/int4 guesses.
+            cursor.adapters.register_dumper(int, Int8BinaryDumper)
+        self._begun = False
+        self._pid = os.getpid()  # a forked child must not speak on the parent's session
+
+    def begin(self) -> None:
+        """Start a transaction (sent with the batch's first statements, in one round trip)."""
+        assert not self._begun, "begin twice"
+        self._begun = True
+
+    def write(self, batch: WriteBatch) -> None:
+        """Send the batch's statements (and BEGIN, and the lease check) in one pipeline."""
+        assert self._begun, "write outside a transaction"
+        try:
+            self._send(batch)
+        except psycopg.Error:
+            self._check_lease()  # a writer without the lease: that is the news, not the rows
+            raise
+        self._check_lease()
+
+    def _send(self, batch: WriteBatch) -> None:
+        cur = self._cur
+        with self._conn.pipeline():
+            if self._conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                cur.execute("BEGIN")
+            if self._lease is not None:
+                self._fence.execute(FENCE_SQL, (FENCE_KEY, self._lease.backend_pid), prepare=True)
+            if batch.new_accounts:
+                rows = batch.new_accounts
+                cur.execute(
+                    ACCOUNTS_SQL,
+                    (
+                        [r.account_id for r in rows],
+                        [r.name for r in rows],
+                        [r.overdraft_limit for r in rows],
+                        [0] * len(rows),
+                    ),
+                    prepare=True,
+                )
+            if batch.events:
+                events = batch.events
+                cur.execute(
+                    EVENTS_SQL,
+                    [[getattr(r, c) for r in events] for c in EVENT_COLUMNS],
+                    prepare=True,
+                )
+            if batch.limits:
+                cur.execute(
+                    LIMITS_SQL,
+                    (
+                        [r.account_id for r in batch.limits],
+                        [r.overdraft_limit for r in batch.limits],
+                    ),
+                    prepare=True,
+                )
+            balances = ([*batch.balances.keys()], [*batch.balances.values()])
+            if batch.transfers:
+                columns = [list(c) for c in zip(*batch.transfers, strict=True)]
+                if not batch.keyed:
+                    del columns[_KEY_INDEX]
+                sql = TRANSFERS_SQL if batch.keyed else KEYLESS_TRANSFERS_SQL
+                cur.execute(sql, (*columns, *balances), prepare=True)
+            elif batch.balances:
+                cur.execute(BALANCES_SQL, balances, prepare=True)
+
+    def _check_lease(self) -> None:
+        if self._lease is not None:
+            try:
+                row = self._fence.fetchone()
+            except psycopg.Error:
+                return  # the check itself did not run: the statement's error stands
+            if row is None or not row[1]:
+                lost = self._lease.lost() or "its session no longer holds the lock"
+                raise LedgerUnavailable(
+                    f"{self._where}: this bank no longer holds the writer lease ({lost}); "
+                    "nothing of this batch was committed"
+                )
+
+    def commit(self) -> None:
+        """Commit the batch (durable per the engine's `synchronous_commit`)."""
+        self._begun = False
+        if self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            self._cur.execute("COMMIT")
+
+    def rollback(self) -> None:
+        """Roll back whatever is open; never raises."""
+        self._begun = False
+        if self._pid != os.getpid():
+            return
+        try:
+            if self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                self._cur.execute("ROLLBACK")
+        except Exception:  # the connection is already broken; the failure is reported anyway
+            log.warning("rollback failed", exc_info=True)
+
+    def close(self) -> None:
+        """Give the connection back to the pool (or drop it if it broke); never raises.
+        In a forked child it does nothing: the session is the parent's."""
+        if self._pid != os.getpid():
+            return
+        try:
+            if self._conn.closed or self._conn.broken:
+                self._raw.invalidate()
+            else:
+                self.rollback()
+                self._conn.autocommit = False
+            with contextlib.suppress(psycopg.Error):
+                self._cur.close()
+                self._fence.close()
+            self._raw.close()
+        except Exception:
+            log.warning("closing the writer's connection failed", exc_info=True)

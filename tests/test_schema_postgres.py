@@ -157,6 +157,14 @@ def test_the_same_migrations_read_the_same_in_any_database_and_schema(
     _upgrade(other.update_query_dict({"options": "-csearch_path=ledger"}), BASE)
     moved = _read(other.update_query_dict({"options": "-csearch_path=ledger"}))
     assert compare_schema(want, moved, BASE) == []
+    # A bare psycopg connection or cursor (as a snapshot holds) reads the same.
+    import psycopg
+
+    with psycopg.connect(f"host={other.host} port={other.port} user={other.username} "
+                         f"dbname={other.database}") as raw:  # fmt: skip
+        assert compare_schema(want, read_schema(raw), BASE) == []
+        with raw.cursor() as cur:
+            assert compare_schema(want, read_schema(cur), BASE) == []
 
 
 TAMPERING = {
@@ -378,6 +386,7 @@ def test_check_history_on_postgres_gives_the_verdict_it_gives_on_sqlite(
         str(history), url.render_as_string(hide_password=False), as_json=True, out=out
     )
     assert code == 0 and json.loads(out.getvalue())["ok"] is True
+    assert main(["check-history", str(history), "--db", url.render_as_string(False)]) == 0
     # An edited row on the server is a violation, as it is on a file.
     _execute(url, "UPDATE transfers SET amount = amount + 1 WHERE seq = 3")
     assert not check_history(history, url.render_as_string(hide_password=False)).ok

@@ -305,12 +305,23 @@ def _server_url(server: object) -> URL:
     )
 
 
+#: (host, port, database) -> the server's version, as first seen by this process.
+_versions: dict[tuple[object, ...], object] = {}
+
+
 def reference_key(server: object) -> Hashable:
-    """Which cached reference serves `server`: one per server, database and server version."""
+    """Which cached reference serves `server`: one per server, database and server version.
+
+    The version comes from an Engine that has connected, else from one connection,
+    remembered per server for the life of the process.
+    """
     url = _server_url(server)
+    where = (url.host, url.port, url.database)
     version: object = None
     if isinstance(server, Engine):
         version = server.dialect.server_version_info
+    if version is None:
+        version = _versions.get(where)
     if version is None:
         engine, _ = _engine(server)
         try:
@@ -318,7 +329,8 @@ def reference_key(server: object) -> Hashable:
                 version = conn.dialect.server_version_info
         finally:
             engine.dispose()
-    return (url.host, url.port, url.database, version)
+    _versions[where] = version
+    return (*where, version)
 
 
 def build_reference(server: object) -> dict[str, dict[str, SchemaObject]]:

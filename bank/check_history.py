@@ -55,7 +55,7 @@ from typing import Any, Final, TextIO
 
 from sqlalchemy import Connection, inspect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchTableError
 
 from bank.errors import CannotCheckHistory, NotALedger
 from bank.ledger.reader import open_read_only
@@ -425,7 +425,10 @@ def _read_rows(conn: Connection, where: str) -> _Ledger:
     """The ledger's rows, in the caller's read transaction (one snapshot)."""
     inspector = inspect(conn)
     for table, columns in _LEDGER_COLUMNS.items():
-        have = {column["name"] for column in inspector.get_columns(table)}
+        try:
+            have = {column["name"] for column in inspector.get_columns(table)}
+        except NoSuchTableError:
+            have = set()
         missing = [c for c in columns if c not in have]
         if missing:
             raise CannotCheckHistory(

@@ -236,6 +236,27 @@ TAMPERING = {
 }
 
 
+def test_what_changes_plans_or_belongs_to_an_extension_is_not_a_schema_change(
+    pristine: dict[str, schema_ref.SchemaObject], forged: URL
+) -> None:
+    statements = [
+        "ANALYZE",
+        "CREATE STATISTICS st ON debit_account_id, credit_account_id FROM transfers",
+    ]
+    engine = create_engine(forged, poolclass=NullPool)
+    with engine.connect() as conn:
+        available = {
+            name
+            for (name,) in conn.exec_driver_sql(
+                "SELECT name FROM pg_available_extensions WHERE name IN ('pg_trgm', 'pgcrypto')"
+            )
+        }
+    engine.dispose()
+    statements += [f"CREATE EXTENSION {name}" for name in sorted(available)]
+    _execute(forged, *statements)
+    assert compare_schema(pristine, _read(forged), BASE) == []
+
+
 @pytest.mark.parametrize("case", sorted(TAMPERING))
 def test_tampering_is_reported_with_a_message_that_names_it(
     pristine: dict[str, schema_ref.SchemaObject], forged: URL, case: str
@@ -269,6 +290,23 @@ def test_the_reference_is_built_on_the_same_server_cached_and_leaves_nothing(
         ).all()
     engine.dispose()
     assert left == []
+
+
+def test_a_role_that_may_not_create_a_schema_is_told_what_the_check_needs(
+    server: URL, make_db: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url: URL = make_db()  # type: ignore[operator]
+    role = f"schema_role_{secrets.token_hex(4)}"
+    _execute(
+        url, f"CREATE ROLE {role} LOGIN", f'GRANT CONNECT ON DATABASE "{url.database}" TO {role}'
+    )
+    monkeypatch.setattr(schema_ref, "_reference", {})
+    try:
+        with pytest.raises(bank.CannotOpenLedger, match="needs the CREATE privilege on database"):
+            reference_schemas("postgresql", url.set(username=role, password=None))
+    finally:
+        _drop_database(server, url)
+        _execute(server, f"DROP ROLE {role}")
 
 
 # -- a ledger on PostgreSQL, made from an SQLite ledger's rows ---------------------------------

@@ -28,10 +28,12 @@ import secrets
 from collections.abc import Hashable, Iterable
 from typing import Any, Final
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
+from bank.errors import CannotOpenLedger
 from bank.ledger.schema_ref import Column, SchemaObject, quiet_alembic, sql_tokens, strip_qualifier
 
 #: Objects that belong to an extension (`CREATE EXTENSION` in the ledger's schema) are the
@@ -333,6 +335,25 @@ def reference_key(server: object) -> Hashable:
     return (*where, version)
 
 
+#: SQLSTATE insufficient_privilege.
+_NO_PRIVILEGE: Final = "42501"
+
+
+def _create_scratch(conn: Connection, scratch: str) -> None:
+    try:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{scratch}"')
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) != _NO_PRIVILEGE:
+            raise
+        url = conn.engine.url
+        raise CannotOpenLedger(
+            f"{url.render_as_string(hide_password=True)}: the schema check runs the migrations "
+            "in a scratch schema on this server (rolled back, nothing is left) and needs the "
+            f"CREATE privilege on database {url.database!r}, which role {url.username!r} "
+            "lacks: GRANT CREATE ON DATABASE to it"
+        ) from None
+
+
 def build_reference(server: object) -> dict[str, dict[str, SchemaObject]]:
     """Revision -> schema, by running every migration in a scratch schema on `server`.
 
@@ -350,7 +371,7 @@ def build_reference(server: object) -> dict[str, dict[str, SchemaObject]]:
         with ALEMBIC_LOCK, engine.connect() as conn, quiet_alembic():
             transaction = conn.begin()
             try:
-                conn.exec_driver_sql(f'CREATE SCHEMA "{scratch}"')
+                _create_scratch(conn, scratch)
                 conn.exec_driver_sql(f'SET LOCAL search_path TO "{scratch}"')
                 cfg = alembic_config()
                 cfg.attributes["connection"] = conn

@@ -3,8 +3,9 @@ checker, plus what it lacks: refusals, exactly-once and real-time order, checked
 the ledger itself rather than only against reads.)
 
 The history format is documented in `bank.simulate.history`; this module depends on
-that format only, not on the simulator. The ledger is read read-only with plain
-`sqlite3` (no `Bank`, no lock, no migration), from one read transaction.
+that format only, not on the simulator. The ledger (a path, or an SQLite or
+PostgreSQL URL) is read read-only through `bank.ledger.reader` (no `Bank`, no
+lock, no migration), from one read transaction.
 
 What is checked, and the violation kind each failure is reported as:
 
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
 from bisect import bisect_left, bisect_right
 from collections import Counter
@@ -52,9 +52,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TextIO
-from urllib.parse import quote
 
-from bank.errors import CannotCheckHistory
+from sqlalchemy import Connection, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchTableError
+
+from bank.errors import CannotCheckHistory, NotALedger
+from bank.ledger.reader import open_read_only
 from bank.limits import AMOUNT_MAX, BALANCE_MAX, BALANCE_MIN, CASH_ACCOUNT_ID, KEY_LENGTH_MAX
 
 FORMAT_NAME: Final = "bank-history"
@@ -417,52 +421,74 @@ class _Ledger:
     stored: dict[int, int]
 
 
-def _connect(db: Path) -> sqlite3.Connection:
-    """Read-only; `immutable` (no -shm created) when nothing is in a WAL or journal."""
-    busy = any(
-        db.with_name(db.name + s).exists() and db.with_name(db.name + s).stat().st_size > 0
-        for s in ("-wal", "-journal")
-    )
-    uri = f"file:{quote(str(db))}?mode=ro" + ("" if busy else "&immutable=1")
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA query_only = ON")
-    return conn
-
-
-def read_ledger(db: Path) -> _Ledger:
-    """Every transfer, account event and stored balance, from one read transaction."""
-    if not db.exists():
-        raise CannotCheckHistory(f"{db}: no such ledger")
-    if not db.is_file():
-        raise CannotCheckHistory(f"{db}: not a regular file, so not a ledger")
-    try:
-        conn = _connect(db)
-    except sqlite3.Error as exc:
-        raise CannotCheckHistory(f"{db}: SQLite could not open it ({exc})") from None
-    try:
-        conn.execute("BEGIN")
-        for table, columns in _LEDGER_COLUMNS.items():
-            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-            missing = [c for c in columns if c not in have]
-            if missing:
-                raise CannotCheckHistory(
-                    f"{db}: not a ledger (table {table} lacks {', '.join(missing)})"
-                )
-        rows = conn.execute(
+def _read_rows(conn: Connection, where: str) -> _Ledger:
+    """The ledger's rows, in the caller's read transaction (one snapshot)."""
+    inspector = inspect(conn)
+    for table, columns in _LEDGER_COLUMNS.items():
+        try:
+            have = {column["name"] for column in inspector.get_columns(table)}
+        except NoSuchTableError:
+            have = set()
+        missing = [c for c in columns if c not in have]
+        if missing:
+            raise CannotCheckHistory(
+                f"{where}: not a ledger (table {table} lacks {', '.join(missing)})"
+            )
+    rows = [
+        tuple(row)
+        for row in conn.exec_driver_sql(
             "SELECT seq, kind, debit_account_id, credit_account_id, amount, key, hash "
             "FROM transfers ORDER BY seq"
-        ).fetchall()
-        events = conn.execute(
+        )
+    ]
+    events = [
+        tuple(row)
+        for row in conn.exec_driver_sql(
             "SELECT seq, account_id, kind, overdraft_limit, transfer_seq "
             "FROM account_events ORDER BY seq"
-        ).fetchall()
-        stored = dict(conn.execute("SELECT id, balance FROM accounts").fetchall())
-        conn.execute("ROLLBACK")
-    except sqlite3.DatabaseError as exc:
-        raise CannotCheckHistory(f"{db}: not a ledger SQLite can read ({exc})") from None
-    finally:
-        conn.close()
+        )
+    ]
+    stored = {int(a): int(b) for a, b in conn.exec_driver_sql("SELECT id, balance FROM accounts")}
     return _Ledger(rows, events, stored)
+
+
+def _where(db: str | os.PathLike[str]) -> tuple[str | Path, str]:
+    """The ledger to open (an absolute path, or a URL's text) and how messages name it."""
+    text = os.fspath(db)
+    if "://" in text:
+        try:
+            return text, make_url(text).render_as_string(hide_password=True)
+        except ArgumentError:
+            return text, text
+    path = Path(text).expanduser().absolute()
+    return path, str(path)
+
+
+def read_ledger(db: str | os.PathLike[str]) -> _Ledger:
+    """Every transfer, account event and stored balance, from one read-only transaction.
+
+    `db` is a path (SQLite) or a URL (SQLite or PostgreSQL): read through
+    `bank.ledger.reader`, never owned, never written.
+    """
+    target, where = _where(db)
+    if isinstance(target, Path):
+        if not target.exists():
+            raise CannotCheckHistory(f"{where}: no such ledger")
+        if not target.is_file():
+            raise CannotCheckHistory(f"{where}: not a regular file, so not a ledger")
+    try:
+        ledger = open_read_only(target)
+    except NotALedger as exc:
+        raise CannotCheckHistory(f"{where}: not a ledger that can be read ({exc})") from None
+    try:
+        return ledger.read(lambda conn: _read_rows(conn, where))
+    except NotALedger as exc:  # CannotOpenLedger included: the database, not the history
+        raise CannotCheckHistory(f"{where}: not a ledger that can be read ({exc})") from None
+    except DBAPIError as exc:  # e.g. a table that is missing altogether
+        reason = str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__
+        raise CannotCheckHistory(f"{where}: not a ledger that can be read ({reason})") from None
+    finally:
+        ledger.close()
 
 
 # -- the replay ------------------------------------------------------------------------
@@ -522,11 +548,11 @@ def check_history(history: str | os.PathLike[str], db: str | os.PathLike[str]) -
     """
     started = time.perf_counter()
     hist_path = Path(os.fspath(history))
-    db_path = Path(os.fspath(db)).expanduser().absolute()
+    _, where = _where(db)
     h = read_history(hist_path)
-    ledger = read_ledger(db_path)
-    result = HistoryCheck(history=str(hist_path), db=str(db_path))
-    _Checker(h, ledger, result, db_path).run()
+    ledger = read_ledger(db)
+    result = HistoryCheck(history=str(hist_path), db=where)
+    _Checker(h, ledger, result, where).run()
     result.duration_s = time.perf_counter() - started
     return result
 
@@ -534,7 +560,7 @@ def check_history(history: str | os.PathLike[str], db: str | os.PathLike[str]) -
 class _Checker:
     """One check run; the steps share the replay and the real-time indexes."""
 
-    def __init__(self, h: _History, ledger: _Ledger, result: HistoryCheck, db: Path) -> None:
+    def __init__(self, h: _History, ledger: _Ledger, result: HistoryCheck, db: str) -> None:
         self.h = h
         self.ledger = ledger
         self.r = result

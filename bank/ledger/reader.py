@@ -1,64 +1,91 @@
-"""Read a ledger without opening a `Bank`: no file lock, no migration, no writes.
+"""Read a ledger without opening a `Bank`: no owner lock, no migration, no writes.
 
-For the CLI's `accounts` and `history`, which must work while a bank is running
-on the same file (they read one committed snapshot, like the audit). A ledger at
-rest is read `immutable`, so not even SQLite's -wal/-shm side files appear beside it.
+For the CLI's `accounts` and `history` and for `check-history`, which must work
+while a bank is running on the same ledger (they read one committed snapshot,
+like the audit). The ledger is a path or URL, SQLite or PostgreSQL; how each is
+read without being owned is its backend's (`bank.ledger.sqlite_readonly`: a
+read-only, at rest `immutable` file; `bank.ledger.postgres.readonly`: one
+REPEATABLE READ READ ONLY transaction).
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
-from bank.errors import CannotOpenLedger, NotALedger
-from bank.ledger import migrate, store
-from bank.ledger.sqlite import (
-    at_rest,
-    create_readonly_engine,
-    fingerprint,
-    open_error,
-    owned_here,
-    side_file_size,
-    sniff_sqlite_file,
-)
+from bank.errors import NotALedger, UnsupportedLedgerUrl
+from bank.ledger import store
 from bank.records import AccountInfo, Receipt
 
 T = TypeVar("T")
 
 
-class LedgerReader:
-    """Read-only access to a ledger file at a revision this `bank` knows."""
+class ReadOnlyLedger(Protocol):
+    """One backend's read-only access to a ledger (never locks a writer out)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._engine: Engine | None = None
+    #: How messages name the ledger (a path, or a URL without its password).
+    where: str
+    #: The file, for a file-backed ledger.
+    path: Path | None
+
+    def revision(self) -> str | None: ...
+    def read(self, read: Callable[[Connection], T]) -> T: ...
+    def close(self) -> None: ...
+
+
+def open_read_only(db: str | os.PathLike[str] | URL) -> ReadOnlyLedger:
+    """The read-only access for a path (an SQLite file) or a SQLAlchemy URL."""
+    if isinstance(db, URL):
+        url = db
+    else:
+        text = os.fspath(db)
+        if "://" not in text:
+            from bank.ledger.sqlite_readonly import SqliteReadOnly
+
+            return SqliteReadOnly(text)
         try:
-            found = self.path.exists()
-            regular = self.path.is_file()
-        except OSError as exc:  # a name too long, a loop of symlinks, ...
-            raise CannotOpenLedger(f"{self.path}: cannot be examined ({exc.strerror})") from None
-        if not found:
-            raise NotALedger(f"no ledger at {self.path}")
-        if not regular:
-            raise NotALedger(f"{self.path} is not a regular file")
-        # A file a `Bank` of this process owns is read through SQLite only: opening and
-        # closing it here, or an immutable connection, would drop the owner's locks.
-        self._owned = owned_here(self.path)
-        if side_file_size(self.path, "-journal") > 0:
-            raise self._hot_journal()
-        if not self._owned:
-            sniff_sqlite_file(self.path)
-        revision = self._read(lambda engine: migrate.ledger_revision(engine, str(self.path)))
+            url = make_url(text)
+        except ArgumentError as exc:
+            raise UnsupportedLedgerUrl(f"{text}: not a database URL ({exc})") from None
+    name = url.get_backend_name()
+    if name == "sqlite":
+        from bank.ledger.sqlite_readonly import SqliteReadOnly
+
+        if url.database in (None, "", ":memory:"):
+            raise UnsupportedLedgerUrl(f"{url}: an in-memory database holds no ledger to read")
+        return SqliteReadOnly(Path(url.database).expanduser())
+    if name == "postgresql":
+        from bank.ledger.postgres.readonly import PostgresReadOnly
+
+        return PostgresReadOnly(url)
+    raise UnsupportedLedgerUrl(
+        f"{url.render_as_string()}: a ledger is stored in SQLite (a path or sqlite:///path) "
+        f"or PostgreSQL (postgresql://...); not in a database of kind {name!r}"
+    )
+
+
+class LedgerReader:
+    """Read-only access to a ledger (a path or URL) at a revision this `bank` knows."""
+
+    def __init__(self, db: str | os.PathLike[str] | URL) -> None:
+        self._ledger = open_read_only(db)
+        self.path = self._ledger.path
+        self.where = self._ledger.where
+        try:
+            revision = self._ledger.revision()
+        except BaseException:
+            self.close()
+            raise
         if revision is None:
             self.close()
-            raise NotALedger(f"{self.path} is an empty database, not a ledger")
+            raise NotALedger(f"{self.where} is an empty database, not a ledger")
         self.revision = revision
 
     def __enter__(self) -> LedgerReader:
@@ -74,55 +101,16 @@ class LedgerReader:
 
     def close(self) -> None:
         """Release the connections."""
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
+        self._ledger.close()
 
-    def _hot_journal(self) -> CannotOpenLedger:
-        return CannotOpenLedger(
-            f"{self.path}: a -journal beside it (a write interrupted or under way, a hot "
-            "-journal) that a reader may not roll back; `bank init` recovers an interrupted one"
-        )
-
-    def _read(self, read: Callable[[Engine], T]) -> T:
-        """`read` on one snapshot: immutable when the ledger is at rest and unchanged
-        meanwhile (no side file is created), else through SQLite's locking."""
-        try:
-            if not self._owned and at_rest(self.path):
-                before = fingerprint(self.path)
-                engine = create_readonly_engine(self.path, immutable=True)
-                try:
-                    result = read(engine)
-                finally:
-                    engine.dispose()
-                if fingerprint(self.path) == before:
-                    return result
-            if self._engine is None:
-                self._engine = create_readonly_engine(self.path)
-            return read(self._engine)
-        except (DBAPIError, sqlite3.Error) as exc:
-            self.close()
-            if side_file_size(self.path, "-journal") > 0:
-                raise self._hot_journal() from None
-            raise open_error(exc, str(self.path)) from None
-        except OSError as exc:
-            self.close()
-            raise CannotOpenLedger(f"{self.path}: cannot be read ({exc.strerror})") from None
+    def read(self, read: Callable[[Connection], T]) -> T:
+        """`read` on one committed snapshot (one read-only transaction)."""
+        return self._ledger.read(read)
 
     def accounts(self) -> list[AccountInfo]:
         """Every account, `@cash` first, from one committed snapshot."""
-
-        def read(engine: Engine) -> list[AccountInfo]:
-            with engine.begin() as conn:
-                return store.load_accounts(conn)
-
-        return self._read(read)
+        return self.read(store.load_accounts)
 
     def history(self, account_id: int, *, limit: int | None = None) -> list[Receipt]:
         """One account's committed transfers, oldest first."""
-
-        def read(engine: Engine) -> list[Receipt]:
-            with engine.begin() as conn:
-                return list(store.history(conn, account_id, limit=limit))
-
-        return self._read(read)
+        return self.read(lambda conn: list(store.history(conn, account_id, limit=limit)))

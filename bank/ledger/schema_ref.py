@@ -2,35 +2,53 @@
 
 The audit never trusts a list of objects written by hand, nor the revision number
 a ledger claims: it runs the Alembic migrations that ship with the package on a
-scratch in-memory SQLite database, one revision at a time, and records
-`sqlite_master` after each (type, name, table and SQL text of every table, column
-list, constraint, index, view and trigger). A ledger's own `sqlite_master` is then
-compared object by object with the one of the revision it claims: an object that
-is missing, extra or different in any token is reported. A new migration is
-covered the moment it ships, with no list to update.
+scratch database, one revision at a time, and records the schema after each
+(every table with its columns, constraint, index, view and trigger). A ledger's
+own schema is then compared object by object with the one of the revision it
+claims: an object that is missing, extra or different in any token is reported.
+A new migration is covered the moment it ships, with no list to update.
 
-The reference is built once per process (a few milliseconds; `reference_schemas`)
-and cached. SQL is compared token by token (`sql_tokens`): whitespace, comments and
-the case of keywords and bare names are ignored, string literals and quoted names
-are compared exactly, so `'deposit'` and `'DEPOSIT'` differ.
+This module is backend-independent: the objects, the tokenizer, the comparison.
+Where a schema is read and how the reference is built is each backend's:
+
+- `sqlite` (`bank.ledger.sqlite_schema`): `sqlite_master` and `PRAGMA table_xinfo`;
+  the reference on a scratch in-memory database.
+- `postgresql` (`bank.ledger.postgres.schema`): the catalog (`pg_catalog`,
+  `pg_indexes`, `pg_views`, `pg_get_constraintdef`, `pg_get_triggerdef`, ...); the
+  reference in a scratch schema on the *same* server, inside a transaction that is
+  rolled back (the server's canonical texts are version-specific).
+
+The entry points:
+
+- `read_schema(source, dialect=None)`: the schema of a database, read through a
+  SQLAlchemy `Connection` (in its transaction) or a DB-API cursor or connection
+  (`sqlite3`, `psycopg`; the dialect is taken from the driver when not given).
+- `reference_schemas(dialect="sqlite", server=None)`: revision -> reference schema,
+  oldest first; for `postgresql`, `server` is an `Engine`, URL or URL text of the
+  server the ledger is on. Built once per process (per server and version) and cached.
+- `compare_schema(expected, found, revision)` and `matching_revisions(found, schemas)`.
+
+SQL is compared token by token (`sql_tokens`): whitespace, comments and the case
+of keywords and bare names are ignored, string literals and quoted names are
+compared exactly, so `'deposit'` and `'DEPOSIT'` differ.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
-import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Final
+from typing import Any, Final, Protocol
 
-#: SQLite's planner statistics (written by ANALYZE and `PRAGMA optimize`): they change
-#: query plans, never results, so a ledger may have them without being tampered with.
-IGNORED_OBJECTS: Final = frozenset({"sqlite_stat1", "sqlite_stat2", "sqlite_stat3", "sqlite_stat4"})
+from sqlalchemy import Connection
 
-#: (cid, name, declared type, notnull, default, pk, hidden) as PRAGMA table_xinfo gives them.
+#: (cid, name, declared type, notnull, default, pk, hidden): as SQLite's PRAGMA table_xinfo
+#: gives them; other backends fill the same fields from their catalog.
 Column = tuple[int, str, str, int, str | None, int, int]
 
 _TOKEN: Final = re.compile(
@@ -41,7 +59,7 @@ _TOKEN: Final = re.compile(
   | (?P<quoted>"(?:[^"]|"")*"?|`(?:[^`]|``)*`?|\[[^\]]*\]?)
   | (?P<word>[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_$\u0080-\U0010ffff]*)
   | (?P<number>0[xX][0-9A-Fa-f]+|(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)
-  | (?P<operator>->>|->|<>|<=|>=|!=|==|<<|>>|\|\|)
+  | (?P<operator>->>|->|::|<>|<=|>=|!=|==|<<|>>|\|\|)
   | (?P<other>.)
     """,
     re.VERBOSE | re.DOTALL,
@@ -75,7 +93,12 @@ def _tokens(sql: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class SchemaObject:
-    """One row of `sqlite_master` (its SQL as tokens), plus a table's columns."""
+    """One schema object: its kind, name, table and SQL (as tokens), plus a table's columns.
+
+    `sql` is the database's own text where it keeps one (SQLite), else a statement
+    that makes the object, written from the catalog (PostgreSQL). `shown` is how an
+    object without SQL is shown.
+    """
 
     type: str
     name: str
@@ -83,9 +106,12 @@ class SchemaObject:
     sql: str | None
     tokens: tuple[str, ...]
     columns: tuple[Column, ...] = ()
+    shown: str | None = None
 
 
-#: A database's schema: object name -> object (SQLite names share one namespace).
+#: A database's schema: key -> object. The key is the object's name where names share one
+#: namespace (SQLite; PostgreSQL's relations), `table.name` for objects named per table
+#: (PostgreSQL's constraints, triggers, rules and policies).
 Schema = Mapping[str, SchemaObject]
 
 
@@ -99,48 +125,87 @@ class Difference:
     found: str | None
 
 
-def read_schema(cur: sqlite3.Cursor) -> dict[str, SchemaObject]:
-    """Every object in the database of `cur` (planner statistics excepted).
+def read_schema(source: object, dialect: str | None = None) -> dict[str, SchemaObject]:
+    """Every object in the database `source` reads (see the module docstring).
 
-    Tables come with their `PRAGMA table_xinfo` columns, used to say which column
-    differs.
+    `source` is a SQLAlchemy `Connection` (read in its transaction, begun if none
+    is), or a DB-API cursor or connection of `sqlite3` or `psycopg`. Tables come
+    with their columns, used to say which column differs.
     """
-    rows = cur.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall()
-    schema: dict[str, SchemaObject] = {}
-    for kind, name, table, sql in rows:
-        # Only the statistics *tables* ANALYZE makes: with writable_schema a trigger can
-        # be named sqlite_stat1 too, and that one must not go unseen.
-        if name in IGNORED_OBJECTS and kind == "table" and table == name:
-            continue
-        columns: tuple[Column, ...] = ()
-        if kind == "table":
-            quoted = '"' + str(name).replace('"', '""') + '"'
-            columns = tuple(tuple(c) for c in cur.execute(f"PRAGMA table_xinfo({quoted})"))
-        text = sql if isinstance(sql, str) else None
-        schema[str(name)] = SchemaObject(
-            str(kind), str(name), str(table), text, sql_tokens(text), columns
-        )
-    return schema
+    if isinstance(source, Connection):
+        name = dialect or source.dialect.name
+        if not source.in_transaction():
+            source.begin()  # as the first execute would: the caller's snapshot
+        cur = source.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            return _backend(name).read_schema(cur)
+        finally:
+            cur.close()
+    name = dialect or _driver_dialect(source)
+    if hasattr(source, "fetchall"):
+        return _backend(name).read_schema(source)
+    cur = source.cursor()  # type: ignore[attr-defined]
+    try:
+        return _backend(name).read_schema(cur)
+    finally:
+        cur.close()
+
+
+class _SchemaBackend(Protocol):
+    """What a backend's schema module provides (`bank.ledger.<backend>.schema`)."""
+
+    def read_schema(self, cur: Any) -> dict[str, SchemaObject]: ...
+    def reference_key(self, server: object) -> Hashable: ...
+    def build_reference(self, server: object) -> dict[str, dict[str, SchemaObject]]: ...
+
+
+#: dialect name -> the module that reads its schema and builds its reference.
+SCHEMA_MODULES: Final = {
+    "sqlite": "bank.ledger.sqlite_schema",
+    "postgresql": "bank.ledger.postgres.schema",
+}
+#: The top-level package of a DB-API driver -> its dialect (for a bare cursor).
+_DRIVERS: Final = {"sqlite3": "sqlite", "psycopg": "postgresql"}
+
+
+def _backend(dialect: str) -> _SchemaBackend:
+    module = SCHEMA_MODULES.get(dialect)
+    if module is None:
+        raise ValueError(f"no schema reader for databases of kind {dialect!r}")
+    backend: _SchemaBackend = importlib.import_module(module)
+    return backend
+
+
+def _driver_dialect(source: object) -> str:
+    package = type(source).__module__.partition(".")[0]
+    dialect = _DRIVERS.get(package)
+    if dialect is None:
+        raise TypeError(f"cannot tell which database a {type(source).__name__} reads")
+    return dialect
 
 
 # -- the reference -----------------------------------------------------------------------
 
-#: revision -> schema, filled once (under the lock) by `reference_schemas`.
-_reference: dict[str, dict[str, SchemaObject]] = {}
+#: (backend's cache key) -> revision -> schema, filled under the lock by `reference_schemas`.
+_reference: dict[Hashable, dict[str, dict[str, SchemaObject]]] = {}
 _reference_lock = threading.Lock()
 
 
-def reference_schemas() -> Mapping[str, Schema]:
+def reference_schemas(dialect: str = "sqlite", server: object = None) -> Mapping[str, Schema]:
     """Revision -> the schema the shipped migrations create up to it (oldest first).
 
-    Built on first use by running every migration on a scratch in-memory database,
-    then cached for the life of the process. Raises whatever Alembic raises if the
-    installed migrations cannot run (a broken installation).
+    Built on first use by running every migration on a scratch database (SQLite:
+    in memory; PostgreSQL: a scratch schema on `server`, rolled back), then cached
+    for the life of the process. Raises whatever the migrations raise if they
+    cannot run (a broken installation).
     """
-    with _reference_lock:  # once per audit: never contended for long
-        if not _reference:
-            _reference.update(_build_reference())
-        return _reference
+    backend = _backend(dialect)
+    key = (dialect, backend.reference_key(server))
+    with _reference_lock:  # once per process and server: never contended for long
+        schemas = _reference.get(key)
+        if schemas is None:
+            schemas = _reference[key] = backend.build_reference(server)
+        return schemas
 
 
 #: Alembic's loggers that announce each step: the audit migrates only a scratch database,
@@ -156,69 +221,76 @@ def _drop_record(_record: logging.LogRecord) -> bool:
     return False
 
 
-def _build_reference() -> dict[str, dict[str, SchemaObject]]:
-    # Imported on first use: the reference is built once per process.
-    from alembic import command
-    from sqlalchemy import create_engine
-    from sqlalchemy.pool import StaticPool
-
-    from bank.ledger.migrate import ALEMBIC_LOCK, alembic_config, revisions_oldest_first
-
-    raw = sqlite3.connect(":memory:", check_same_thread=False)
-    raw.execute("PRAGMA foreign_keys = ON")  # as on a ledger's own connections (bank.ledger.sqlite)
-    engine = create_engine("sqlite://", creator=lambda: raw, poolclass=StaticPool)
-    schemas: dict[str, dict[str, SchemaObject]] = {}
+@contextmanager
+def quiet_alembic() -> Iterator[None]:
+    """Alembic's step announcements dropped while a scratch reference is migrated
+    (hold `ALEMBIC_LOCK`: the filter is on the process-wide loggers)."""
+    loggers = [logging.getLogger(name) for name in _ALEMBIC_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(_drop_record)
     try:
-        # Alembic keeps its running context in module globals: one migration at a time
-        # (which also keeps the loggers quiet for this run only).
-        with ALEMBIC_LOCK, engine.begin() as conn:
-            loggers = [logging.getLogger(name) for name in _ALEMBIC_LOGGERS]
-            for logger in loggers:
-                logger.addFilter(_drop_record)
-            try:
-                cfg = alembic_config()
-                cfg.attributes["connection"] = conn
-                for revision in revisions_oldest_first():
-                    command.upgrade(cfg, revision)
-                    cur = raw.cursor()
-                    try:
-                        schemas[revision] = read_schema(cur)
-                    finally:
-                        cur.close()
-            finally:
-                for logger in loggers:
-                    logger.removeFilter(_drop_record)
+        yield
     finally:
-        engine.dispose()
-        raw.close()
-    return schemas
+        for logger in loggers:
+            logger.removeFilter(_drop_record)
+
+
+def strip_qualifier(sql: str, qualifier: str) -> str:
+    """`sql` without the `qualifier.` prefix of names (a schema name), literals untouched.
+
+    For servers that print names qualified with the schema they are in: a ledger's
+    objects compare with the reference's whichever schema each lives in.
+    """
+    folded = qualifier.translate(_ASCII_LOWER)
+    quoted = '"' + qualifier.replace('"', '""') + '"'
+    matches = list(_TOKEN.finditer(sql))
+    out: list[str] = []
+    skip = False
+    for i, match in enumerate(matches):
+        if skip:
+            skip = False
+            continue
+        text = match.group()
+        group = match.lastgroup
+        if (
+            i + 1 < len(matches)
+            and matches[i + 1].group() == "."
+            and (
+                (group == "word" and text.translate(_ASCII_LOWER) == folded)
+                or (group == "quoted" and text == quoted)
+            )
+        ):
+            skip = True  # the "." after it
+            continue
+        out.append(text)
+    return "".join(out)
 
 
 # -- comparing ---------------------------------------------------------------------------
 
 
 def compare_schema(expected: Schema, found: Schema, revision: str) -> list[Difference]:
-    """Every difference of `found` from `expected` (the schema of `revision`), by name."""
+    """Every difference of `found` from `expected` (the schema of `revision`), by key."""
     differences: list[Difference] = []
-    for name in sorted(expected.keys() | found.keys()):
-        want = expected.get(name)
-        have = found.get(name)
+    for key in sorted(expected.keys() | found.keys()):
+        want = expected.get(key)
+        have = found.get(key)
         if have is None:
             assert want is not None
             differences.append(
                 Difference(
-                    name,
-                    f"{want.type} {name} is missing (revision {revision} creates it)",
+                    key,
+                    f"{want.type} {_named(key, want)} is missing (revision {revision} creates it)",
                     _shown(want),
                     None,
                 )
             )
         elif want is None:
-            on = f" on {have.table}" if have.table != name else ""
+            on = f" on {have.table}" if have.table != have.name else ""
             differences.append(
                 Difference(
-                    name,
-                    f"unexpected {have.type} {name}{on}: no migration up to revision "
+                    key,
+                    f"unexpected {have.type} {have.name}{on}: no migration up to revision "
                     f"{revision} creates it",
                     None,
                     _shown(have),
@@ -227,13 +299,19 @@ def compare_schema(expected: Schema, found: Schema, revision: str) -> list[Diffe
         elif (want.type, want.table, want.tokens) != (have.type, have.table, have.tokens):
             differences.append(
                 Difference(
-                    name,
-                    f"{want.type} {name} differs from revision {revision}'s: {_detail(want, have)}",
+                    key,
+                    f"{want.type} {_named(key, want)} differs from revision {revision}'s: "
+                    f"{_detail(want, have)}",
                     _shown(want),
                     _shown(have),
                 )
             )
     return differences
+
+
+def _named(key: str, obj: SchemaObject) -> str:
+    """An object as a message names it: its name, and its table when named per table."""
+    return key if key == obj.name else f"{obj.name} on {obj.table}"
 
 
 def matching_revisions(found: Schema, schemas: Mapping[str, Schema]) -> list[str]:
@@ -245,7 +323,7 @@ def _shown(obj: SchemaObject) -> str:
     """How an object is shown as expected/found: its SQL, or its type and table."""
     if obj.sql is not None:
         return obj.sql.strip()  # exact: a literal's spaces are part of what is compared
-    return f"{obj.type} {obj.name} on {obj.table} (made by SQLite for a constraint)"
+    return obj.shown or f"{obj.type} {obj.name} on {obj.table}"
 
 
 def _detail(want: SchemaObject, have: SchemaObject) -> str:

@@ -26,7 +26,6 @@ list of one-line problems (capped, with a total), empty for a sound ledger.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -61,13 +60,17 @@ _LOW_MASK: Final = (1 << _LOW_BITS) - 1
 # can overflow where SUM(amount) would (total flows past 2**63); the halves cost
 # no more than one SUM (the GROUP BY's sort is what costs). The debit side also
 # counts amounts that are not integers from 1 to AMOUNT_MAX (a REAL or TEXT put
-# there); both sides see the same rows, so once is enough.
+# there where a column's type allows it); both sides see the same rows, so once is
+# enough. Portable SQL: a CASE rather than SUM(boolean), CAST to BIGINT (INTEGER
+# affinity in SQLite, a no-op on a BIGINT column); a server's SUM(bigint) may come
+# back as an exact decimal, hence `int()` on the sums.
 _FLOWS_SQL: Final = (
     "SELECT {side}, SUM(amount >> 32), SUM(amount & 4294967295), COUNT(*){bad} "
     "FROM transfers GROUP BY {side}"
 )
 _BAD_AMOUNTS_SQL: Final = (
-    f", SUM(amount != CAST(amount AS INTEGER) OR amount < 1 OR amount > {AMOUNT_MAX})"
+    ", SUM(CASE WHEN amount <> CAST(amount AS BIGINT) OR amount < 1 "
+    f"OR amount > {AMOUNT_MAX} THEN 1 ELSE 0 END)"
 )
 
 
@@ -114,10 +117,10 @@ def _flows(conn: Connection, side: str, report: OpenReport) -> tuple[dict[Any, i
     count = 0
     bad = 0
     for account, high, low, n, *bad_n in conn.exec_driver_sql(sql):
-        totals[account] = ((high or 0) << _LOW_BITS) + (low or 0)  # NULL only if forged
+        totals[account] = (int(high or 0) << _LOW_BITS) + int(low or 0)  # NULL only if forged
         count += n
         if bad_n:
-            bad += bad_n[0] or 0
+            bad += int(bad_n[0] or 0)
     if bad:
         report.add(
             f"transfers: {bad} row(s) with an amount that is not an integer from 1 to {AMOUNT_MAX}"
@@ -261,15 +264,9 @@ def _check_schema(conn: Connection, report: OpenReport) -> None:
     acknowledged operations never reach the ledger. Compared like the audit does
     (`bank.ledger.schema_ref`; the reference is built once per process).
     """
-    schemas = reference_schemas()
+    schemas = reference_schemas(conn.dialect.name, conn.engine)
     revision, expected = list(schemas.items())[-1]  # oldest first: the newest is last
-    raw = conn.connection.driver_connection  # the sqlite3 connection, in this transaction
-    assert isinstance(raw, sqlite3.Connection)
-    cur = raw.cursor()
-    try:
-        found = read_schema(cur)
-    finally:
-        cur.close()
+    found = read_schema(conn)  # in this transaction
     for difference in compare_schema(expected, found, revision):
         report.add(f"schema: {difference.message}")
 

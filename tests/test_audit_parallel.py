@@ -132,3 +132,29 @@ def test_workers_start_safely_from_a_process_with_threads(
         fast = _fast(path, caplog)
         assert fast.ok and not _fell_back(caplog)
         assert _report(fast) == _report(audit(path, processes=1))
+
+
+def test_values_of_the_wrong_type_get_the_exact_report(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a revision-0002 ledger (no STRICT tables) every edit that changes a value's type
+    is reported by the fast path exactly as by the one-process pass (`bad_type` included,
+    although a clean fast path skips the scan of `transfers` for it)."""
+    from tests.test_chain_encoding import ATTACKS, attack, build_0002_ledger, forger
+
+    source = tmp_path / "rev0002.db"
+    ids = build_0002_ledger(source)
+    for name in ATTACKS:
+        path = copy_ledger(source, tmp_path / f"{name}.db")
+        with forger(path) as conn:
+            attack(conn, name, ids)
+        serial = audit(path, processes=1)
+        assert "bad_type" in serial.problem_counts, name
+        assert _report(_fast(path, caplog)) == _report(serial), name
+    with edit(copy_ledger(source, tmp_path / "real.db")) as conn:
+        # 1000.5 prints as 1000 with %d, the amount the row's hash was made with.
+        assert conn.execute("SELECT amount FROM transfers WHERE seq = 3").fetchone() == (1000,)
+        conn.execute("UPDATE transfers SET amount = 1000.5 WHERE seq = 3")
+    serial = audit(tmp_path / "real.db", processes=1)
+    assert {"bad_type", "hash_mismatch"} <= serial.problem_counts.keys()
+    assert _report(_fast(tmp_path / "real.db", caplog)) == _report(serial)

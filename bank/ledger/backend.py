@@ -11,7 +11,7 @@ durability settings, how rows are streamed) lives in one backend's folder.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -187,9 +187,12 @@ class LedgerSnapshot(Protocol):
         index holding other rows than its table), empty when sound."""
         ...
 
-    def type_problems(self) -> Iterator[tuple[str, str, object, str, object]]:
+    def type_problems(
+        self, skip: Collection[str] = ()
+    ) -> Iterator[tuple[str, str, object, str, object]]:
         """`(table, column, row key, stored type, value)` of every value whose type is not
-        its column's (`bank.ledger.audit_checks.COLUMN_TYPES`), in table, key order."""
+        its column's (`bank.ledger.audit_checks.COLUMN_TYPES`), in table, key order;
+        the tables in `skip` are not scanned."""
         ...
 
     def limit_event_rows(self) -> Iterator[tuple[Any, ...]]:

@@ -13,7 +13,7 @@ close descriptors behind SQLite's back, and POSIX would drop the owner's locks).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -238,13 +238,15 @@ class SqliteSnapshot:
             conn.execute("PRAGMA ignore_check_constraints = OFF")
         return [] if findings == ["ok"] else findings
 
-    def type_problems(self) -> Iterator[tuple[str, str, object, str, object]]:
+    def type_problems(
+        self, skip: Collection[str] = ()
+    ) -> Iterator[tuple[str, str, object, str, object]]:
         """One scan per table inside SQLite (`typeof`), whatever the revision: STRICT
         tables (0003) refuse such values, but a ledger at 0002, or one whose table was
         rebuilt by hand, may hold them."""
         tables = self.tables()
         for table, columns in COLUMN_TYPES.items():
-            if table not in tables:
+            if table not in tables or table in skip:
                 continue
             key_column = ROW_KEYS[table][1]
             wrong = " OR ".join(

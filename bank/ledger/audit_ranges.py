@@ -183,10 +183,12 @@ def check_range(
             balance = deltas[debit] - amount
             deltas[debit] = balance
             balance -= floors[debit]
-            lows[debit] = min(lows[debit], balance)
+            if balance < lows[debit]:  # noqa: PLR1730 (a call per row costs more)
+                lows[debit] = balance
             balance = deltas[credit] + amount
             deltas[credit] = balance
-            highs[credit] = max(highs[credit], balance)
+            if balance > highs[credit]:  # noqa: PLR1730
+                highs[credit] = balance
     except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         return dirty  # a value out of the ordinary: the exact pass says what
     if expected != hi + 1:

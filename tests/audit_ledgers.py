@@ -147,3 +147,43 @@ def named(report: AuditReport) -> tuple[set[int], set[int], set[int]]:
 def kinds(report: AuditReport) -> set[str]:
     """The kinds of problem the report lists."""
     return {p.kind for p in report.problems}
+
+
+# -- the same ledger on PostgreSQL --------------------------------------------------------
+
+_TABLES_IN_ORDER = ("accounts", "account_events", "transfers", "chain_formats", "alembic_version")
+
+
+def copy_to_postgres(source: Path, url: str) -> None:
+    """Write the rows of the SQLite ledger `source` (same values, same hashes) into the empty
+    PostgreSQL database at `url`, whose tables are the models' (`Base.metadata.create_all`:
+    the migrations do not run on PostgreSQL on this branch yet) plus `alembic_version`."""
+    import psycopg
+    from sqlalchemy import create_engine, text
+
+    from bank.ledger.models import Base
+
+    engine = create_engine(url)
+    try:
+        Base.metadata.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL "
+                    "CONSTRAINT alembic_version_pkc PRIMARY KEY)"
+                )
+            )
+    finally:
+        engine.dispose()
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    info = url.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        with psycopg.connect(info) as dst, dst.cursor() as cur:
+            for table in _TABLES_IN_ORDER:
+                columns = [row[1] for row in src.execute(f"PRAGMA table_info({table})")]
+                names = ", ".join(columns)
+                with cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+                    for row in src.execute(f"SELECT {names} FROM {table}"):
+                        copy.write_row(row)
+    finally:
+        src.close()

@@ -11,7 +11,7 @@ durability settings, how rows are streamed) lives in one backend's folder.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -123,22 +123,118 @@ class OwnerLock(Protocol):
 # -- reading -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotToken:
+    """How another process reopens the same snapshot (picklable).
+
+    `module` is the backend module whose `open_range_reader(token)` does it; `args` is
+    what it needs (SQLite: the path, whether immutable, the fingerprint; PostgreSQL:
+    the URL and the `pg_export_snapshot()` id).
+    """
+
+    module: str
+    args: tuple[Any, ...]
+
+
+class RangeReader(Protocol):
+    """A worker's view of a snapshot: transfers by seq range, for the parallel hash check."""
+
+    def hash_before(self, seq: int) -> object:
+        """The stored hash of the transfer with the largest seq below `seq` (None: none)."""
+        ...
+
+    def transfer_rows(
+        self, first_seq: int | None = None, last_seq: int | None = None
+    ) -> Iterator[tuple[Any, ...]]: ...
+
+
+#: `open_range_reader(token)` of a backend's snapshot module.
+RangeReaderOpener = Callable[[SnapshotToken], AbstractContextManager[RangeReader]]
+
+
 class LedgerSnapshot(Protocol):
     """One consistent, read-only view of a ledger; rows stream in seq (or id) order.
 
     Memory stays flat: every `*_rows` method streams from the store (SQLite: one
     read transaction; PostgreSQL: one REPEATABLE READ READ ONLY transaction with
-    server-side cursors). Rows are plain tuples in the columns' declared order.
+    server-side cursors). Rows are plain tuples in the columns' declared order
+    (the models' order) unless a method says otherwise. The audit's rules
+    (`bank.ledger.audit_*`) are written once over these streams.
     """
 
     where: str
+    #: The largest transfers seq this snapshot holds (0: none); workers read no further.
+    pinned_max_seq: int
 
     def revision(self) -> str | None: ...
     def tables(self) -> set[str]: ...
-    def transfer_rows(self) -> Iterator[tuple[Any, ...]]: ...
+    def transfer_rows(
+        self, first_seq: int | None = None, last_seq: int | None = None
+    ) -> Iterator[tuple[Any, ...]]: ...
     def account_event_rows(self) -> Iterator[tuple[Any, ...]]: ...
     def account_rows(self) -> Iterator[tuple[Any, ...]]: ...
-    def chain_format_rows(self) -> Iterator[tuple[Any, ...]]: ...
+    def chain_format_rows(self) -> Iterator[tuple[Any, ...]]:
+        """`(chain, first_seq, version)` in (chain, first_seq) order."""
+        ...
+
+    # -- added for the audit (issue 10) --
+    def revision_rows(self) -> list[object]:
+        """Every `alembic_version.version_num` (a ledger has exactly one)."""
+        ...
+
+    def columns(self, table: str) -> set[str]:
+        """The column names of `table` as the store has them."""
+        ...
+
+    def schema_differences(self, revision: str) -> list[Any]:
+        """Each way the schema differs from what the migrations create up to `revision`
+        (`bank.ledger.schema_ref.Difference`s: `.message`, `.expected`, `.found`)."""
+        ...
+
+    def matching_revisions(self) -> list[str]:
+        """The revisions whose schema this one is exactly (to name a revision set back)."""
+        ...
+
+    def integrity_problems(self) -> list[str]:
+        """Findings of the store's own consistency check (SQLite `integrity_check`: an
+        index holding other rows than its table), empty when sound."""
+        ...
+
+    def type_problems(
+        self, skip: Collection[str] = ()
+    ) -> Iterator[tuple[str, str, object, str, object]]:
+        """`(table, column, row key, stored type, value)` of every value whose type is not
+        its column's (`bank.ledger.audit_checks.COLUMN_TYPES`), in table, key order;
+        the tables in `skip` are not scanned."""
+        ...
+
+    def limit_event_rows(self) -> Iterator[tuple[Any, ...]]:
+        """`(transfer_seq, account_id, kind, overdraft_limit)` of account_events in
+        (transfer_seq, seq) order: the order the events took effect in."""
+        ...
+
+    def key_rows(self) -> Iterator[tuple[Any, ...]]:
+        """`(key, seq)` of the transfers with a key, in (key, seq) order."""
+        ...
+
+    def hash_at(self, table: str, seq: int) -> object:
+        """The stored hash of row `seq` of `table` (transfers, account_events), None if none."""
+        ...
+
+    def transfer_count(self) -> int: ...
+
+    def hash_before(self, seq: int) -> object:
+        """As `RangeReader.hash_before`: the snapshot checks a range itself too."""
+        ...
+
+    def export_token(self) -> SnapshotToken | None:
+        """How a worker process reads this same snapshot (None: it cannot)."""
+        ...
+
+    def stale(self) -> bool:
+        """True if the store changed under a read that assumed it would not (SQLite's
+        immutable mode): the results are void, audit again. Call at the end."""
+        ...
 
 
 # -- the backend ----------------------------------------------------------------------------

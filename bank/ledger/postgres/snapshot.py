@@ -1,0 +1,310 @@
+"""The audit's read-only snapshot of a PostgreSQL ledger.
+
+One `REPEATABLE READ READ ONLY` transaction: every query sees the same snapshot, the
+server refuses any write in it, and nothing locks the bank's writer out. Rows stream
+through server-side (named) cursors, a batch of `ITERSIZE` rows at a time, so the
+audit's memory stays flat however long the ledger. Worker processes of the audit's
+fast path read the very same snapshot: `pg_export_snapshot()` here, `SET TRANSACTION
+SNAPSHOT` in each worker.
+
+Columns are typed, so no value can have another type than its column's; what can
+differ is the catalog's column type itself (`type_problems` compares it with what
+the audit expects). The full catalog comparison (indexes, views, triggers) is
+`bank.ledger.postgres.schema`'s, reached through `_catalog_differences`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, Final, Protocol
+
+import psycopg
+from psycopg import sql
+from sqlalchemy.engine import URL
+
+from bank.errors import CannotAudit
+from bank.ledger.audit_checks import COLUMN_TYPES
+from bank.ledger.backend import SnapshotToken
+
+#: Rows per round trip of a server-side cursor.
+ITERSIZE: Final = 20_000
+_LEDGER_TABLES: Final = frozenset({"accounts", "transfers", "account_events"})
+_TRANSFER_COLUMNS: Final = (
+    "seq, key, kind, debit_account_id, credit_account_id, amount, ts_us, hash"
+)
+#: Catalog types (`information_schema.columns.data_type`) that hold what the audit's
+#: column types (`COLUMN_TYPES`) name.
+_CATALOG_TYPES: Final = {
+    "integer": frozenset({"bigint", "integer", "smallint"}),
+    "text": frozenset({"text", "character varying"}),
+}
+_log = logging.getLogger(__name__)
+
+
+class _Located(Protocol):
+    """What the snapshot needs of a backend: the SQLAlchemy URL of the ledger."""
+
+    @property
+    def url(self) -> URL: ...
+
+
+def conninfo(url: URL) -> str:
+    """The libpq connection string of an SQLAlchemy `postgresql+psycopg://` URL."""
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _connect(info: str) -> psycopg.Connection[Any]:
+    """A connection whose first statement starts a REPEATABLE READ READ ONLY transaction."""
+    conn = psycopg.connect(info, autocommit=False, application_name="bank audit")
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    return conn
+
+
+class _Rows:
+    """Streaming reads on one connection (each query a server-side cursor of its own)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+        self._cursors = 0
+
+    def stream(self, query: str, params: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+        self._cursors += 1
+        cur = self._conn.cursor(name=f"bank_audit_{self._cursors}", binary=True)
+        cur.itersize = ITERSIZE
+        try:
+            cur.execute(query, params)
+            yield from cur
+        finally:
+            cur.close()
+
+    def one(self, query: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        return self._conn.execute(query, params).fetchone()
+
+    def hash_before(self, seq: int) -> object:
+        row = self.one(
+            "SELECT hash FROM transfers WHERE seq < %s ORDER BY seq DESC LIMIT 1", (seq,)
+        )
+        return None if row is None else row[0]
+
+    def transfer_rows(
+        self, first_seq: int | None = None, last_seq: int | None = None
+    ) -> Iterator[tuple[Any, ...]]:
+        where: list[str] = []
+        params: list[int] = []
+        if first_seq is not None:
+            where.append("seq >= %s")
+            params.append(first_seq)
+        if last_seq is not None:
+            where.append("seq <= %s")
+            params.append(last_seq)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        return self.stream(
+            f"SELECT {_TRANSFER_COLUMNS} FROM transfers{clause} ORDER BY seq", tuple(params)
+        )
+
+
+class PostgresSnapshot(_Rows):
+    """`bank.ledger.backend.LedgerSnapshot` over one REPEATABLE READ READ ONLY transaction."""
+
+    def __init__(self, conn: psycopg.Connection[Any], where: str, info: str) -> None:
+        super().__init__(conn)
+        self.where = where
+        self._info = info
+        # The first query takes the snapshot; export it for the workers.
+        row = self.one("SELECT pg_export_snapshot()")
+        assert row is not None
+        self._snapshot_id = str(row[0])
+        self._tables = {
+            str(r[0])
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
+            )
+        }
+        self.pinned_max_seq = 0
+        if "transfers" in self._tables:
+            top = self.one("SELECT max(seq) FROM transfers")
+            self.pinned_max_seq = int(top[0]) if top is not None and top[0] is not None else 0
+
+    def tables(self) -> set[str]:
+        return set(self._tables)
+
+    def _catalog_columns(self, table: str) -> dict[str, tuple[str, bool]]:
+        rows = self._conn.execute(
+            "SELECT column_name, data_type, is_nullable = 'YES' FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = %s ORDER BY ordinal_position",
+            (table,),
+        )
+        return {str(name): (str(kind), bool(nullable)) for name, kind, nullable in rows}
+
+    def columns(self, table: str) -> set[str]:
+        return set(self._catalog_columns(table))
+
+    def revision_rows(self) -> list[object]:
+        tables = self._tables
+        if "alembic_version" not in tables:
+            if not tables:
+                raise CannotAudit(f"{self.where}: an empty PostgreSQL database, not a ledger")
+            if tables & _LEDGER_TABLES:
+                raise CannotAudit(
+                    f"{self.where}: has ledger tables but no schema revision (alembic_version)"
+                )
+            listed = ", ".join(sorted(tables)[:5])
+            raise CannotAudit(
+                f"{self.where}: a PostgreSQL database of another program (tables: {listed})"
+            )
+        return [r[0] for r in self._conn.execute("SELECT version_num FROM alembic_version")]
+
+    def revision(self) -> str | None:
+        rows = self.revision_rows()
+        return str(rows[0]) if len(rows) == 1 else None
+
+    def schema_differences(self, revision: str) -> list[Any]:
+        return _catalog_differences(self._conn, revision)
+
+    def matching_revisions(self) -> list[str]:
+        return _catalog_matching_revisions(self._conn)
+
+    def integrity_problems(self) -> list[str]:
+        # No index text can disagree with its contents here (PostgreSQL has no
+        # writable_schema); a damaged relation fails the reads themselves.
+        return []
+
+    def type_problems(
+        self, skip: Collection[str] = ()
+    ) -> Iterator[tuple[str, str, object, str, object]]:
+        """Each audited column whose catalog type cannot hold only what the audit expects
+        (a NUMERIC amount, a nullable seq, ...), as one `bad_type` without a row."""
+        for table, columns in COLUMN_TYPES.items():
+            if table not in self._tables or table in skip:
+                continue
+            catalog = self._catalog_columns(table)
+            for column, allowed in columns.items():
+                if column not in catalog:
+                    continue  # a missing column is the schema check's
+                data_type, nullable = catalog[column]
+                ok_types = frozenset().union(*(_CATALOG_TYPES.get(a, ()) for a in allowed))
+                if data_type not in ok_types or (nullable and "null" not in allowed):
+                    shown = f"a {'nullable ' if nullable else ''}{data_type} column"
+                    yield table, column, None, shown, None
+
+    def account_event_rows(self) -> Iterator[tuple[Any, ...]]:
+        return self.stream(
+            "SELECT seq, account_id, kind, name, overdraft_limit, transfer_seq, ts_us, hash "
+            "FROM account_events ORDER BY seq"
+        )
+
+    def limit_event_rows(self) -> Iterator[tuple[Any, ...]]:
+        return self.stream(
+            "SELECT transfer_seq, account_id, kind, overdraft_limit FROM account_events "
+            "ORDER BY transfer_seq, seq"
+        )
+
+    def account_rows(self) -> Iterator[tuple[Any, ...]]:
+        return self.stream("SELECT id, name, overdraft_limit, balance FROM accounts ORDER BY id")
+
+    def chain_format_rows(self) -> Iterator[tuple[Any, ...]]:
+        return self.stream(
+            "SELECT chain, first_seq, version FROM chain_formats ORDER BY chain, first_seq"
+        )
+
+    def key_rows(self) -> Iterator[tuple[Any, ...]]:
+        # COLLATE "C": the order the audit compares neighbours in must put equal keys
+        # next to each other byte for byte, whatever the database's collation.
+        return self.stream(
+            'SELECT key, seq FROM transfers WHERE key IS NOT NULL ORDER BY key COLLATE "C", seq'
+        )
+
+    def hash_at(self, table: str, seq: int) -> object:
+        assert table in ("transfers", "account_events"), table
+        row = self.one(
+            sql.SQL("SELECT hash FROM {} WHERE seq = %s")
+            .format(sql.Identifier(table))
+            .as_string(self._conn),
+            (seq,),
+        )
+        return None if row is None else row[0]
+
+    def transfer_count(self) -> int:
+        row = self.one("SELECT count(*) FROM transfers")
+        return 0 if row is None else int(row[0])
+
+    def export_token(self) -> SnapshotToken | None:
+        return SnapshotToken(__name__, (self._info, self._snapshot_id))
+
+    def stale(self) -> bool:
+        return False
+
+
+def _catalog_differences(conn: psycopg.Connection[Any], revision: str) -> list[Any]:
+    """The schema engineer's catalog comparison (`bank.ledger.postgres.schema`), when that
+    module is installed; without it this one check is skipped (and logged)."""
+    try:
+        from bank.ledger.postgres import schema  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:
+        schema = None
+    compare = getattr(schema, "schema_differences", None)
+    if compare is None:
+        if not _skipped:
+            _skipped.append(True)
+            _log.warning(
+                "bank.ledger.postgres.schema.schema_differences is absent: the audit's "
+                "catalog schema check is skipped (every other check runs)"
+            )
+        return []
+    return list(compare(conn, revision))
+
+
+#: Set once the skipped schema check was logged (once per process).
+_skipped: list[bool] = []
+
+
+def _catalog_matching_revisions(conn: psycopg.Connection[Any]) -> list[str]:
+    try:
+        from bank.ledger.postgres import schema  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:
+        return []
+    matching = getattr(schema, "matching_revisions", None)
+    return [] if matching is None else list(matching(conn))
+
+
+@contextmanager
+def open_snapshot(backend: _Located) -> Iterator[PostgresSnapshot]:
+    """The snapshot of the PostgreSQL ledger at `backend.url`; `CannotAudit` (one line)
+    when the server cannot be reached or the database cannot be read."""
+    where = backend.url.render_as_string(hide_password=True)
+    info = conninfo(backend.url)
+    try:
+        conn = _connect(info)
+    except psycopg.Error as exc:
+        raise CannotAudit(f"{where}: PostgreSQL could not be reached ({_reason(exc)})") from None
+    try:
+        try:
+            yield PostgresSnapshot(conn, where, info)
+        except psycopg.Error as exc:
+            raise CannotAudit(f"{where}: PostgreSQL could not read it ({_reason(exc)})") from None
+    finally:
+        with suppress(psycopg.Error):
+            conn.rollback()
+        conn.close()
+
+
+@contextmanager
+def open_range_reader(token: SnapshotToken) -> Iterator[_Rows]:
+    """In a worker process: a transaction on the exported snapshot of `token`."""
+    info, snapshot_id = token.args
+    conn = _connect(str(info))
+    try:
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(str(snapshot_id))))
+        yield _Rows(conn)
+        conn.rollback()
+    finally:
+        conn.close()

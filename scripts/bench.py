@@ -794,6 +794,7 @@ def bench_pg_raw(
     parameters are built before each candidate's clock starts."""
     url = pg.database("raw")
     candidates: dict[str, float] = {}
+    cpu_us: dict[str, float] = {}  # the client's CPU per row: what the writer itself costs
     best: Result | None = None
     problems: list[str] = []
     for size in sizes:
@@ -816,6 +817,7 @@ def bench_pg_raw(
             problems += [f"{name}: {p}" for p in found]
             candidate = Result("h", len(moves), seconds, cpu, accepted, refused)
             candidates[name] = round(candidate.ops_s, 1)
+            cpu_us[name] = round(candidate.cpu_us_per_op, 2)
             if not found and (best is None or candidate.ops_s > best.ops_s):
                 best, best.extra["method"] = candidate, name
     if best is None:
@@ -823,6 +825,7 @@ def bench_pg_raw(
     best.problems += problems
     best.checks.append("rows, chain head and every balance exact, per candidate")
     best.extra["candidates_rows_s"] = candidates
+    best.extra["candidates_cpu_us_per_row"] = cpu_us
     return best
 
 

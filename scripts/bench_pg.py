@@ -36,7 +36,7 @@ from bank.ledger.models import Base
 Move = tuple[int, int, int]  # (source, target, amount), as in bench.py
 
 #: The raw ceiling's candidate writers (see `prepare_writer`).
-RAW_METHODS = ("unnest", "values", "copy", "pipeline")
+RAW_METHODS = ("unnest", "unnest-text", "values", "copy", "pipeline")
 #: Rows per batch the ceiling may be measured at.
 RAW_BATCH_DEFAULT = 1_000
 #: The columns a keyless transfer row writes (the engine leaves `key` out; it is NULL).
@@ -283,6 +283,16 @@ _UNNEST_SQL = (
     "UPDATE accounts SET balance = v.balance FROM unnest(%s::int8[], %s::int8[]) "
     "AS v(id, balance) WHERE accounts.id = v.id"
 )
+#: "unnest" with each array sent as one text literal ('{1,2,3}'), cast on the server: the
+#: client joins strings in C instead of dumping every element in Python. Only for values
+#: that need no quoting (integers, hex hashes, kind words): no key column.
+_UNNEST_TEXT_SQL = (
+    f"WITH ins AS (INSERT INTO transfers ({_COLS}) SELECT * FROM unnest("
+    "%s::text::int8[], %s::text::text[], %s::text::int8[], %s::text::int8[], %s::text::int8[],"
+    " %s::text::int8[], %s::text::text[])) "
+    "UPDATE accounts SET balance = v.balance FROM unnest(%s::text::int8[], %s::text::int8[]) "
+    "AS v(id, balance) WHERE accounts.id = v.id"
+)
 _UPDATE_UNNEST_SQL = (
     "UPDATE accounts SET balance = v.balance FROM unnest(%s::int8[], %s::int8[]) "
     "AS v(id, balance) WHERE accounts.id = v.id"
@@ -322,6 +332,8 @@ def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], Non
     - unnest: one statement per batch, `WITH ins AS (INSERT ... SELECT * FROM
       unnest(arrays)) UPDATE accounts ... FROM unnest(arrays)`, binary parameters
       (one statement text for every batch size, so it stays prepared);
+    - unnest-text: the same statement, each array sent as one text literal built
+      with `str.join` (psycopg dumps a list element by element in Python);
     - values: one multi-row `INSERT ... VALUES` page per batch, then `UPDATE ... FROM
       (VALUES ...)` (texts vary with the row count);
     - copy: binary `COPY transfers FROM STDIN`, then the unnest UPDATE;
@@ -340,6 +352,21 @@ def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], Non
         def write() -> None:
             for p in params:
                 cur.execute(_UNNEST_SQL, p)
+                conn.commit()
+
+        return write
+    if method == "unnest-text":
+        columns = [
+            (list(zip(*rows, strict=True)), list(zip(*bal, strict=True))) for rows, bal in batches
+        ]
+
+        def write() -> None:
+            # The literals are built inside the clock, as psycopg dumps the lists of "unnest".
+            for cols, bal_cols in columns:
+                cur.execute(
+                    _UNNEST_TEXT_SQL,
+                    ["{" + ",".join(map(str, col)) + "}" for col in (*cols, *bal_cols)],
+                )
                 conn.commit()
 
         return write

@@ -161,7 +161,7 @@ def test_postgres_variants_run_and_verify(bench: ModuleType, tmp_path: Path) -> 
             "--ops",
             "g=300,h=400",
             "--pg-raw",
-            "unnest,values,copy,pipeline",
+            "unnest,unnest-text,values,copy,pipeline",
             "--pg-raw-batch",
             "64,150",
             "--pgbench-seconds",
@@ -187,7 +187,7 @@ def test_postgres_variants_run_and_verify(bench: ModuleType, tmp_path: Path) -> 
     for each in raw["rounds"]:  # every candidate measured; the fastest is the ceiling
         candidates = each["candidates_rows_s"]
         assert set(candidates) == {
-            f"{m}@{n}" for m in ("unnest", "values", "copy", "pipeline") for n in (64, 150)
+            f"{m}@{n}" for m in bench.bench_pg.RAW_METHODS for n in (64, 150)
         }
         assert all(v > 0 for v in candidates.values())
         assert each["ops_s"] == pytest.approx(max(candidates.values()), rel=1e-3)

@@ -538,16 +538,17 @@ def bench_blocking(
 
 def bench_window(
     variant: str,
-    path: Path | URL,
+    path: Path | Bank,
     moves: list[Move],
     accounts: int,
     durability: str,
     gc_mode: str,
     wait: str,
 ) -> Result:
-    """(c)/(e): 16 threads, each submitting 64 pre-built commands with `submit_many`
-    and waiting for all 64 answers before the next window."""
-    bank = open_bank(path, accounts, durability)
+    """(c)/(e)/(g): 16 threads, each submitting 64 pre-built commands with `submit_many`
+    and waiting for all 64 answers before the next window (`path` may be a bank already
+    opened by `open_bank`)."""
+    bank = path if isinstance(path, Bank) else open_bank(path, accounts, durability)
     try:
         commands = [Transfer(source=s, target=t, amount=a) for s, t, a in moves]
         windows = [
@@ -769,10 +770,10 @@ def bench_pg_engine(
     """(g): (c)'s workload through `Bank.open(url)` on a fresh PostgreSQL database."""
     url = pg.database("engine")
     try:
-        result = bench_window("g", url, moves, accounts, durability, gc_mode, wait)
+        bank = open_bank(url, accounts, durability)
     except Exception as exc:  # an engine without a PostgreSQL backend: the run goes on
         raise Unavailable(f"engine on PostgreSQL: unavailable ({one_line(exc)})") from exc
-    return result
+    return bench_window("g", bank, moves, accounts, durability, gc_mode, wait)
 
 
 def one_line(exc: BaseException) -> str:

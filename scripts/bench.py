@@ -1,4 +1,5 @@
-"""The engine's throughput benchmark (issue #2, point 9): the same transfers, five ways.
+"""The engine's throughput benchmark (issue #2, point 9; PostgreSQL: issue #10): the
+same transfers, six ways on SQLite and two on PostgreSQL, beside pgbench.
 
 - (a) the naive baseline a tutorial would give: a `BankAccount` class with an
   `RLock` and an int balance, and one SQLAlchemy ORM commit per operation
@@ -10,7 +11,22 @@
 - (d) raw stdlib `sqlite3` inserting the rows the engine writes (same
   `transfers` table, precomputed chain hashes), 1,000 rows per transaction:
   the ceiling of the ledger itself;
-- (e) (c) again with `durability="normal"`, for the trade-off table.
+- (e) (c) again with `durability="normal"`, for the trade-off table;
+- (f) `bank simulate`, the figure a user sees;
+- (g) (c) on PostgreSQL: the engine's pipelined path through `Bank.open(url)`;
+- (h) the raw psycopg ceiling: the same rows (chain hashes precomputed) and each
+  batch's final balances, written by one connection with nothing else, one
+  durable transaction (`synchronous_commit=on`) per batch, on the ledger's own
+  tables (`bank.ledger.models`, both foreign keys of `transfers` included); each
+  round measures every candidate writer of `--pg-raw` at every `--pg-raw-batch`
+  size and the fastest is the ceiling;
+- (i) pgbench's TPC-B-like script, `-c 8 -j 2`, durable, on its own database:
+  the reference PostgreSQL users know (its TPS as ops/s).
+
+The PostgreSQL variants run on `--pg-url` (default `BANK_BENCH_POSTGRES_URL`),
+else on a throwaway cluster started from the PostgreSQL binaries on the machine,
+else they are skipped with a one-line note; each uses its own `bench_...`
+database, dropped at the end.
 
 Everything a variant needs (argument tuples, pydantic commands, rows and their
 hashes) is generated before its timed region; the timed region runs from the
@@ -44,6 +60,9 @@ measures multi-row `INSERT ... VALUES (...), (...)` pages of 100 rows instead
     .venv/bin/python scripts/bench.py
     .venv/bin/python scripts/bench.py --only a,c --ops c=50000 --rounds 1 --json bench.json
     .venv/bin/python scripts/bench.py --ops-scale 0.1 --durability normal
+    .venv/bin/python scripts/bench.py --only g,h,i --pg-url postgresql+psycopg://postgres@host/db
+    .venv/bin/python scripts/bench.py --only h --pg-raw unnest,values,copy,pipeline \
+        --pg-raw-batch 256,512,1000
 """
 
 import argparse
@@ -70,6 +89,7 @@ import sqlalchemy
 from rich.console import Console, JustifyMethod
 from rich.table import Table
 from sqlalchemy import Engine, ForeignKey, create_engine, event, func, select
+from sqlalchemy.engine import URL
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
 
 from bank import Bank
@@ -80,7 +100,14 @@ from bank.ledger.models import transfers
 from bank.limits import BUSY_TIMEOUT_MS
 from bank.simulate.tuning import throughput_gc
 
-VARIANTS = ("a", "b", "c", "d", "e", "f")
+# The PostgreSQL helpers live beside this script (scripts/ is not a package).
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_pg
+
+VARIANTS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
+#: The variants that need a PostgreSQL server.
+PG_VARIANTS = ("g", "h", "i")
 # Sized for a run of about a minute on 2 cores, each timed region several seconds long.
 OPS_DEFAULT = {
     "a": 10_000,
@@ -89,7 +116,10 @@ OPS_DEFAULT = {
     "d": 1_000_000,
     "e": 500_000,
     "f": 200_000,
+    "g": 200_000,
+    "h": 100_000,  # per candidate writer and batch size
 }
+PGBENCH_SECONDS_DEFAULT = 10  # (i) runs for a time (-T), not a number of operations
 LABELS = {
     "a": "naive: BankAccount+RLock, ORM commit per op, 8 threads",
     "b": "engine: 8 threads x blocking transfer()",
@@ -97,6 +127,9 @@ LABELS = {
     "d": "raw sqlite3: executemany, 1,000 rows per transaction",
     "e": "(c) with durability=normal",
     "f": "bank simulate --ops N --tellers 16 (its defaults: window 8, mixed workload, 1,000 accounts)",
+    "g": "engine on PostgreSQL: 16 threads x window of 64 (submit_many)",
+    "h": "raw psycopg ceiling: fastest batched durable insert+update, one transaction per batch",
+    "i": "pgbench TPC-B -c 8 -j 2 -T N, synchronous_commit=on (TPS)",
 }
 SHORT = {
     "a": "(a) naive ORM",
@@ -105,11 +138,15 @@ SHORT = {
     "d": "(d) raw sqlite3",
     "e": "(e) window, normal",
     "f": "(f) bank simulate",
+    "g": "(g) engine on PG",
+    "h": "(h) raw psycopg",
+    "i": "(i) pgbench TPS",
 }
 #: variant -> [(reference variant, lowest ratio to it)], at default durability on 2 cores.
 TARGETS: dict[str, list[tuple[str, float]]] = {
     "b": [("a", 8.0)],
     "c": [("a", 25.0), ("d", 0.4)],
+    "g": [("h", 0.5), ("i", 5.0)],
 }
 
 ACCOUNTS_DEFAULT = 100
@@ -418,9 +455,11 @@ def bench_naive(
 WORKERS: int | None = 1  # --workers: under the GIL one worker is fastest (README)
 
 
-def open_bank(path: Path, accounts: int, durability: str) -> Bank:
-    """A fresh ledger with `accounts` funded customer accounts (ids 1..accounts)."""
-    remove_ledger(path)
+def open_bank(path: Path | URL, accounts: int, durability: str) -> Bank:
+    """A fresh ledger with `accounts` funded customer accounts (ids 1..accounts); a URL
+    must name an empty database."""
+    if isinstance(path, Path):
+        remove_ledger(path)
     bank = (
         Bank.open(path, durability=durability)
         if WORKERS is None
@@ -499,16 +538,17 @@ def bench_blocking(
 
 def bench_window(
     variant: str,
-    path: Path,
+    path: Path | Bank,
     moves: list[Move],
     accounts: int,
     durability: str,
     gc_mode: str,
     wait: str,
 ) -> Result:
-    """(c)/(e): 16 threads, each submitting 64 pre-built commands with `submit_many`
-    and waiting for all 64 answers before the next window."""
-    bank = open_bank(path, accounts, durability)
+    """(c)/(e)/(g): 16 threads, each submitting 64 pre-built commands with `submit_many`
+    and waiting for all 64 answers before the next window (`path` may be a bank already
+    opened by `open_bank`)."""
+    bank = path if isinstance(path, Bank) else open_bank(path, accounts, durability)
     try:
         commands = [Transfer(source=s, target=t, amount=a) for s, t, a in moves]
         windows = [
@@ -694,6 +734,128 @@ def bench_raw(
     return result
 
 
+# -- (g), (h), (i): PostgreSQL --------------------------------------------------------------
+
+PGBENCH_CLIENTS = 8
+PGBENCH_THREADS = 2
+PGBENCH_SCALE_DEFAULT = 8  # pgbench's advice: a scale at least the number of clients
+
+
+class Unavailable(Exception):
+    """A variant that cannot run here (no server, no pgbench, an engine without a
+    PostgreSQL backend); the run goes on without it."""
+
+
+@dataclass
+class PgRun:
+    """The server of this run and its scratch databases (one per variant, `bench_...`)."""
+
+    server: bench_pg.Server
+    tag: str = field(default_factory=lambda: f"{os.getpid()}")
+    pgbench_url: URL | None = None  # initialised once per run, by the first round of (i)
+
+    def database(self, purpose: str) -> URL:
+        """A fresh, empty database for `purpose` (dropped at the end of the run)."""
+        return self.server.fresh_database(f"bench_{purpose}_{self.tag}")
+
+
+def bench_pg_engine(
+    pg: PgRun,
+    moves: list[Move],
+    accounts: int,
+    durability: str,
+    gc_mode: str,
+    wait: str,
+) -> Result:
+    """(g): (c)'s workload through `Bank.open(url)` on a fresh PostgreSQL database."""
+    url = pg.database("engine")
+    try:
+        bank = open_bank(url, accounts, durability)
+    except Exception as exc:  # an engine without a PostgreSQL backend: the run goes on
+        raise Unavailable(f"engine on PostgreSQL: unavailable ({one_line(exc)})") from exc
+    return bench_window("g", bank, moves, accounts, durability, gc_mode, wait)
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, at most 200 characters."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:200]
+
+
+def bench_pg_raw(
+    pg: PgRun,
+    moves: list[Move],
+    accounts: int,
+    gc_mode: str,
+    methods: Sequence[str],
+    sizes: Sequence[int],
+) -> Result:
+    """(h): every candidate writer at every batch size, on the ledger's tables; the
+    fastest (verified) one is this round's ceiling. Rows, hashes, statements and
+    parameters are built before each candidate's clock starts."""
+    url = pg.database("raw")
+    candidates: dict[str, float] = {}
+    cpu_us: dict[str, float] = {}  # the client's CPU per row: what the writer itself costs
+    best: Result | None = None
+    problems: list[str] = []
+    for size in sizes:
+        work = bench_pg.build_batches(moves, accounts, OPENING_BALANCE, size)
+        for method in methods:
+            name = f"{method}@{size}"
+            bench_pg.create_ledger_tables(url, accounts, OPENING_BALANCE)
+            conn = bench_pg.connect_durable(url)
+            try:
+                write = bench_pg.prepare_writer(method, conn, work)
+
+                def writer(_i: int, write: Callable[[], None] = write) -> tuple[int, int]:
+                    write()
+                    return len(moves), 0
+
+                seconds, cpu, accepted, refused = run_threads(1, writer, gc_mode)
+            finally:
+                conn.close()
+            found = bench_pg.check_ceiling(url, work, accounts, OPENING_BALANCE)
+            problems += [f"{name}: {p}" for p in found]
+            candidate = Result("h", len(moves), seconds, cpu, accepted, refused)
+            candidates[name] = round(candidate.ops_s, 1)
+            cpu_us[name] = round(candidate.cpu_us_per_op, 2)
+            if not found and (best is None or candidate.ops_s > best.ops_s):
+                best, best.extra["method"] = candidate, name
+    if best is None:
+        best = Result("h", len(moves), 0.0, 0.0, 0, 0)
+    best.problems += problems
+    best.checks.append("rows, chain head and every balance exact, per candidate")
+    best.extra["candidates_rows_s"] = candidates
+    best.extra["candidates_cpu_us_per_row"] = cpu_us
+    return best
+
+
+def bench_pgbench(pg: PgRun, seconds: int, scale: int) -> Result:
+    """(i): `pgbench -c 8 -j 2 -T seconds` (TPC-B-like, durable) on its own database,
+    initialised once per run with `pgbench -i -s scale`; its TPS is the ops/s."""
+    if bench_pg.postgres_bin("pgbench") is None:
+        raise Unavailable("pgbench: not installed (PostgreSQL's client programs), skipped")
+    if pg.pgbench_url is None:
+        pg.pgbench_url = pg.database("pgbench")
+        bench_pg.pgbench_init(pg.pgbench_url, scale)
+    before = bench_pg.pgbench_sums(pg.pgbench_url)
+    run = bench_pg.pgbench_run(pg.pgbench_url, PGBENCH_CLIENTS, PGBENCH_THREADS, seconds)
+    result = Result(
+        "i",
+        run.transactions,
+        run.transactions / run.tps if run.tps > 0 else 0.0,  # so that ops/s is its TPS
+        run.cpu_seconds,  # pgbench's own CPU, not the server's
+        run.transactions - run.failed,
+        run.failed,
+        extra={"command": run.command, "scale": scale},
+    )
+    if run.failed:
+        result.problems.append(f"{run.failed} failed transactions")
+    result.problems += bench_pg.pgbench_check(pg.pgbench_url, before)
+    result.checks.append("no failed transaction, history deltas == every level's balances")
+    return result
+
+
 # -- report ---------------------------------------------------------------------------------
 
 
@@ -744,7 +906,7 @@ def print_report(console: Console, runs: dict[str, list[Result]], durability: st
     results = medians(runs)
     count = len(next(iter(runs.values()))) if runs else 0
     table = Table(
-        title=f"bank benchmark (durability={durability} for a-d; median of {count} round(s))"
+        title=f"bank benchmark (durability={durability} for a-d and g; median of {count} round(s))"
     )
     columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("variant", "left"),
@@ -755,6 +917,8 @@ def print_report(console: Console, runs: dict[str, list[Result]], durability: st
         ("CPU us/op", "right"),
         ("x (a)", "right"),
         ("x (d)", "right"),
+        ("x (h)", "right"),
+        ("x (i)", "right"),
         ("target", "left"),
         ("met", "left"),
         ("verified", "left"),
@@ -762,7 +926,12 @@ def print_report(console: Console, runs: dict[str, list[Result]], durability: st
     for name, justify in columns:
         table.add_column(name, justify=justify, no_wrap=True)
     for variant, result in results.items():
-        to_a, to_d = ratio(results, variant, "a"), ratio(results, variant, "d")
+        # SQLite variants against SQLite's references, PostgreSQL's against PostgreSQL's.
+        pg = variant in PG_VARIANTS
+        to_a = None if pg else ratio(results, variant, "a")
+        to_d = None if pg else ratio(results, variant, "d")
+        to_h = ratio(results, variant, "h") if pg else None
+        to_i = ratio(results, variant, "i") if pg else None
         target, met = target_verdict(results, variant)
         speeds = [r.ops_s for r in runs[variant]]
         table.add_row(
@@ -774,6 +943,8 @@ def print_report(console: Console, runs: dict[str, list[Result]], durability: st
             f"{result.cpu_us_per_op:,.1f}",
             "-" if to_a is None else f"{to_a:.2f}",
             "-" if to_d is None else f"{to_d:.3f}",
+            "-" if to_h is None else f"{to_h:.3f}",
+            "-" if to_i is None else f"{to_i:.2f}",
             target,
             {None: "n/a", True: "[green]yes[/]", False: "[red]no[/]"}[met],
             "[green]yes[/]" if all(r.verified for r in runs[variant]) else "[red]NO[/]",
@@ -794,6 +965,17 @@ def print_report(console: Console, runs: dict[str, list[Result]], durability: st
         label = LABELS[variant]
         if result.extra.get("insert") == "values":
             label = label.replace("executemany", "INSERT ... VALUES pages of 100 rows")
+        if variant == "h":
+            label += (
+                f" (fastest: {result.extra.get('method')}; rows/s per round: "
+                + "; ".join(
+                    ", ".join(f"{k} {v:,.0f}" for k, v in r.extra["candidates_rows_s"].items())
+                    for r in runs["h"]
+                )
+                + ")"
+            )
+        if variant == "i":
+            label += f" ({result.extra['command']}, scale {result.extra['scale']})"
         console.print(f"  ({variant}) {label}")
 
 
@@ -816,6 +998,8 @@ def to_json(
             "rejected": result.rejected,
             "ratio_to_a": ratio(results, variant, "a"),
             "ratio_to_d": ratio(results, variant, "d"),
+            "ratio_to_h": ratio(results, variant, "h"),
+            "ratio_to_i": ratio(results, variant, "i"),
             "target": target,
             "target_met": met,
             "verified": all(r.verified for r in runs[variant]),
@@ -828,6 +1012,11 @@ def to_json(
                     "seconds": round(r.seconds, 4),
                     "cpu_us_per_op": round(r.cpu_us_per_op, 2),
                     "verified": r.verified,
+                    **(
+                        {"candidates_rows_s": r.extra["candidates_rows_s"]}
+                        if variant == "h"
+                        else {}
+                    ),
                 }
                 for r in runs[variant]
             ],
@@ -859,13 +1048,14 @@ def parse_ops(text: str) -> dict[str, int]:
         name, sep, value = part.partition("=")
         try:
             if not sep:
-                return dict.fromkeys(VARIANTS, int(name))
-            if name.strip() not in VARIANTS:
+                return dict.fromkeys(OPS_DEFAULT, int(name))
+            if name.strip() not in OPS_DEFAULT:
                 raise ValueError
             ops[name.strip()] = int(value)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"--ops takes N or VARIANT=N,... with variants {','.join(VARIANTS)} (got {part!r})"
+                f"--ops takes N or VARIANT=N,... with variants {','.join(OPS_DEFAULT)} "
+                f"(got {part!r}; (i) runs for --pgbench-seconds)"
             ) from None
     if any(n < 1 for n in ops.values()):
         raise argparse.ArgumentTypeError("--ops counts must be positive")
@@ -883,6 +1073,34 @@ def parse_only(text: str) -> list[str]:
     return [v for v in VARIANTS if v in chosen]
 
 
+#: (h)'s default candidates: the two fastest of the sweep in the README (COPY, then unnest).
+PG_RAW_DEFAULT = ("copy", "unnest")
+
+
+def parse_raw_methods(text: str) -> list[str]:
+    """`--pg-raw copy,unnest`."""
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = set(chosen) - set(bench_pg.RAW_METHODS)
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"--pg-raw takes writers among {','.join(bench_pg.RAW_METHODS)} (got {text!r})"
+        )
+    return list(dict.fromkeys(chosen))
+
+
+def parse_sizes(text: str) -> list[int]:
+    """`--pg-raw-batch 256,512,1000`."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(not 1 <= n <= 10_000 for n in sizes):
+        raise argparse.ArgumentTypeError(
+            f"--pg-raw-batch takes row counts from 1 to 10,000, comma-separated (got {text!r})"
+        )
+    return list(dict.fromkeys(sizes))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(
@@ -895,7 +1113,7 @@ def build_parser() -> argparse.ArgumentParser:
             "variants: "
             + "; ".join(f"({v}) {LABELS[v]}" for v in VARIANTS)
             + ". Targets at default durability on 2 cores: (b) >= 8x (a); "
-            "(c) >= 25x (a) and >= 0.4x (d)."
+            "(c) >= 25x (a) and >= 0.4x (d); (g) >= 0.5x (h) and >= 5x (i)."
         ),
     )
     parser.add_argument(
@@ -957,6 +1175,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="how (d) inserts each 1,000-row batch: DB-API executemany (default, as the issue "
         "defines the ceiling) or multi-row INSERT ... VALUES pages of 100 rows",
     )
+    parser.add_argument(
+        "--pg-url",
+        default=os.environ.get("BANK_BENCH_POSTGRES_URL"),
+        help="PostgreSQL server for (g)-(i) (an SQLAlchemy postgresql+psycopg:// URL; the "
+        "run creates and drops its own bench_... databases there). Default: "
+        "BANK_BENCH_POSTGRES_URL, else a throwaway cluster from the PostgreSQL binaries, "
+        "else (g)-(i) are skipped",
+    )
+    parser.add_argument(
+        "--pg-raw",
+        type=parse_raw_methods,
+        default=list(PG_RAW_DEFAULT),
+        help="candidate writers of the raw PostgreSQL ceiling (h), the fastest of which is "
+        f"the ceiling: some of {','.join(bench_pg.RAW_METHODS)} "
+        f"(default {','.join(PG_RAW_DEFAULT)})",
+    )
+    parser.add_argument(
+        "--pg-raw-batch",
+        type=parse_sizes,
+        default=[bench_pg.RAW_BATCH_DEFAULT],
+        help=f"rows per transaction of (h), e.g. 256,512,1000 (default {bench_pg.RAW_BATCH_DEFAULT})",
+    )
+    parser.add_argument(
+        "--pgbench-seconds",
+        type=int,
+        help=f"duration of (i) (default {PGBENCH_SECONDS_DEFAULT} s times --ops-scale, at least 1)",
+    )
+    parser.add_argument(
+        "--pgbench-scale",
+        type=int,
+        default=PGBENCH_SCALE_DEFAULT,
+        help=f"pgbench -i -s for (i) (default {PGBENCH_SCALE_DEFAULT}: one branch per client)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the result as JSON")
     parser.add_argument(
         "--dir",
@@ -967,10 +1218,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_variant(
-    variant: str, where: Path, ops: int, stream: list[Move], args: argparse.Namespace
+    variant: str,
+    where: Path,
+    ops: int,
+    stream: list[Move],
+    args: argparse.Namespace,
+    pg: PgRun | None = None,
 ) -> Result:
-    """One round of one variant, on a fresh ledger file; it takes a prefix of `stream`."""
+    """One round of one variant, on a fresh ledger file (or database); it takes a prefix
+    of `stream`. Raises `Unavailable` for a variant that cannot run here."""
     moves = stream[:ops]
+    if variant in PG_VARIANTS:
+        if pg is None:
+            raise Unavailable("no PostgreSQL server")
+        if variant == "g":
+            return bench_pg_engine(pg, moves, args.accounts, args.durability, args.gc, args.wait)
+        if variant == "h":
+            return bench_pg_raw(pg, moves, args.accounts, args.gc, args.pg_raw, args.pg_raw_batch)
+        return bench_pgbench(pg, ops, args.pgbench_scale)
     path = where / f"bench-{variant}.db"
     remove_ledger(path)
     if variant == "a":
@@ -998,13 +1263,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--rounds must be from 1 to 100")
     if args.workers is not None and not 1 <= args.workers <= 64:
         parser.error("--workers must be from 1 to 64")
+    if args.pgbench_seconds is not None and args.pgbench_seconds < 1:
+        parser.error("--pgbench-seconds must be at least 1")
+    if args.pgbench_scale < 1:
+        parser.error("--pgbench-scale must be at least 1")
     global WORKERS  # noqa: PLW0603 (a run-wide setting of this script)
     WORKERS = args.workers
     ops = {v: max(1, round(n * args.ops_scale)) for v, n in OPS_DEFAULT.items()}
     ops.update(args.ops)
+    ops["i"] = args.pgbench_seconds or max(1, round(PGBENCH_SECONDS_DEFAULT * args.ops_scale))
     console = Console()
     if not console.is_terminal:
-        console = Console(width=140)  # a log file: keep the table on one line per row
+        console = Console(width=170)  # a log file: keep the table on one line per row
     console.print(
         f"[bold]workload[/]: transfers among {args.accounts} accounts (seed {args.seed}), "
         f"amounts 1..{AMOUNT_MAX:,} cents, opening balance {OPENING_BALANCE:,} and overdraft "
@@ -1028,21 +1298,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     load_before = os.getloadavg()[0]
     runs: dict[str, list[Result]] = {v: [] for v in args.only}
+    skipped: dict[str, str] = {}
     # One seeded stream for the whole run: every variant and round takes a prefix of it
-    # ((f) generates its own workload).
+    # ((f) generates its own workload, (i) is pgbench's).
     stream = make_moves(
-        max((ops[v] for v in args.only if v != "f"), default=0), args.accounts, args.seed
+        max((ops[v] for v in args.only if v not in ("f", "i")), default=0),
+        args.accounts,
+        args.seed,
     )
-    with tempfile.TemporaryDirectory(prefix="bank-bench-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bank-bench-"))
         where = args.dir or Path(tmp)
         where.mkdir(parents=True, exist_ok=True)
+        pg: PgRun | None = None
+        server_note = ""
+        if any(v in PG_VARIANTS for v in args.only):
+            server, server_note = stack.enter_context(bench_pg.find_server(args.pg_url))
+            pg = PgRun(server) if server is not None else None
+            console.print(
+                f"[bold]postgresql[/]: {server_note}"
+                + (
+                    "; synchronous_commit=on for (g)-(i)"
+                    if pg is not None
+                    else "; (g), (h), (i) skipped"
+                )
+            )
+            if pg is None:
+                for variant in PG_VARIANTS:
+                    if variant in runs:
+                        skipped[variant] = f"no PostgreSQL server ({server_note})"
+                        del runs[variant]
+            elif pg.server.fsync != "on":
+                console.print(
+                    "[red]the server runs with fsync off: no PostgreSQL figure is durable[/]"
+                )
         for round_no in range(1, args.rounds + 1):
             for variant in args.only:
+                if variant in skipped:
+                    continue
+                size = f"{ops[variant]} s" if variant == "i" else f"{ops[variant]:,} ops"
                 console.print(
-                    f"round {round_no}/{args.rounds}: ({variant}) {LABELS[variant]}: "
-                    f"{ops[variant]:,} ops ..."
+                    f"round {round_no}/{args.rounds}: ({variant}) {LABELS[variant]}: {size} ..."
                 )
-                result = run_variant(variant, where, ops[variant], stream, args)
+                try:
+                    result = run_variant(variant, where, ops[variant], stream, args, pg)
+                except Unavailable as exc:
+                    skipped[variant] = str(exc)
+                    del runs[variant]
+                    console.print(f"    [yellow]{exc}[/]")
+                    continue
                 runs[variant].append(result)
                 extra = ", ".join(f"{k} {v}" for k, v in result.extra.items())
                 console.print(
@@ -1058,9 +1362,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                 )
     print_report(console, runs, args.durability)
+    for variant, why in skipped.items():
+        console.print(f"  ({variant}) skipped: {why}")
     document = to_json(runs, args, argv)
+    document["skipped"] = skipped
     env = document["environment"]
     env["load_average_1m_before"] = round(load_before, 2)
+    if pg is not None:
+        env["postgresql"] = {
+            "version": pg.server.version,
+            "fsync": pg.server.fsync,
+            "server": server_note,
+        }
     console.print(
         f"python {env['python']}, sqlite {env['sqlite']}, SQLAlchemy {env['sqlalchemy']}, "
         f"{env['cpus']} CPUs, load average {load_before:.2f} before and "

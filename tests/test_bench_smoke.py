@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +27,8 @@ def test_every_variant_runs_and_verifies(bench: ModuleType, tmp_path: Path) -> N
     out = tmp_path / "bench.json"
     code = bench.main(
         [
+            "--only",
+            "a,b,c,d,e,f",
             "--ops",
             "a=40,b=200,c=1000,d=2000,e=500,f=500",
             "--accounts",
@@ -128,3 +131,98 @@ def test_pipeline_cost_times_every_stage_and_writes_a_sound_ledger(tmp_path: Pat
         with pytest.raises(SystemExit) as exc:
             module.main(bad)
         assert exc.value.code == 2
+
+
+def postgres_url() -> str:
+    """The server for the PostgreSQL variants: `BANK_TEST_POSTGRES_URL`, else "" (the bench
+    then starts a throwaway cluster itself, which this also tests); skips, with the reason,
+    when neither is possible (a failure under `BANK_REQUIRE_POSTGRES=1`, as in CI)."""
+    url = os.environ.get("BANK_TEST_POSTGRES_URL", "")
+    if url:
+        return url
+    import shutil
+
+    have_server = shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if importlib.util.find_spec("psycopg") is None or not have_server:
+        reason = "no BANK_TEST_POSTGRES_URL, and no psycopg or PostgreSQL binaries to start one"
+        if os.environ.get("BANK_REQUIRE_POSTGRES", "") not in ("", "0"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return ""
+
+
+def test_postgres_variants_run_and_verify(bench: ModuleType, tmp_path: Path) -> None:
+    url = postgres_url()
+    out = tmp_path / "bench.json"
+    code = bench.main(
+        [
+            "--only",
+            "g,h,i",
+            "--ops",
+            "g=300,h=400",
+            "--pg-raw",
+            "unnest,unnest-text,values,copy,pipeline",
+            "--pg-raw-batch",
+            "64,150",
+            "--pgbench-seconds",
+            "1",
+            "--pgbench-scale",
+            "1",
+            "--accounts",
+            "10",
+            "--rounds",
+            "2",
+            "--pg-url",
+            url,
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    doc = json.loads(out.read_text())
+    pg = doc["environment"]["postgresql"]
+    assert pg["version"] and pg["fsync"] in ("on", "off")
+    raw = doc["variants"]["h"]
+    assert raw["verified"] and raw["accepted"] == raw["ops"] == 400
+    for each in raw["rounds"]:  # every candidate measured; the fastest is the ceiling
+        candidates = each["candidates_rows_s"]
+        assert set(candidates) == {
+            f"{m}@{n}" for m in bench.bench_pg.RAW_METHODS for n in (64, 150)
+        }
+        assert all(v > 0 for v in candidates.values())
+        assert each["ops_s"] == pytest.approx(max(candidates.values()), rel=1e-3)
+    assert raw["method"] in raw["candidates_rows_s"]
+    tpcb = doc["variants"]["i"]
+    assert tpcb["verified"] and tpcb["ops_s"] > 0 and tpcb["rejected"] == 0
+    assert "pgbench -c 8 -j 2 -T 1" in tpcb["command"]
+    if "g" in doc["variants"]:  # the engine on PostgreSQL (once its backend exists)
+        engine = doc["variants"]["g"]
+        assert engine["verified"], engine["problems"]
+        assert engine["accepted"] == engine["ops"] == 300
+        assert engine["ratio_to_h"] > 0 and engine["ratio_to_i"] > 0
+        assert engine["target_met"] in (True, False)
+    else:
+        assert doc["skipped"]["g"].startswith("engine on PostgreSQL: unavailable (")
+    if url:  # the run dropped every database it made on the given server
+        import bench_pg
+        import psycopg
+
+        with psycopg.connect(bench_pg.conninfo(url)) as conn:
+            left = conn.execute(
+                "SELECT datname FROM pg_database WHERE datname ~ %s",
+                (f"^bench_[a-z]+_{os.getpid()}$",),
+            ).fetchall()
+        assert left == []
+
+
+def test_postgres_variants_skip_without_a_server(bench: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--only", "d,h,i", "--ops", "d=500,h=500", "--rounds", "1", "--json", str(out)]
+    # Port 1 refuses at once: the PostgreSQL variants are skipped, SQLite's still run.
+    assert bench.main([*argv, "--pg-url", "postgresql+psycopg://postgres@127.0.0.1:1/x"]) == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["variants"]) == ["d"]
+    assert set(doc["skipped"]) == {"h", "i"}
+    assert all(
+        why.startswith("no PostgreSQL server (cannot reach") for why in doc["skipped"].values()
+    )

@@ -173,7 +173,7 @@ def _snapshot_for(url: URL, *, immutable_ok: bool) -> AbstractContextManager[Led
     """
     name = url.get_backend_name()
     if name == "sqlite":
-        from bank.ledger.sqlite_snapshot import open_snapshot
+        from bank.ledger.sqlite.snapshot import open_snapshot
 
         return open_snapshot(_Location(url), immutable_ok=immutable_ok)
     if name == "postgresql":

@@ -113,12 +113,6 @@ class OwnerLock(Protocol):
 
     def release(self) -> None: ...
 
-    def set_on_lost(self, callback: Callable[[str], None] | None) -> None:
-        """Have `callback(reason)` called once, from a thread of the lock's own, when the
-        lock is lost (at once, by the caller, if it already is); never after `release`.
-        SQLite's flock cannot be lost while the process lives: there it is a no-op."""
-        ...
-
 
 # -- reading -----------------------------------------------------------------------------
 

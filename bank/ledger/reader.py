@@ -3,7 +3,7 @@
 For the CLI's `accounts` and `history` and for `check-history`, which must work
 while a bank is running on the same ledger (they read one committed snapshot,
 like the audit). The ledger is a path or URL, SQLite or PostgreSQL; how each is
-read without being owned is its backend's (`bank.ledger.sqlite_readonly`: a
+read without being owned is its backend's (`bank.ledger.sqlite.readonly`: a
 read-only, at rest `immutable` file; `bank.ledger.postgres.readonly`: one
 REPEATABLE READ READ ONLY transaction).
 """
@@ -47,7 +47,7 @@ def open_read_only(db: str | os.PathLike[str] | URL) -> ReadOnlyLedger:
     else:
         text = os.fspath(db)
         if "://" not in text:
-            from bank.ledger.sqlite_readonly import SqliteReadOnly
+            from bank.ledger.sqlite.readonly import SqliteReadOnly
 
             return SqliteReadOnly(text)
         try:
@@ -56,7 +56,7 @@ def open_read_only(db: str | os.PathLike[str] | URL) -> ReadOnlyLedger:
             raise UnsupportedLedgerUrl(f"{text}: not a database URL ({exc})") from None
     name = url.get_backend_name()
     if name == "sqlite":
-        from bank.ledger.sqlite_readonly import SqliteReadOnly
+        from bank.ledger.sqlite.readonly import SqliteReadOnly
 
         if url.database in (None, "", ":memory:"):
             raise UnsupportedLedgerUrl(f"{url}: an in-memory database holds no ledger to read")

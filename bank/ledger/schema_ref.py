@@ -11,7 +11,7 @@ A new migration is covered the moment it ships, with no list to update.
 This module is backend-independent: the objects, the tokenizer, the comparison.
 Where a schema is read and how the reference is built is each backend's:
 
-- `sqlite` (`bank.ledger.sqlite_schema`): `sqlite_master` and `PRAGMA table_xinfo`;
+- `sqlite` (`bank.ledger.sqlite.schema`): `sqlite_master` and `PRAGMA table_xinfo`;
   the reference on a scratch in-memory database.
 - `postgresql` (`bank.ledger.postgres.schema`): the catalog (`pg_catalog`,
   `pg_indexes`, `pg_views`, `pg_get_constraintdef`, `pg_get_triggerdef`, ...); the
@@ -161,7 +161,7 @@ class _SchemaBackend(Protocol):
 
 #: dialect name -> the module that reads its schema and builds its reference.
 SCHEMA_MODULES: Final = {
-    "sqlite": "bank.ledger.sqlite_schema",
+    "sqlite": "bank.ledger.sqlite.schema",
     "postgresql": "bank.ledger.postgres.schema",
 }
 #: The top-level package of a DB-API driver -> its dialect (for a bare cursor).

@@ -86,6 +86,9 @@ class PostgresBackend:
             return open_error(exc, self.where)
         return None
 
+    def check_still_held(self, lock: OwnerLock) -> None:
+        """A server database cannot be renamed under the bank: nothing to check."""
+
     def discard_created(self, lock: OwnerLock) -> None:
         """Drop the ledger this open created in an empty database and could not finish
         (e.g. refused after the migrations ran), so the database is empty again.

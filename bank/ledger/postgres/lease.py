@@ -132,6 +132,10 @@ class Lease:
         if reason is not None and callback is not None:
             _notify(callback, reason)
 
+    def watch(self, on_lost: Callable[[str], None]) -> None:
+        """`OwnerLock.watch`: the bank's writer is told the moment the lease goes."""
+        self.set_on_lost(on_lost)
+
     def release(self) -> None:
         """Give the lease up and close its connection (idempotent; never raises)."""
         with self._state:

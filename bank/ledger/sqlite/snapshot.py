@@ -24,7 +24,7 @@ from sqlalchemy.engine import URL
 from bank.errors import CannotAudit
 from bank.ledger.audit_checks import COLUMN_TYPES, ROW_KEYS
 from bank.ledger.backend import SnapshotToken
-from bank.ledger.migrate import SQLITE_MAGIC
+from bank.ledger.sqlite import SQLITE_MAGIC
 from bank.ledger.schema_ref import (
     Difference,
     SchemaObject,

@@ -28,6 +28,7 @@ from bank.ledger.sqlite import (
     open_error,
     owned_here,
     side_file_size,
+    sniff_sqlite_file,
 )
 
 T = TypeVar("T")
@@ -56,7 +57,7 @@ class SqliteReadOnly:
         if side_file_size(self._path, "-journal") > 0:
             raise self._hot_journal()
         if not self._owned:
-            migrate.sniff_sqlite_file(self._path)
+            sniff_sqlite_file(self._path)
 
     def revision(self) -> str | None:
         """The ledger's schema revision (None: an empty database)."""

@@ -266,6 +266,22 @@ def test_a_server_without_fsync_is_refused_for_full_durability() -> None:
             lock.release()
 
 
+def test_synchronous_replication_without_a_standby_is_refused_not_hung() -> None:
+    with throwaway_cluster("synchronous_standby_names=nosuch") as url:
+        backend = PostgresBackend(url)
+        lock = backend.acquire(create=True, wait_s=0)
+        try:
+            engine = backend.create_engine(Durability.FULL, lock)
+            with pytest.raises(CannotOpenLedger, match="no synchronous standby is connected"):
+                backend.check_writable(engine)
+            engine.dispose()
+            engine = backend.create_engine(Durability.NORMAL, lock)
+            backend.check_writable(engine)  # synchronous_commit=off waits for no standby
+            engine.dispose()
+        finally:
+            lock.release()
+
+
 # -- the batch writer ----------------------------------------------------------------------
 
 

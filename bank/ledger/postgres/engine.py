@@ -77,8 +77,12 @@ def create_ledger_engine(url: URL, durability: Durability) -> Engine:
 
 _CHECK_SQL = (
     "SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), "
-    "current_setting('fsync'), current_setting('synchronous_commit'), current_user"
+    "current_setting('fsync'), current_setting('synchronous_commit'), current_user, "
+    "current_setting('synchronous_standby_names'), "
+    "(SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum'))"
 )
+#: Levels at which a commit also waits for a synchronous standby, if one is configured.
+_WAITS_FOR_STANDBY = frozenset({"on", "remote_write", "remote_apply"})
 
 
 def check_writable(engine: Engine, where: str, durability: Durability) -> None:
@@ -86,11 +90,13 @@ def check_writable(engine: Engine, where: str, durability: Durability) -> None:
 
     A hot standby or a read-only session (`default_transaction_read_only`), a missing
     privilege, and for FULL a server without `fsync` (a commit it acknowledges may be
-    lost with the machine) or a session whose `synchronous_commit` stayed off.
+    lost with the machine), a session whose `synchronous_commit` stayed off, or
+    synchronous replication configured with no synchronous standby connected (every
+    commit would hang). Safe before the migrations: grants of absent tables are skipped.
     """
     with engine.connect() as conn:
         row = conn.exec_driver_sql(_CHECK_SQL).one()
-        recovery, read_only, fsync, sync_commit, user = row
+        recovery, read_only, fsync, sync_commit, user, standby_names, standbys = row
         if recovery:
             raise CannotOpenLedger(
                 f"{where}: the server is a hot standby (in recovery): it cannot be "
@@ -111,6 +117,17 @@ def check_writable(engine: Engine, where: str, durability: Durability) -> None:
             raise ServerNotDurable(
                 f"{where}: synchronous_commit stays {sync_commit!r} on the bank's "
                 "connections; durability 'full' needs it on"
+            )
+        if (
+            durability is Durability.FULL
+            and sync_commit in _WAITS_FOR_STANDBY
+            and standby_names
+            and not standbys
+        ):
+            raise CannotOpenLedger(
+                f"{where}: synchronous_standby_names is {standby_names!r} but no synchronous "
+                "standby is connected, so every commit would wait for one forever; start "
+                "the standby (or open with durability='normal')"
             )
         missing = [
             f"{privilege} on {table}"

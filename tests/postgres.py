@@ -33,6 +33,7 @@ from sqlalchemy.engine import URL, make_url
 
 ENV_URL = "BANK_TEST_POSTGRES_URL"
 ENV_REQUIRE = "BANK_REQUIRE_POSTGRES"
+ENV_PREFIX = "BANK_TEST_DB_PREFIX"
 #: Settings of a throwaway cluster: real fsync, small memory, room for many banks at once.
 CLUSTER_SETTINGS: dict[str, str] = {
     "fsync": "on",
@@ -156,6 +157,31 @@ class Cluster:
             "pg_ctl start",
         )
 
+    def stop_when_gone(self, pid: int) -> None:
+        """Stop the cluster once process `pid` has ended, however it ended (a test run
+        killed by SIGKILL leaves no server behind): a small watcher in its own session."""
+        watcher = (
+            "import os, sys, time\n"
+            "from tests.postgres import Cluster\n"
+            "from pathlib import Path\n"
+            "pid = int(sys.argv[1])\n"
+            "while True:\n"
+            "    try:\n"
+            "        os.kill(pid, 0)\n"
+            "    except ProcessLookupError:\n"
+            "        break\n"
+            "    time.sleep(1)\n"
+            "Cluster(Path(sys.argv[2]), Path(sys.argv[3]), port=0).stop()\n"
+        )
+        subprocess.Popen(
+            [sys.executable, "-c", watcher, str(pid), str(self.root), str(self.bindir)],
+            cwd=Path(__file__).resolve().parents[1],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
     def stop(self) -> None:
         """Stop the server at once (nothing to keep) and remove its directory."""
         if (self.data / "postmaster.pid").exists():
@@ -190,10 +216,12 @@ class Server:
     url: str
     cluster: Cluster | None = None
 
-    def create_database(self, prefix: str = "bank_test") -> str:
-        """A new empty database; returns its SQLAlchemy URL."""
+    def create_database(self, prefix: str | None = None) -> str:
+        """A new empty database named `<prefix>_<pid>_<n>` (prefix: `BANK_TEST_DB_PREFIX`,
+        default `bank_test`, for a server shared with others); returns its SQLAlchemy URL."""
         import psycopg
 
+        prefix = prefix or os.environ.get(ENV_PREFIX) or "bank_test"
         name = f"{prefix}_{os.getpid()}_{next(_names)}"
         with psycopg.connect(libpq_conninfo(self.url), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -209,7 +237,7 @@ class Server:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     @contextlib.contextmanager
-    def database(self, prefix: str = "bank_test") -> Iterator[str]:
+    def database(self, prefix: str | None = None) -> Iterator[str]:
         url = self.create_database(prefix)
         try:
             yield url
@@ -263,6 +291,7 @@ def start_server() -> Server:
     except BaseException:
         cluster.stop()
         raise
+    cluster.stop_when_gone(os.getpid())
     return Server(cluster.url, cluster)
 
 

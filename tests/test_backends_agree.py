@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import bank
 from bank.cli import main
 from tests.conftest import LedgerDb
 
@@ -46,3 +47,20 @@ def test_many_tellers_end_with_a_clean_audit(ledger_db: LedgerDb) -> None:
     assert main(["audit", "--db", str(ledger_db.db)]) == 0
     (total,) = ledger_db.query("SELECT SUM(balance) FROM accounts")
     assert total == (0,)
+
+
+def test_the_command_line_works_on_both(
+    ledger_db: LedgerDb, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bank init/accounts/history/audit --db` take a file or a URL alike."""
+    db = str(ledger_db.db)
+    assert main(["init", "--db", db]) == 0
+    assert "schema revision" in capsys.readouterr().out
+    with bank.Bank.open(ledger_db.db) as b:
+        alice = b.open_account("alice").id
+        b.deposit(alice, 1_234, key="pay")
+    assert main(["accounts", "--db", db]) == 0
+    assert "alice" in capsys.readouterr().out
+    assert main(["history", "--db", db, "--json", "alice"]) == 0
+    assert '"key": "pay"' in capsys.readouterr().out
+    assert main(["audit", "--db", db]) == 0

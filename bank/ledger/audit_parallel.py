@@ -61,7 +61,7 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 #: Backend snapshot modules the fork server imports once (each worker then forks warm).
-_PRELOADED: Final = ("bank.ledger.sqlite.snapshot",)
+_PRELOADED: Final = ("bank.ledger.sqlite.snapshot", "bank.ledger.postgres.snapshot")
 
 
 #: Ranges per process: more than one lets the parent, and a process that a busy core

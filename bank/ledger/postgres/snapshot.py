@@ -10,13 +10,13 @@ SNAPSHOT` in each worker.
 Columns are typed, so no value can have another type than its column's; what can
 differ is the catalog's column type itself (`type_problems` compares it with what
 the audit expects). The full catalog comparison (indexes, views, triggers) is
-`bank.ledger.postgres.schema`'s, reached through `_catalog_differences`.
+`bank.ledger.postgres.schema`'s, through `bank.ledger.schema_ref`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from typing import Any, Final, Protocol
 
@@ -24,9 +24,17 @@ import psycopg
 from psycopg import sql
 from sqlalchemy.engine import URL
 
-from bank.errors import CannotAudit
+from bank.errors import CannotAudit, CannotOpenLedger
 from bank.ledger.audit_checks import COLUMN_TYPES
 from bank.ledger.backend import SnapshotToken
+from bank.ledger.schema_ref import (
+    Difference,
+    Schema,
+    compare_schema,
+    matching_revisions,
+    read_schema,
+    reference_schemas,
+)
 
 #: Rows per round trip of a server-side cursor.
 ITERSIZE: Final = 20_000
@@ -114,10 +122,11 @@ class _Rows:
 class PostgresSnapshot(_Rows):
     """`bank.ledger.backend.LedgerSnapshot` over one REPEATABLE READ READ ONLY transaction."""
 
-    def __init__(self, conn: psycopg.Connection[Any], where: str, info: str) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], where: str, info: str, url: URL) -> None:
         super().__init__(conn)
         self.where = where
         self._info = info
+        self._url = url
         # The first query takes the snapshot; export it for the workers.
         row = self.one("SELECT pg_export_snapshot()")
         assert row is not None
@@ -168,10 +177,10 @@ class PostgresSnapshot(_Rows):
         return str(rows[0]) if len(rows) == 1 else None
 
     def schema_differences(self, revision: str) -> list[Any]:
-        return _catalog_differences(self._conn, revision)
+        return _catalog_differences(self._conn, self._url, revision)
 
     def matching_revisions(self) -> list[str]:
-        return _catalog_matching_revisions(self._conn)
+        return _catalog_matching_revisions(self._conn, self._url)
 
     def integrity_problems(self) -> list[str]:
         # No index text can disagree with its contents here (PostgreSQL has no
@@ -244,36 +253,31 @@ class PostgresSnapshot(_Rows):
         return False
 
 
-def _catalog_differences(conn: psycopg.Connection[Any], revision: str) -> list[Any]:
-    """The schema engineer's catalog comparison (`bank.ledger.postgres.schema`), when that
-    module is installed; without it this one check is skipped (and logged)."""
+def _references(url: URL) -> Mapping[str, Schema]:
     try:
-        from bank.ledger.postgres import schema  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        schema = None
-    compare = getattr(schema, "schema_differences", None)
-    if compare is None:
-        if not _skipped:
-            _skipped.append(True)
-            _log.warning(
-                "bank.ledger.postgres.schema.schema_differences is absent: the audit's "
-                "catalog schema check is skipped (every other check runs)"
-            )
-        return []
-    return list(compare(conn, revision))
+        return reference_schemas("postgresql", url)
+    except CannotOpenLedger as exc:  # e.g. a role without CREATE: say what the check needs
+        raise CannotAudit(str(exc)) from None
+    except Exception as exc:  # a broken installation or server, not a broken ledger
+        raise CannotAudit(
+            f"the shipped migrations could not build the reference schema ({_reason(exc)})"
+        ) from None
 
 
-#: Set once the skipped schema check was logged (once per process).
-_skipped: list[bool] = []
+def _catalog_differences(
+    conn: psycopg.Connection[Any], url: URL, revision: str
+) -> list[Difference]:
+    """How the catalog differs from what the migrations create up to `revision` on this
+    same server (`bank.ledger.postgres.schema`: canonical texts of this server version)."""
+    with conn.cursor() as cur:
+        found = read_schema(cur, "postgresql")
+    return compare_schema(_references(url)[revision], found, revision)
 
 
-def _catalog_matching_revisions(conn: psycopg.Connection[Any]) -> list[str]:
-    try:
-        from bank.ledger.postgres import schema  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        return []
-    matching = getattr(schema, "matching_revisions", None)
-    return [] if matching is None else list(matching(conn))
+def _catalog_matching_revisions(conn: psycopg.Connection[Any], url: URL) -> list[str]:
+    with conn.cursor() as cur:
+        found = read_schema(cur, "postgresql")
+    return matching_revisions(found, _references(url))
 
 
 @contextmanager
@@ -288,7 +292,7 @@ def open_snapshot(backend: _Located) -> Iterator[PostgresSnapshot]:
         raise CannotAudit(f"{where}: PostgreSQL could not be reached ({_reason(exc)})") from None
     try:
         try:
-            yield PostgresSnapshot(conn, where, info)
+            yield PostgresSnapshot(conn, where, info, backend.url)
         except psycopg.Error as exc:
             raise CannotAudit(f"{where}: PostgreSQL could not read it ({_reason(exc)})") from None
     finally:

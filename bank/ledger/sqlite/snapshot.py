@@ -24,7 +24,6 @@ from sqlalchemy.engine import URL
 from bank.errors import CannotAudit
 from bank.ledger.audit_checks import COLUMN_TYPES, ROW_KEYS
 from bank.ledger.backend import SnapshotToken
-from bank.ledger.sqlite import SQLITE_MAGIC
 from bank.ledger.schema_ref import (
     Difference,
     SchemaObject,
@@ -33,7 +32,7 @@ from bank.ledger.schema_ref import (
     read_schema,
     reference_schemas,
 )
-from bank.ledger.sqlite import fingerprint, owned_here, side_file_size
+from bank.ledger.sqlite import SQLITE_MAGIC, fingerprint, owned_here, side_file_size
 from bank.limits import BUSY_TIMEOUT_MS
 
 #: Findings of SQLite's integrity check kept (the audit reports one more as "more than").

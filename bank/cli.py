@@ -397,15 +397,14 @@ def _backend(db: str) -> Backend:
 def _existing_ledger(db: str) -> str:
     """Refuse a missing path before opening (opening would create an empty ledger).
 
-    A file URL is resolved to the file it names (the readers take a path).
+    A file URL is resolved to the file it names; a server URL is returned as it is (the
+    reader says if the database is missing or not a ledger).
     """
     path = db
     if "://" in db:
         backend = _backend(db)
         if backend.path is None:
-            raise _UsageError(
-                f"{backend.where}: `accounts` and `history` read SQLite ledger files only"
-            )
+            return db
         path = str(backend.path)
     if not Path(path).exists():
         raise _UsageError(f"no ledger at {path} (create one with `bank init --db {path}`)")

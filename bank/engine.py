@@ -50,7 +50,6 @@ from bank.errors import (
     AccountNotFound,
     BankClosed,
     BankError,
-    CannotAudit,
     CannotOpenLedger,
     CloseFromBankThread,
     InsufficientFunds,
@@ -835,8 +834,6 @@ class Bank:
 
     def audit(self) -> AuditReport:
         """Verify the ledger read-only (see `bank.ledger.audit`)."""
-        if self._path is None:
-            raise CannotAudit(f"{self._where}: this version audits ledger files only")
         self._check_open()
         from bank.ledger.audit import audit_ledger
 
@@ -844,7 +841,7 @@ class Bank:
         # The path may name another file by now (a symlink re-pointed, the ledger
         # renamed and another put in its place): auditing that would vouch for it.
         self._backend.check_still_held(self._owner)
-        return audit_ledger(self._path)
+        return audit_ledger(self._path if self._path is not None else self._backend.url)
 
 
 __all__: Sequence[str] = ["Bank", "BankStats"]

@@ -141,6 +141,12 @@ def bank_threads() -> list[str]:
     ]
 
 
+def working_threads() -> list[str]:
+    """The bank threads that do its work: workers and the writer (not the PostgreSQL
+    lease's monitor, which only watches the writer lease)."""
+    return [name for name in bank_threads() if name != "bank-ledger-lease"]
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[postgres.Server]:
     """The session's PostgreSQL server (skip, or fail under BANK_REQUIRE_POSTGRES=1, without one)."""

@@ -14,7 +14,7 @@ import pytest
 import bank
 from bank.ledger import store
 from bank.limits import BALANCE_MAX
-from tests.conftest import LedgerDb, bank_threads, run_threads
+from tests.conftest import LedgerDb, bank_threads, run_threads, working_threads
 
 
 def _fingerprint(path: Path) -> tuple[bytes, int]:
@@ -44,7 +44,7 @@ def test_new_ledger_has_cash_and_reopens_with_balances_and_limits(ledger_db: Led
 def test_close_joins_every_thread_and_is_idempotent(ledger_db: LedgerDb) -> None:
     before = set(threading.enumerate())
     b = bank.Bank.open(ledger_db.db, workers=6)
-    assert len(bank_threads()) == 7
+    assert len(working_threads()) == 7
     acct = b.open_account("a").id
     futures = b.submit_many([bank.Deposit(account=acct, amount=1) for _ in range(3_000)])
     b.close()

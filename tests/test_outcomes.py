@@ -11,7 +11,7 @@ import pytest
 
 import bank
 from bank.ledger.writer import LedgerWriter
-from tests.conftest import LedgerDb, bank_threads
+from tests.conftest import LedgerDb, working_threads
 
 
 def _raiser(exc: BaseException, calls: list[str]) -> Callable[[object], None]:
@@ -43,7 +43,7 @@ def test_a_raising_callback_changes_no_other_answer(
     assert calls == ["bank-ledger-writer"] * 2
     assert b.deposit(a, 5).amount == 5  # the writer lives on
     assert b.balance(a) == 55
-    assert len(bank_threads()) == 2
+    assert len(working_threads()) == 2
 
 
 @pytest.mark.timeout(60)

@@ -538,7 +538,7 @@ def bench_blocking(
 
 def bench_window(
     variant: str,
-    path: Path | Bank,
+    ledger: Path | Bank,
     moves: list[Move],
     accounts: int,
     durability: str,
@@ -546,9 +546,9 @@ def bench_window(
     wait: str,
 ) -> Result:
     """(c)/(e)/(g): 16 threads, each submitting 64 pre-built commands with `submit_many`
-    and waiting for all 64 answers before the next window (`path` may be a bank already
+    and waiting for all 64 answers before the next window (`ledger` may be a bank already
     opened by `open_bank`)."""
-    bank = path if isinstance(path, Bank) else open_bank(path, accounts, durability)
+    bank = ledger if isinstance(ledger, Bank) else open_bank(ledger, accounts, durability)
     try:
         commands = [Transfer(source=s, target=t, amount=a) for s, t, a in moves]
         windows = [

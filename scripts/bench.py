@@ -1073,8 +1073,11 @@ def parse_only(text: str) -> list[str]:
     return [v for v in VARIANTS if v in chosen]
 
 
-#: (h)'s default candidates: the two fastest of the sweep in the README (COPY, then unnest).
-PG_RAW_DEFAULT = ("copy", "unnest")
+#: (h)'s default candidates: binary COPY (the fastest by median at 256, 512 and 1,000 rows
+#: in paired sweeps of the writers on 2 shared cores) and the one-statement unnest writer with
+#: text-literal and binary arrays (what an engine would send); "values" and "pipeline"
+#: were 2-3x slower (`--pg-raw unnest,values,copy,pipeline --pg-raw-batch 256,512,1000`).
+PG_RAW_DEFAULT = ("copy", "unnest-text", "unnest")
 
 
 def parse_raw_methods(text: str) -> list[str]:

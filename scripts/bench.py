@@ -538,7 +538,7 @@ def bench_blocking(
 
 def bench_window(
     variant: str,
-    path: Path | Bank,
+    ledger: Path | Bank,
     moves: list[Move],
     accounts: int,
     durability: str,
@@ -546,9 +546,9 @@ def bench_window(
     wait: str,
 ) -> Result:
     """(c)/(e)/(g): 16 threads, each submitting 64 pre-built commands with `submit_many`
-    and waiting for all 64 answers before the next window (`path` may be a bank already
+    and waiting for all 64 answers before the next window (`ledger` may be a bank already
     opened by `open_bank`)."""
-    bank = path if isinstance(path, Bank) else open_bank(path, accounts, durability)
+    bank = ledger if isinstance(ledger, Bank) else open_bank(ledger, accounts, durability)
     try:
         commands = [Transfer(source=s, target=t, amount=a) for s, t, a in moves]
         windows = [
@@ -1073,8 +1073,11 @@ def parse_only(text: str) -> list[str]:
     return [v for v in VARIANTS if v in chosen]
 
 
-#: (h)'s default candidates: the two fastest of the sweep in the README (COPY, then unnest).
-PG_RAW_DEFAULT = ("copy", "unnest")
+#: (h)'s default candidates: binary COPY (the fastest by median at 256, 512 and 1,000 rows
+#: in paired sweeps of the writers on 2 shared cores) and the one-statement unnest writer with
+#: text-literal and binary arrays (what an engine would send); "values" and "pipeline"
+#: were 2-3x slower (`--pg-raw unnest,values,copy,pipeline --pg-raw-batch 256,512,1000`).
+PG_RAW_DEFAULT = ("copy", "unnest-text", "unnest")
 
 
 def parse_raw_methods(text: str) -> list[str]:

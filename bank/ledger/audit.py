@@ -29,7 +29,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 
-from bank.errors import CannotAudit
+from bank.errors import BankError, CannotAudit
 from bank.ledger.audit_chain import Formats, check_chain_formats
 from bank.ledger.audit_checks import check_accounts, check_head, check_keys, check_types
 from bank.ledger.audit_events import check_events, usable_limit_events
@@ -44,11 +44,9 @@ from bank.ledger.audit_problems import (
 from bank.ledger.audit_ranges import RangeSummary, join_ranges
 from bank.ledger.audit_replay import Replay, replay_transfers
 from bank.ledger.backend import LedgerSnapshot
+from bank.ledger.backends import backend_for, ledger_url
 from bank.ledger.head import Head, parse_head
 from bank.ledger.migrate import known_revisions
-
-# TODO(integrator): `ledger_url` moves to bank.ledger.backends (seam branch): import it there.
-from bank.ledger.sqlite import ledger_url
 
 __all__ = [
     "PROBLEMS_KEPT_MAX",
@@ -163,48 +161,15 @@ class AuditReport:
 # -- opening ---------------------------------------------------------------------------
 
 
-def _snapshot_for(url: URL, *, immutable_ok: bool) -> AbstractContextManager[LedgerSnapshot]:
-    """The read-only snapshot of the ledger at `url`, from its backend's snapshot module.
-
-    TODO(integrator): once `bank.ledger.backends.backend_for(url)` returns the merged
-    backends, open `bank.ledger.sqlite.snapshot.open_snapshot(backend, ...)` /
-    `bank.ledger.postgres.snapshot.open_snapshot(backend)` with `backend_for(url)`; each
-    needs only `.url` (and `.where`) of it.
-    """
-    name = url.get_backend_name()
-    if name == "sqlite":
-        from bank.ledger.sqlite.snapshot import open_snapshot
-
-        return open_snapshot(_Location(url), immutable_ok=immutable_ok)
-    if name == "postgresql":
-        try:
-            from bank.ledger.postgres.snapshot import open_snapshot as open_pg
-        except ImportError as exc:  # the `postgres` extra is not installed
-            raise CannotAudit(
-                f"{_shown(url)}: auditing PostgreSQL needs the postgres extra "
-                f"(pip install 'bank[postgres]'): {exc}"
-            ) from None
-        opened: AbstractContextManager[LedgerSnapshot] = open_pg(_Location(url))
-        return opened
-    raise CannotAudit(
-        f"{_shown(url)}: a ledger is stored in SQLite (a path or sqlite:///path) or "
-        f"PostgreSQL (postgresql://...); not in a database of kind {name!r}"
-    )
-
-
-def _shown(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
-
-
-@dataclass(frozen=True, slots=True)
-class _Location:
-    """The part of a backend a snapshot needs: where the ledger is."""
-
-    url: URL
-
-    @property
-    def where(self) -> str:
-        return _shown(self.url)
+def _snapshot_for(url: URL, *, after_stale: bool) -> AbstractContextManager[LedgerSnapshot]:
+    """The read-only snapshot of the ledger at `url`, from its backend."""
+    try:
+        backend = backend_for(url)
+    except CannotAudit:
+        raise
+    except BankError as exc:  # a URL no backend takes, or a driver that is not installed
+        raise CannotAudit(str(exc)) from None
+    return backend.snapshot(after_stale=after_stale)
 
 
 def audit_ledger(
@@ -245,12 +210,12 @@ def audit(
     except ValueError as exc:  # a URL SQLAlchemy cannot parse
         raise CannotAudit(f"{db!r}: not a ledger path or URL ({exc})") from None
     run = _Run(pinned, processes or processes_default(), parallel_rows_min)
-    with _snapshot_for(url, immutable_ok=True) as snapshot:
+    with _snapshot_for(url, after_stale=False) as snapshot:
         report = run.audit(snapshot)
         stale = snapshot.stale()
     if not stale:
         return report
-    with _snapshot_for(url, immutable_ok=False) as snapshot:
+    with _snapshot_for(url, after_stale=True) as snapshot:
         return run.audit(snapshot)
 
 

@@ -267,8 +267,9 @@ class Backend(Protocol):
         """The writer thread's connection."""
         ...
 
-    def snapshot(self) -> AbstractContextManager[LedgerSnapshot]:
-        """A read-only snapshot for the audit and readers (never locks the writer out)."""
+    def snapshot(self, *, after_stale: bool = False) -> AbstractContextManager[LedgerSnapshot]:
+        """A read-only snapshot for the audit (never locks the writer out). `after_stale`:
+        the previous snapshot said `stale()`; read through the store's locking this time."""
         ...
 
     def open_error(self, exc: BaseException) -> BankError | None:

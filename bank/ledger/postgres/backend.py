@@ -71,12 +71,10 @@ class PostgresBackend:
         """The writer thread's connection; each batch checks the lease taken by `acquire`."""
         return PostgresBatchWriter(engine, self._lease, self.where)
 
-    def snapshot(self) -> AbstractContextManager[LedgerSnapshot]:
-        """One REPEATABLE READ READ ONLY snapshot (see `bank.ledger.postgres.snapshot`)."""
-        # The audit's module (bank/ledger/postgres/snapshot.py), imported when first used.
-        from bank.ledger.postgres.snapshot import (  # type: ignore[import-not-found, unused-ignore]
-            open_snapshot,
-        )
+    def snapshot(self, *, after_stale: bool = False) -> AbstractContextManager[LedgerSnapshot]:
+        """One REPEATABLE READ READ ONLY snapshot (see `bank.ledger.postgres.snapshot`);
+        it is never stale, so `after_stale` changes nothing."""
+        from bank.ledger.postgres.snapshot import open_snapshot  # the audit's, when first used
 
         return cast(AbstractContextManager[LedgerSnapshot], open_snapshot(self))
 

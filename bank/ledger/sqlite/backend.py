@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -86,17 +85,12 @@ class SqliteBackend:
     def batch_writer(self, engine: Engine) -> BatchWriter:
         return SqliteBatchWriter(engine)
 
-    def snapshot(self) -> AbstractContextManager[LedgerSnapshot]:
-        """The audit's read-only snapshot (`bank.ledger.sqlite.snapshot`, the audit's part)."""
-        name = "bank.ledger.sqlite.snapshot"
-        try:
-            module = importlib.import_module(name)  # lazily: the audit's module, not the bank's
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            raise NotImplementedError(f"{name} (the audit's SQLite snapshot) is missing") from None
-        snapshot: AbstractContextManager[LedgerSnapshot] = module.open_snapshot(self)
-        return snapshot
+    def snapshot(self, *, after_stale: bool = False) -> AbstractContextManager[LedgerSnapshot]:
+        """The audit's read-only snapshot: `immutable` for a file at rest that no bank of
+        this process owns, unless an immutable read already found it changing."""
+        from bank.ledger.sqlite.snapshot import open_snapshot  # the audit's, not the bank's
+
+        return open_snapshot(self, immutable_ok=not after_stale)
 
     def open_error(self, exc: BaseException) -> BankError | None:
         if not sqlite_engine.is_driver_error(exc):

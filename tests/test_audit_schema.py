@@ -93,7 +93,7 @@ def _rebuild(db: Path, table: str, new_sql: str) -> None:
 
 
 def test_an_engine_ledger_has_exactly_the_reference_schema_of_its_revision(ledger: Path) -> None:
-    schemas = reference_schemas()
+    schemas = reference_schemas("sqlite")
     assert list(schemas) == revisions_oldest_first() and set(schemas) == known_revisions()
     conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     try:
@@ -113,8 +113,8 @@ def test_an_engine_ledger_has_exactly_the_reference_schema_of_its_revision(ledge
 
 
 def test_the_schema_check_is_cached_and_cheap(ledger: Path) -> None:
-    reference_schemas()  # built once per process
-    assert reference_schemas() is reference_schemas()
+    reference_schemas("sqlite")  # built once per process
+    assert reference_schemas("sqlite") is reference_schemas("sqlite")
     started = time.perf_counter()
     for _ in range(5):
         audit_ledger(ledger)
@@ -322,7 +322,8 @@ def test_building_the_reference_logs_no_migration_and_serves_every_thread(
     results: list[object] = []
     with caplog.at_level(logging.DEBUG):
         threads = [
-            threading.Thread(target=lambda: results.append(reference_schemas())) for _ in range(4)
+            threading.Thread(target=lambda: results.append(reference_schemas("sqlite")))
+            for _ in range(4)
         ]
         for t in threads:
             t.start()

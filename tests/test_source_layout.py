@@ -87,6 +87,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("bank/ledger/backends.py", "the postgresql dialect"): "picks the backend",
     ("bank/ledger/backends.py", "the SQLite backend package"): "imports it lazily",
     ("bank/ledger/backends.py", "the PostgreSQL backend package"): "imports it lazily",
+    ("bank/ledger/backends.py", "the sqlite3 driver"): "tells a bare cursor's dialect",
+    ("bank/ledger/backends.py", "the psycopg driver"): "tells a bare cursor's dialect",
 }
 
 #: In migrations: nothing may reach past Alembic's connection.

@@ -19,6 +19,7 @@ from bank.ledger.audit_chain import Formats
 from bank.ledger.audit_events import LimitEvent
 from bank.ledger.audit_ranges import RangeSummary, check_range, split
 from bank.ledger.backend import RangeReader, RangeReaderOpener, SnapshotToken
+from bank.ledger.backends import backend_module_names
 
 #: Below this many transfers one process is faster than starting several.
 PARALLEL_ROWS_MIN: Final = 200_000
@@ -61,7 +62,7 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 #: Backend snapshot modules the fork server imports once (each worker then forks warm).
-_PRELOADED: Final = ("bank.ledger.sqlite.snapshot", "bank.ledger.postgres.snapshot")
+_PRELOADED: Final = backend_module_names("snapshot")
 
 
 #: Ranges per process: more than one lets the parent, and a process that a busy core

@@ -17,11 +17,12 @@ from types import TracebackType
 from typing import Protocol, TypeVar
 
 from sqlalchemy import Connection
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError
 
 from bank.errors import NotALedger, UnsupportedLedgerUrl
 from bank.ledger import store
+from bank.ledger.backends import PACKAGES, backend_module, ledger_url, unsupported
 from bank.records import AccountInfo, Receipt
 
 T = TypeVar("T")
@@ -41,34 +42,21 @@ class ReadOnlyLedger(Protocol):
 
 
 def open_read_only(db: str | os.PathLike[str] | URL) -> ReadOnlyLedger:
-    """The read-only access for a path (an SQLite file) or a SQLAlchemy URL."""
+    """The read-only access for a path (an SQLite file) or a SQLAlchemy URL, from the
+    backend's `readonly` module (`open_read_only(url)`)."""
     if isinstance(db, URL):
         url = db
     else:
         text = os.fspath(db)
-        if "://" not in text:
-            from bank.ledger.sqlite.readonly import SqliteReadOnly
-
-            return SqliteReadOnly(text)
         try:
-            url = make_url(text)
+            url = ledger_url(text)
         except ArgumentError as exc:
             raise UnsupportedLedgerUrl(f"{text}: not a database URL ({exc})") from None
     name = url.get_backend_name()
-    if name == "sqlite":
-        from bank.ledger.sqlite.readonly import SqliteReadOnly
-
-        if url.database in (None, "", ":memory:"):
-            raise UnsupportedLedgerUrl(f"{url}: an in-memory database holds no ledger to read")
-        return SqliteReadOnly(Path(url.database).expanduser())
-    if name == "postgresql":
-        from bank.ledger.postgres.readonly import PostgresReadOnly
-
-        return PostgresReadOnly(url)
-    raise UnsupportedLedgerUrl(
-        f"{url.render_as_string()}: a ledger is stored in SQLite (a path or sqlite:///path) "
-        f"or PostgreSQL (postgresql://...); not in a database of kind {name!r}"
-    )
+    if name not in PACKAGES:
+        raise unsupported(url)
+    opened: ReadOnlyLedger = backend_module(name, "readonly").open_read_only(url)
+    return opened
 
 
 class LedgerReader:

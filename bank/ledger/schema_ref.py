@@ -23,7 +23,7 @@ The entry points:
 - `read_schema(source, dialect=None)`: the schema of a database, read through a
   SQLAlchemy `Connection` (in its transaction) or a DB-API cursor or connection
   (`sqlite3`, `psycopg`; the dialect is taken from the driver when not given).
-- `reference_schemas(dialect="sqlite", server=None)`: revision -> reference schema,
+- `reference_schemas(dialect, server=None)`: revision -> reference schema,
   oldest first; for `postgresql`, `server` is an `Engine`, URL or URL text of the
   server the ledger is on. Built once per process (per server and version) and cached.
 - `compare_schema(expected, found, revision)` and `matching_revisions(found, schemas)`.
@@ -35,7 +35,6 @@ compared exactly, so `'deposit'` and `'DEPOSIT'` differ.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 import threading
@@ -46,6 +45,9 @@ from functools import lru_cache
 from typing import Any, Final, Protocol
 
 from sqlalchemy import Connection
+
+from bank.errors import UnsupportedLedgerUrl
+from bank.ledger.backends import backend_module, dialect_of_driver
 
 #: (cid, name, declared type, notnull, default, pk, hidden): as SQLite's PRAGMA table_xinfo
 #: gives them; other backends fill the same fields from their catalog.
@@ -134,14 +136,14 @@ def read_schema(source: object, dialect: str | None = None) -> dict[str, SchemaO
     """
     if isinstance(source, Connection):
         name = dialect or source.dialect.name
-        if not source.in_transaction():
+        if source.get_transaction() is None:
             source.begin()  # as the first execute would: the caller's snapshot
         cur = source.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             return _backend(name).read_schema(cur)
         finally:
             cur.close()
-    name = dialect or _driver_dialect(source)
+    name = dialect or dialect_of_driver(source)
     if hasattr(source, "fetchall"):
         return _backend(name).read_schema(source)
     cur = source.cursor()  # type: ignore[attr-defined]
@@ -159,29 +161,13 @@ class _SchemaBackend(Protocol):
     def build_reference(self, server: object) -> dict[str, dict[str, SchemaObject]]: ...
 
 
-#: dialect name -> the module that reads its schema and builds its reference.
-SCHEMA_MODULES: Final = {
-    "sqlite": "bank.ledger.sqlite.schema",
-    "postgresql": "bank.ledger.postgres.schema",
-}
-#: The top-level package of a DB-API driver -> its dialect (for a bare cursor).
-_DRIVERS: Final = {"sqlite3": "sqlite", "psycopg": "postgresql"}
-
-
 def _backend(dialect: str) -> _SchemaBackend:
-    module = SCHEMA_MODULES.get(dialect)
-    if module is None:
-        raise ValueError(f"no schema reader for databases of kind {dialect!r}")
-    backend: _SchemaBackend = importlib.import_module(module)
+    """The backend's schema module (`bank.ledger.<backend>.schema`)."""
+    try:
+        backend: _SchemaBackend = backend_module(dialect, "schema")
+    except UnsupportedLedgerUrl:
+        raise ValueError(f"no schema reader for databases of kind {dialect!r}") from None
     return backend
-
-
-def _driver_dialect(source: object) -> str:
-    package = type(source).__module__.partition(".")[0]
-    dialect = _DRIVERS.get(package)
-    if dialect is None:
-        raise TypeError(f"cannot tell which database a {type(source).__name__} reads")
-    return dialect
 
 
 # -- the reference -----------------------------------------------------------------------
@@ -191,7 +177,7 @@ _reference: dict[Hashable, dict[str, dict[str, SchemaObject]]] = {}
 _reference_lock = threading.Lock()
 
 
-def reference_schemas(dialect: str = "sqlite", server: object = None) -> Mapping[str, Schema]:
+def reference_schemas(dialect: str, server: object = None) -> Mapping[str, Schema]:
     """Revision -> the schema the shipped migrations create up to it (oldest first).
 
     Built on first use by running every migration on a scratch database (SQLite:

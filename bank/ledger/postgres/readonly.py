@@ -67,3 +67,8 @@ class PostgresReadOnly:
         if "does not exist" in reason and ("relation" in reason or "column" in reason):
             return NotALedger(f"{self.where}: part of the ledger's schema is missing ({reason})")
         return CannotOpenLedger(f"{self.where}: PostgreSQL could not be read ({reason})")
+
+
+def open_read_only(url: URL) -> PostgresReadOnly:
+    """The read-only access to a PostgreSQL ledger (`bank.ledger.reader`'s entry)."""
+    return PostgresReadOnly(url)

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
-from bank.errors import CannotOpenLedger, NotALedger
+from bank.errors import CannotOpenLedger, NotALedger, UnsupportedLedgerUrl
 from bank.ledger import migrate
 from bank.ledger.sqlite import (
     at_rest,
@@ -108,3 +109,10 @@ class SqliteReadOnly:
         except OSError as exc:
             self.close()
             raise CannotOpenLedger(f"{self._path}: cannot be read ({exc.strerror})") from None
+
+
+def open_read_only(url: URL) -> SqliteReadOnly:
+    """The read-only access to the file of a SQLite URL (`bank.ledger.reader`'s entry)."""
+    if url.database in (None, "", ":memory:"):
+        raise UnsupportedLedgerUrl(f"{url}: an in-memory database holds no ledger to read")
+    return SqliteReadOnly(Path(url.database).expanduser())

@@ -205,7 +205,7 @@ class SqliteSnapshot:
 
     def _references(self) -> Any:
         try:
-            return reference_schemas()
+            return reference_schemas("sqlite")
         except Exception as exc:  # a broken installation, not a broken ledger
             raise CannotAudit(
                 f"the shipped migrations could not build the reference schema ({_reason(exc)})"

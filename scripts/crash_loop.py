@@ -53,7 +53,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tests.faults import ForkServer
@@ -212,15 +212,51 @@ def count_acks(path: Path) -> int:
         return 0
 
 
-def has_schema(db: Path) -> bool:
-    """True if `db` holds the ledger's tables (False for a missing, empty or blank file)."""
-    if not db.exists() or db.stat().st_size == 0:
-        return False
-    con = sqlite3.connect(db)
+def _tables(db: Path | str) -> set[str]:
+    """The tables of the ledger file or server database `db`, read by SQLAlchemy's inspector."""
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.pool import NullPool
+
+    from bank.ledger.backends import ledger_url
+
+    url = ledger_url(db)
+    if isinstance(db, Path):  # read-only: the copy must stay as the kill left it
+        url = url.set(database=f"file:{db}?mode=ro", query={"uri": "true"})
+    engine = create_engine(url, poolclass=NullPool)
     try:
-        names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return set(inspect(engine).get_table_names())
     finally:
-        con.close()
+        engine.dispose()
+
+
+def _rows(db: Path | str, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of `sql` read beside the bank: plain sqlite3 on a file, else the read-only reader."""
+    if isinstance(db, Path):
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return con.execute(sql).fetchall()
+        finally:
+            con.close()
+    from sqlalchemy import text
+
+    from bank.ledger.reader import LedgerReader
+
+    with LedgerReader(db) as reader:
+        return reader.read(lambda conn: [tuple(r) for r in conn.execute(text(sql))])
+
+
+def _started(ledger: Path | str, acks: Path) -> bool:
+    """The child has begun on the ledger: its file exists (a server database always
+    does: then the ack file, created once the accounts are open, tells)."""
+    return ledger.exists() if isinstance(ledger, Path) else acks.exists()
+
+
+def has_schema(db: Path | str) -> bool:
+    """True if `db` holds the ledger's tables (False for a missing, empty or blank file,
+    or an empty database)."""
+    if isinstance(db, Path) and (not db.exists() or db.stat().st_size == 0):
+        return False
+    names = _tables(db)
     required = {"accounts", "transfers", "account_events", "alembic_version"}
     _check(not names or required <= names, f"a half-created ledger: tables {sorted(names)}")
     return bool(names)
@@ -236,7 +272,7 @@ class LedgerState:
     limit_history: dict[int, list[int]]  # account -> its limit changes, in order
 
 
-def verify_file(db: Path) -> LedgerState:
+def verify_file(db: Path | str) -> LedgerState:
     """Audit the ledger (`bank.ledger.audit.audit_ledger`: seq, both hash chains, the
     replay against the limits in force, stored balances and limits), then read what the
     ack checks need with plain sqlite3.
@@ -257,20 +293,17 @@ def verify_file(db: Path) -> LedgerState:
         f"audit: {report.problems_total} problems: "
         + "; ".join(f"{p.kind} {p.message}" for p in report.problems[:5]),
     )
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        rows = con.execute(
-            "SELECT seq, key, kind, debit_account_id, credit_account_id, amount "
-            "FROM transfers ORDER BY seq"
-        ).fetchall()
-        balances = dict(con.execute("SELECT id, balance FROM accounts").fetchall())
-        events = con.execute(
-            "SELECT account_id, overdraft_limit FROM account_events "
-            "WHERE kind = 'limit' ORDER BY seq"
-        ).fetchall()
-    finally:
-        con.close()
-    _check(len(rows) == report.seq, f"the audit saw {report.seq} rows, sqlite3 {len(rows)}")
+    rows = _rows(
+        db,
+        "SELECT seq, key, kind, debit_account_id, credit_account_id, amount "
+        "FROM transfers ORDER BY seq",
+    )
+    balances: dict[int, int] = dict(_rows(db, "SELECT id, balance FROM accounts"))
+    events = _rows(
+        db,
+        "SELECT account_id, overdraft_limit FROM account_events WHERE kind = 'limit' ORDER BY seq",
+    )
+    _check(len(rows) == report.seq, f"the audit saw {report.seq} rows, a plain read {len(rows)}")
     limit_history: dict[int, list[int]] = {}
     for account_id, limit in events:
         limit_history.setdefault(account_id, []).append(limit)
@@ -353,7 +386,9 @@ def verify_acks(state: LedgerState, acks: list[list[str]]) -> tuple[int, int, in
     return acked, rejected, retries, in_flight
 
 
-def verify_reopen(db: Path, durability: str, state: LedgerState, acks: list[list[str]]) -> None:
+def verify_reopen(
+    db: Path | str, durability: str, state: LedgerState, acks: list[list[str]]
+) -> None:
     """Reopen with `bank.Bank.open` and check what it restored; then extend the chain by one.
 
     Any exception on the way (a raw `OperationalError` from `Bank.open` on a file killed
@@ -370,7 +405,9 @@ def verify_reopen(db: Path, durability: str, state: LedgerState, acks: list[list
         ) from exc
 
 
-def _verify_reopen(db: Path, durability: str, state: LedgerState, acks: list[list[str]]) -> None:
+def _verify_reopen(
+    db: Path | str, durability: str, state: LedgerState, acks: list[list[str]]
+) -> None:
     import bank
 
     with bank.Bank.open(db, workers=2, durability=durability) as b:
@@ -463,14 +500,18 @@ def run_once(
     accounts: int = 6,
     workers: int = 3,
     server: ForkServer | None = None,
+    db: str | None = None,
 ) -> Outcome:
     """One iteration in `workdir` (which must be empty); raises `CrashCheckFailed`.
+
+    `db`: the URL of an empty server database to run on (PostgreSQL) instead of the
+    file `workdir/ledger.db`; the server keeps the killed state, so it is read in place.
 
     With a `server` (`tests.faults.ForkServer`) the child is forked from a process that
     has `bank` imported already (milliseconds instead of a fresh interpreter's ~0.5 s).
     """
     rng = random.Random(seed)
-    db = workdir / "ledger.db"
+    ledger: Path | str = workdir / "ledger.db" if db is None else db
     acks_path = workdir / "acks.log"
     stderr_path = workdir / "child.stderr"
     # Kill at start-up (creating the ledger, opening accounts), at the first commits,
@@ -489,7 +530,7 @@ def run_once(
         str(Path(__file__).resolve()),
         "--child",
         "--db",
-        str(db),
+        str(ledger),
         "--acks",
         str(acks_path),
         "--durability",
@@ -506,7 +547,7 @@ def run_once(
     child = _Child(command, stderr_path, env, server)
     try:
         deadline = time.monotonic() + STARTUP_WAIT_S_MAX
-        while count_acks(acks_path) < min_acks or not db.exists():
+        while count_acks(acks_path) < min_acks or not _started(ledger, acks_path):
             if child.poll() is not None:
                 raise CrashCheckFailed(
                     f"the child exited ({child.poll()}) before it was killed:\n"
@@ -529,23 +570,28 @@ def run_once(
     # The independent checks read a copy of the files exactly as the kill left them
     # (the -wal and -shm too), so that `Bank.open` is the first to touch the original:
     # the reopen is tested on a real crashed ledger, not on one sqlite3 has cleaned up.
-    pristine = workdir / "as-killed"
-    pristine.mkdir()
-    if acks:
-        _check(
-            Path(f"{db}-wal").exists(), "the killed child left no WAL: is the ledger in WAL mode?"
-        )
-    for suffix in ("", "-wal", "-shm"):
-        if Path(f"{db}{suffix}").exists():
-            shutil.copy2(f"{db}{suffix}", pristine / f"{db.name}{suffix}")
-    if not has_schema(pristine / db.name):
+    # A server database is read in place: the server, not the killed child, owns it.
+    examined: Path | str = ledger
+    if isinstance(ledger, Path):
+        pristine = workdir / "as-killed"
+        pristine.mkdir()
+        if acks:
+            _check(
+                Path(f"{ledger}-wal").exists(),
+                "the killed child left no WAL: is the ledger in WAL mode?",
+            )
+        for suffix in ("", "-wal", "-shm"):
+            if Path(f"{ledger}{suffix}").exists():
+                shutil.copy2(f"{ledger}{suffix}", pristine / f"{ledger.name}{suffix}")
+        examined = pristine / ledger.name
+    if not has_schema(examined):
         # Killed before the ledger's first migration committed: opening must create it.
         _check(not acks, "operations were acknowledged on a ledger that has no schema")
-        verify_reopen(db, durability, LedgerState(0, {CASH_ID: 0}, {}, {}), acks)
+        verify_reopen(ledger, durability, LedgerState(0, {CASH_ID: 0}, {}, {}), acks)
         return Outcome(durability, seed, phase, killed_after_s, 0, 0, 0, 0, 0)
-    state = verify_file(pristine / db.name)
+    state = verify_file(examined)
     acked, rejected, retries, in_flight = verify_acks(state, acks)
-    verify_reopen(db, durability, state, acks)
+    verify_reopen(ledger, durability, state, acks)
     limit_changes = sum(len(h) for h in state.limit_history.values())
     return Outcome(
         durability,

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="bank",
-        description="A simulated banking transaction engine on a hash-chained SQLite ledger.",
+        description="A simulated banking transaction engine on a hash-chained ledger (SQLite or PostgreSQL).",
         epilog=__doc__.split("\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -146,25 +146,20 @@ def build_ledger(path: Path, transfers: int, accounts: int = 1000, seed: int = 1
 def build_postgres_ledger(url: str, transfers: int, accounts: int = 1000, seed: int = 1) -> None:
     """Write the same ledger into the empty PostgreSQL database at `url`, with COPY.
 
-    Tables are the models' (`Base.metadata.create_all`) plus `alembic_version`, and the
-    rows the migrations write (`@cash`, its opening, `chain_formats`) are copied from a
-    scratch SQLite ledger at head: the migrations do not run on PostgreSQL on this branch.
+    The migrations create the tables; the rows they write (`@cash`, its opening,
+    `chain_formats`) are replaced by those of a scratch SQLite ledger at head, so that
+    both backends hold the same rows with the same hashes.
     """
     import psycopg
     from sqlalchemy import create_engine, text
 
-    from bank.ledger.models import Base
-
     engine = create_engine(url)
     try:
-        Base.metadata.create_all(engine)
+        upgrade_to_head(engine)
         with engine.begin() as conn:
-            conn.execute(
-                text(
-                    "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL "
-                    "CONSTRAINT alembic_version_pkc PRIMARY KEY)"
-                )
-            )
+            for table in ("transfers", "account_events", "accounts", "chain_formats"):
+                conn.execute(text(f"DELETE FROM {table}"))
+            conn.execute(text("DELETE FROM alembic_version"))
     finally:
         engine.dispose()
     with tempfile.TemporaryDirectory() as scratch:

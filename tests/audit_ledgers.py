@@ -156,23 +156,18 @@ _TABLES_IN_ORDER = ("accounts", "account_events", "transfers", "chain_formats", 
 
 def copy_to_postgres(source: Path, url: str) -> None:
     """Write the rows of the SQLite ledger `source` (same values, same hashes) into the empty
-    PostgreSQL database at `url`, whose tables are the models' (`Base.metadata.create_all`:
-    the migrations do not run on PostgreSQL on this branch yet) plus `alembic_version`."""
+    PostgreSQL database at `url`, migrated to head first (its own rows then replaced)."""
     import psycopg
     from sqlalchemy import create_engine, text
 
-    from bank.ledger.models import Base
+    from bank.ledger.migrate import upgrade_to_head
 
     engine = create_engine(url)
     try:
-        Base.metadata.create_all(engine)
+        upgrade_to_head(engine)
         with engine.begin() as conn:
-            conn.execute(
-                text(
-                    "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL "
-                    "CONSTRAINT alembic_version_pkc PRIMARY KEY)"
-                )
-            )
+            for table in reversed(_TABLES_IN_ORDER):
+                conn.execute(text(f"DELETE FROM {table}"))
     finally:
         engine.dispose()
     src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)

@@ -1,6 +1,7 @@
-"""A small, local way to get a fresh PostgreSQL database per test (until the shared
-fixture of tests/postgres.py lands): `BANK_TEST_POSTGRES_URL` names a server the tests
-may create databases on; unset or unreachable, the tests skip with a one-line reason."""
+"""Helpers of the PostgreSQL backend's own tests: throwaway clusters with special settings
+(fsync off, a synchronous standby that never comes) and ledger tables made from the
+models. Fresh databases come from the shared server (`tests/postgres.py`, the
+`postgres_server` fixture)."""
 
 from __future__ import annotations
 
@@ -8,46 +9,26 @@ import os
 import shutil
 import subprocess
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (the postgres extra)")
 
-from bank.ledger.postgres.url import connect_kwargs, engine_url  # noqa: E402
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+from tests import postgres  # noqa: E402
 
 
-def server_url() -> URL:
-    """The test server's admin URL, or skip."""
-    text = os.environ.get("BANK_TEST_POSTGRES_URL")
-    if not text:
-        pytest.skip("BANK_TEST_POSTGRES_URL is not set (no PostgreSQL server for these tests)")
-    url = engine_url(make_url(text))
-    try:
-        psycopg.connect(**connect_kwargs(url), connect_timeout=5).close()
-    except psycopg.Error as exc:
-        pytest.skip(f"no PostgreSQL server at {url.render_as_string()}: {exc}".splitlines()[0])
-    return url
-
-
-@contextmanager
-def fresh_database(prefix: str = "pg") -> Iterator[URL]:
-    """A new empty database on the test server, dropped (forcibly) afterwards."""
-    admin = server_url()
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(**connect_kwargs(admin), autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield admin.set(database=name)
-    finally:
-        with psycopg.connect(**connect_kwargs(admin), autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+def _bindir() -> Path:
+    found = postgres.find_bindir()
+    if found is None:
+        reason = "no PostgreSQL server binaries (initdb, pg_ctl) on this machine"
+        if postgres.required():
+            pytest.fail(f"{reason} ({postgres.ENV_REQUIRE}=1 requires them)", pytrace=False)
+        pytest.skip(reason)
+    return found
 
 
 def _as_postgres(*argv: str) -> list[str]:
@@ -58,15 +39,14 @@ def _as_postgres(*argv: str) -> list[str]:
 def throwaway_cluster(*settings: str) -> Iterator[URL]:
     """A private PostgreSQL cluster (initdb + pg_ctl, unix socket only) started with
     `-c` settings, stopped and removed afterwards; skips when the binaries are absent."""
-    if not (PG_BIN / "initdb").exists():
-        pytest.skip(f"no PostgreSQL server binaries in {PG_BIN}")
+    bindir = _bindir()
     root = Path(tempfile.mkdtemp(prefix="pg_cluster_"))
     data = root / "data"
     try:
         if os.geteuid() == 0:
             shutil.chown(root, "postgres")
         subprocess.run(
-            _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"),
+            _as_postgres(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"),
             check=True,
             capture_output=True,
         )
@@ -75,7 +55,7 @@ def throwaway_cluster(*settings: str) -> Iterator[URL]:
         )
         subprocess.run(
             _as_postgres(
-                str(PG_BIN / "pg_ctl"),
+                str(bindir / "pg_ctl"),
                 "-D",
                 str(data),
                 "-o",
@@ -97,7 +77,7 @@ def throwaway_cluster(*settings: str) -> Iterator[URL]:
             )
         finally:
             subprocess.run(
-                _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"),
+                _as_postgres(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"),
                 check=False,
                 capture_output=True,
             )

@@ -2,20 +2,16 @@
 file gives the same head and, tampered the same way, the same problems; the audit's
 transaction refuses writes; memory stays flat.
 
-Runs against `BANK_TEST_POSTGRES_URL` (a server where databases may be created: each test
-gets a fresh `audit_...` database, dropped afterwards); skipped without it. PostgreSQL
-ledgers are built with `Base.metadata.create_all` plus `alembic_version`
-(`tests.audit_ledgers.copy_to_postgres`): the migrations do not run on PostgreSQL on
-this branch yet.
+Runs on the shared test server (`pg_url`: a fresh database per test). PostgreSQL ledgers
+are migrated to head, then hold the SQLite ledger's rows
+(`tests.audit_ledgers.copy_to_postgres`).
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import sqlite3
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +22,9 @@ from tests.audit_ledgers import build_engine_ledger, copy_ledger, copy_to_postgr
 
 psycopg = pytest.importorskip("psycopg")
 
-SERVER = os.environ.get("BANK_TEST_POSTGRES_URL")
-pytestmark = pytest.mark.skipif(SERVER is None, reason="BANK_TEST_POSTGRES_URL is not set")
-
 
 def _libpq(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
-@pytest.fixture
-def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh, empty database on the test server, dropped afterwards."""
-    assert SERVER is not None
-    name = f"audit_{request.node.name[:30]}_{secrets.token_hex(3)}".lower()
-    name = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
-    with psycopg.connect(_libpq(SERVER), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = SERVER.rpartition("/")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(_libpq(SERVER), autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")

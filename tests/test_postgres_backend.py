@@ -39,15 +39,18 @@ from bank.ledger.migrate import head_revision
 from bank.ledger.models import Base
 from bank.ledger.postgres import PostgresBackend
 from bank.ledger.postgres.lease import Lease
+from bank.ledger.postgres.url import engine_url
 from bank.ledger.postgres.writer import PostgresBatchWriter
 from bank.records import Receipt
-from tests.pg_helpers import fresh_database, make_ledger_tables, throwaway_cluster
+from tests import postgres
+from tests.pg_helpers import make_ledger_tables, throwaway_cluster
 
 
 @pytest.fixture
-def pg_url() -> Iterator[URL]:
-    with fresh_database("pg") as url:
-        yield url
+def pg_url(postgres_server: postgres.Server) -> Iterator[URL]:
+    """A fresh empty database on the shared test server (as a psycopg URL)."""
+    with postgres_server.database("pg") as url:
+        yield engine_url(make_url(url))
 
 
 @pytest.fixture

@@ -20,15 +20,16 @@ import pytest
 # Skip (not fail) without the driver, before bank.ledger.postgres is imported.
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (the postgres extra)")
 
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 
 from bank.errors import LedgerBusy, LedgerUnavailable
 from bank.ledger.backend import Durability, WriteBatch
 from bank.ledger.postgres import PostgresBackend
 from bank.ledger.postgres.lease import Lease
-from bank.ledger.postgres.url import connect_kwargs
+from bank.ledger.postgres.url import connect_kwargs, engine_url
 from bank.records import Receipt
-from tests.pg_helpers import fresh_database, make_ledger_tables
+from tests import postgres
+from tests.pg_helpers import make_ledger_tables
 
 #: A process that says it is ready (imports done), takes the lease (waiting up to argv[2]
 #: s), says so with the wall clock, and holds it.
@@ -45,9 +46,10 @@ time.sleep(600)
 
 
 @pytest.fixture
-def pg_url() -> Iterator[URL]:
-    with fresh_database("pg") as url:
-        yield url
+def pg_url(postgres_server: postgres.Server) -> Iterator[URL]:
+    """A fresh empty database on the shared test server (as a psycopg URL)."""
+    with postgres_server.database("pg") as url:
+        yield engine_url(make_url(url))
 
 
 def _holder(url: URL, wait_s: float) -> subprocess.Popen[str]:

@@ -32,6 +32,7 @@ from bank.ledger.migrate import alembic_config, head_revision
 from bank.ledger.reader import LedgerReader
 from bank.ledger.schema_ref import compare_schema, read_schema, reference_schemas
 from bank.ledger.verify import verify_ledger
+from tests import postgres
 
 pytest.importorskip("psycopg")
 
@@ -40,12 +41,9 @@ _names = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
-def server() -> URL:
-    """The server's maintenance database (a superuser's URL)."""
-    text_url = os.environ.get(ENV_URL)
-    if not text_url:
-        pytest.skip(f"no PostgreSQL server: set {ENV_URL}")
-    return make_url(text_url)
+def server(postgres_server: postgres.Server) -> URL:
+    """The server's maintenance database (a superuser's URL): the shared test server."""
+    return make_url(postgres_server.url)
 
 
 def _new_database(server: URL) -> URL:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from bank.errors import BankClosed, BankError, LedgerUnavailable
 from bank.ledger.backend import AccountEventRow, BatchWriter, OwnerLock, WriteBatch
-from bank.ledger.sequencer import Sequencer, Staged, StagedRejection, StagedTransfer
+from bank.ledger.sequencer import Sequencer, Staged, StagedRejection
 from bank.limits import COMMIT_BATCH_OPS_MAX
 from bank.records import Receipt
 
@@ -62,6 +62,11 @@ class WriterStats:
     rows: int
     rejected: int
     pending: int
+
+
+#: The fields `Pipeline._prepare` reads by index on its hot path.
+_RECEIPT_AT = {"key": 2, "debit_account": 4, "credit_account": 5}
+assert all(Receipt._fields[i] == name for name, i in _RECEIPT_AT.items()), "Receipt drifted"
 
 
 def _never_lost() -> str | None:
@@ -219,7 +224,7 @@ class Pipeline(threading.Thread):
                         # Durable: its operations get their receipts, never a failure.
                         self._answer_left(committed)
                         answered += len(committed.batch)
-                    self._fail([r for r in batch if not r.future.done()], broken, answered=answered)
+                    self._fail([r for r in batch if not r[0].done()], broken, answered=answered)
                     committed = None
         finally:
             if writer is not None:
@@ -292,17 +297,22 @@ class Pipeline(threading.Thread):
         keys: list[str] = []
         rejected = 0
         for rec in batch:
-            if isinstance(rec, StagedTransfer):
-                _f, receipt, debit_balance, credit_balance = rec
-                rows.append(receipt)
-                balances[receipt.debit_account] = debit_balance
-                balances[receipt.credit_account] = credit_balance
-                if receipt.key is not None:
-                    keys.append(receipt.key)
-            elif isinstance(rec, StagedRejection):
-                rejected += 1
-            else:
-                events.append(rec.row)
+            if len(rec) != 4:  # not a transfer (see `bank.ledger.sequencer`)
+                if isinstance(rec, StagedRejection):
+                    rejected += 1
+                else:
+                    events.append(rec.row)
+                continue
+            # A transfer, (future, receipt, debit balance, credit balance). Indexes, not
+            # names: a NamedTuple's attribute costs about 3x its index, and this loop runs
+            # once per operation (`_RECEIPT_AT` checks the receipt's layout).
+            receipt = rec[1]
+            rows.append(receipt)
+            balances[receipt[4]] = rec[2]  # debit account: its balance after
+            balances[receipt[5]] = rec[3]  # credit account: its balance after
+            key = receipt[2]
+            if key is not None:
+                keys.append(key)
         write = WriteBatch(transfers=rows, balances=balances, keyed=bool(keys))
         if events:
             write.events = events
@@ -328,8 +338,8 @@ class Pipeline(threading.Thread):
             # A done-callback runs inside set_result; whatever it raises (SystemExit
             # included) must not reach this loop (the try costs nothing until it raises).
             try:
-                if isinstance(rec, StagedTransfer):
-                    rec.future.set_result(rec.receipt)
+                if len(rec) == 4:
+                    rec[0].set_result(rec[1])  # a transfer: its future, its receipt
                 elif isinstance(rec, StagedRejection):
                     if rec.key is not None:
                         self._claims.release(rec.key)
@@ -353,10 +363,10 @@ class Pipeline(threading.Thread):
         """Answer what a committed batch left unanswered (after a bug): receipts, durable."""
         self._claims.release_many(done.keys)
         for rec in done.batch:
-            if rec.future.done():
+            if rec[0].done():
                 continue
-            if isinstance(rec, StagedTransfer):
-                settle(rec.future, rec.receipt)
+            if len(rec) == 4:
+                settle(rec[0], rec[1])
             elif isinstance(rec, StagedRejection):
                 if rec.key is not None:
                     self._claims.release(rec.key)
@@ -368,15 +378,15 @@ class Pipeline(threading.Thread):
     def _fail(self, batch: list[Staged], failure: BankError, answered: int | None = None) -> None:
         """Answer a batch that will never be written (`answered`: records it completes)."""
         for rec in batch:
-            if isinstance(rec, StagedTransfer):
-                key = rec.receipt.key
+            if len(rec) == 4:
+                key = rec[1].key
             elif isinstance(rec, StagedRejection):
                 key = rec.key
             else:
                 key = None
             if key is not None:
                 self._claims.release(key)
-            settle(rec.future, error=failure)
+            settle(rec[0], error=failure)
         s = self._sequencer
         with self._lock:
             s.done += len(batch) if answered is None else answered

@@ -31,7 +31,6 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, make_url
 
 from bank.ledger.chain import GENESIS, transfer_hash
-from bank.ledger.models import Base
 
 Move = tuple[int, int, int]  # (source, target, amount), as in bench.py
 
@@ -258,14 +257,18 @@ def build_batches(moves: Sequence[Move], accounts: int, opening: int, batch: int
 
 
 def create_ledger_tables(url: URL, accounts: int, opening: int) -> None:
-    """The ledger's tables from `bank.ledger.models` (both foreign keys of `transfers`
-    included) and the funded accounts 0..accounts (0 is the cash account, as in a ledger)."""
+    """The ledger's tables as the migrations make them (both foreign keys of `transfers`,
+    the partial key index) and the funded accounts 0..accounts (0 is the cash account)."""
     import psycopg
+
+    from bank.ledger.migrate import upgrade_to_head
 
     engine = create_engine(url)
     try:
-        Base.metadata.drop_all(engine)
-        Base.metadata.create_all(engine)
+        upgrade_to_head(engine)
+        with engine.begin() as emptied:
+            for table in ("transfers", "account_events", "accounts"):
+                emptied.exec_driver_sql(f"DELETE FROM {table}")
     finally:
         engine.dispose()
     with psycopg.connect(conninfo(url)) as conn, conn.cursor() as cur:

@@ -30,7 +30,7 @@ from sqlalchemy import Engine, make_url
 from sqlalchemy.engine import URL
 
 from bank.ledger.backend import Durability, WriteBatch
-from bank.ledger.models import Base
+from bank.ledger.migrate import upgrade_to_head
 from bank.ledger.postgres import engine as pg_engine
 from bank.ledger.postgres import lease as pg_lease
 from bank.ledger.postgres.lease import FENCE_KEY
@@ -155,10 +155,11 @@ def main() -> None:
     engine: Engine | None = None
     try:
         engine = pg_engine.create_ledger_engine(url, Durability.FULL)
-        Base.metadata.create_all(engine)
+        upgrade_to_head(engine)
         with engine.begin() as c:
+            c.exec_driver_sql("DELETE FROM account_events")
             c.exec_driver_sql(
-                "INSERT INTO accounts SELECT i, 'a' || i, 0, 0 FROM generate_series(0, %s) i"
+                "INSERT INTO accounts SELECT i, 'a' || i, 0, 0 FROM generate_series(1, %s) i"
                 % (ACCOUNTS - 1)
             )
         lease = pg_lease.acquire(url, name, wait_s=0)

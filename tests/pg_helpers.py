@@ -86,20 +86,20 @@ def throwaway_cluster(*settings: str) -> Iterator[URL]:
 
 
 def make_ledger_tables(url: URL, accounts: int = 2) -> None:
-    """The ledger's tables from the models (until the migrations run on PostgreSQL), with
-    `@cash` and accounts 1..accounts-1 at balance 0."""
+    """A ledger migrated to head, with `@cash` and accounts 1..accounts-1 at balance 0 and
+    no account events (the backend tests write their own, from seq 1)."""
     from sqlalchemy import create_engine
 
-    from bank.ledger.models import Base
+    from bank.ledger.migrate import upgrade_to_head
 
     engine = create_engine(url)
     try:
-        Base.metadata.create_all(engine)
+        upgrade_to_head(engine)
         with engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM account_events")
             conn.exec_driver_sql(
-                "INSERT INTO accounts SELECT i, CASE WHEN i = 0 THEN '@cash' ELSE 'a' || i END, "
-                f"CASE WHEN i = 0 THEN 9223372036854775807 ELSE 0 END, 0 "
-                f"FROM generate_series(0, {accounts - 1}) i"
+                "INSERT INTO accounts SELECT i, 'a' || i, 0, 0 "
+                f"FROM generate_series(1, {accounts - 1}) i"
             )
     finally:
         engine.dispose()

@@ -35,8 +35,8 @@ from bank.limits import (
 
 # Version-2 messages with the prev hash (64 ASCII hex digits: a stored hash that is not
 # breaks its own row first) and V(kind) filled in; `%d` refuses a text.
-_V2_NO_KEY: Final = "bank:transfers:2\ns64:%si%d;%si%d;i%d;i%d;i%d;n"
-_V2_KEY: Final = "bank:transfers:2\ns64:%si%d;%si%d;i%d;i%d;i%d;s%d:%s"
+_V2_NO_KEY: Final = "bank:transfers:2\ns64:%si%d;%s%s%si%d;i%d;n"
+_V2_KEY: Final = "bank:transfers:2\ns64:%si%d;%s%s%si%d;i%d;s%d:%s"
 #: kind -> (V(kind), where it has @cash: see `KIND_SIDES`), one look-up per row.
 _KINDS: Final = {kind: (KIND_CODES[kind], side) for kind, side in KIND_SIDES.items()}
 #: Above every margin a real balance can have: "not touched in this range".
@@ -110,6 +110,12 @@ def check_range(
     deltas = _table(ids, None)  # None: not open (yet), so `+`/`-` raise TypeError (dirty)
     lows = _table(ids, _UNTOUCHED)
     highs = _table(ids, -_UNTOUCHED)
+    # V(id) of every account, looked up instead of formatted (an unknown id: dirty).
+    accounts = (
+        [f"i{i};" for i in range(len(floors))]
+        if isinstance(floors, list)
+        else {i: f"i{i};" for i in ids}
+    )
     events = iter(limit_events)
     pending = next(events, None)
 
@@ -164,10 +170,28 @@ def check_range(
             code, sides = kinds[kind]
             if version == 2:
                 if key is None:
-                    text = no_key % (last, seq, code, debit, credit, amount, ts_us)
+                    text = no_key % (
+                        last,
+                        seq,
+                        code,
+                        accounts[debit],
+                        accounts[credit],
+                        amount,
+                        ts_us,
+                    )
                 elif key.__class__ is str:
                     size = len(key) if key.isascii() else len(key.encode())
-                    text = with_key % (last, seq, code, debit, credit, amount, ts_us, size, key)
+                    text = with_key % (
+                        last,
+                        seq,
+                        code,
+                        accounts[debit],
+                        accounts[credit],
+                        amount,
+                        ts_us,
+                        size,
+                        key,
+                    )
                 else:
                     return dirty  # a key that is not a text (a BLOB)
                 if hasher(text.encode()).hexdigest() != stored:

@@ -17,6 +17,7 @@ order. The reports are the same either way.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
@@ -34,8 +35,10 @@ from bank.limits import (
 
 # Version-2 messages with the prev hash (64 ASCII hex digits: a stored hash that is not
 # breaks its own row first) and V(kind) filled in; `%d` refuses a text.
-_V2_NO_KEY: Final = "bank:transfers:2\ns64:%si%d;%si%d;i%d;i%d;i%d;n"
-_V2_KEY: Final = "bank:transfers:2\ns64:%si%d;%si%d;i%d;i%d;i%d;s%d:%s"
+_V2_NO_KEY: Final = "bank:transfers:2\ns64:%si%d;%s%s%si%d;i%d;n"
+_V2_KEY: Final = "bank:transfers:2\ns64:%si%d;%s%s%si%d;i%d;s%d:%s"
+#: kind -> (V(kind), where it has @cash: see `KIND_SIDES`), one look-up per row.
+_KINDS: Final = {kind: (KIND_CODES[kind], side) for kind, side in KIND_SIDES.items()}
 #: Above every margin a real balance can have: "not touched in this range".
 _UNTOUCHED: Final = 1 << 80
 
@@ -103,10 +106,16 @@ def check_range(
     """
     start_prev = GENESIS if prev is None else prev
     ids = {account for _, account, kind, _ in limit_events if kind == "open"}
-    floors = _table(ids, None)  # None: not open (yet)
-    deltas = _table(ids, 0)
+    floors = _table(ids, None)
+    deltas = _table(ids, None)  # None: not open (yet), so `+`/`-` raise TypeError (dirty)
     lows = _table(ids, _UNTOUCHED)
     highs = _table(ids, -_UNTOUCHED)
+    # V(id) of every account, looked up instead of formatted (an unknown id: dirty).
+    accounts = (
+        [f"i{i};" for i in range(len(floors))]
+        if isinstance(floors, list)
+        else {i: f"i{i};" for i in ids}
+    )
     events = iter(limit_events)
     pending = next(events, None)
 
@@ -118,9 +127,10 @@ def check_range(
             floor = -limit if type(limit) is int and 0 <= limit <= OVERDRAFT_LIMIT_MAX else 0
             if account == CASH_ACCOUNT_ID:
                 floor = BALANCE_MIN
-            if (kind == "open" and floors[account] is None) or (
-                kind == "limit" and account in ids and floors[account] is not None
-            ):
+            if kind == "open" and floors[account] is None:
+                floors[account] = floor
+                deltas[account] = 0
+            elif kind == "limit" and account in ids and floors[account] is not None:
                 floors[account] = floor
             pending = next(events, None)
         return pending[0] if pending is not None else BALANCE_MAX
@@ -138,8 +148,7 @@ def check_range(
         return min(event_at + 1, switch_at)
 
     stop = next_stop(lo)
-    kind_codes = KIND_CODES
-    kind_sides = KIND_SIDES
+    kinds = _KINDS
     amount_max = AMOUNT_MAX
     no_key = _V2_NO_KEY
     with_key = _V2_KEY
@@ -147,6 +156,10 @@ def check_range(
     expected = lo
     last = start_prev
     dirty = RangeSummary(lo, hi, clean=False)
+    # Every row is a fresh tuple of ints and texts (no cycles): the cyclic collector
+    # would only scan them, every 700 rows.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         for seq, key, kind, debit, credit, amount, ts_us, stored in rows:
             if seq != expected:
@@ -154,13 +167,31 @@ def check_range(
             expected += 1
             if seq >= stop:
                 stop = next_stop(seq)
+            code, sides = kinds[kind]
             if version == 2:
-                code = kind_codes[kind]
                 if key is None:
-                    text = no_key % (last, seq, code, debit, credit, amount, ts_us)
+                    text = no_key % (
+                        last,
+                        seq,
+                        code,
+                        accounts[debit],
+                        accounts[credit],
+                        amount,
+                        ts_us,
+                    )
                 elif key.__class__ is str:
                     size = len(key) if key.isascii() else len(key.encode())
-                    text = with_key % (last, seq, code, debit, credit, amount, ts_us, size, key)
+                    text = with_key % (
+                        last,
+                        seq,
+                        code,
+                        accounts[debit],
+                        accounts[credit],
+                        amount,
+                        ts_us,
+                        size,
+                        key,
+                    )
                 else:
                     return dirty  # a key that is not a text (a BLOB)
                 if hasher(text.encode()).hexdigest() != stored:
@@ -172,14 +203,12 @@ def check_range(
             last = stored
             if (
                 (seq | debit | credit | amount | ts_us) < 0
-                or amount == 0
-                or amount > amount_max
-                or kind_sides[kind] != (debit == 0) + 2 * (credit == 0)
+                or not 0 < amount <= amount_max
+                or sides != (debit == 0) + 2 * (credit == 0)
                 or debit == credit
-                or floors[credit] is None
             ):
                 return dirty
-            # Replay from 0 (a debit account not open has floor None: TypeError, dirty).
+            # Replay from 0 (an account not open has delta None: TypeError, dirty).
             balance = deltas[debit] - amount
             deltas[debit] = balance
             balance -= floors[debit]
@@ -191,6 +220,9 @@ def check_range(
                 highs[credit] = balance
     except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         return dirty  # a value out of the ordinary: the exact pass says what
+    finally:
+        if collecting:
+            gc.enable()
     if expected != hi + 1:
         return dirty
     return RangeSummary(

@@ -1,12 +1,12 @@
 """The `bank` command line: thin commands over the library, errors turned into exit codes.
 
 Exit codes, for every command:
-  0    success (for `simulate` and `audit`: the audit is clean)
-  1    the command ran and found a problem (audit problems, a refused operation,
-       an unknown account for `history`)
+  0    success (for `simulate`, `audit` and `copy`: the audit is clean)
+  1    the command ran and found a problem (audit problems, a copy whose audit
+       is not clean, a refused operation, an unknown account for `history`)
   2    usage errors and anything that could not be opened or audited: a missing
        file, a file that is not a ledger, a ledger written by a newer bank, a
-       ledger another process has open
+       ledger another process has open, a copy into a store that is not empty
   130  `simulate` was interrupted with Ctrl-C (the run still finished its
        in-flight work, closed the ledger cleanly and audited it; a failed audit
        wins and exits 1)
@@ -34,6 +34,7 @@ from bank.errors import (
     AccountNotFound,
     BankError,
     CannotAudit,
+    CannotCopy,
     LedgerBusy,
     NotALedger,
 )
@@ -57,7 +58,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 #: Errors that mean "could not open / could not audit": exit 2, not 1.
-_OPEN_ERRORS: tuple[type[BankError], ...] = (NotALedger, LedgerBusy, CannotAudit)
+_OPEN_ERRORS: tuple[type[BankError], ...] = (NotALedger, LedgerBusy, CannotAudit, CannotCopy)
 
 
 class _UsageError(Exception):
@@ -289,6 +290,41 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--json", action="store_true", help="print the result as JSON")
     chk.set_defaults(run=_cmd_check_history)
 
+    cpy = sub.add_parser(
+        "copy",
+        help="copy a ledger verbatim to another store, e.g. SQLite to PostgreSQL "
+        "(exit 0 copied and clean, 1 problems, 2 could not copy)",
+        description=(
+            "Copy the ledger at SRC into the empty store at DST (a new file, or an empty "
+            "PostgreSQL database made with createdb), row for row: same seqs, same hashes, "
+            "same chain formats, in one transaction. SRC is read through one consistent "
+            "snapshot, so a bank may keep writing it (the copy is then that snapshot). DST "
+            "is locked for the whole copy; a failed or interrupted copy leaves it empty. The "
+            "copy is then audited with --expect-head set to the source's head. "
+            "Exit 0 when the copy audits clean with the source's head, 1 when the audit "
+            "found problems (a damaged source shows up there: audit it too), 2 when the copy "
+            "could not run (SRC missing, not a ledger or not at the newest schema revision: "
+            "`bank init --db SRC` upgrades it; DST not empty, busy or unreachable)."
+        ),
+    )
+    cpy.add_argument(
+        "--from",
+        dest="source",
+        metavar="SRC",
+        required=True,
+        help="the ledger to copy: a file path or an SQLAlchemy URL",
+    )
+    cpy.add_argument(
+        "--to",
+        dest="destination",
+        metavar="DST",
+        required=True,
+        help="where to copy it: a new file path, or the URL of an empty database "
+        "(postgresql://user@host/db)",
+    )
+    cpy.add_argument("--json", action="store_true", help="print the report as JSON")
+    cpy.set_defaults(run=_cmd_copy)
+
     ini = sub.add_parser(
         "init",
         help="create a ledger, or upgrade one to the newest schema",
@@ -504,6 +540,34 @@ def _cmd_check_history(args: argparse.Namespace) -> int:
     except CannotCheckHistory as exc:
         _error(args.command, str(exc))
         return EXIT_USAGE
+
+
+def _cmd_copy(args: argparse.Namespace) -> int:
+    from bank.ledger.audit_report import render_report
+    from bank.ledger.copy import copy_ledger
+
+    report = copy_ledger(args.source, args.destination)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return EXIT_OK if report.ok else EXIT_PROBLEM
+    counts = ", ".join(f"{n:,} {table}" for table, n in report.rows.items())
+    print(
+        f"copied {report.source} -> {report.destination}: {report.rows_total:,} rows ({counts}) "
+        f"in {report.copy_s:.2f} s ({report.rows_per_s:,.0f} rows/s)"
+    )
+    print(f"source head      {report.source_head}")
+    verdict = "(the same)" if report.heads_match else "(DIFFERENT)"
+    print(f"destination head {report.destination_head} {verdict}")
+    render_report(report.audit, _console(sys.stdout))
+    if not report.ok:
+        print(
+            "the copy holds the source's rows as they are, so the source is damaged too: "
+            f"`bank audit --db {report.source}` tells; do not open the copy",
+            file=sys.stderr,
+        )
+        return EXIT_PROBLEM
+    print(f"open the copy with Bank.open({report.destination!r})")
+    return EXIT_OK
 
 
 def _cmd_init(args: argparse.Namespace) -> int:

@@ -95,6 +95,17 @@ class InvalidExpectedHead(CannotAudit, ValueError):
     """`expect_head` is not a head as `bank audit` prints it (`SEQ:HASH/EVENT_SEQ:EVENT_HASH`)."""
 
 
+class CannotCopy(BankError):
+    """`copy_ledger` could not copy: the source is not a ledger at the newest revision, the
+    destination is the source or not empty, or a row was refused; the destination was
+    left empty (a new file removed)."""
+
+
+class DestinationNotEmpty(CannotCopy):
+    """The destination of `copy_ledger` already holds a ledger or another program's tables:
+    a copy goes only into a new file or an empty database (it was left untouched)."""
+
+
 class LedgerCorrupt(BankError):
     """`Bank.open` found stored balances, limits or chain heads that disagree with a replay
     of the ledger, a ledger table missing, or (upgrading) a value of the wrong type: it

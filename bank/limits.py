@@ -38,6 +38,10 @@ COMMIT_BATCH_OPS_MAX: Final = 4096
 #: every batch and all stay prepared in sqlite3's statement cache; a page is also
 #: kept under the connection's limit of bound variables (999 on SQLite < 3.32).
 ROWS_PER_STATEMENT_MAX: Final = 512
+#: Rows `copy_ledger` hands the destination per executemany (or COPY buffer flush):
+#: memory stays flat however long the ledger, and a few thousand rows per round trip
+#: already reach the driver's speed.
+COPY_CHUNK_ROWS: Final = 5000
 #: Operations `submit_many` puts in the queue per hand-off.
 SUBMIT_CHUNK_OPS_MAX: Final = 256
 

@@ -13,7 +13,7 @@ import pytest
 import bank
 from bank.cli import build_parser, main
 
-COMMANDS = ["simulate", "audit", "init", "accounts", "history"]
+COMMANDS = ["simulate", "audit", "copy", "init", "accounts", "history"]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Connection, Engine, inspect
 
 from bank.errors import LedgerCorrupt, LedgerVersionError, NotALedger
 from bank.ledger.models import Base
@@ -121,3 +121,15 @@ def upgrade_to_head(engine: Engine) -> str:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
     return head
+
+
+def upgrade_in_transaction(conn: Connection) -> str:
+    """Create the newest schema in an empty database inside `conn`'s open transaction (which
+    the caller commits or rolls back: `copy_ledger` fills the tables in that same
+    transaction, so a failed copy leaves not even the tables). Returns the revision."""
+    assert conn.get_transaction() is not None, "the caller's transaction holds the migrations"
+    with ALEMBIC_LOCK:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    return head_revision()

@@ -47,6 +47,12 @@ SUBMIT_CHUNK_OPS_MAX: Final = 256
 
 #: How long `Bank.open` waits for SQLite's write lock before giving up.
 BUSY_TIMEOUT_MS: Final = 5000
+#: How long a lease holder's probe of its server may go unanswered before the lease
+#: counts as lost (a frozen or unreachable server: a SIGSTOPped process tree or a hung
+#: machine keeps every socket open and ACKed, so no TCP timer fires). Generous, so a
+#: loaded server in a checkpoint does not stop the bank; the bank then cuts its own
+#: connections to that server, and every wait on it ends.
+LEASE_PROBE_TIMEOUT_S: Final = 15.0
 #: How long close() waits for a thread before reporting it stuck (the ledger's lock is
 #: then released by the last bank thread to exit, never while one still runs).
 JOIN_WAIT_S_MAX: Final = 60.0

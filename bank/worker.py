@@ -178,7 +178,12 @@ class Worker(threading.Thread):
             # and the writer never waits on a worker, so this ends; the deadline bounds
             # it all the same (`KeyInFlight`, nothing changed).
             self._claims.claim_when_free(key, future, KEY_WAIT_S_MAX)
-            receipt = self._lookup([key]).get(key)
+            try:
+                receipt = self._lookup([key]).get(key)
+            except Exception as exc:  # as for the job's first look-up: nothing was applied
+                raise LedgerUnavailable(
+                    f"the ledger could not be read ({type(exc).__name__}: {exc})"
+                ) from exc
         if receipt is None:
             return False  # we own the claim; the writer releases it
         self._claims.release(key)

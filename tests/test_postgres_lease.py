@@ -1,6 +1,7 @@
 """The writer lease across real processes on one PostgreSQL ledger: a second writer is
 refused at once, a standby takes over after the holder is SIGKILLed, a lost lease
-connection is reported, and a forked child never touches the parent's session."""
+connection is reported, a server that stops answering the probe has the bank's
+connections cut, and a forked child never touches the parent's session."""
 
 # ruff: noqa: E402  (the importorskip below must run before the backend is imported)
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import sqlalchemy as sa
 
 # Skip (not fail) without the driver, before bank.ledger.postgres is imported.
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (the postgres extra)")
@@ -25,7 +27,7 @@ from sqlalchemy.engine import URL, make_url
 from bank.errors import LedgerBusy, LedgerUnavailable
 from bank.ledger.backend import Durability, WriteBatch
 from bank.ledger.postgres import PostgresBackend
-from bank.ledger.postgres.lease import Lease
+from bank.ledger.postgres.lease import Lease, NoAnswer, ask
 from bank.ledger.postgres.url import connect_kwargs, engine_url
 from bank.records import Receipt
 from tests import postgres
@@ -127,6 +129,82 @@ def test_losing_the_lease_connection_is_reported_and_frees_the_ledger(pg_url: UR
     late: list[str] = []
     lease.set_on_lost(late.append)  # already lost: told at once, still never twice by the monitor
     assert late == [reason] and told == [reason]
+
+
+def test_ask_gives_up_at_its_deadline_and_reports_errors(pg_url: URL) -> None:
+    conn = psycopg.connect(**connect_kwargs(pg_url), autocommit=True)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(NoAnswer):
+            ask(conn, b"SELECT pg_sleep(5)", 0.2)
+        took = time.monotonic() - t0
+        assert 0.2 <= took < 1.5, took
+    finally:
+        conn.close()  # the query is still outstanding: the connection is not usable
+    with psycopg.connect(**connect_kwargs(pg_url), autocommit=True) as conn:
+        ask(conn, b"SELECT 1", 5)
+        with pytest.raises(psycopg.OperationalError, match="division by zero"):
+            ask(conn, b"SELECT 1/0", 5)
+        assert conn.execute("SELECT 2").fetchone() == (2,)  # left usable after both
+
+
+def test_an_unanswering_server_has_every_wait_on_the_banks_connections_cut(pg_url: URL) -> None:
+    """What the monitor does when its probe goes unanswered (the deadline itself is in
+    `test_postgres_attacks`, on a frozen server): the lease is lost, `on_lost` is told,
+    then a query waiting on one of the engine's connections ends at once, and the engine
+    connects no more. The engine's connections carry the lease's keepalives."""
+    backend = PostgresBackend(pg_url)
+    lease = backend.acquire(create=True, wait_s=0)
+    assert isinstance(lease, Lease)
+    engine = backend.create_engine(Durability.FULL, lease)
+    told: list[str] = []
+    lease.set_on_lost(told.append)
+    raw = engine.raw_connection()
+    try:
+        conn = raw.driver_connection
+        assert isinstance(conn, psycopg.Connection)
+        params = conn.info.get_parameters()
+        assert params.get("keepalives") == "1" and params.get("tcp_user_timeout") == "10000"
+        failed: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                conn.execute("SELECT pg_sleep(30)")
+            except BaseException as exc:
+                failed.append(exc)
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        lease.mark_lost("test: no answer", cut=True)
+        waiter.join(5)
+        assert not waiter.is_alive(), "the wait on the cut connection did not end"
+        assert time.monotonic() - t0 < 2
+        assert len(failed) == 1 and isinstance(failed[0], psycopg.OperationalError), failed
+        assert told == ["test: no answer"] and lease.lost() == "test: no answer"
+        raw.invalidate()
+        engine.dispose()
+        with pytest.raises(sa.exc.OperationalError, match="test: no answer"):
+            engine.connect()
+    finally:
+        engine.dispose()
+        lease.release()
+
+
+def test_a_released_lease_cuts_nothing(pg_url: URL) -> None:
+    backend = PostgresBackend(pg_url)
+    lease = backend.acquire(create=True, wait_s=0)
+    assert isinstance(lease, Lease)
+    engine = backend.create_engine(Durability.FULL, lease)
+    try:
+        with engine.connect() as conn:
+            lease.release()
+            lease.mark_lost("too late", cut=True)
+            assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
+            assert lease.lost() is None
+    finally:
+        engine.dispose()
 
 
 def test_release_frees_the_lease_without_calling_on_lost(pg_url: URL) -> None:

@@ -51,6 +51,8 @@ class PostgresBackend:
     def preflight(self, lock: OwnerLock) -> str | None:
         """The revision of the ledger (None for an empty database); writes nothing."""
         conn = pg_lease.connect(self.url, self.where, application="bank preflight")
+        if self._lease is not None:
+            self._lease.register(conn)
         try:
             revision = ledger_revision(conn, self.where)
         finally:
@@ -59,9 +61,10 @@ class PostgresBackend:
         return revision
 
     def create_engine(self, durability: Durability, lock: OwnerLock) -> Engine:
-        """The bank's pool, every connection set for `durability`."""
+        """The bank's pool, every connection set for `durability` and registered with the
+        lease (cut if the server stops answering its probe)."""
         self._durability = durability
-        return pg_engine.create_ledger_engine(self.url, durability)
+        return pg_engine.create_ledger_engine(self.url, durability, self._lease)
 
     def check_writable(self, engine: Engine) -> None:
         """Refuse a hot standby, a read-only session, missing grants, or (FULL) fsync=off."""
@@ -98,6 +101,8 @@ class PostgresBackend:
             return
         self._found_empty = False
         conn = pg_lease.connect(self.url, self.where, application="bank discard")
+        if self._lease is not None:
+            self._lease.register(conn)
         try:
             with conn.transaction():
                 for statement in drop_ledger_sql():

@@ -1,11 +1,13 @@
-"""The bank's pooled PostgreSQL connections: their durability settings, and what the
-server must offer before a ledger is written (writable, durable, privileges)."""
+"""The bank's pooled PostgreSQL connections: their durability settings, their TCP
+keepalives (the lease's), their registration with the writer lease (cut if the server
+stops answering), and what the server must offer before a ledger is written
+(writable, durable, privileges)."""
 
 from __future__ import annotations
 
 import os
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import Engine, event
@@ -14,6 +16,11 @@ from sqlalchemy.engine import URL
 from bank.errors import CannotOpenLedger, ServerNotDurable
 from bank.ledger.backend import Durability
 from bank.ledger.models import account_events, accounts, transfers
+from bank.ledger.postgres.lease import KEEPALIVES
+from bank.ledger.postgres.url import connect_kwargs
+
+if TYPE_CHECKING:
+    from bank.ledger.postgres.lease import Lease
 
 #: `synchronous_commit` levels that flush the commit to this server's disk first.
 DURABLE_COMMIT_LEVELS = frozenset({"on", "local", "remote_write", "remote_apply"})
@@ -63,12 +70,26 @@ def configure_session(dbapi_connection: Any, durability: Durability) -> None:
         dbapi_connection.autocommit = autocommit
 
 
-def create_ledger_engine(url: URL, durability: Durability) -> Engine:
-    """A pooled engine on psycopg whose every connection carries `durability`."""
-    engine = sa.create_engine(url, pool_size=8, max_overflow=32)
+def create_ledger_engine(url: URL, durability: Durability, lease: Lease | None = None) -> Engine:
+    """A pooled engine on psycopg whose every connection carries `durability` and the
+    lease's TCP keepalives and `tcp_user_timeout` (a dead or cut-off server ends a wait;
+    the URL's own settings win), and is registered with `lease`: if the server stops
+    answering, the lease cuts them all, and the engine connects no more."""
+    given = connect_kwargs(url)
+    keepalives = {k: v for k, v in KEEPALIVES.items() if k not in given}
+    engine = sa.create_engine(url, pool_size=8, max_overflow=32, connect_args=keepalives)
+
+    if lease is not None:
+        watched = lease
+
+        @event.listens_for(engine, "do_connect")
+        def _before_connect(_dialect: Any, _record: Any, _args: Any, _kwargs: Any) -> None:
+            watched.check_answering()  # a frozen server: fail now, not after connect_timeout
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        if lease is not None:
+            lease.register(dbapi_connection)  # first: the set-up below talks to the server
         configure_session(dbapi_connection, durability)
 
     _engines.add(engine)

@@ -6,6 +6,13 @@ lock the moment the holder's session ends (a SIGKILLed holder's socket closes), 
 a standby polling for it takes over at once. A monitor thread notices when this
 connection dies and reports it (`lost`, `set_on_lost`): the bank must stop writing.
 
+A server that stops answering without closing anything (every process SIGSTOPped, a
+hung machine: the kernel keeps ACKing, so no keepalive or `tcp_user_timeout` fires)
+is noticed by the probe's deadline (`PROBE_TIMEOUT_S`): the lease is lost, and then
+every connection the bank registered here (`register`: the engine's pool, the
+preflight's) is shut down at the socket, so that a COMMIT or a look-up waiting on that
+server returns with an error at once instead of when (if ever) the server resumes.
+
 Fencing a stale writer: every batch transaction takes `FENCE_KEY` shared and checks
 in `pg_locks` that this lease's session still holds `LEASE_KEY`; a new holder takes
 `FENCE_KEY` exclusively once before it reads the ledger, so a batch that passed the
@@ -20,6 +27,7 @@ import hashlib
 import logging
 import os
 import select
+import socket
 import threading
 import time
 import weakref
@@ -27,11 +35,13 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg import pq
 from sqlalchemy.engine import URL
 
 from bank.errors import LedgerBusy
 from bank.ledger.postgres.errors import open_error
 from bank.ledger.postgres.url import connect_kwargs
+from bank.limits import LEASE_PROBE_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,10 @@ FENCE_KEY = advisory_key("bank-ledger-fence")
 POLL_INTERVAL_S = 0.05
 #: How often the monitor probes the lease connection (it also wakes on any traffic).
 PROBE_INTERVAL_S = 0.5
+#: How long the server may take to answer a probe before the lease counts as lost and
+#: the bank's connections to it are cut. Read when a lease is taken: a test may lower it
+#: first (`monkeypatch.setattr(lease, "PROBE_TIMEOUT_S", 2.0)`).
+PROBE_TIMEOUT_S: float = LEASE_PROBE_TIMEOUT_S
 #: How long a new holder waits at least for a previous writer's last transaction.
 FENCE_WAIT_S_MIN = 5.0
 #: Client-side TCP keepalives of the lease connection (a dead server is noticed).
@@ -103,6 +117,12 @@ class Lease:
         self.backend_pid: int = conn.info.backend_pid
         self._conn = conn
         self._pid = os.getpid()
+        #: How long a probe may go unanswered (`PROBE_TIMEOUT_S` when the lease was taken).
+        self.probe_timeout_s = PROBE_TIMEOUT_S
+        #: The bank's other connections to this server, cut if it stops answering.
+        self._sessions: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
+        self._cut = False  # the server stopped answering: the sessions were cut
+        self._usable = True  # False once a probe failed or went unanswered
         self._io = threading.Lock()  # one user of the connection at a time
         self._state = threading.Lock()
         self._lost: str | None = None
@@ -137,7 +157,8 @@ class Lease:
         self.set_on_lost(on_lost)
 
     def release(self) -> None:
-        """Give the lease up and close its connection (idempotent; never raises)."""
+        """Give the lease up and close its connection (idempotent; never raises). Bounded
+        by `probe_timeout_s` on a server that stopped answering; cuts nothing."""
         with self._state:
             if self._released:
                 return
@@ -148,12 +169,15 @@ class Lease:
             os.write(self._wake_w, b"x")
         if self._pid != os.getpid():
             return  # a forked child: the session is the parent's; touch nothing
+        deadline = time.monotonic() + self.probe_timeout_s
         if self._monitor.is_alive() and self._monitor is not threading.current_thread():
-            self._monitor.join(PROBE_INTERVAL_S * 4)
+            # A probe in progress ends by its own deadline, which is before ours.
+            self._monitor.join(self.probe_timeout_s + PROBE_INTERVAL_S * 4)
         with self._io:
-            if not self._conn.closed:
-                with contextlib.suppress(psycopg.Error):
-                    self._conn.execute("SELECT pg_advisory_unlock(%s)", (LEASE_KEY,))
+            if self._usable and not self._conn.closed:
+                # Unlocked before closing, so that the lease is free when this returns.
+                with contextlib.suppress(psycopg.Error, NoAnswer):
+                    ask(self._conn, _UNLOCK, max(deadline - time.monotonic(), 0.1))
             with contextlib.suppress(psycopg.Error):
                 self._conn.close()
         for fd in (self._wake_r, self._wake_w):
@@ -180,13 +204,31 @@ class Lease:
                 return
             if self._stop.is_set():
                 return
-            try:
-                with self._io:
-                    self._conn.execute("SELECT 1")
-            except psycopg.Error as exc:
-                if not self._stop.is_set():
-                    self._lose(exc)
+            failure: psycopg.Error | NoAnswer | None = None
+            with self._io:
+                if self._stop.is_set():
+                    return
+                try:
+                    ask(self._conn, b"SELECT 1", self.probe_timeout_s)
+                except (psycopg.Error, NoAnswer) as exc:
+                    self._usable = False
+                    failure = exc
+            if failure is not None:
+                if self._stop.is_set():
+                    return
+                if isinstance(failure, NoAnswer):
+                    self._unanswered()
+                else:
+                    self._lose(failure)
                 return
+
+    def _unanswered(self) -> None:
+        self.mark_lost(
+            f"{self.where}: the server did not answer the writer lease's probe within "
+            f"{self.probe_timeout_s:g} s (frozen or unreachable); this bank must not write "
+            "again and has cut its connections to it",
+            cut=True,
+        )
 
     def _lose(self, exc: BaseException) -> None:
         first = str(exc).strip().splitlines()
@@ -196,8 +238,9 @@ class Lease:
             "this bank must not write again (another bank may own the ledger now)"
         )
 
-    def mark_lost(self, reason: str) -> None:
-        """Record that the lease is gone and tell the callback (once)."""
+    def mark_lost(self, reason: str, *, cut: bool = False) -> None:
+        """Record that the lease is gone and tell the callback (once); with `cut` (the
+        server stopped answering), then cut every registered connection."""
         with self._state:
             if self._lost is not None or self._released:
                 return
@@ -206,6 +249,97 @@ class Lease:
         log.error("%s", reason)
         if callback is not None:
             _notify(callback, reason)
+        if cut:
+            with self._state:  # `release` takes this lock first: never a cut after it
+                if self._released or self._pid != os.getpid():
+                    return
+                self._cut = True
+                for conn in (self._conn, *self._sessions):
+                    cut_socket(conn)
+
+    # -- the bank's other connections --------------------------------------------------
+
+    def register(self, conn: psycopg.Connection[Any]) -> None:
+        """Have `conn`, one of this bank's connections to the server, cut if the server
+        stops answering (at once if it already has). Held weakly."""
+        with self._state:
+            if self._released or self._pid != os.getpid():
+                return
+            self._sessions.add(conn)
+            if self._cut:
+                cut_socket(conn)
+
+    def check_answering(self) -> None:
+        """Raise `psycopg.OperationalError` once the server stopped answering the lease's
+        probe: a new connection to it would wait `connect_timeout` for nothing."""
+        with self._state:
+            cut, reason = self._cut, self._lost
+        if cut:
+            raise psycopg.OperationalError(reason or "the server stopped answering")
+
+
+#: The lease's own unlock, as one simple query (`ask` sends no parameters).
+_UNLOCK = f"SELECT pg_advisory_unlock({LEASE_KEY})".encode()
+
+
+class NoAnswer(Exception):
+    """The server did not answer within the deadline (`ask`)."""
+
+
+def ask(conn: psycopg.Connection[Any], query: bytes, timeout_s: float) -> None:
+    """Run `query` (simple protocol, results dropped) on `conn`, waiting at most
+    `timeout_s` for the server: `NoAnswer` past it (the query is then still outstanding
+    and the connection unusable), `psycopg.Error` if it fails or the connection breaks.
+
+    On psycopg's own nonblocking libpq connection, polling its socket: the blocking
+    `execute` would wait for as long as a frozen server keeps the socket open.
+    """
+    pgconn = conn.pgconn
+    deadline = time.monotonic() + timeout_s
+    pgconn.send_query(query)
+    fd = pgconn.socket
+    while pgconn.flush():  # 1: more to send
+        _wait(fd, select.POLLOUT, deadline)
+    while True:
+        pgconn.consume_input()
+        if not pgconn.is_busy():
+            break
+        _wait(fd, select.POLLIN, deadline)
+    error: str | None = None
+    while (result := pgconn.get_result()) is not None:
+        if result.status == pq.ExecStatus.FATAL_ERROR and error is None:
+            error = (result.error_message or b"").decode(errors="replace").strip()
+    if error is not None:
+        raise psycopg.OperationalError(error or "the query failed")
+
+
+def _wait(fd: int, event: int, deadline: float) -> None:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise NoAnswer
+    poller = select.poll()
+    poller.register(fd, event)  # POLLHUP and POLLERR are always reported
+    if not poller.poll(remaining * 1000):
+        raise NoAnswer
+
+
+def cut_socket(conn: psycopg.Connection[Any]) -> None:
+    """Shut `conn`'s socket down both ways (never raises): whoever waits on it, in any
+    thread, gets EOF and an error at once. The connection stays open, and broken."""
+    if conn.closed:
+        return
+    try:
+        fd = conn.pgconn.socket
+        dup = os.dup(fd)  # a socket object of our own: closing it leaves libpq's fd alone
+    except (psycopg.Error, OSError):
+        return
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return
+    with sock, contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _notify(callback: Callable[[str], None], reason: str) -> None:

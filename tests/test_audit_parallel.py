@@ -134,6 +134,43 @@ def test_workers_start_safely_from_a_process_with_threads(
         assert _report(fast) == _report(audit(path, processes=1))
 
 
+def test_the_fast_path_works_without_the_postgres_extra(clean: Path, tmp_path: Path) -> None:
+    """With psycopg not installed (a module of that name that refuses to import, on the
+    path of this process and of the fork server it starts), an audit from a process with
+    threads still runs in parallel on SQLite instead of killing the fork server."""
+    import subprocess
+    import sys
+    import textwrap
+
+    fake = tmp_path / "no-driver"
+    fake.mkdir()
+    (fake / "psycopg.py").write_text("raise ImportError('psycopg is not installed')\n")
+    path = copy_ledger(clean, tmp_path / "owned.db")
+    script = textwrap.dedent(
+        f"""
+        import logging, threading
+        import bank
+        from bank.ledger.audit import audit
+        logging.basicConfig(level=logging.INFO)
+        with bank.Bank.open({str(path)!r}) as b:
+            assert threading.active_count() > 1
+            report = audit({str(path)!r}, processes=3, parallel_rows_min=1)
+            print("ok" if report.ok and report.transfers_checked > 1 else report)
+        """
+    )
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": f"{fake}:{repo}", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"
+    assert "exact pass" not in result.stderr  # the workers ran: no fallback
+
+
 def test_values_of_the_wrong_type_get_the_exact_report(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

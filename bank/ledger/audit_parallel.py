@@ -57,12 +57,22 @@ def _context() -> multiprocessing.context.BaseContext:
     if threading.active_count() == 1:
         return multiprocessing.get_context("fork")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__, *_PRELOADED])
+    context.set_forkserver_preload([__name__, *_importable(backend_module_names("snapshot"))])
     return context
 
 
-#: Backend snapshot modules the fork server imports once (each worker then forks warm).
-_PRELOADED: Final = backend_module_names("snapshot")
+def _importable(names: tuple[str, ...]) -> list[str]:
+    """The backend snapshot modules the fork server can import (each worker then forks
+    warm): not PostgreSQL's without its driver, whose import raises a `BankError` that
+    would kill the fork server (the `postgres` extra is optional)."""
+    found = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # that backend is not installed: its ledgers are not audited here
+            continue
+        found.append(name)
+    return found
 
 
 #: Ranges per process: more than one lets the parent, and a process that a busy core

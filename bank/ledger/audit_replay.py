@@ -10,19 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from hashlib import sha256
 from typing import Any
 
-from bank.ledger.audit_chain import (
-    GENESIS,
-    KIND_CODES,
-    KIND_SIDES,
-    TRANSFERS_TAG_V2,
-    Formats,
-)
-from bank.ledger.audit_chain import (
-    text_code as encode_text,
-)
+from bank.ledger.audit_chain import GENESIS, KIND_SIDES, Formats, transfer_hash
 from bank.ledger.audit_events import AccountState, LimitEvent
 from bank.ledger.audit_problems import Problems
 from bank.limits import (
@@ -96,13 +86,10 @@ def replay_transfers(
         return current, switch[0] if switch is not None else BALANCE_MAX
 
     next_switch_at = switch[0] if switch is not None else BALANCE_MAX
-    tag = TRANSFERS_TAG_V2
-    kind_codes = KIND_CODES
-    text_code = encode_text
+    hash_of = transfer_hash
     kind_sides = KIND_SIDES
     amount_max = AMOUNT_MAX
     balance_max = BALANCE_MAX
-    hasher = sha256
     prev = GENESIS
     expected_seq = 1
     rows = 0
@@ -119,33 +106,8 @@ def replay_transfers(
                 next_event_at = apply_events(seq)
             if seq >= next_switch_at:
                 version, next_switch_at = next_version(seq)
-            computed: str | None
-            try:
-                if version == 2:
-                    p = (
-                        f"s{len(prev)}:{prev}"
-                        if prev.__class__ is str and prev.isascii()
-                        else text_code(prev)
-                    )
-                    k = (
-                        "n"
-                        if key is None
-                        else f"s{len(key)}:{key}"
-                        if key.__class__ is str and key.isascii()
-                        else text_code(key)
-                    )
-                    text = (
-                        f"{tag}{p}i{seq:d};{kind_codes.get(kind) or text_code(kind)}"
-                        f"i{debit:d};i{credit:d};i{amount:d};i{ts_us:d};{k}"
-                    )
-                else:
-                    text = (
-                        f"{prev}\n{seq:d}|{kind:s}|{debit:d}|{credit:d}|{amount:d}|{ts_us:d}|"
-                        f"{'' if key is None else key:s}"
-                    )
-                computed = hasher(text.encode()).hexdigest()
-            except (TypeError, ValueError):
-                computed = None  # a value of the wrong type: no encoding, never verifies
+            # None for a value of the wrong type: no encoding, never verifies.
+            computed = hash_of(version, prev, seq, kind, debit, credit, amount, ts_us, key)
             if computed != stored:
                 problems.add(
                     "hash_mismatch",

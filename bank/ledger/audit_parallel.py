@@ -47,7 +47,8 @@ def _check_one(
     opener: RangeReaderOpener = importlib.import_module(token.module).open_range_reader
     with opener(token) as reader:
         prev = reader.hash_before(lo)
-        return check_range(lo, hi, prev, reader.transfer_rows(lo, hi), limit_events, formats)
+        rows = reader.transfer_rows(lo, hi)
+        return check_range(lo, hi, prev, rows, limit_events, formats, own_process=True)
 
 
 def _context() -> multiprocessing.context.BaseContext:

@@ -453,8 +453,10 @@ def _existing_ledger(db: str) -> str:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from bank.simulate.outputs import check_target
+    from bank.simulate.plot import write_plot
     from bank.simulate.progress import progress_for
-    from bank.simulate.report import print_summary, write_json, write_plot
+    from bank.simulate.report import print_summary, write_json
     from bank.simulate.runner import OPS_DEFAULT, SimulationConfig, run_simulation
     from bank.simulate.workload import InvalidWorkload
 
@@ -505,10 +507,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         result = run_simulation(config, progress=display, history=args.history)
         print_summary(result, sys.stdout)
         if args.json:
-            write_json(result, args.json)
+            write_json(result, check_target("--json", args.json))
             print(f"result written to {args.json}")
         if args.plot:
-            write_plot(result, args.plot)
+            write_plot(result, check_target("--plot", args.plot))
             print(f"plot written to {args.plot}")
         if args.history:
             print(f"history written to {args.history} (check it with `bank check-history`)")

@@ -32,7 +32,7 @@ import bisect
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -41,6 +41,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bank.answers import Outcome as BankOutcome
 from bank.commands import AnyCommand, Deposit
 from bank.engine import Bank
 from bank.errors import BankClosed, BankError, LedgerUnavailable
@@ -259,7 +260,7 @@ Outcome = Receipt | BaseException
 _ERROR_TYPES: tuple[type[BaseException], ...] = (LedgerUnavailable, BankClosed)
 
 
-def classify(outcomes: list[Outcome]) -> tuple[int, dict[str, int] | None, int]:
+def classify(outcomes: Sequence[Outcome]) -> tuple[int, dict[str, int] | None, int]:
     """(committed, rejected by reason or None, errors) of one answered batch."""
     refused = [o for o in outcomes if type(o) is not Receipt]
     if not refused:
@@ -274,34 +275,27 @@ def classify(outcomes: list[Outcome]) -> tuple[int, dict[str, int] | None, int]:
     return len(outcomes) - len(refused), rejected, errors
 
 
-def _future_outcome(future: Future[Receipt]) -> Outcome:
-    if future.cancelled():
-        return CancelledError()
-    exc = future.exception()
-    return future.result() if exc is None else exc
-
-
 def submit_batch(
-    bank: Bank, commands: list[AnyCommand], on_done: Callable[[list[Outcome]], None]
+    bank: Bank, commands: list[AnyCommand], on_done: Callable[[Sequence[Outcome]], None]
 ) -> None:
-    """Submit `commands` together; `on_done(outcomes)` runs once, when all are answered.
+    """`Bank.submit_batch(commands)`; `on_done(outcomes)` runs once, when all are answered.
 
-    `on_done` runs on whichever thread answers the last of them (a bank thread):
-    it must be short and must not wait on the bank.
+    One future and one callback per batch. `on_done` runs on whichever thread
+    answers the batch (a bank thread): it must be short and must not wait on the
+    bank. A future that fails as a whole (cancelled, the bank broke before
+    answering) gives every command that exception.
     """
-    futures = bank.submit_many(commands)
-    left = [len(futures)]
-    lock = threading.Lock()
+    future = bank.submit_batch(commands)
+    n = len(commands)
 
-    def one(_: Future[Receipt]) -> None:
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if last:
-            on_done([_future_outcome(f) for f in futures])
+    def done(f: Future[list[BankOutcome]]) -> None:
+        if f.cancelled():
+            on_done([CancelledError()] * n)
+            return
+        exc = f.exception()
+        on_done([exc] * n if exc is not None else f.result())
 
-    for future in futures:
-        future.add_done_callback(one)
+    future.add_done_callback(done)
 
 
 @dataclass(slots=True)
@@ -394,7 +388,9 @@ class Teller(threading.Thread):
             self._in_flight -= n
             self._room.notify()
 
-    def _send(self, commands: list[AnyCommand], on_done: Callable[[list[Outcome]], None]) -> None:
+    def _send(
+        self, commands: list[AnyCommand], on_done: Callable[[Sequence[Outcome]], None]
+    ) -> None:
         if self.commands is not None:
             self.commands.extend(commands)
         try:
@@ -496,14 +492,16 @@ class Teller(threading.Thread):
             next_s = next(times)
         self.dropped = dropped
 
-    def _answered(self, t0: int, n: int, outcomes: list[Outcome]) -> None:
+    def _answered(self, t0: int, n: int, outcomes: Sequence[Outcome]) -> None:
         """Batch callback (runs on whichever thread answered): record, then free the slots."""
         latency_us = (time.perf_counter_ns() - t0) // 1000
         committed, rejected, errors = classify(outcomes)
         self._metrics.record(latency_us, n, committed, rejected, errors)
         self._release(n)
 
-    def _answered_open(self, intended: list[int], sent_ns: int, outcomes: list[Outcome]) -> None:
+    def _answered_open(
+        self, intended: list[int], sent_ns: int, outcomes: Sequence[Outcome]
+    ) -> None:
         """Open-model batch callback: each latency from the operation's intended start."""
         end = time.perf_counter_ns()
         latencies = [(end - t) // 1000 for t in intended]
@@ -520,7 +518,7 @@ class Teller(threading.Thread):
         commands: list[AnyCommand],
         invoked: int,
         t0: int,
-        outcomes: list[Outcome],
+        outcomes: Sequence[Outcome],
     ) -> None:
         """Batch callback with --history: stamp the completions for the log, then as `_answered`."""
         log.answered_batch(first, commands, invoked, outcomes)
@@ -534,7 +532,7 @@ class Teller(threading.Thread):
         invoked: int,
         intended: list[int],
         sent_ns: int,
-        outcomes: list[Outcome],
+        outcomes: Sequence[Outcome],
     ) -> None:
         """Open-model batch callback with --history."""
         log.answered_batch(first, commands, invoked, outcomes)

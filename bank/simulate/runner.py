@@ -83,6 +83,10 @@ PROGRESS_INTERVAL_S = 0.2
 #: An open-model operation sent more than this after its intended start is late.
 LATE_AFTER_MS = 10
 LATE_AFTER_NS = LATE_AFTER_MS * 1_000_000
+#: Open model: a teller sends at most once per tick; what falls due meanwhile goes in one
+#: batch. Waking for every operation starved the bank's own threads of the GIL (at half
+#: the closed-loop maximum, 4 tellers: 30% late against 7% with a 1-ms tick).
+SEND_TICK_NS = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,11 +439,13 @@ class Teller(threading.Thread):
         start_ns = self._clock.start_ns
         end_s = self._end_s
         next_s = next(times)
+        last_sent_ns = 0
         while not self._halt.is_set() and (remaining is None or remaining > 0):
             if end_s is not None and next_s >= end_s:
                 return  # the schedule of this run is over
             due_ns = start_ns + int(next_s * 1e9)
-            wait_ns = due_ns - time.perf_counter_ns()
+            now_ns = time.perf_counter_ns()
+            wait_ns = max(due_ns, last_sent_ns + SEND_TICK_NS) - now_ns
             if wait_ns > 0:
                 self._halt.wait(wait_ns / 1e9)
                 continue
@@ -462,7 +468,7 @@ class Teller(threading.Thread):
                 self._release(n - len(intended))
             n = len(intended)
             commands = self._stream.take(n)
-            sent_ns = time.perf_counter_ns()
+            sent_ns = last_sent_ns = time.perf_counter_ns()
             log = self._log
             if log is None:
                 self._send(commands, partial(self._answered_open, intended, sent_ns))

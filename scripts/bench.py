@@ -665,6 +665,7 @@ def bench_raw(
             "SELECT seq, hash FROM transfers ORDER BY seq DESC LIMIT 1"
         ).fetchone()
         ts_us = time.time_ns() // 1000
+        balances = dict(db.execute("SELECT id, balance FROM accounts").fetchall())
         batches: list[list[tuple[Any, ...]]] = []
         for start in range(0, len(moves), RAW_BATCH_ROWS):
             batch: list[tuple[Any, ...]] = []
@@ -672,7 +673,10 @@ def bench_raw(
                 seq += 1
                 ts_us += 1  # a timestamp per row, like the engine's
                 head = transfer_hash(head, seq, "transfer", source, target, amount, ts_us, None)
-                batch.append((seq, None, "transfer", source, target, amount, ts_us, head))
+                balances[source] -= amount  # the running balances after the row (0005)
+                balances[target] += amount
+                after = (balances[source], balances[target])
+                batch.append((seq, None, "transfer", source, target, amount, ts_us, head, *after))
             batches.append(batch)
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         db.execute("PRAGMA journal_mode = WAL")

@@ -16,11 +16,12 @@ from rich.table import Table
 from rich.text import Text
 
 from bank.errors import CannotAudit
+from bank.exit_codes import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE
 from bank.ledger.audit import AuditReport, audit_ledger
 
-EXIT_CLEAN: Final = 0
-EXIT_PROBLEMS: Final = 1
-EXIT_CANNOT_AUDIT: Final = 2
+EXIT_CLEAN: Final = EXIT_OK
+EXIT_PROBLEMS: Final = EXIT_PROBLEM
+EXIT_CANNOT_AUDIT: Final = EXIT_USAGE
 
 #: Problems listed in the human table; the rest are counted (use --json for all kept).
 TABLE_ROWS_MAX: Final = 50

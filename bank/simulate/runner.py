@@ -45,6 +45,7 @@ from bank.answers import Outcome as BankOutcome
 from bank.commands import AnyCommand, Deposit
 from bank.engine import Bank
 from bank.errors import BankClosed, BankError, LedgerUnavailable
+from bank.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEM
 from bank.limits import QUEUE_CAPACITY_DEFAULT, SUBMIT_CHUNK_OPS_MAX, WORKERS_DEFAULT
 from bank.records import Receipt
 from bank.simulate.history import HistoryRecorder, SnapshotReader, TellerLog
@@ -252,10 +253,11 @@ class SimulationResult:
         return self.audit.ok and self.total_balance == 0 and not self.errors
 
     def exit_code(self) -> int:
-        """1 if anything is wrong, else 130 if Ctrl-C cut the run short, else 0."""
+        """`EXIT_PROBLEM` if anything is wrong, else `EXIT_INTERRUPTED` if Ctrl-C cut the run
+        short, else `EXIT_OK` (`bank simulate` adds `EXIT_THRESHOLD` for its thresholds)."""
         if not self.ok:
-            return 1
-        return 130 if self.interrupted else 0
+            return EXIT_PROBLEM
+        return EXIT_INTERRUPTED if self.interrupted else EXIT_OK
 
 
 #: One answered operation of a batch: its receipt, or what it was refused or failed with.

@@ -14,8 +14,10 @@ import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from bank.simulate.runner import SimulationResult
+if TYPE_CHECKING:
+    from bank.simulate.runner import SimulationResult
 
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,

@@ -38,11 +38,13 @@ _RECEIPT_COLUMNS = (
     "ts_us",
     "hash",
 )
-#: Where the key sits in a receipt; a batch with no keys leaves the column out (NULL).
-_KEY_INDEX = _RECEIPT_COLUMNS.index("key")
+#: A row: its receipt, then its running balances (`WriteBatch.running`, revision 0005).
+_ROW_COLUMNS = (*_RECEIPT_COLUMNS, "debit_balance", "credit_balance")
+#: Where the key sits in a row; a batch with no keys leaves the column out (NULL).
+_KEY_INDEX = _ROW_COLUMNS.index("key")
 #: The INSERT of a batch without keys. sqlite3 looks for an adapter for every None it
 #: binds (measured: a quarter of a 512-row page's cost), so those rows bind no key.
-_KEYLESS_COLUMNS = tuple(c for c in _RECEIPT_COLUMNS if c != "key")
+_KEYLESS_COLUMNS = tuple(c for c in _ROW_COLUMNS if c != "key")
 #: `AccountEventRow` lists `account_events`' columns in order: a row is its fields.
 _EVENT_COLUMNS = tuple(f.name for f in fields(AccountEventRow))
 _event_values = attrgetter(*_EVENT_COLUMNS)
@@ -95,7 +97,7 @@ class SqliteBatchWriter:
     """The writer thread's own pooled connection, driven through its DB-API cursor."""
 
     def __init__(self, engine: Engine) -> None:
-        assert sorted(_RECEIPT_COLUMNS) == sorted(c.name for c in transfers.c), "layout drifted"
+        assert sorted(_ROW_COLUMNS) == sorted(c.name for c in transfers.c), "layout drifted"
         assert tuple(c.name for c in account_events.c) == _EVENT_COLUMNS, "layout drifted"
         self._conn = engine.connect()
         try:
@@ -106,7 +108,7 @@ class SqliteBatchWriter:
         except BaseException:
             self._conn.close()
             raise
-        self._insert_page = largest_page(len(_RECEIPT_COLUMNS), variables_max)
+        self._insert_page = largest_page(len(_ROW_COLUMNS), variables_max)
         self._update_page = largest_page(2, variables_max)
         # Statement texts by page size, indexed by `keyed`: [without keys, with keys].
         self._insert_sql: tuple[dict[int, str], dict[int, str]] = ({}, {})
@@ -131,7 +133,7 @@ class SqliteBatchWriter:
                 _SET_LIMIT_SQL, [(r.overdraft_limit, r.account_id) for r in batch.limits]
             )
         if batch.transfers:
-            self._insert_transfers(batch.transfers, keyed=batch.keyed)
+            self._insert_transfers(batch.transfers, batch.running, keyed=batch.keyed)
         if batch.balances:
             self._update_balances(batch.balances)
 
@@ -151,16 +153,19 @@ class SqliteBatchWriter:
         finally:
             self._conn.close()
 
-    def _insert_transfers(self, rows: list[Receipt], *, keyed: bool) -> None:
+    def _insert_transfers(
+        self, rows: list[Receipt], running: list[tuple[int, int]], *, keyed: bool
+    ) -> None:
         """Insert rows as multi-row INSERT pages (SQLAlchemy's "insertmanyvalues" technique).
 
         On SQLite this is about twice as fast as DB-API executemany, which binds,
         steps and releases the GIL once per row; a page does that once per up to
-        `ROWS_PER_STATEMENT_MAX` rows. Rows are the receipts themselves (no per-row
-        dicts). Without keys in the batch (`keyed` false) the key column is left out.
+        `ROWS_PER_STATEMENT_MAX` rows. Rows are the receipts themselves, each followed
+        by its running balances, flattened in C (no per-row tuples or dicts). Without
+        keys in the batch (`keyed` false) the key column is left out.
         """
         cursor = self._cursor
-        columns = _RECEIPT_COLUMNS if keyed else _KEYLESS_COLUMNS
+        columns = _ROW_COLUMNS if keyed else _KEYLESS_COLUMNS
         texts = self._insert_sql[keyed]
         start = 0
         for size in page_sizes(len(rows), self._insert_page):
@@ -171,9 +176,11 @@ class SqliteBatchWriter:
                     [row] * size
                 )
                 texts[size] = sql
-            params = list(chain.from_iterable(rows[start : start + size]))
+            stop = start + size
+            pairs = zip(rows[start:stop], running[start:stop], strict=True)
+            params = list(chain.from_iterable(chain.from_iterable(pairs)))
             if not keyed:
-                del params[_KEY_INDEX :: len(_RECEIPT_COLUMNS)]
+                del params[_KEY_INDEX :: len(_ROW_COLUMNS)]
             cursor.execute(sql, params)
             start += size
 

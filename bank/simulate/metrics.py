@@ -30,8 +30,8 @@ from bank.simulate.histogram import Histogram
 SAMPLES_MIN = 20
 #: The longest interval the observer adapts to (a long run is sampled once a second).
 INTERVAL_S_MAX = 1.0
-#: The first interval when the run's length is unknown (1 s / 2**6: doublings reach 1 s).
-ADAPTIVE_START_S = INTERVAL_S_MAX / 64
+#: The first interval when the run's length is unknown (1 s / 2**7: doublings reach 1 s).
+ADAPTIVE_START_S = INTERVAL_S_MAX / 128
 #: The shortest interval `--interval` accepts.
 INTERVAL_S_MIN = 0.01
 #: A trailing partial interval shorter than this share of an interval is folded away.
@@ -335,7 +335,7 @@ class Observer(threading.Thread):
             # A known length aims a little above SAMPLES_MIN: sampling jitter and a
             # folded tail must not leave it one short.
             start = ADAPTIVE_START_S if expected_s is None else expected_s / (SAMPLES_MIN + 4)
-            interval_s = min(INTERVAL_S_MAX, max(INTERVAL_S_MIN, start))
+            interval_s = min(INTERVAL_S_MAX, max(ADAPTIVE_START_S, start))
         self.interval_s = interval_s
         self._due_by = due_by
         self._halt = threading.Event()

@@ -196,7 +196,7 @@ def print_summary(result: SimulationResult, out: TextIO, verdicts: Sequence[Verd
     table.add_row(
         "workload",
         f"{config.accounts:,} accounts",
-        f"{config.mix.spec()}, skew {config.skew.spec()}, seed {config.seed}",
+        f"{config.mix.spec().replace(',', ', ')}; skew {config.skew.spec()}, seed {config.seed}",
     )
     schedule = result.schedule
     if schedule is None:

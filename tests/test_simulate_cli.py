@@ -135,7 +135,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_run(
     db = tmp_path / "x.db"
     dangling = tmp_path / "dangling.json"
     dangling.symlink_to(tmp_path / "gone.json")
-    block = tmp_path / "blk"
+    block: Path | None = tmp_path / "blk"
+    assert block is not None
     try:
         os.mknod(block, stat.S_IFBLK | 0o600, os.makedev(7, 201))
     except PermissionError:

@@ -34,6 +34,8 @@ INTERVAL_S_MAX = 1.0
 ADAPTIVE_START_S = INTERVAL_S_MAX / 128
 #: The shortest interval `--interval` accepts.
 INTERVAL_S_MIN = 0.01
+#: How often the observer reads the queue depth within an interval (it keeps the maximum).
+DEPTH_POLL_S = 0.02
 #: A trailing partial interval shorter than this share of an interval is folded away.
 SAMPLE_PARTIAL_SHARE_MIN = 0.1
 
@@ -99,8 +101,9 @@ class Totals:
 class Sample:
     """What happened during one interval, ending `t_s` seconds after the start.
 
-    Counts are of the interval (`completed` is cumulative); the latency figures
-    are computed from `latency` when read.
+    Counts are of the interval (`completed` is cumulative); `queue_depth` is the
+    largest of the depths read during it (every `DEPTH_POLL_S`); the latency
+    figures are computed from `latency` when read.
     """
 
     t_s: float
@@ -345,6 +348,7 @@ class Observer(threading.Thread):
         self._last_t = self._t0
         self._last_completed = 0
         self._latency = Histogram.empty()
+        self._depth_max = 0
 
     def begin(self, t0: float) -> None:
         """Measure from `t0` (time.monotonic), the moment the tellers were released."""
@@ -359,18 +363,30 @@ class Observer(threading.Thread):
             with self._lock:
                 t0, step = self._t0, self.interval_s
                 k = math.floor((self._last_t - t0) / step + 0.5) + 1
-            if self._halt.wait(max(0.0, t0 + k * step - time.monotonic())):
-                return
+            due = t0 + k * step
+            # The queue depth is read every DEPTH_POLL_S meanwhile: its interval maximum
+            # is what the plot shows (one reading a second mostly found it empty).
+            while (left := due - time.monotonic()) > 0:
+                if self._halt.wait(min(left, DEPTH_POLL_S)):
+                    return
+                self._poll_depth()
             self._sample(time.monotonic())
 
-    def _sample(self, now: float) -> None:
+    def _poll_depth(self) -> int:
         try:
             depth = self._queue_depth()
         except Exception:  # the bank may be closing; the depth is then meaningless
-            depth = 0
+            return 0
+        with self._lock:
+            self._depth_max = max(self._depth_max, depth)
+        return depth
+
+    def _sample(self, now: float) -> None:
+        self._poll_depth()
         totals, taken = self._metrics.take_interval()
         hist = _histogram(taken.values, taken.weights)
         with self._lock:
+            depth, self._depth_max = self._depth_max, 0
             dt = now - self._last_t
             if dt <= 0:
                 return
@@ -426,6 +442,7 @@ class Observer(threading.Thread):
         totals, taken = self._metrics.take_interval()
         hist = _histogram(taken.values, taken.weights)
         with self._lock:
+            depth, self._depth_max = self._depth_max, 0
             last = self._samples[-1]
             start, stop = self._last_t - self._t0, end - self._t0
             due = self._due_by(stop) - self._due_by(start) if self._due_by is not None else 0.0
@@ -443,7 +460,7 @@ class Observer(threading.Thread):
                 late=taken.late,
                 lag_ms=taken.lag_us / 1000.0,
             )
-            self._samples[-1] = replace(last.merged(tail), queue_depth=last.queue_depth)
+            self._samples[-1] = replace(last.merged(tail), queue_depth=max(last.queue_depth, depth))
             self._latency = self._latency.merge(hist)
             self._last_t = end
             self._last_completed = totals.completed

@@ -6,7 +6,7 @@ PNG or SVG by the file's extension. Four panels on one time axis:
 - latency percentiles (p50, p90, p99, max; in an open model also the start lag)
   on a log axis labelled only at 1-2-5 steps, in plain numbers;
 - refusals per second by reason;
-- the queue depth on its own scale (the capacity is named, not drawn: at
+- the queue depth (the largest read in each interval) on its own scale (the capacity is named, not drawn: at
   4,096 it would flatten a depth of 0-128 into a line).
 Legends sit to the right of their panel, outside the data, so they hide nothing.
 matplotlib's object API with the Agg canvas, never `pyplot`: no display, no global state.
@@ -97,27 +97,28 @@ def render_plot(result: SimulationResult, fmt: str) -> bytes:
     ax_ops.legend(**legend)
     ax_ops.grid(True, alpha=0.3)
 
+    # max first and dashed, underneath: with few operations per interval p99 == max,
+    # and the p99 line must still show.
     series = [
-        ("p50", "tab:green", [s.p50_ms for s in samples]),
-        ("p90", "tab:orange", [s.p90_ms for s in samples]),
-        ("p99", "tab:red", [s.p99_ms for s in samples]),
-        ("max", "tab:purple", [s.max_ms for s in samples]),
+        ("max", "tab:purple", "--", 1.0, [s.max_ms for s in samples]),
+        ("p99", "tab:red", "-", 1.6, [s.p99_ms for s in samples]),
+        ("p90", "tab:orange", "-", 1.6, [s.p90_ms for s in samples]),
+        ("p50", "tab:green", "-", 1.6, [s.p50_ms for s in samples]),
     ]
     if result.schedule is not None:
-        series.append(("start lag (max)", "tab:gray", [s.lag_ms for s in samples]))
-    for name, color, values in series:
-        style = ":" if name.startswith("start") else "-"
-        width = 0.9 if name in ("max", "start lag (max)") else 1.5
+        series.append(("start lag (max)", "tab:gray", ":", 1.2, [s.lag_ms for s in samples]))
+    for z, (name, color, style, width, values) in enumerate(series):
         ax_lat.plot(
             t,
-            [v if v > 0 else math.nan for v in values],
+            [v if v > 0 else math.nan for v in values],  # no answers: a gap, not a 0 on a log axis
             color=color,
             linestyle=style,
             linewidth=width,
             marker=marker,
             label=name,
+            zorder=2 + z,
         )
-    positive = [v for _, _, values in series for v in values if v > 0]
+    positive = [v for *_, values in series for v in values if v > 0]
     if positive:
         low, high = _step_below(min(positive)), _step_above(max(positive))
         if high <= low:
@@ -135,7 +136,10 @@ def render_plot(result: SimulationResult, fmt: str) -> bytes:
         ax_lat.yaxis.set_minor_formatter(NullFormatter())
     origin = "intended start" if result.schedule is not None else "submit"
     ax_lat.set_ylabel(f"latency (ms, log)\nfrom {origin}")
-    ax_lat.legend(**legend)
+    handles, labels = ax_lat.get_legend_handles_labels()
+    order = [labels.index(n) for n in ("p50", "p90", "p99", "max") if n in labels]
+    order += [i for i in range(len(labels)) if i not in order]
+    ax_lat.legend([handles[i] for i in order], [labels[i] for i in order], **legend)
     ax_lat.grid(True, which="major", alpha=0.3)
 
     reasons: dict[str, int] = {}
@@ -177,7 +181,7 @@ def render_plot(result: SimulationResult, fmt: str) -> bytes:
 
     depths = [s.queue_depth for s in samples]
     ax_q.plot(t, depths, color="tab:brown", marker=marker, label="queue depth")
-    ax_q.set_ylabel("queue depth (ops)")
+    ax_q.set_ylabel("queue depth\n(max per interval)")
     ax_q.set_xlabel("time since start (s)")
     ax_q.set_ylim(0, max(1, max(depths, default=0)) * 1.15)
     ax_q.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))

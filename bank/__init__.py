@@ -4,7 +4,9 @@ from bank.account import Account
 from bank.commands import AccountSpec, Deposit, Transfer, Withdrawal
 from bank.engine import Bank, BankStats
 from bank.errors import (
+    AccountClosed,
     AccountNameTaken,
+    AccountNotEmpty,
     AccountNotFound,
     AccountsMustBeDifferent,
     BalanceOverflow,
@@ -28,6 +30,7 @@ from bank.errors import (
     NotALedger,
     QueueFull,
     SchemaDowngradeRefused,
+    SeqBeyondHead,
     ServerNotDurable,
     UnsupportedLedgerUrl,
     WaitOnBankThread,
@@ -41,7 +44,9 @@ __all__ = [
     "CASH_ACCOUNT_ID",
     "CASH_ACCOUNT_NAME",
     "Account",
+    "AccountClosed",
     "AccountNameTaken",
+    "AccountNotEmpty",
     "AccountNotFound",
     "AccountSpec",
     "AccountsMustBeDifferent",
@@ -72,6 +77,7 @@ __all__ = [
     "QueueFull",
     "Receipt",
     "SchemaDowngradeRefused",
+    "SeqBeyondHead",
     "ServerNotDurable",
     "Snapshot",
     "Transfer",

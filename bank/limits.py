@@ -61,3 +61,6 @@ JOIN_WAIT_S_MAX: Final = 60.0
 KEY_WAIT_S_MAX: Final = 60.0
 #: Problems a `LedgerCorrupt` from `Bank.open` lists (the rest are counted).
 OPEN_PROBLEMS_SHOWN_MAX: Final = 5
+#: Receipts one `history` page may hold (`limit=`), and its default (h11read, issue 11).
+HISTORY_LIMIT_MAX: Final = 100_000
+HISTORY_LIMIT_DEFAULT: Final = 1000

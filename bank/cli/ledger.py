@@ -1,4 +1,5 @@
-"""`bank init`, `bank accounts`, `bank history`: create a ledger and read it (`bank.ledger.reader`)."""
+"""`bank init`, `bank accounts`, `bank history`, `bank balance`: create a ledger and read it
+(`bank.ledger.reader`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
+from itertools import islice
 from typing import TextIO
 
 from rich.console import JustifyMethod
@@ -22,7 +24,7 @@ from bank.records import AccountInfo
 
 
 def register(sub: Subcommands) -> None:
-    """Add `init`, `accounts` and `history` to the `bank` parser."""
+    """Add `init`, `accounts`, `history` and `balance` to the `bank` parser."""
     ini = sub.add_parser(
         "init",
         help="create a ledger, or upgrade one to the newest schema",
@@ -74,6 +76,29 @@ def register(sub: Subcommands) -> None:
     )
     his.add_argument("--json", action="store_true", help="print JSON (amounts in minor units)")
     his.set_defaults(run=run_history)
+
+    bal = sub.add_parser(
+        "balance",
+        help="one account's balance, now or as of a seq",
+        description="Print ACCOUNT's committed balance, or with --at-seq N its balance right "
+        "after transfer N (index look-ups, read-only: safe beside a running bank). Exit 1 if "
+        "the account does not exist or N is past the last committed transfer.",
+    )
+    bal.add_argument("account", metavar="ACCOUNT", help="account id, or account name")
+    bal.add_argument(
+        "--db",
+        metavar="PATH|URL",
+        required=True,
+        help="an existing ledger: a file path or an SQLAlchemy URL",
+    )
+    bal.add_argument(
+        "--at-seq",
+        type=int_range(0, 2**63 - 1),
+        metavar="N",
+        help="the balance right after transfer N (default: as of the last one)",
+    )
+    bal.add_argument("--json", action="store_true", help="print JSON (amounts in minor units)")
+    bal.set_defaults(run=run_balance)
 
 
 def run_init(args: argparse.Namespace) -> int:
@@ -152,12 +177,29 @@ def _resolve_account(accounts: list[AccountInfo], text: str) -> int:
     raise AccountNotFound(f"no account named {text!r}")
 
 
+def run_balance(args: argparse.Namespace) -> int:
+    """Print one account's balance (as of `--at-seq`), read-only."""
+    with LedgerReader(existing_ledger(args.db)) as reader:
+        accounts = reader.accounts()
+        account_id = _resolve_account(accounts, args.account)
+        balance = reader.balance(account_id, at_seq=args.at_seq)
+    name = next(a.name for a in accounts if a.id == account_id)
+    if args.json:
+        shown = {"account": account_id, "name": name, "balance": balance, "at_seq": args.at_seq}
+        print(json.dumps(shown))
+        return EXIT_OK
+    when = "now" if args.at_seq is None else f"after seq {args.at_seq}"
+    print(f"{name} (id {account_id}): {format_minor(balance)} {when}")
+    return EXIT_OK
+
+
 def run_history(args: argparse.Namespace) -> int:
     """List one account's transfers, read-only."""
     with LedgerReader(existing_ledger(args.db)) as reader:
         accounts = reader.accounts()
         account_id = _resolve_account(accounts, args.account)
-        receipts = reader.history(account_id, limit=args.limit)
+        # Every receipt, or the first --limit, streamed in pages (`iter_history`).
+        receipts = list(islice(reader.iter_history(account_id), args.limit))
     names = {a.id: a.name for a in accounts}
     if args.json:
         print(json.dumps([r._asdict() for r in receipts], indent=2))

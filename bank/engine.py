@@ -20,9 +20,10 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
@@ -33,10 +34,12 @@ from sqlalchemy.exc import ArgumentError
 
 from bank import lockcheck
 from bank.account import Account
+from bank.answers import Answer, BatchAnswer, EngineFuture, Outcome, Reply
 from bank.buffer import BoundedBuffer
 from bank.commands import (
     AccountSpec,
     AnyCommand,
+    Command,
     Deposit,
     LimitSpec,
     Transfer,
@@ -66,8 +69,10 @@ from bank.idempotency import KeyClaims
 from bank.ledger import migrate, store, verify
 from bank.ledger.backend import Backend, Durability, OwnerLock
 from bank.ledger.backends import backend_for, ledger_url
+from bank.ledger.pipeline import settle
 from bank.ledger.writer import LedgerWriter
 from bank.limits import (
+    BATCH_OPS_MAX,
     CASH_ACCOUNT_ID,
     COMMIT_BATCH_OPS_MAX,
     HISTORY_LIMIT_DEFAULT,
@@ -150,6 +155,37 @@ def _check_wait(wait_s: object) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise InvalidCommand(f"wait_s must be a finite number of seconds >= 0 (got {wait_s!r})")
     return seconds
+
+
+def _first_refusal(batch: Sequence[object], where: str) -> InvalidCommand:
+    """The refusal of the first item `is_validated` refuses (the caller knows there is one)."""
+    for i, command in enumerate(batch):
+        if not is_validated(command):
+            return refusal(command, f"{where}: item {i}")
+    raise AssertionError("no refused item")
+
+
+def _checked_batch(commands: object, where: str) -> list[AnyCommand]:
+    """A batch for `submit_batch`: 1 to `BATCH_OPS_MAX` validated commands, else
+    `InvalidCommand` (an iterator is read no further than one past the bound)."""
+    if isinstance(commands, Command | str | bytes | Mapping) or not isinstance(commands, Iterable):
+        one = ": use submit() for one" if isinstance(commands, Command) else ""
+        raise InvalidCommand(
+            f"{where} takes a list (or any iterable) of commands "
+            f"(got {type(commands).__name__}){one}"
+        )
+    batch: list[AnyCommand] = list(islice(commands, BATCH_OPS_MAX + 1))
+    if not batch:
+        raise InvalidCommand(
+            f"{where}: the batch is empty (it takes 1 to {BATCH_OPS_MAX:,} commands)"
+        )
+    if len(batch) > BATCH_OPS_MAX:
+        raise InvalidCommand(
+            f"{where}: more than BATCH_OPS_MAX ({BATCH_OPS_MAX:,}) commands: split it into batches"
+        )
+    if not all(map(is_validated, batch)):
+        raise _first_refusal(batch, where)
+    return batch
 
 
 def _open_failure(db: object, exc: BaseException) -> BankError:
@@ -772,18 +808,14 @@ class Bank:
     ) -> Receipt:
         """Move `amount` from `@cash` into `account`; returns the receipt once durable."""
         self._check_may_wait("deposit")
-        return self.submit(
-            Deposit(account=account, amount=amount, key=key), timeout=timeout
-        ).result()
+        return self._call(Deposit(account=account, amount=amount, key=key), timeout)
 
     def withdraw(
         self, account: int, amount: int, *, key: str | None = None, timeout: float | None = None
     ) -> Receipt:
         """Move `amount` from `account` to `@cash`; raises `InsufficientFunds` past the limit."""
         self._check_may_wait("withdraw")
-        return self.submit(
-            Withdrawal(account=account, amount=amount, key=key), timeout=timeout
-        ).result()
+        return self._call(Withdrawal(account=account, amount=amount, key=key), timeout)
 
     def transfer(
         self,
@@ -796,9 +828,21 @@ class Bank:
     ) -> Receipt:
         """Move `amount` from `source` to `target`; returns the receipt once durable."""
         self._check_may_wait("transfer")
-        return self.submit(
-            Transfer(source=source, target=target, amount=amount, key=key), timeout=timeout
-        ).result()
+        return self._call(Transfer(source=source, target=target, amount=amount, key=key), timeout)
+
+    def _call(self, command: AnyCommand, timeout: float | None) -> Receipt:
+        """Queue a command this bank built (so validated) and wait for its answer.
+
+        A `Reply` (two locks) instead of a `Future`: the caller blocks on a lock the
+        ledger writer releases, the cheapest wake-up there is, and nothing else is made.
+        """
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
+        self._check_open()
+        reply = Reply()
+        self._buffer.put(Job([command], (reply,)), 1, timeout)
+        result: Receipt = reply.wait()
+        return result
 
     def submit(self, command: AnyCommand, *, timeout: float | None = None) -> Future[Receipt]:
         """Queue one command; its future gets the `Receipt` or the rejection.
@@ -812,8 +856,8 @@ class Bank:
         if timeout is not None:
             timeout = _check_timeout(timeout)
         self._check_open()
-        future: Future[Receipt] = Future()
-        self._buffer.put(([command], [future]), 1, timeout)
+        future: Future[Receipt] = EngineFuture()
+        self._buffer.put(Job([command], (future,)), 1, timeout)
         return future
 
     def submit_many(
@@ -827,31 +871,89 @@ class Bank:
         """
         batch = list(commands)
         if not all(map(is_validated, batch)):  # then name the first bad one; none is queued
-            for i, command in enumerate(batch):
-                if not is_validated(command):
-                    raise refusal(command, f"submit_many: item {i}")
+            raise _first_refusal(batch, "submit_many")
         if timeout is not None:
             timeout = _check_timeout(timeout)
         self._check_open()
-        futures: list[Future[Receipt]] = [Future() for _ in batch]
+        futures: list[Future[Receipt]] = [EngineFuture() for _ in batch]
+        self._put_chunks(batch, futures, timeout)
+        return futures
+
+    def submit_batch(
+        self, commands: Iterable[AnyCommand], *, timeout: float | None = None
+    ) -> Future[list[Outcome]]:
+        """Queue a batch of 1 to `BATCH_OPS_MAX` commands; ONE future gets every outcome.
+
+        The future's result is a list with one element per command, in order: its
+        `Receipt` or its refusal (the `BankError` object, not raised). A refusal never
+        fails the batch; each element means what the outcome model says of it (a
+        `LedgerUnavailable` element: that command was in flight when the ledger broke,
+        its outcome unknown). Validation, keys and durability are `submit`'s: the
+        list comes only once every command in it is answered, so once its receipts
+        are durable. A key used twice in one batch is applied once; the later command
+        gets the same receipt (or `IdempotencyConflict`).
+
+        The batch counts against the queue's capacity command by command, handed
+        over in chunks: a batch larger than the queue blocks until the workers have
+        made room for each chunk (back-pressure). `timeout` bounds the whole call: if
+        not even the first chunk fits in time, `QueueFull` is raised and nothing is
+        queued; the commands of a later chunk that does not fit (or that meets a
+        `close()`) get `QueueFull` (or `BankClosed`) elements, and the rest go on.
+        `cancel()` on the future succeeds only before a worker has started the batch,
+        and then none of it is applied.
+
+        Raises `InvalidCommand` (nothing queued) for an empty batch, one over
+        `BATCH_OPS_MAX`, a single command instead of a batch, or an item that is not
+        a validated command (the message names its index).
+        """
+        batch = _checked_batch(commands, "submit_batch")
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
+        self._check_open()
+        answer = BatchAnswer(len(batch))
+        self._put_chunks(batch, answer.slots(), timeout)
+        return answer.future
+
+    def execute(
+        self, commands: Iterable[AnyCommand], *, timeout: float | None = None
+    ) -> list[Outcome]:
+        """`submit_batch(commands, timeout=timeout).result()`: every outcome, in order.
+
+        Refusals are elements of the list, not raised; it raises what `submit_batch`
+        raises, and `WaitOnBankThread` on a bank thread (a done-callback).
+        """
+        self._check_may_wait("execute")
+        return self.submit_batch(commands, timeout=timeout).result()
+
+    def _put_chunks(
+        self, batch: list[AnyCommand], answers: Sequence[Answer], timeout: float | None
+    ) -> None:
+        """Hand `batch` to the queue a chunk at a time, waiting for room for each.
+
+        If the first chunk does not fit within `timeout` (or the bank closes) that
+        error is raised and nothing is queued; for a later chunk, the commands left
+        out are answered with it instead (each one named by its index).
+        """
         chunk = min(SUBMIT_CHUNK_OPS_MAX, self._buffer.capacity)
+        put = self._buffer.put
+        if len(batch) <= chunk:  # the common case: one hand-off, no deadline to track
+            put(Job(batch, answers), len(batch), timeout)
+            return
         deadline = None if timeout is None else time.monotonic() + timeout
         for start in range(0, len(batch), chunk):
             stop = start + chunk
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            commands = batch[start:stop]
             try:
-                self._buffer.put(
-                    (batch[start:stop], futures[start:stop]), len(batch[start:stop]), remaining
-                )
+                put(Job(commands, answers[start:stop]), len(commands), remaining)
             except (QueueFull, BankClosed) as exc:
                 if start == 0:
                     raise
-                for index in range(start, len(futures)):
-                    futures[index].set_exception(
-                        type(exc)(f"{exc} (operation {index} of this batch)")
+                for index in range(start, len(batch)):
+                    settle(
+                        answers[index], error=type(exc)(f"{exc} (operation {index} of this batch)")
                     )
                 break
-        return futures
 
     # -- reads -------------------------------------------------------------------------
 

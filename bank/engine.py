@@ -480,7 +480,7 @@ class Bank:
         try:
             backend.preflight(owner)
             self._engine = backend.create_engine(self._durability, owner)
-            self.revision = migrate.upgrade_to_head(self._engine)
+            self.revision = migrate.upgrade_to_head(self._engine, self._where)
             missing = migrate.missing_tables(self._engine)
             if missing:
                 raise LedgerCorrupt(
@@ -748,52 +748,52 @@ class Bank:
         future.result()
         return found
 
-    def set_overdraft_limit(self, account_id: int, overdraft_limit: int) -> Account:
+    def set_overdraft_limit(self, account: int, overdraft_limit: int) -> Account:
         """Change a customer account's overdraft limit (a chained event in the ledger).
 
         Raises `InsufficientFunds` if the balance is already below the new floor.
         """
-        spec = LimitSpec(account=account_id, overdraft_limit=overdraft_limit)
+        spec = LimitSpec(account=account, overdraft_limit=overdraft_limit)
         self._check_open()
         self._check_may_wait("set_overdraft_limit")
-        account = self.account(spec.account)
-        if account.is_system:
+        found = self.account(spec.account)
+        if found.is_system:
             raise InvalidCommand("set_overdraft_limit.account: @cash has no overdraft limit to set")
         future: Future[int] = Future()
         future.set_running_or_notify_cancel()
-        with account.lock:
+        with found.lock:
             refusal: BankError | None
-            if account.closed:  # nothing is chained after a close
-                refusal = AccountClosed(f"account {account.id} ({account.name!r}) is closed")
+            if found.closed:  # nothing is chained after a close
+                refusal = AccountClosed(f"account {found.id} ({found.name!r}) is closed")
                 position, _ = self._writer.position()
-            elif account.balance < -spec.overdraft_limit:
+            elif found.balance < -spec.overdraft_limit:
                 refusal = InsufficientFunds(
-                    f"account {account.id} has {account.balance}: an overdraft limit of "
+                    f"account {found.id} has {found.balance}: an overdraft limit of "
                     f"{spec.overdraft_limit} would leave it below its floor"
                 )
                 position, _ = self._writer.position()
             else:
                 refusal = None
                 self._writer.stage_account_event(
-                    "limit", account.id, account.name, spec.overdraft_limit, future
+                    "limit", found.id, found.name, spec.overdraft_limit, future
                 )
-                account.set_overdraft_limit(spec.overdraft_limit)
+                found.set_overdraft_limit(spec.overdraft_limit)
         if refusal is not None:
             # Judged on a balance that may include operations still being committed.
             self._writer.wait_for(position)
             raise refusal
         future.result()
-        return account
+        return found
 
-    def account(self, account_id: int) -> Account:
+    def account(self, account: int) -> Account:
         """The account with this id (`0` is `@cash`); raises `AccountNotFound`."""
-        if type(account_id) is not int:
-            raise InvalidCommand(f"account id must be an int (got {account_id!r})")
+        if type(account) is not int:
+            raise InvalidCommand(f"account id must be an int (got {account!r})")
         self._check_open()
-        account = self._accounts.get(account_id)
-        if account is None:
-            raise AccountNotFound(f"account {account_id} does not exist")
-        return account
+        found = self._accounts.get(account)
+        if found is None:
+            raise AccountNotFound(f"account {account} does not exist")
+        return found
 
     def accounts(self) -> list[Account]:
         """Every customer account (not `@cash`), by id."""

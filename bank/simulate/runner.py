@@ -29,6 +29,7 @@ drops on Ctrl-C.
 from __future__ import annotations
 
 import bisect
+import queue
 import signal
 import threading
 import time
@@ -346,9 +347,11 @@ class Teller(threading.Thread):
         self._quota = quota
         self._window_size = window
         self._batch_max = min(window, SUBMIT_CHUNK_OPS_MAX)
-        # The window: operations in flight, guarded by `_room` (answers notify it).
-        self._room = threading.Condition(threading.Lock())
+        # The window: operations in flight, counted by this teller only; answers hand
+        # the slots they free back through a SimpleQueue (C, thread-safe: one put per
+        # batch on the answering thread, no Python-level lock or notify).
         self._in_flight = 0
+        self._freed: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._go = start
         self._halt = stop
         self._metrics = metrics
@@ -376,23 +379,35 @@ class Teller(threading.Thread):
         finally:
             self._drain()
 
+    def _collect(self) -> None:
+        """Take back the slots that answers freed (this teller's thread only)."""
+        freed = self._freed
+        while True:
+            try:
+                self._in_flight -= freed.get_nowait()
+            except queue.Empty:
+                return
+
     def _reserve(self, limit: int) -> int:
         """Wait for room in the window, then take up to `limit` slots (0 if the run stops)."""
-        with self._room:
-            while self._in_flight >= self._window_size:
-                if self._halt.is_set():
-                    return 0
-                self._room.wait(PERMIT_WAIT_S)
+        self._collect()
+        while self._in_flight >= self._window_size:
+            if self._halt.is_set():
+                return 0
+            try:
+                self._in_flight -= self._freed.get(timeout=PERMIT_WAIT_S)
+            except queue.Empty:
                 if self._log is not None:
                     self._log.flush()
-            n = min(limit, self._window_size - self._in_flight)
-            self._in_flight += n
-            return n
+                continue
+            self._collect()
+        n = min(limit, self._window_size - self._in_flight)
+        self._in_flight += n
+        return n
 
     def _release(self, n: int) -> None:
-        with self._room:
-            self._in_flight -= n
-            self._room.notify()
+        """Give `n` slots back (any thread: the answering one, or this teller on an error)."""
+        self._freed.put(n)
 
     def _send(
         self, commands: list[AnyCommand], on_done: Callable[[Sequence[Outcome]], None]
@@ -548,9 +563,12 @@ class Teller(threading.Thread):
 
     def _drain(self) -> None:
         """Wait until every operation in flight is answered, then flush the log."""
-        with self._room:
-            while self._in_flight > 0:
-                self._room.wait(PERMIT_WAIT_S)
+        self._collect()
+        while self._in_flight > 0:
+            try:
+                self._in_flight -= self._freed.get(timeout=PERMIT_WAIT_S)
+            except queue.Empty:
+                continue
         if self._log is not None:
             self._log.flush(force=True)
 
@@ -817,9 +835,11 @@ def _watch(
     deadline = None if config.duration_s is None else t0 + config.duration_s
     pending = list(tellers)
     noted = False
+    shown = not isinstance(display, NoProgress)
     while pending:
         pending[0].join(PROGRESS_INTERVAL_S)
-        pending = [t for t in pending if t.is_alive()]
+        while pending and not pending[0].is_alive():
+            pending.pop(0)
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             stop.set()
@@ -828,7 +848,8 @@ def _watch(
             display.note(
                 "interrupted: finishing in-flight operations, then auditing (Ctrl-C again to abort)"
             )
-        display.update(_reading(bank, metrics, observer, now - t0))
+        if shown:
+            display.update(_reading(bank, metrics, observer, now - t0))
 
 
 def _catch_sigint(interrupted: threading.Event, stop: threading.Event) -> Callable[[], None]:

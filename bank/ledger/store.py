@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from sqlalchemy import Connection, or_, select
+from sqlalchemy import Connection, Select, or_, select, union_all
 
 from bank.ledger.chain import GENESIS
 from bank.ledger.models import account_events, accounts, transfers
@@ -74,3 +74,31 @@ def history(conn: Connection, account_id: int, *, limit: int | None = None) -> I
         stmt = stmt.limit(limit)
     for row in conn.execute(stmt):
         yield Receipt(*row)
+
+
+def _side_page(
+    account_id: int, after_seq: int, limit: int, *, debit: bool, descending: bool
+) -> Select[tuple[int]]:
+    """The first `limit` rows past the cursor with the account on one side (an index range)."""
+    column = transfers.c.debit_account_id if debit else transfers.c.credit_account_id
+    stmt = select(*_RECEIPT_COLUMNS).where(column == account_id)
+    if descending:
+        if after_seq:
+            stmt = stmt.where(transfers.c.seq < after_seq)
+        return stmt.order_by(transfers.c.seq.desc()).limit(limit)
+    return stmt.where(transfers.c.seq > after_seq).order_by(transfers.c.seq).limit(limit)
+
+
+def history_page(
+    conn: Connection, account_id: int, after_seq: int, limit: int, *, descending: bool = False
+) -> list[Receipt]:
+    """Up to `limit` of the account's committed transfers past the cursor `after_seq`: seq
+    greater than it, ascending; or with `descending`, newest first, seq less than it (0: from
+    the newest). Pass the last one's seq for the next page (rows are never changed or
+    inserted below the head, so pages never skip or repeat a row)."""
+    debits = _side_page(account_id, after_seq, limit, debit=True, descending=descending)
+    credits = _side_page(account_id, after_seq, limit, debit=False, descending=descending)
+    both = union_all(select(debits.subquery()), select(credits.subquery())).subquery()
+    order = both.c.seq.desc() if descending else both.c.seq
+    stmt = select(*both.c).order_by(order).limit(limit)
+    return [Receipt(*row) for row in conn.execute(stmt)]

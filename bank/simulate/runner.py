@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -78,6 +78,7 @@ INITIAL_BALANCE_DEFAULT = 100_000
 #: Simulation accounts are named like this (found again when a ledger is reused).
 ACCOUNT_NAME_FORMAT = "sim-{:06d}"
 DURABILITIES = ("full", "normal")
+GC_MODES = ("default", "throughput")
 #: How often a teller waiting for window room looks at the stop event.
 PERMIT_WAIT_S = 0.05
 #: How often the main thread refreshes the progress display.
@@ -113,6 +114,9 @@ class SimulationConfig:
     arrival: str = "fixed"
     #: The observer's interval in seconds (None: adapt to the run's length).
     interval_s: float | None = None
+    #: "default": CPython's collector as the application has it (what users meet);
+    #: "throughput": `bank.simulate.tuning.throughput_gc` during the run, to compare.
+    gc: str = "default"
 
     def __post_init__(self) -> None:
         def bounded(name: str, value: int, low: int, high: int) -> None:
@@ -132,6 +136,8 @@ class SimulationConfig:
             raise InvalidWorkload(f"duration must be in (0, 1 week] seconds, got {self.duration_s}")
         if self.durability not in DURABILITIES:
             raise InvalidWorkload(f"durability must be 'full' or 'normal', got {self.durability!r}")
+        if self.gc not in GC_MODES:
+            raise InvalidWorkload(f"gc must be 'default' or 'throughput', got {self.gc!r}")
         if self.arrival not in ARRIVALS:
             raise InvalidWorkload(f"arrival must be 'fixed' or 'poisson', got {self.arrival!r}")
         if self.arrival != "fixed" and self.rate is None:
@@ -710,7 +716,8 @@ def run_simulation(
                 teller.start()
             if snapshots is not None:
                 snapshots.start()
-            with display, throughput_gc():
+            tuning = throughput_gc() if config.gc == "throughput" else nullcontext()
+            with display, tuning:
                 t0 = time.monotonic()
                 clock.start_ns = time.perf_counter_ns()
                 observer.begin(t0)
@@ -799,6 +806,7 @@ def _history_options(config: SimulationConfig) -> dict[str, object]:
         "queue_capacity": config.queue_capacity,
         "rate": None if config.rate is None else config.rate.spec(),
         "arrival": config.arrival,
+        "gc": config.gc,
     }
 
 

@@ -192,6 +192,14 @@ def register(sub: Subcommands) -> None:
         help=f"the bank's job queue capacity in operations (default {QUEUE_CAPACITY_DEFAULT})",
     )
     sim.add_argument(
+        "--gc",
+        choices=runner.GC_MODES,
+        default="default",
+        help="the garbage collector during the run: CPython's defaults (default, as an "
+        "application has them) or frozen start-up objects and rarer young collections "
+        "(throughput), to compare",
+    )
+    sim.add_argument(
         "--rate",
         type=_spec(parse_rate),
         metavar="OPS_S|A:B",
@@ -336,6 +344,7 @@ def run(args: argparse.Namespace) -> int:
                 rate=args.rate,
                 arrival=args.arrival,
                 interval_s=args.interval,
+                gc=args.gc,
                 tellers=args.tellers,
                 window=args.window,
                 workers=args.workers,

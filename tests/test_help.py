@@ -9,7 +9,15 @@ import pytest
 import bank
 from bank.commands import LimitSpec, ReadableModel
 
-MODELS = [bank.Deposit, bank.Withdrawal, bank.Transfer, bank.AccountSpec, LimitSpec]
+#: Every public model (commands added later are covered too) and the limit spec.
+MODELS = [
+    *(
+        m
+        for m in (getattr(bank, name) for name in bank.__all__)
+        if isinstance(m, type) and issubclass(m, ReadableModel)
+    ),
+    LimitSpec,
+]
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
@@ -22,6 +30,10 @@ def test_help_is_short_and_names_every_field(model: type[ReadableModel]) -> None
         assert f"{name}: '" in head.splitlines()[3]  # and the signature line
     for internal in ("model_dump", "model_json_schema", "__pydantic", "Annotated", "FieldInfo"):
         assert internal not in page, internal
+
+
+def test_every_exported_command_is_covered() -> None:
+    assert {bank.Deposit, bank.Withdrawal, bank.Transfer, bank.AccountSpec} <= set(MODELS)
 
 
 def test_hidden_members_still_work() -> None:

@@ -7,11 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck check bench bench-audit clean
 
+# The editable install is setuptools' compat mode: a plain path entry for the checkout instead
+# of an import hook, so that static tools (mypy on a user's program) find `bank` in this venv
+# (README "Install"). Extras: dev (tests, linters), postgres, simulate.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# compat: a plain path entry for the checkout instead of an import hook, so that static
-	# tools (mypy on a user's program) find `bank` in this venv; see README "Install".
 	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,simulate]' --config-settings editable_mode=compat
 	touch $(STAMP)
 

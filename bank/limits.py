@@ -70,3 +70,6 @@ BATCH_OPS_MAX: Final = 8190
 #: (deposit/withdraw/transfer), for them to stage their next operations so that one
 #: commit carries them all; never longer than the last commit took.
 GATHER_WAIT_S_MAX: Final = 0.001
+#: Receipts one `history` page may hold (`limit=`), and its default (h11read, issue 11).
+HISTORY_LIMIT_MAX: Final = 100_000
+HISTORY_LIMIT_DEFAULT: Final = 1000

@@ -13,8 +13,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from bank import __version__
 from bank.cli import audit, check_history, copy, ledger, simulate
-from bank.cli.common import UsageError, error
+from bank.cli.common import Subcommands, UsageError, error
 from bank.errors import BankError, CannotAudit, CannotCopy, LedgerBusy, NotALedger
 from bank.exit_codes import (
     EXIT_CODES_HELP,
@@ -35,6 +36,11 @@ __all__ = [
     "main",
 ]
 
+#: The top-level modules of the `simulate` extra: without one, `bank simulate` says how to
+#: install it (exit 2) and every other command still works.
+SIMULATE_EXTRA_MODULES = frozenset({"rich", "numpy", "matplotlib"})
+SIMULATE_EXTRA_HINT = "pip install 'bank[simulate]'"
+
 #: Errors that mean "could not open / could not audit": exit 2, not 1.
 _OPEN_ERRORS: tuple[type[BankError], ...] = (NotALedger, LedgerBusy, CannotAudit, CannotCopy)
 
@@ -47,10 +53,41 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"bank {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in (simulate, audit, check_history, copy, ledger):
+    try:
+        simulate.register(sub)
+    except ModuleNotFoundError as exc:
+        if not _is_simulate_extra(exc):
+            raise
+        _register_simulate_missing(sub, exc)
+    for group in (audit, check_history, copy, ledger):
         group.register(sub)
     return parser
+
+
+def _is_simulate_extra(exc: ModuleNotFoundError) -> bool:
+    return (exc.name or "").split(".")[0] in SIMULATE_EXTRA_MODULES
+
+
+def _missing_extra_message(exc: ModuleNotFoundError) -> str:
+    return f"needs the simulate extra ({exc.name} is not installed): {SIMULATE_EXTRA_HINT}"
+
+
+def _register_simulate_missing(sub: Subcommands, exc: ModuleNotFoundError) -> None:
+    """`simulate` without its extra: any arguments, one line saying how to install it."""
+    message = _missing_extra_message(exc)
+    # No option prefix: every argument (`--ops 10`, `--help`) is taken as it comes.
+    placeholder = sub.add_parser(
+        "simulate", help=f"run a load simulation ({message})", add_help=False, prefix_chars="\0"
+    )
+    placeholder.add_argument("arguments", nargs="*")
+
+    def run(args: argparse.Namespace) -> int:
+        error("simulate", message)
+        return EXIT_USAGE
+
+    placeholder.set_defaults(run=run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,6 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BankError as exc:
         error(args.command, f"{type(exc).__name__}: {exc}")
         return EXIT_PROBLEM
+    except ModuleNotFoundError as exc:  # the simulator's imports, when its extra is missing
+        if not _is_simulate_extra(exc):
+            raise
+        error(args.command, _missing_extra_message(exc))
+        return EXIT_USAGE
     except KeyboardInterrupt:
         error(args.command, "interrupted")
         return EXIT_INTERRUPTED

@@ -6,13 +6,10 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO, TypeAlias
+from typing import TypeAlias
 
 from bank.ledger.backend import Backend
 from bank.ledger.backends import backend_for, ledger_url
-
-if TYPE_CHECKING:
-    from rich.console import Console
 
 #: What `register` functions receive: the `bank` parser's subcommand table.
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -44,13 +41,6 @@ def int_range(low: int, high: int) -> Callable[[str], int]:
 def error(command: str, message: str) -> None:
     """One line on stderr, prefixed with the command that failed."""
     print(f"bank {command}: {message}", file=sys.stderr)
-
-
-def console(out: TextIO) -> Console:
-    """A rich console on `out`; when that is a pipe, wide enough that tables are not squeezed."""
-    from rich.console import Console
-
-    return Console(file=out, highlight=False, width=None if out.isatty() else 200)
 
 
 def backend(db: str) -> Backend:

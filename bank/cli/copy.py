@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from bank.cli.common import Subcommands, console
+from bank.cli.common import Subcommands
 from bank.exit_codes import EXIT_OK, EXIT_PROBLEM
 
 
@@ -50,7 +50,7 @@ def register(sub: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Copy, then print the copy's figures and its audit."""
-    from bank.ledger.audit_report import render_report
+    from bank.ledger.audit_report import print_report
     from bank.ledger.copy import copy_ledger
 
     report = copy_ledger(args.source, args.destination)
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"source head      {report.source_head}")
     verdict = "(the same)" if report.heads_match else "(DIFFERENT)"
     print(f"destination head {report.destination_head} {verdict}")
-    render_report(report.audit, console(sys.stdout))
+    print_report(report.audit, sys.stdout)
     if not report.ok:
         print(
             "the copy holds the source's rows as they are, so the source is damaged too: "

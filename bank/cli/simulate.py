@@ -1,4 +1,10 @@
-"""`bank simulate`: the load simulation over the library's `bank.simulate` runner."""
+"""`bank simulate`: the load simulation over the library's `bank.simulate` runner.
+
+Exit codes (`bank.exit_codes`): 0 the audit is clean and every `--threshold` held;
+1 the audit failed, money was not conserved or a teller hit an error (this wins over
+everything else); 130 Ctrl-C cut the run short (the thresholds are still shown, but a
+cut-short run is no verdict on them); 3 a threshold failed; 2 the run could not start.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,11 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from bank.cli.common import Subcommands, UsageError, int_range
+from bank.exit_codes import EXIT_OK, EXIT_THRESHOLD
 from bank.limits import (
     AMOUNT_MAX,
     QUEUE_CAPACITY_DEFAULT,
@@ -20,6 +27,11 @@ from bank.limits import (
     WORKERS_MAX,
 )
 from bank.money import format_minor
+
+if TYPE_CHECKING:
+    from bank.simulate.outputs import Target
+    from bank.simulate.runner import SimulationResult
+    from bank.simulate.thresholds import Verdict
 
 
 def _seconds(text: str) -> float:
@@ -46,9 +58,37 @@ def _spec(parser: Callable[[str], object]) -> Callable[[str], str]:
     return check
 
 
+def _threshold_text(text: str) -> str:
+    """Validate a --threshold at parse time (the figure names are checked); keep the text."""
+    from bank.simulate.thresholds import InvalidThreshold, parse_threshold
+
+    try:
+        parse_threshold(text)
+    except InvalidThreshold as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _interval(text: str) -> float:
+    from bank.simulate.metrics import INTERVAL_S_MIN
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not INTERVAL_S_MIN <= value <= 3600:
+        raise argparse.ArgumentTypeError(
+            f"must be from {INTERVAL_S_MIN:g} to 3600 seconds, got {text}"
+        )
+    return value
+
+
 def register(sub: Subcommands) -> None:
     """Add `simulate` to the `bank` parser."""
     from bank.simulate import runner, workload
+    from bank.simulate.metrics import INTERVAL_S_MAX, INTERVAL_S_MIN, SAMPLES_MIN
+    from bank.simulate.schedule import ARRIVALS, parse_rate
+    from bank.simulate.thresholds import FIGURES, OPEN_FIGURES
 
     sim = sub.add_parser(
         "simulate",
@@ -151,11 +191,65 @@ def register(sub: Subcommands) -> None:
         metavar="N",
         help=f"the bank's job queue capacity in operations (default {QUEUE_CAPACITY_DEFAULT})",
     )
-    sim.add_argument("--json", metavar="FILE", help="write the result as JSON to FILE")
+    sim.add_argument(
+        "--gc",
+        choices=runner.GC_MODES,
+        default="default",
+        help="the garbage collector during the run: CPython's defaults (default, as an "
+        "application has them) or frozen start-up objects and rarer young collections "
+        "(throughput), to compare",
+    )
+    sim.add_argument(
+        "--rate",
+        type=_spec(parse_rate),
+        metavar="OPS_S|A:B",
+        help="open model: schedule operations at this many per second over all tellers, "
+        "or ramp linearly from A to B over the run; latency is measured from each "
+        "operation's intended start, and late and dropped operations are reported "
+        "(default: a closed loop, each teller sending when an answer frees room)",
+    )
+    sim.add_argument(
+        "--arrival",
+        choices=ARRIVALS,
+        default="fixed",
+        help="with --rate: evenly spaced (fixed) or Poisson arrivals, seeded (default fixed)",
+    )
+    sim.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        type=_threshold_text,
+        metavar="EXPR",
+        help="fail the run (exit 3) unless EXPR holds, e.g. p99_ms<10, "
+        "throughput_ops_s>20000, rejected_pct<25, errors==0; repeatable. Figures: "
+        + ", ".join([*FIGURES, *OPEN_FIGURES])
+        + " (the last five need --rate)",
+    )
+    sim.add_argument(
+        "--json",
+        metavar="FILE|-",
+        help="write the result as JSON to FILE; `-` writes it to stdout (the summary then "
+        "goes to stderr)",
+    )
+    sim.add_argument(
+        "--csv",
+        metavar="FILE|-",
+        help="write one row per interval: time, ops, ops/s, committed, rejected by reason, "
+        "latency percentiles, queue depth (and the schedule's figures with --rate)",
+    )
+    sim.add_argument(
+        "--interval",
+        type=_interval,
+        metavar="SECONDS",
+        help="the sampling interval of the CSV, the plot and the JSON samples "
+        f"({INTERVAL_S_MIN:g} to 3600; default: adapt, at least {SAMPLES_MIN} intervals "
+        f"and at most {INTERVAL_S_MAX:g} s)",
+    )
     sim.add_argument(
         "--plot",
         metavar="FILE",
-        help="write a PNG of throughput, latency percentiles and queue depth over time",
+        help="write a plot of throughput, latency percentiles, refusals and queue depth "
+        "over time: PNG for FILE.png, SVG for FILE.svg",
     )
     sim.add_argument(
         "--history",
@@ -171,25 +265,69 @@ def register(sub: Subcommands) -> None:
     sim.set_defaults(run=run)
 
 
+def _needs_extra() -> None:
+    """Say in one line how to install what the simulator needs, if it is missing."""
+    missing = []
+    for module in ("numpy", "rich"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise UsageError(
+            f"bank simulate needs {' and '.join(missing)}: pip install 'bank[simulate]'"
+        )
+
+
+def _targets(args: argparse.Namespace) -> dict[str, Target]:
+    """Check every output option before the run (a long run must not end in 'cannot write')."""
+    from bank.simulate.outputs import OutputError, check_distinct, check_target
+    from bank.simulate.plot import plot_format
+
+    targets: dict[str, Target] = {}
+    try:
+        if args.json is not None:
+            targets["json"] = check_target("--json", args.json)
+        if args.csv is not None:
+            targets["csv"] = check_target("--csv", args.csv)
+        if args.plot is not None:
+            if args.plot == "-":
+                raise OutputError("--plot -: the plot needs a file name ending .png or .svg")
+            plot_format("--plot", args.plot)
+            targets["plot"] = check_target("--plot", args.plot)
+        if args.history is not None:
+            targets["history"] = check_target("--history", args.history, devices=False)
+        check_distinct(list(targets.values()))
+    except OutputError as exc:
+        raise UsageError(str(exc)) from None
+    return targets
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the simulation, print its summary, write the files asked for."""
+    """Run the simulation, print its summary, write the files asked for; the exit code."""
+    _needs_extra()
+    from bank.simulate.outputs import OutputError
     from bank.simulate.progress import progress_for
-    from bank.simulate.report import print_summary, write_json, write_plot
+    from bank.simulate.report import print_summary, write_csv, write_json
     from bank.simulate.runner import OPS_DEFAULT, SimulationConfig, run_simulation
+    from bank.simulate.thresholds import InvalidThreshold, evaluate, parse_threshold
     from bank.simulate.workload import InvalidWorkload
 
-    for option, target in (
-        ("--json", args.json),
-        ("--plot", args.plot),
-        ("--history", args.history),
-    ):
-        if target is not None and not Path(target).absolute().parent.is_dir():
-            raise UsageError(f"{option} {target}: the directory does not exist")
+    targets = _targets(args)
     if args.history is not None and args.db is None:
         raise UsageError(
             "--history needs --db: the temporary ledger is deleted after the run, "
             "so the history could not be checked against it"
         )
+    if args.arrival != "fixed" and args.rate is None:
+        raise UsageError("--arrival poisson needs --rate (a closed loop has no arrivals)")
+    try:
+        thresholds = [parse_threshold(t, open_model=args.rate is not None) for t in args.threshold]
+    except InvalidThreshold as exc:
+        raise UsageError(str(exc)) from None
+    # With a result on stdout, everything else a person reads goes to stderr.
+    to_stdout = any(t.how == "stdout" for t in targets.values())
+    out = sys.stderr if to_stdout else sys.stdout
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     ops = args.ops if args.ops is not None or args.duration is not None else OPS_DEFAULT
     tmpdir = None
@@ -203,6 +341,10 @@ def run(args: argparse.Namespace) -> int:
                 db=db,
                 mix=args.mix,
                 skew=args.skew,
+                rate=args.rate,
+                arrival=args.arrival,
+                interval_s=args.interval,
+                gc=args.gc,
                 tellers=args.tellers,
                 window=args.window,
                 workers=args.workers,
@@ -223,18 +365,46 @@ def run(args: argparse.Namespace) -> int:
             enabled=not args.no_progress,
         )
         result = run_simulation(config, progress=display, history=args.history)
-        print_summary(result, sys.stdout)
-        if args.json:
-            write_json(result, args.json)
-            print(f"result written to {args.json}")
-        if args.plot:
-            write_plot(result, args.plot)
-            print(f"plot written to {args.plot}")
+        verdicts = evaluate(thresholds, result)
+        print_summary(result, out, verdicts)
+        written = []
+        try:
+            if "json" in targets:
+                write_json(result, targets["json"], verdicts)
+                written.append(f"result written to {_shown(targets['json'])}")
+            if "csv" in targets:
+                write_csv(result, targets["csv"])
+                written.append(f"intervals written to {_shown(targets['csv'])}")
+            if "plot" in targets:
+                from bank.simulate.plot import write_plot
+
+                write_plot(result, targets["plot"])
+                written.append(f"plot written to {args.plot}")
+        except OutputError as exc:
+            raise UsageError(str(exc)) from None
+        for line in written:
+            print(line, file=out)
         if args.history:
-            print(f"history written to {args.history} (check it with `bank check-history`)")
+            print(
+                f"history written to {args.history} (check it with `bank check-history`)",
+                file=out,
+            )
         if tmpdir is None:
-            print(f"ledger: {db} (check it again with `bank audit --db {db}`)")
-        return result.exit_code()
+            print(f"ledger: {db} (check it again with `bank audit --db {db}`)", file=out)
+        return exit_code(result, verdicts)
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _shown(target: Target) -> str:
+    return "stdout" if target.how == "stdout" else target.path
+
+
+def exit_code(result: SimulationResult, verdicts: Sequence[Verdict]) -> int:
+    """1 if the ledger or a teller went wrong, else 130 if interrupted, else 3 if a threshold
+    failed, else 0 (see the module docstring)."""
+    code = result.exit_code()
+    if code == EXIT_OK and not all(v.ok for v in verdicts):
+        return EXIT_THRESHOLD
+    return code

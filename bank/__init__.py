@@ -11,7 +11,9 @@ from bank.account import Account
 from bank.commands import AccountSpec, Deposit, Transfer, Withdrawal
 from bank.engine import Bank, BankStats
 from bank.errors import (
+    AccountClosed,
     AccountNameTaken,
+    AccountNotEmpty,
     AccountNotFound,
     AccountsMustBeDifferent,
     BalanceOverflow,
@@ -35,6 +37,7 @@ from bank.errors import (
     NotALedger,
     QueueFull,
     SchemaDowngradeRefused,
+    SeqBeyondHead,
     ServerNotDurable,
     UnsupportedLedgerUrl,
     WaitOnBankThread,
@@ -53,7 +56,9 @@ __all__ = [
     "CASH_ACCOUNT_ID",
     "CASH_ACCOUNT_NAME",
     "Account",
+    "AccountClosed",
     "AccountNameTaken",
+    "AccountNotEmpty",
     "AccountNotFound",
     "AccountSpec",
     "AccountsMustBeDifferent",
@@ -84,6 +89,7 @@ __all__ = [
     "QueueFull",
     "Receipt",
     "SchemaDowngradeRefused",
+    "SeqBeyondHead",
     "ServerNotDurable",
     "Snapshot",
     "Transfer",

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError
 
@@ -49,7 +49,9 @@ from bank.commands import (
     refusal,
 )
 from bank.errors import (
+    AccountClosed,
     AccountNameTaken,
+    AccountNotEmpty,
     AccountNotFound,
     BankClosed,
     BankError,
@@ -73,6 +75,7 @@ from bank.limits import (
     BATCH_OPS_MAX,
     CASH_ACCOUNT_ID,
     COMMIT_BATCH_OPS_MAX,
+    HISTORY_LIMIT_DEFAULT,
     JOIN_WAIT_S_MAX,
     KEY_WAIT_S_MAX,
     OPEN_PROBLEMS_SHOWN_MAX,
@@ -90,6 +93,14 @@ if TYPE_CHECKING:
     from bank.ledger.audit import AuditReport
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _is_empty(account: Account) -> bool:
+    """Whether `account` may close: the one place that decides it (the caller holds its
+    lock). An account closes only with a balance of 0."""
+    return account.balance == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,7 +480,7 @@ class Bank:
         try:
             backend.preflight(owner)
             self._engine = backend.create_engine(self._durability, owner)
-            self.revision = migrate.upgrade_to_head(self._engine)
+            self.revision = migrate.upgrade_to_head(self._engine, self._where)
             missing = migrate.missing_tables(self._engine)
             if missing:
                 raise LedgerCorrupt(
@@ -538,6 +549,7 @@ class Bank:
         with self._engine.connect() as conn:  # one read transaction for all of it
             report = verify.verify_ledger(conn)
             rows = store.load_accounts(conn)
+            closed = store.closed_accounts(conn)
             seq, head, event_seq, event_head = store.chain_heads(conn)
         if not report.ok:
             raise LedgerCorrupt(verify.describe(report, self._where, OPEN_PROBLEMS_SHOWN_MAX))
@@ -546,6 +558,8 @@ class Bank:
         self._accounts: dict[int, Account] = {
             r.id: Account(r.id, r.name, r.overdraft_limit, r.balance) for r in rows
         }
+        for account_id in closed:  # closed for good (its 'close' event is chained)
+            self._accounts[account_id].close()
         self._names: dict[str, int] = {r.name: r.id for r in rows}
         self._next_id = rows[-1].id + 1
         self._claims = KeyClaims()
@@ -638,12 +652,20 @@ class Bank:
 
     # -- accounts ----------------------------------------------------------------------
 
-    def open_account(self, name: str, overdraft_limit: int = 0) -> Account:
+    def open_account(
+        self, name: str, overdraft_limit: int = 0, *, exist_ok: bool = False
+    ) -> Account:
         """Open a customer account; returns it once its opening is durable.
 
-        Raises `InvalidCommand` for a bad name or limit, `AccountNameTaken`.
+        With `exist_ok=True`, an account of that name that exists is returned instead
+        (once its opening is durable) if its overdraft limit is `overdraft_limit`; it may
+        be closed (`.closed`). Raises `InvalidCommand` for a bad name, limit or
+        `exist_ok` (a bool), `AccountNameTaken` (the name exists: without `exist_ok`, or
+        with another limit).
         """
         spec = AccountSpec(name=name, overdraft_limit=overdraft_limit)
+        if type(exist_ok) is not bool:
+            raise InvalidCommand(f"open_account.exist_ok must be a bool (got {exist_ok!r})")
         self._check_open()
         self._check_may_wait("open_account")
         future: Future[int] = Future()
@@ -664,52 +686,114 @@ class Bank:
         if taken is not None:
             # The opening it collides with may still be on its way to disk.
             self._writer.wait_for(position)
+            existing = self._accounts[taken]
+            if exist_ok and existing.overdraft_limit == spec.overdraft_limit:
+                return existing
+            if exist_ok:
+                raise AccountNameTaken(
+                    f"an account named {spec.name!r} exists (id {taken}) with overdraft limit "
+                    f"{existing.overdraft_limit}, not {spec.overdraft_limit}"
+                )
             raise AccountNameTaken(f"an account named {spec.name!r} exists (id {taken})")
         future.result()
         return account
 
-    def set_overdraft_limit(self, account_id: int, overdraft_limit: int) -> Account:
+    def account_named(self, name: str) -> Account:
+        """The account named `name` (`@cash` included); raises `AccountNotFound`, or
+        `InvalidCommand` for a name that is not a str."""
+        if type(name) is not str:
+            raise InvalidCommand(f"account_named.name must be a str (got {name!r})")
+        self._check_open()
+        with self._registry_lock:
+            account_id = self._names.get(name)
+        if account_id is None:
+            raise AccountNotFound(f"no account named {name!r}")
+        return self._accounts[account_id]
+
+    def close_account(self, account: int) -> Account:
+        """Close a customer account; returns it (`.closed` True) once its closing is durable.
+
+        Only an empty account closes (`_is_empty`: a balance of 0). The closing is a chained
+        `account_events` row ('close'), staged under the account's lock: every transfer
+        that touched it is before it in the ledger, and every later operation on it is
+        refused with `AccountClosed` (a closed account stays in `accounts()`).
+        Raises `AccountNotFound`, `InvalidCommand` (`@cash`, or an id that is not an int),
+        `AccountNotEmpty`, `AccountClosed` (closed already).
+        """
+        found = self.account(account)
+        if found.is_system:
+            raise InvalidCommand("close_account.account: @cash never closes")
+        self._check_may_wait("close_account")
+        future: Future[int] = Future()
+        future.set_running_or_notify_cancel()
+        with found.lock:
+            refusal: BankError | None = None
+            if found.closed:
+                refusal = AccountClosed(f"account {found.id} ({found.name!r}) is closed already")
+            elif not _is_empty(found):
+                refusal = AccountNotEmpty(
+                    f"account {found.id} ({found.name!r}) has a balance of {found.balance}: "
+                    "only an empty account closes"
+                )
+            else:
+                self._writer.stage_account_event(
+                    "close", found.id, found.name, found.overdraft_limit, future
+                )
+                found.close()
+            position, _ = self._writer.position()
+        if refusal is not None:
+            # Judged on a balance that may include operations still being committed.
+            self._writer.wait_for(position)
+            raise refusal
+        future.result()
+        return found
+
+    def set_overdraft_limit(self, account: int, overdraft_limit: int) -> Account:
         """Change a customer account's overdraft limit (a chained event in the ledger).
 
         Raises `InsufficientFunds` if the balance is already below the new floor.
         """
-        spec = LimitSpec(account=account_id, overdraft_limit=overdraft_limit)
+        spec = LimitSpec(account=account, overdraft_limit=overdraft_limit)
         self._check_open()
         self._check_may_wait("set_overdraft_limit")
-        account = self.account(spec.account)
-        if account.is_system:
+        found = self.account(spec.account)
+        if found.is_system:
             raise InvalidCommand("set_overdraft_limit.account: @cash has no overdraft limit to set")
         future: Future[int] = Future()
         future.set_running_or_notify_cancel()
-        with account.lock:
-            if account.balance < -spec.overdraft_limit:
+        with found.lock:
+            refusal: BankError | None
+            if found.closed:  # nothing is chained after a close
+                refusal = AccountClosed(f"account {found.id} ({found.name!r}) is closed")
+                position, _ = self._writer.position()
+            elif found.balance < -spec.overdraft_limit:
                 refusal = InsufficientFunds(
-                    f"account {account.id} has {account.balance}: an overdraft limit of "
+                    f"account {found.id} has {found.balance}: an overdraft limit of "
                     f"{spec.overdraft_limit} would leave it below its floor"
                 )
                 position, _ = self._writer.position()
             else:
                 refusal = None
                 self._writer.stage_account_event(
-                    "limit", account.id, account.name, spec.overdraft_limit, future
+                    "limit", found.id, found.name, spec.overdraft_limit, future
                 )
-                account.set_overdraft_limit(spec.overdraft_limit)
+                found.set_overdraft_limit(spec.overdraft_limit)
         if refusal is not None:
             # Judged on a balance that may include operations still being committed.
             self._writer.wait_for(position)
             raise refusal
         future.result()
-        return account
+        return found
 
-    def account(self, account_id: int) -> Account:
+    def account(self, account: int) -> Account:
         """The account with this id (`0` is `@cash`); raises `AccountNotFound`."""
-        if type(account_id) is not int:
-            raise InvalidCommand(f"account id must be an int (got {account_id!r})")
+        if type(account) is not int:
+            raise InvalidCommand(f"account id must be an int (got {account!r})")
         self._check_open()
-        account = self._accounts.get(account_id)
-        if account is None:
-            raise AccountNotFound(f"account {account_id} does not exist")
-        return account
+        found = self._accounts.get(account)
+        if found is None:
+            raise AccountNotFound(f"account {account} does not exist")
+        return found
 
     def accounts(self) -> list[Account]:
         """Every customer account (not `@cash`), by id."""
@@ -873,12 +957,23 @@ class Bank:
 
     # -- reads -------------------------------------------------------------------------
 
-    def balance(self, account_id: int) -> int:
-        """The account's balance once everything it reflects is durable."""
-        account = self.account(account_id)
+    def balance(self, account: int, *, at_seq: int | None = None) -> int:
+        """The account's balance once everything it reflects is durable; with `at_seq`,
+        its balance right after transfer `at_seq` (0 before its first row), read from the
+        ledger by index look-ups (the running balance of its last row at or before it).
+
+        Raises `AccountNotFound`, `InvalidCommand` (an `at_seq` that is not an int from 0
+        to 2**63 - 1), `SeqBeyondHead` (an `at_seq` past the last committed transfer).
+        """
+        found = self.account(account)
+        if at_seq is not None:
+            seq = store.check_seq(at_seq, "balance.at_seq")
+            return self._read(
+                lambda conn: store.committed_balance_at(conn, found.id, seq, self._where)
+            )
         self._check_may_wait("balance")
-        with account.lock:
-            balance = account.balance
+        with found.lock:
+            balance = found.balance
             position, _ = self._writer.position()
         self._writer.wait_for(position)
         return balance
@@ -907,14 +1002,48 @@ class Bank:
         with self._life.reading(), self._engine.connect() as conn:
             return store.find_receipts(conn, [key]).get(key)
 
-    def history(self, account_id: int, *, limit: int | None = None) -> list[Receipt]:
-        """An account's committed transfers, oldest first."""
-        self.account(account_id)
-        if limit is not None:
-            _check_int(limit, "limit", 1, 10**9)
+    def history(
+        self, account: int, *, after_seq: int = 0, limit: int = HISTORY_LIMIT_DEFAULT
+    ) -> list[Receipt]:
+        """One page of the account's committed transfers: up to `limit` receipts with seq
+        greater than `after_seq`, ascending (pass the last one's seq for the next page;
+        `iter_history` does that for you). Index range scans: a page costs the same at
+        any depth of a long history.
+
+        Raises `AccountNotFound`, `InvalidCommand` (an `after_seq` that is not an int
+        from 0 to 2**63 - 1, a `limit` that is not an int from 1 to `HISTORY_LIMIT_MAX`).
+        """
+        found = self.account(account)
+        after = store.check_seq(after_seq, "history.after_seq")
+        size = store.check_limit(limit, "history.limit")
+        return self._read(lambda conn: store.history_page(conn, found.id, after, size))
+
+    def iter_history(
+        self, account: int, *, after_seq: int = 0, page: int = HISTORY_LIMIT_DEFAULT
+    ) -> Iterator[Receipt]:
+        """Stream the account's whole committed history after `after_seq`, ascending, read
+        `page` receipts at a time (one short read each, memory of one page; what `bank
+        history` prints from). Rows are append-only, so the pages never skip or repeat a
+        row; the stream ends at the head as it is when the last page is read.
+
+        Arguments are checked at once (`AccountNotFound`, `InvalidCommand`, as `history`);
+        a page read after `close()` raises `BankClosed`.
+        """
+        found = self.account(account)
+        after = store.check_seq(after_seq, "iter_history.after_seq")
+        size = store.check_limit(page, "iter_history.page")
+
+        def read_page(after: int, limit: int) -> list[Receipt]:
+            return self._read(lambda conn: store.history_page(conn, found.id, after, limit))
+
+        return store.iter_history(read_page, after, size)
+
+    def _read(self, read: Callable[[Connection], T]) -> T:
+        """`read` on one of the bank's connections, in one short read transaction; the
+        release of the ledger at `close()` waits for it (`BankClosed` once it began)."""
         assert self._engine is not None
         with self._life.reading(), self._engine.connect() as conn:
-            return list(store.history(conn, account_id, limit=limit))
+            return read(conn)
 
     def stats(self) -> BankStats:
         """Counters of the queue and the ledger writer; raises `BankClosed` after `close()`."""

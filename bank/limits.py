@@ -66,3 +66,6 @@ OPEN_PROBLEMS_SHOWN_MAX: Final = 5
 #: caps what one call holds in memory and how long one caller keeps the queue's room;
 #: more commands go in several batches.
 BATCH_OPS_MAX: Final = 8190
+#: Receipts one `history` page may hold (`limit=`), and its default (h11read, issue 11).
+HISTORY_LIMIT_MAX: Final = 100_000
+HISTORY_LIMIT_DEFAULT: Final = 1000

@@ -25,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -180,7 +179,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture
 def cluster() -> Iterator[_Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="bank-pg-attack-"))
+    root = postgres.scratch_dir("bank-pg-attack-")
     c = _Cluster(root)
     try:
         c.init()
@@ -606,7 +605,7 @@ def _open_error(url: str) -> BankError:
 @pytest.fixture(scope="module")
 def password_cluster() -> Iterator[_Cluster]:
     """A cluster that checks passwords over TCP (scram-sha-256), with a role `teller`."""
-    root = Path(tempfile.mkdtemp(prefix="bank-pg-auth-"))
+    root = postgres.scratch_dir("bank-pg-auth-")
     c = _Cluster(root, auth_host="scram-sha-256")
     try:
         c.init()

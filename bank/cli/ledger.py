@@ -1,4 +1,5 @@
-"""`bank init`, `bank accounts`, `bank history`: create a ledger and read it (`bank.ledger.reader`).
+"""`bank init`, `bank accounts`, `bank history`, `bank balance`: create a ledger and read it
+(`bank.ledger.reader`).
 
 `accounts` and `history` read without owning the ledger (they work while a bank runs on
 it) and print with `bank.cli.output`: a table on a terminal, JSON into a pipe, or what
@@ -9,6 +10,7 @@ so memory stays at one page whatever the account's length.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -107,6 +109,24 @@ def register(sub: Subcommands) -> None:
     )
     _add_format(his)
     his.set_defaults(run=run_history)
+
+    bal = sub.add_parser(
+        "balance",
+        help="one account's balance, now or as of a seq",
+        description="Print ACCOUNT's committed balance, or with --at-seq N its balance right "
+        "after transfer N (index look-ups, read-only: safe beside a running bank). Exit 1 if "
+        "the account does not exist or N is past the last committed transfer.",
+    )
+    bal.add_argument("account", metavar="ACCOUNT", help="account id, or account name")
+    bal.add_argument("--db", metavar="PATH|URL", required=True, help=EXISTING_DB_HELP)
+    bal.add_argument(
+        "--at-seq",
+        type=int_range(0, 2**63 - 1),
+        metavar="N",
+        help="the balance right after transfer N (default: as of the last one)",
+    )
+    bal.add_argument("--json", action="store_true", help="print JSON (amounts in minor units)")
+    bal.set_defaults(run=run_balance)
 
 
 def _add_format(parser: argparse.ArgumentParser) -> None:
@@ -211,6 +231,22 @@ def _receipts(
         if len(page) < size:
             return
         after_seq = page[-1].seq
+
+
+def run_balance(args: argparse.Namespace) -> int:
+    """Print one account's balance (as of `--at-seq`), read-only."""
+    with LedgerReader(existing_ledger(args.db)) as reader:
+        accounts = reader.accounts()
+        account_id = _resolve_account(accounts, args.account)
+        balance = reader.balance(account_id, at_seq=args.at_seq)
+    name = next(a.name for a in accounts if a.id == account_id)
+    if args.json:
+        shown = {"account": account_id, "name": name, "balance": balance, "at_seq": args.at_seq}
+        print(json.dumps(shown))
+        return EXIT_OK
+    when = "now" if args.at_seq is None else f"after seq {args.at_seq}"
+    print(f"{name} (id {account_id}): {format_minor(balance)} {when}")
+    return EXIT_OK
 
 
 def run_history(args: argparse.Namespace) -> int:

@@ -133,3 +133,19 @@ class CannotOpenLedger(NotALedger):
 class ServerNotDurable(CannotOpenLedger):
     """`durability="full"` was asked of a PostgreSQL server that cannot make a commit
     durable (it runs with `fsync=off`): refused before anything is written."""
+
+
+# -- reads as of a seq, account lifecycle (issue 11: history, balances, closing) ---------------
+
+
+class SeqBeyondHead(BankError, ValueError):
+    """A read as of a seq (`at_seq=`) past the ledger's last committed transfer: that
+    point of the ledger does not exist (yet)."""
+
+
+class AccountClosed(BankError):
+    """An operation names an account that `close_account` closed: nothing touches it again."""
+
+
+class AccountNotEmpty(BankError):
+    """`close_account` on an account whose balance is not 0 (an account closes only empty)."""

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from operator import attrgetter
 
 from sqlalchemy import Connection, Engine
 
 from bank.account import Account, move
+from bank.answers import Answer
 from bank.buffer import BoundedBuffer
 from bank.commands import AnyCommand, Deposit, Transfer
 from bank.errors import AccountNotFound, BankError, IdempotencyConflict, LedgerUnavailable
@@ -29,13 +30,23 @@ from bank.records import Receipt
 
 log = logging.getLogger(__name__)
 
-#: A job: commands and their futures, handed over in one piece.
-Job = tuple[list[AnyCommand], list[Future[Receipt]]]
+
+@dataclass(slots=True)
+class Job:
+    """Commands handed over in one piece, and where each one's answer goes.
+
+    `answers[i]` answers `commands[i]`: a `Future[Receipt]` (`submit`, `submit_many`)
+    or a slot of one batch's list (`submit_batch`, see `bank.answers`).
+    """
+
+    commands: list[AnyCommand]
+    answers: Sequence[Answer]
+
 
 _key_of = attrgetter("key")
 
 
-def answer_duplicate(command: AnyCommand, receipt: Receipt, future: Future[Receipt]) -> None:
+def answer_duplicate(command: AnyCommand, receipt: Receipt, future: Answer) -> None:
     """Answer a repeated key from the ledger: the original receipt, or a conflict."""
     if receipt.signature() == command.signature():
         settle(future, receipt)
@@ -84,15 +95,15 @@ class Worker(threading.Thread):
                     jobs = self._buffer.get_many(WORKER_BATCH_OPS_MAX)
                     if not jobs:
                         return
-                    for commands, futures in jobs:
-                        self._run_job(commands, futures)
+                    for job in jobs:
+                        self._run_job(job.commands, job.answers)
             finally:
                 self._conn.close()
         finally:
             if self.on_exit is not None:
                 self.on_exit()
 
-    def _run_job(self, commands: list[AnyCommand], futures: list[Future[Receipt]]) -> None:
+    def _run_job(self, commands: list[AnyCommand], futures: Sequence[Answer]) -> None:
         try:
             known = self._claim_keys(commands, futures)
         except Exception as exc:  # the look-up failed: nothing was applied, refuse the job
@@ -127,8 +138,8 @@ class Worker(threading.Thread):
     # -- idempotency ---------------------------------------------------------------
 
     def _claim_keys(
-        self, commands: list[AnyCommand], futures: list[Future[Receipt]]
-    ) -> dict[str, tuple[Future[Receipt], Receipt | None]]:
+        self, commands: list[AnyCommand], futures: Sequence[Answer]
+    ) -> dict[str, tuple[Answer, Receipt | None]]:
         """Claim the job's keys and look the claimed ones up in one query.
 
         Returns key -> (the future that owns the claim, the committed receipt or None).
@@ -141,7 +152,7 @@ class Worker(threading.Thread):
         """
         if not any(map(_key_of, commands)):  # no keys (never empty): skip the loop
             return {}
-        owned: dict[str, Future[Receipt]] = {}
+        owned: dict[str, Answer] = {}
         for command, future in zip(commands, futures, strict=True):
             key = command.key
             if key is not None and key not in owned:
@@ -165,8 +176,8 @@ class Worker(threading.Thread):
     def _answered_by_ledger(
         self,
         command: AnyCommand,
-        future: Future[Receipt],
-        known: dict[str, tuple[Future[Receipt], Receipt | None]],
+        future: Answer,
+        known: dict[str, tuple[Answer, Receipt | None]],
     ) -> bool:
         """Settle a keyed command against the ledger; True if it needs no applying."""
         key = command.key
@@ -192,7 +203,7 @@ class Worker(threading.Thread):
 
     # -- applying --------------------------------------------------------------------
 
-    def _apply(self, command: AnyCommand, future: Future[Receipt]) -> None:
+    def _apply(self, command: AnyCommand, future: Answer) -> None:
         kind = command.kind
         amount = command.amount
         if isinstance(command, Transfer):

@@ -83,6 +83,10 @@ def _generate(
         event_prev = account_event_hash(event_prev, i + 1, i, "open", limit, 0, ts_us, name)
         add_account((i, name, limit, 0), (i + 1, i, "open", name, limit, 0, ts_us, event_prev))
     balances = [0] * (accounts + 1)
+
+    def after(debit: int, credit: int) -> tuple[int, int]:
+        return balances[debit], balances[credit]
+
     prev = GENESIS
     rows: list[tuple[Any, ...]] = []
     for seq in range(1, transfers + 1):
@@ -103,7 +107,8 @@ def _generate(
         key = f"k-{seq}" if seq % 10 == 0 else None
         ts_us += 7
         prev = transfer_hash(prev, seq, kind, debit, credit, amount, ts_us, key)
-        rows.append((seq, key, kind, debit, credit, amount, ts_us, prev))
+        # The running balances after the row (revision 0005) close each row.
+        rows.append((seq, key, kind, debit, credit, amount, ts_us, prev, *after(debit, credit)))
         if len(rows) >= ROWS_PER_COMMIT:
             add_transfers(rows)
             rows = []
@@ -132,7 +137,7 @@ def build_ledger(path: Path, transfers: int, accounts: int = 1000, seed: int = 1
         )
 
     def add_transfers(rows: list[tuple[Any, ...]]) -> None:
-        db.executemany("INSERT INTO transfers VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        db.executemany("INSERT INTO transfers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     balances = _generate(event_prev, transfers, accounts, seed, add_account, add_transfers)
     db.executemany(
@@ -203,7 +208,7 @@ def build_postgres_ledger(url: str, transfers: int, accounts: int = 1000, seed: 
                 new_accounts.clear()
             with cur.copy(
                 "COPY transfers (seq, key, kind, debit_account_id, credit_account_id, amount, "
-                "ts_us, hash) FROM STDIN"
+                "ts_us, hash, debit_balance, credit_balance) FROM STDIN"
             ) as c:
                 for row in rows:
                     c.write_row(row)

@@ -47,6 +47,8 @@ TRANSFER_COLUMNS = (
     "amount",
     "ts_us",
     "hash",
+    "debit_balance",  # the running balances after the row (revision 0005)
+    "credit_balance",
 )
 CASH_ACCOUNT_ID = 0
 
@@ -247,9 +249,10 @@ def build_batches(moves: Sequence[Move], accounts: int, opening: int, batch: int
             seq += 1
             ts_us += 1
             head = transfer_hash(head, seq, "transfer", source, target, amount, ts_us, None)
-            page.append((seq, "transfer", source, target, amount, ts_us, head))
             balances[source] -= amount
             balances[target] += amount
+            after = (balances[source], balances[target])
+            page.append((seq, "transfer", source, target, amount, ts_us, head, *after))
             touched.update((source, target))
         rows.append(page)
         finals.append(sorted((i, balances[i]) for i in touched))
@@ -282,7 +285,8 @@ def create_ledger_tables(url: URL, accounts: int, opening: int) -> None:
 _COLS = ", ".join(TRANSFER_COLUMNS)
 _UNNEST_SQL = (
     f"WITH ins AS (INSERT INTO transfers ({_COLS}) SELECT * FROM unnest("
-    "%s::int8[], %s::text[], %s::int8[], %s::int8[], %s::int8[], %s::int8[], %s::text[])) "
+    "%s::int8[], %s::text[], %s::int8[], %s::int8[], %s::int8[], %s::int8[], %s::text[], "
+    "%s::int8[], %s::int8[])) "
     "UPDATE accounts SET balance = v.balance FROM unnest(%s::int8[], %s::int8[]) "
     "AS v(id, balance) WHERE accounts.id = v.id"
 )
@@ -292,7 +296,7 @@ _UNNEST_SQL = (
 _UNNEST_TEXT_SQL = (
     f"WITH ins AS (INSERT INTO transfers ({_COLS}) SELECT * FROM unnest("
     "%s::text::int8[], %s::text::text[], %s::text::int8[], %s::text::int8[], %s::text::int8[],"
-    " %s::text::int8[], %s::text::text[])) "
+    " %s::text::int8[], %s::text::text[], %s::text::int8[], %s::text::int8[])) "
     "UPDATE accounts SET balance = v.balance FROM unnest(%s::text::int8[], %s::text::int8[]) "
     "AS v(id, balance) WHERE accounts.id = v.id"
 )
@@ -300,9 +304,9 @@ _UPDATE_UNNEST_SQL = (
     "UPDATE accounts SET balance = v.balance FROM unnest(%s::int8[], %s::int8[]) "
     "AS v(id, balance) WHERE accounts.id = v.id"
 )
-_INSERT_ONE_SQL = f"INSERT INTO transfers ({_COLS}) VALUES ({', '.join(['%s'] * 7)})"
+_INSERT_ONE_SQL = f"INSERT INTO transfers ({_COLS}) VALUES ({', '.join(['%s'] * 9)})"
 _UPDATE_ONE_SQL = "UPDATE accounts SET balance = %s WHERE id = %s"
-_ROW_VALUES = "(" + ", ".join(["%s"] * 7) + ")"
+_ROW_VALUES = "(" + ", ".join(["%s"] * 9) + ")"
 
 
 def _values_sql(rows: int) -> str:

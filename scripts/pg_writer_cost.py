@@ -35,12 +35,12 @@ from bank.ledger.postgres import engine as pg_engine
 from bank.ledger.postgres import lease as pg_lease
 from bank.ledger.postgres.lease import FENCE_KEY
 from bank.ledger.postgres.url import connect_kwargs, engine_url
-from bank.ledger.postgres.writer import FENCE_SQL, RECEIPT_COLUMNS, PostgresBatchWriter
+from bank.ledger.postgres.writer import FENCE_SQL, ROW_COLUMNS, PostgresBatchWriter
 from bank.records import Receipt
 
 ACCOUNTS = 1000
 REPEAT = 3  # rounds per measurement; the best counts
-PAGE_ROWS_MAX = 1000 // 8 * 8  # rows per VALUES page (8 parameters a row)
+PAGE_ROWS_MAX = 1000 // 10 * 10  # rows per VALUES page (10 parameters a row)
 
 Writer = Callable[[psycopg.Connection[Any], WriteBatch], None]
 
@@ -64,6 +64,7 @@ def make_batches(rows: int, size: int, start_seq: int) -> list[WriteBatch]:
                     seq, "transfer", None, amount, debit, credit, time.time_ns() // 1000, "0" * 64
                 )
             )
+            batch.running.append((balances[debit], balances[credit]))
             batch.balances[debit] = balances[debit]
             batch.balances[credit] = balances[credit]
         out.append(batch)
@@ -73,8 +74,8 @@ def make_batches(rows: int, size: int, start_seq: int) -> list[WriteBatch]:
 def executemany(conn: psycopg.Connection[Any], batch: WriteBatch) -> None:
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
-            f"INSERT INTO transfers ({', '.join(RECEIPT_COLUMNS)}) VALUES ({', '.join(['%s'] * 8)})",
-            batch.transfers,
+            f"INSERT INTO transfers ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join(['%s'] * 10)})",
+            [(*r, *after) for r, after in zip(batch.transfers, batch.running, strict=True)],
         )
         cur.executemany(
             "UPDATE accounts SET balance = %s WHERE id = %s",
@@ -84,12 +85,12 @@ def executemany(conn: psycopg.Connection[Any], batch: WriteBatch) -> None:
 
 def values(conn: psycopg.Connection[Any], batch: WriteBatch) -> None:
     with conn.transaction(), conn.cursor() as cur:
-        rows = batch.transfers
+        rows = [(*r, *after) for r, after in zip(batch.transfers, batch.running, strict=True)]
         for start in range(0, len(rows), PAGE_ROWS_MAX):
             page = rows[start : start + PAGE_ROWS_MAX]
-            row = "(" + ", ".join(["%s"] * 8) + ")"
+            row = "(" + ", ".join(["%s"] * 10) + ")"
             cur.execute(
-                f"INSERT INTO transfers ({', '.join(RECEIPT_COLUMNS)}) VALUES "
+                f"INSERT INTO transfers ({', '.join(ROW_COLUMNS)}) VALUES "
                 + ", ".join([row] * len(page)),
                 list(chain.from_iterable(page)),
             )

@@ -104,6 +104,22 @@ def chain_formats(conn: sqlite3.Connection, chain: str) -> list[tuple[int, int]]
     return [(first_seq, version) for first_seq, version in rows]
 
 
+def recompute_running(conn: sqlite3.Connection) -> None:
+    """Rewrite every row's running balances (revision 0005) from a replay of the rows as
+    they now are: a forger who knows the columns the hash does not cover."""
+    balances: dict[int, int] = {}
+    rows = conn.execute(
+        "SELECT seq, debit_account_id, credit_account_id, amount FROM transfers ORDER BY seq"
+    ).fetchall()
+    for seq, debit, credit, amount in rows:
+        balances[debit] = balances.get(debit, 0) - amount
+        balances[credit] = balances.get(credit, 0) + amount
+        conn.execute(
+            "UPDATE transfers SET debit_balance = ?, credit_balance = ? WHERE seq = ?",
+            (balances[debit], balances[credit], seq),
+        )
+
+
 def rechain(conn: sqlite3.Connection) -> None:
     """Recompute every hash of both chains: a forger who knows the formats.
 

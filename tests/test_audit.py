@@ -22,7 +22,15 @@ from bank.ledger.chain import GENESIS
 from bank.ledger.migrate import head_revision, migrations_dir, upgrade_to_head
 from bank.ledger.sqlite import create_ledger_engine, ledger_url
 from bank.limits import AMOUNT_MAX, CASH_ACCOUNT_ID
-from tests.audit_ledgers import build_engine_ledger, copy_ledger, edit, kinds, named, rechain
+from tests.audit_ledgers import (
+    build_engine_ledger,
+    copy_ledger,
+    edit,
+    kinds,
+    named,
+    rechain,
+    recompute_running,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +65,9 @@ def _all(db: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
 
 
 def _recompute_balances(conn: sqlite3.Connection) -> None:
-    """What a careful forger does after editing transfers: make accounts.balance agree."""
+    """What a careful forger does after editing transfers: make accounts.balance and the
+    rows' running balances agree."""
+    recompute_running(conn)
     conn.execute(
         "UPDATE accounts SET balance = "
         "COALESCE((SELECT SUM(amount) FROM transfers WHERE credit_account_id = accounts.id), 0) - "
@@ -346,7 +356,7 @@ def test_accounts_and_events_must_match_one_to_one(ledger: Path) -> None:
             "UPDATE account_events SET overdraft_limit = -1 WHERE seq = :limit_seq",
             "overdraft limit",
         ),
-        ("UPDATE account_events SET kind = 'close' WHERE seq = :limit_seq", "unknown event kind"),
+        ("UPDATE account_events SET kind = 'freeze' WHERE seq = :limit_seq", "unknown event kind"),
         ("UPDATE account_events SET name = '' WHERE seq = :limit_seq", "name"),
         ("UPDATE account_events SET transfer_seq = 0 WHERE seq = :limit_seq", "back in time"),
         (

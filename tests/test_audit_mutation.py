@@ -29,6 +29,8 @@ class Row:
     amount: int
     ts_us: int
     hash: str
+    debit_balance: int
+    credit_balance: int
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,15 @@ def change_account_id(conn: sqlite3.Connection, rng: random.Random, ledger: Ledg
     return Expect(f"accounts.id {a} -> 50000", accounts={a, 50_000})
 
 
+def change_running_balance(conn: sqlite3.Connection, rng: random.Random, ledger: Ledger) -> Expect:
+    """A running balance (not covered by the hash) edited: only the replay sees it."""
+    r = _pick(rng, ledger)
+    column = rng.choice(("debit_balance", "credit_balance"))
+    delta = rng.choice((-1, 1)) * rng.randint(1, 10**6)
+    conn.execute(f"UPDATE transfers SET {column} = {column} + ? WHERE seq = ?", (delta, r.seq))
+    return Expect(f"{column} of seq {r.seq} + {delta}", seqs={r.seq})
+
+
 def change_hash(conn: sqlite3.Connection, rng: random.Random, ledger: Ledger) -> Expect:
     r = _pick(rng, ledger)
     conn.execute("UPDATE transfers SET hash = ? WHERE seq = ?", (secrets.token_hex(32), r.seq))
@@ -216,9 +227,19 @@ def insert_forged(conn: sqlite3.Connection, rng: random.Random, ledger: Ledger) 
         if rng.random() < 0.5
         else secrets.token_hex(32)
     )
+    # Running balances as the forger would compute them from the accounts' last rows.
+    after = {}
+    for account, sign in ((debit, -1), (credit, 1)):
+        last = conn.execute(
+            "SELECT CASE WHEN debit_account_id = ? THEN debit_balance ELSE credit_balance END "
+            "FROM transfers WHERE debit_account_id = ? OR credit_account_id = ? "
+            "ORDER BY seq DESC LIMIT 1",
+            (account, account, account),
+        ).fetchone()
+        after[account] = (last[0] if last else 0) + sign * amount
     conn.execute(
-        "INSERT INTO transfers VALUES (?, NULL, ?, ?, ?, ?, ?, ?)",
-        (seq, kind, debit, credit, amount, ts_us, digest),
+        "INSERT INTO transfers VALUES (?, NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (seq, kind, debit, credit, amount, ts_us, digest, after[debit], after[credit]),
     )
     return Expect(
         f"forged row at seq {seq}",
@@ -233,7 +254,8 @@ def insert_forged_low(conn: sqlite3.Connection, rng: random.Random, ledger: Ledg
     a = rng.choice(ledger.customers)
     digest = transfer_hash("0" * 64, seq, "deposit", 0, a, 500, 0, None)
     conn.execute(
-        "INSERT INTO transfers VALUES (?, NULL, 'deposit', 0, ?, 500, 0, ?)", (seq, a, digest)
+        "INSERT INTO transfers VALUES (?, NULL, 'deposit', 0, ?, 500, 0, ?, -500, 500)",
+        (seq, a, digest),
     )
     return Expect(f"forged row at seq {seq}", seqs={seq}, accounts={a})
 
@@ -255,6 +277,7 @@ MUTATIONS: list[Mutation] = [
     change_balance,
     change_limit,
     change_account_id,
+    change_running_balance,
     change_hash,
     delete_row,
     delete_event,

@@ -41,7 +41,11 @@ INTEGER_COLUMNS = {
     ("account_events", "ts_us"),
     ("chain_formats", "first_seq"),
     ("chain_formats", "version"),
+    ("transfers", "debit_balance"),
+    ("transfers", "credit_balance"),
 }
+#: The columns of `transfers` before revision 0005 (what the hash chain covers).
+CHAINED = "seq, key, kind, debit_account_id, credit_account_id, amount, ts_us, hash"
 
 
 @pytest.fixture
@@ -118,7 +122,7 @@ def test_ids_and_seqs_above_2_31_round_trip_on_postgres(pg_engine: Engine, pg_ur
                 (account, account, f"big{i}", account),
             )
         conn.execute(
-            "INSERT INTO transfers VALUES (%s, NULL, 'transfer', %s, %s, 1, 0, 'x')",
+            "INSERT INTO transfers VALUES (%s, NULL, 'transfer', %s, %s, 1, 0, 'x', -1, 1)",
             (BALANCE_MAX, big[0], big[2]),
         )
         assert conn.execute("SELECT id FROM accounts WHERE id > 0 ORDER BY id").fetchall() == [
@@ -172,7 +176,11 @@ def test_a_postgres_ledger_with_32_bit_columns_upgrades_in_place(
         before = conn.execute("SELECT * FROM transfers ORDER BY seq").fetchall()
     upgrade_to_head(pg_engine)
     with _pg(pg_url) as conn:
-        assert conn.execute("SELECT * FROM transfers ORDER BY seq").fetchall() == before
+        assert conn.execute(f"SELECT {CHAINED} FROM transfers ORDER BY seq").fetchall() == before
+        # Revision 0005's running balances, backfilled: (debit after, credit after) per row.
+        assert conn.execute(
+            "SELECT debit_balance, credit_balance FROM transfers ORDER BY seq"
+        ).fetchall() == [(-5, 5), (4, -4), (-5, 5)]
         assert conn.execute(
             "SELECT chain, first_seq, version FROM chain_formats ORDER BY chain, first_seq"
         ).fetchall() == [
@@ -191,20 +199,20 @@ def test_a_postgres_ledger_with_32_bit_columns_upgrades_in_place(
         assert len(types) == 6 and {t for _, _, t in types} == {"bigint"}, types
 
 
-def _hashes(path: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]], list[str]]:
+def _hashes(path: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         return (
-            conn.execute("SELECT * FROM transfers ORDER BY seq").fetchall(),
+            conn.execute(f"SELECT {CHAINED} FROM transfers ORDER BY seq").fetchall(),
             conn.execute("SELECT * FROM account_events ORDER BY seq").fetchall(),
-            [str(r[0]) for r in conn.execute("SELECT sql FROM sqlite_master ORDER BY name")],
         )
     finally:
         conn.close()
 
 
 def test_a_sqlite_ledger_at_0003_upgrades_in_place(tmp_path: Path) -> None:
-    """Rows written by the engine, the ledger set back to 0003, then opened: only the stamp moves."""
+    """Rows written by the engine, the ledger set back to 0003, then opened: no row or hash
+    changes (0004 only stamps; 0005 adds the running balances, backfilled exactly)."""
     path = tmp_path / "ledger.db"
     with bank.Bank.open(path) as b:
         alice = b.open_account("alice", overdraft_limit=50).id
@@ -224,9 +232,16 @@ def test_a_sqlite_ledger_at_0003_upgrades_in_place(tmp_path: Path) -> None:
     finally:
         conn.close()
     with bank.Bank.open(path) as b:
-        assert b.revision == head_revision() == "0004"
+        assert b.revision == head_revision()
         assert (b.balance(alice), b.balance(bob)) == (-20, 1_020)
     assert _hashes(path) == before
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        assert conn.execute(
+            "SELECT debit_balance, credit_balance FROM transfers ORDER BY seq"
+        ).fetchall() == [(-1_000, 1_000), (-20, 1_020)]
+    finally:
+        conn.close()
     report = audit_ledger(path)
     assert report.ok, report
 
@@ -253,12 +268,12 @@ def _write(
         rows = []
         for seq, (debit, credit, amount) in enumerate(moves, start=1):
             kind = "deposit" if debit == 0 else "withdrawal" if credit == 0 else "transfer"
-            rows.append((seq, kind, debit, credit, amount, seq))
             balances[debit] -= amount
             balances[credit] += amount
+            rows.append((seq, kind, debit, credit, amount, seq, balances[debit], balances[credit]))
         with conn.cursor() as cur:
             cur.executemany(
-                "INSERT INTO transfers VALUES (%s, NULL, %s, %s, %s, %s, %s, 'x')", rows
+                "INSERT INTO transfers VALUES (%s, NULL, %s, %s, %s, %s, %s, 'x', %s, %s)", rows
             )
         for account, balance in balances.items():
             conn.execute("UPDATE accounts SET balance = %s WHERE id = %s", (balance, account))

@@ -303,12 +303,14 @@ def test_the_batch_writer_writes_exactly_a_batch(backend: PostgresBackend) -> No
             _receipt(1, "deposit", None, big, 0, 1),
             _receipt(2, "transfer", None, 30, 1, 2),
         ],
+        running=[(-big, big), (big - 30, 30)],
         balances={0: -big, 1: big - 30, 2: 30},
     )
     second = WriteBatch(
         events=[_event(3, 2, "limit", 70, 2)],
         limits=[_event(3, 2, "limit", 70, 2)],
         transfers=[_receipt(3, "withdrawal", "k-3", 100, 2, 0)],
+        running=[(-70, -big + 100)],
         balances={2: -70, 0: -big + 100},
         keyed=True,
     )
@@ -327,9 +329,14 @@ def test_the_batch_writer_writes_exactly_a_batch(backend: PostgresBackend) -> No
     ]
     assert _rows(
         engine,
-        "SELECT seq, kind, key, amount, debit_account_id, credit_account_id, ts_us, hash "
-        "FROM transfers ORDER BY seq",
-    ) == [tuple(r) for r in (*first.transfers, *second.transfers)]
+        "SELECT seq, kind, key, amount, debit_account_id, credit_account_id, ts_us, hash, "
+        "debit_balance, credit_balance FROM transfers ORDER BY seq",
+    ) == [
+        (*r, *after)
+        for r, after in zip(
+            (*first.transfers, *second.transfers), (*first.running, *second.running), strict=True
+        )
+    ]
     assert _rows(
         engine,
         "SELECT seq, account_id, kind, name, overdraft_limit, transfer_seq, ts_us, hash "
@@ -351,6 +358,7 @@ def test_a_rolled_back_batch_leaves_nothing(backend: PostgresBackend) -> None:
                 new_accounts=[_event(1, 1, "open", 0, 0)],
                 events=[_event(1, 1, "open", 0, 0)],
                 transfers=[_receipt(1, "deposit", "k", 5, 0, 1)],
+                running=[(-5, 5)],
                 balances={0: -5, 1: 5},
                 keyed=True,
             )
@@ -364,6 +372,7 @@ def test_a_rolled_back_batch_leaves_nothing(backend: PostgresBackend) -> None:
                     new_accounts=[_event(1, 1, "open", 0, 0)],
                     events=[_event(1, 1, "open", 0, 0)],
                     transfers=[_receipt(1, "deposit", None, 5, 0, 1)] * 2,
+                    running=[(-5, 5), (-10, 10)],
                     balances={0: -10, 1: 10},
                 )
             )
@@ -384,7 +393,9 @@ def test_a_writer_whose_lease_is_gone_cannot_write(backend: PostgresBackend) -> 
     try:
         writer.begin()
         with pytest.raises(LedgerUnavailable, match="no longer holds the writer lease"):
-            writer.write(WriteBatch(transfers=[_receipt(1, "deposit", None, 5, 0, 0)]))
+            writer.write(
+                WriteBatch(transfers=[_receipt(1, "deposit", None, 5, 0, 0)], running=[(-5, 5)])
+            )
         writer.rollback()
     finally:
         writer.close()

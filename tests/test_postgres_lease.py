@@ -259,6 +259,7 @@ while True:
         seq += 1
         balance += 1
         batch.transfers.append(Receipt(seq, "deposit", f"k{seq}", 1, 0, 1, seq, "0" * 64))
+        batch.running.append((-balance, balance))
     batch.balances = {0: -balance, 1: balance}
     writer.begin()
     writer.write(batch)
@@ -315,6 +316,7 @@ def test_a_batch_that_passed_the_lease_check_ends_before_a_new_holder_reads(pg_u
         writer.write(
             WriteBatch(
                 transfers=[Receipt(1, "deposit", None, 5, 0, 1, 1, "0" * 64)],
+                running=[(-5, 5)],
                 balances={0: -5, 1: 5},
             )
         )
@@ -333,6 +335,7 @@ def test_a_batch_that_passed_the_lease_check_ends_before_a_new_holder_reads(pg_u
             writer.write(
                 WriteBatch(
                     transfers=[Receipt(2, "deposit", None, 5, 0, 1, 2, "0" * 64)],
+                    running=[(-10, 10)],
                     balances={0: -10, 1: 10},
                 )
             )

@@ -105,10 +105,11 @@ def _write(
     rows = []
     for seq, (debit, credit, amount) in enumerate(moves, start=1):
         kind = "deposit" if debit == 0 else "withdrawal" if credit == 0 else "transfer"
-        rows.append((seq, None, kind, debit, credit, amount, seq, "x"))
         balances[debit] -= amount
         balances[credit] += amount
-    conn.executemany("INSERT INTO transfers VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        after = (balances[debit], balances[credit])  # the running balances (revision 0005)
+        rows.append((seq, None, kind, debit, credit, amount, seq, "x", *after))
+    conn.executemany("INSERT INTO transfers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
     for account, balance in balances.items():
         conn.execute("UPDATE accounts SET balance = ? WHERE id = ?", (balance, account))
     conn.execute("COMMIT")

@@ -85,6 +85,10 @@ _COLUMNS = {
 }
 
 
+#: The running balances of revision 0005 (absent before it: then not compared).
+_RUNNING_COLUMNS = frozenset({"debit_balance", "credit_balance"})
+
+
 @dataclass(frozen=True, slots=True)
 class AuditReport:
     """The verdict on one snapshot of a ledger: `ok` iff no problem was found.
@@ -231,7 +235,9 @@ class _Run:
         problems = Problems()
         revision = _check_schema(snap, problems)
         tables = snap.tables()
-        jobs = self._start_ranges(snap, tables)
+        # Revision 0005's running balances, compared on every row where the ledger has them.
+        running = snap.columns("transfers") >= _RUNNING_COLUMNS
+        jobs = self._start_ranges(snap, tables, running)
         fast: Replay | None = None
         try:
             _check_integrity(snap.integrity_problems(), problems)
@@ -247,12 +253,15 @@ class _Run:
         if "chain_formats" in tables:
             formats = check_chain_formats(snap.chain_format_rows(), problems)
         events = check_events(snap.account_event_rows(), problems, formats["account_events"])
+        if fast is not None and events.last_transfer_seq > fast.last_seq:
+            fast = None  # events past the last row: the exact pass applies them all
         replay = fast or replay_transfers(
             snap.transfer_rows(),
             usable_limit_events(snap.limit_event_rows()),
             events.accounts,
             problems,
             formats["transfers"],
+            running=running,
         )
         if events.last_transfer_seq > replay.last_seq:
             problems.add(
@@ -285,7 +294,9 @@ class _Run:
             expect_head=None if self.pinned is None else str(self.pinned),
         )
 
-    def _start_ranges(self, snap: LedgerSnapshot, tables: set[str]) -> RangeJobs | None:
+    def _start_ranges(
+        self, snap: LedgerSnapshot, tables: set[str], running: bool
+    ) -> RangeJobs | None:
         """Worker processes checking seq ranges of a long ledger, started before the other
         checks so both run at once (None: this ledger is checked in one pass).
 
@@ -303,7 +314,7 @@ class _Run:
         if "chain_formats" in tables:
             formats = check_chain_formats(snap.chain_format_rows(), Problems())["transfers"]
         limit_events = list(usable_limit_events(snap.limit_event_rows()))
-        return RangeJobs(token, last, limit_events, formats, self.processes)
+        return RangeJobs(token, last, limit_events, formats, self.processes, running)
 
     def _join(self, snap: LedgerSnapshot, summaries: list[RangeSummary]) -> Replay | None:
         """The ranges as one replay, or None (something to report: the exact pass)."""

@@ -31,6 +31,8 @@ COLUMN_TYPES: Final[dict[str, dict[str, tuple[str, ...]]]] = {
         "amount": ("integer",),
         "ts_us": ("integer",),
         "hash": ("text",),
+        "debit_balance": ("integer",),  # revision 0005 on
+        "credit_balance": ("integer",),
     },
     "account_events": {
         "seq": ("integer",),

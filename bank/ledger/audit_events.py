@@ -11,13 +11,14 @@ from typing import Any
 
 from bank.ledger.audit_chain import GENESIS, Formats, event_hash, version_at
 from bank.ledger.audit_problems import Problems, is_int
-from bank.limits import NAME_LENGTH_MAX, OVERDRAFT_LIMIT_MAX
+from bank.limits import CASH_ACCOUNT_ID, NAME_LENGTH_MAX, OVERDRAFT_LIMIT_MAX
 
 
 class AccountState:
-    """What the chained events say about one account (its latest name and limit)."""
+    """What the chained events say about one account (its latest name and limit, and
+    the event that closed it, if one did)."""
 
-    __slots__ = ("limit", "name", "open_event_seq", "open_transfer_seq")
+    __slots__ = ("close_event_seq", "limit", "name", "open_event_seq", "open_transfer_seq")
 
     def __init__(
         self, name: object, limit: object, open_event_seq: int, open_transfer_seq: object
@@ -26,6 +27,7 @@ class AccountState:
         self.limit = limit
         self.open_event_seq = open_event_seq
         self.open_transfer_seq = open_transfer_seq
+        self.close_event_seq: int | None = None
 
 
 @dataclass(slots=True)
@@ -137,6 +139,38 @@ def check_events(rows: Iterable[tuple[Any, ...]], problems: Problems, formats: F
                 )
             else:
                 state[acc] = AccountState(name, limit, seq, transfer_seq)
+        elif kind in ("limit", "close") and known is not None and known.close_event_seq is not None:
+            problems.add(
+                "bad_event",
+                f"{kind} event after the account's close (at event seq {known.close_event_seq})",
+                event_seq=seq,
+                account=acc,
+                expected=None,
+                found=kind,
+            )
+        elif kind == "close":
+            if known is None:
+                problems.add(
+                    "bad_event",
+                    "close before the account was opened",
+                    event_seq=seq,
+                    account=acc,
+                    expected="open",
+                    found="close",
+                )
+            elif acc == CASH_ACCOUNT_ID:
+                problems.add(
+                    "bad_event",
+                    "@cash is closed (the system account never closes)",
+                    event_seq=seq,
+                    account=acc,
+                    expected=None,
+                    found="close",
+                )
+            else:
+                known.name = name
+                known.limit = limit
+                known.close_event_seq = seq
         elif kind == "limit":
             if known is None:
                 problems.add(
@@ -156,7 +190,7 @@ def check_events(rows: Iterable[tuple[Any, ...]], problems: Problems, formats: F
                 "unknown event kind",
                 event_seq=seq,
                 account=acc,
-                expected="open|limit",
+                expected="open|limit|close",
                 found=kind,
             )
     return Events(state, count, prev, last_seq, last_transfer_seq)
@@ -170,5 +204,5 @@ def usable_limit_events(rows: Iterable[tuple[Any, ...]]) -> Iterator[LimitEvent]
     `(transfer_seq, account_id, kind, overdraft_limit)` in (transfer_seq, seq) order: the
     order they took effect in."""
     for transfer_seq, account, kind, limit in rows:
-        if is_int(transfer_seq) and is_int(account) and kind in ("open", "limit"):
+        if is_int(transfer_seq) and is_int(account) and kind in ("open", "limit", "close"):
             yield transfer_seq, account, kind, limit

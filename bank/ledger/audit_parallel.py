@@ -42,12 +42,14 @@ def _check_one(
     hi: int,
     limit_events: Sequence[LimitEvent],
     formats: Formats,
+    running: bool = True,
 ) -> RangeSummary:
     """In a worker: open the snapshot again and check `lo..hi`."""
     opener: RangeReaderOpener = importlib.import_module(token.module).open_range_reader
     with opener(token) as reader:
         prev = reader.hash_before(lo)
-        return check_range(lo, hi, prev, reader.transfer_rows(lo, hi), limit_events, formats)
+        rows = reader.transfer_rows(lo, hi)
+        return check_range(lo, hi, prev, rows, limit_events, formats, running, own_process=True)
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -97,14 +99,16 @@ class RangeJobs:
         limit_events: Sequence[LimitEvent],
         formats: Formats,
         processes: int,
+        running: bool = True,
     ) -> None:
         self._events = list(limit_events)
         self._formats = formats
+        self._running = running
         self._ranges = split(1, last_seq, processes * RANGES_PER_PROCESS)
         self._pool = ProcessPoolExecutor(max_workers=processes, mp_context=_context())
         try:
             self._futures = [
-                self._pool.submit(_check_one, token, lo, hi, self._events, formats)
+                self._pool.submit(_check_one, token, lo, hi, self._events, formats, running)
                 for lo, hi in self._ranges
             ]
         except BaseException:
@@ -126,6 +130,7 @@ class RangeJobs:
                     local.transfer_rows(lo, hi),
                     self._events,
                     self._formats,
+                    self._running,
                 )
             for i, future in enumerate(self._futures):
                 if i in summaries:

@@ -51,6 +51,10 @@ PROBLEM_KINDS: Final[dict[str, str]] = {
     "event_for_missing_account": "an account event for an account with no accounts row",
     "name_mismatch": "accounts.name differs from the account's latest event",
     "limit_mismatch": "accounts.overdraft_limit differs from the account's latest event",
+    "running_balance": "a transfer's debit_balance or credit_balance differs from the replayed "
+    "balance of that account right after the row (revision 0005)",
+    "closed_account": "a transfer touches an account after the event that closed it",
+    "close_not_empty": "an account was closed while its replayed balance was not 0",
 }
 
 Value = int | str | None

@@ -4,7 +4,11 @@ Each row's hash can be checked once the previous row's stored hash is known, and
 each account's replay within a range is a running sum from an unknown start. So a
 range yields its chain ends, each account's net change, its lowest margin above
 its floor and its highest running balance; `join_ranges` then chains the ranges
-and checks every limit with the true starting balances. Both are pure.
+and checks every limit with the true starting balances. The stored running balances
+(revision 0005) minus the range's running change must give one start per account,
+which must be that account's true balance before the range; an account closed in the
+range records its change up to the close, which must bring it to 0, and touching it
+afterwards is out of the ordinary. Both are pure.
 
 This path only proves a clean ledger clean, type of every value included (so the
 audit skips its scan of `transfers` for `bad_type` when every range is clean): `%d`
@@ -56,6 +60,8 @@ class RangeSummary:
     deltas: dict[int, int] = field(default_factory=dict)  # account -> net change
     lows: dict[int, int] = field(default_factory=dict)  # min(running change - floor), debits
     highs: dict[int, int] = field(default_factory=dict)  # max(running change), credits
+    starts: dict[int, int] = field(default_factory=dict)  # balance before `lo`, as stored
+    closes: dict[int, int] = field(default_factory=dict)  # net change up to its close
 
 
 def split(first: int, last: int, parts: int) -> list[tuple[int, int]]:
@@ -96,9 +102,17 @@ def check_range(
     rows: Iterable[tuple[Any, ...]],
     limit_events: Sequence[LimitEvent],
     formats: Formats,
+    running: bool = True,
+    *,
+    own_process: bool = False,
 ) -> RangeSummary:
     """Check transfers `lo..hi` (rows in seq order, the table's column order) chained to
-    `prev`, the stored hash before `lo` (None: `lo` is the first row).
+    `prev`, the stored hash before `lo` (None: `lo` is the first row). `running`: the
+    rows' last two columns are running balances to check (False: NULLs, before 0005).
+
+    `own_process`: the caller is an audit worker process, whose collector this may
+    switch off for the loop. In any other process (an application's, auditing its own
+    bank) the collector is the application's: a library never changes it.
 
     The loop is the audit's hot path: locals only, one `%` format per message, and
     one combined test per row; `a | b | ...` raises for anything but ints (a REAL, a
@@ -110,6 +124,8 @@ def check_range(
     deltas = _table(ids, None)  # None: not open (yet), so `+`/`-` raise TypeError (dirty)
     lows = _table(ids, _UNTOUCHED)
     highs = _table(ids, -_UNTOUCHED)
+    starts = _table(ids, None)  # None: no row of the account seen yet
+    closes: dict[int, int] = {}
     # V(id) of every account, looked up instead of formatted (an unknown id: dirty).
     accounts = (
         [f"i{i};" for i in range(len(floors))]
@@ -132,6 +148,14 @@ def check_range(
                 deltas[account] = 0
             elif kind == "limit" and account in ids and floors[account] is not None:
                 floors[account] = floor
+            elif (
+                kind == "close"
+                and account in ids
+                and account != CASH_ACCOUNT_ID
+                and deltas[account] is not None
+            ):
+                closes[account] = deltas[account]
+                deltas[account] = None  # touched after its close: TypeError, dirty
             pending = next(events, None)
         return pending[0] if pending is not None else BALANCE_MAX
 
@@ -157,11 +181,12 @@ def check_range(
     last = start_prev
     dirty = RangeSummary(lo, hi, clean=False)
     # Every row is a fresh tuple of ints and texts (no cycles): the cyclic collector
-    # would only scan them, every 700 rows.
-    collecting = gc.isenabled()
-    gc.disable()
+    # would only scan them, every 700 rows (in a worker process of the audit's own).
+    collecting = own_process and gc.isenabled()
+    if collecting:
+        gc.disable()
     try:
-        for seq, key, kind, debit, credit, amount, ts_us, stored in rows:
+        for seq, key, kind, debit, credit, amount, ts_us, stored, after_d, after_c in rows:
             if seq != expected:
                 return dirty
             expected += 1
@@ -214,10 +239,24 @@ def check_range(
             balance -= floors[debit]
             if balance < lows[debit]:  # noqa: PLR1730 (a call per row costs more)
                 lows[debit] = balance
+            if running:
+                # Stored balance minus running change: the same start on every row of an
+                # account (`| 0` raises for anything but an int: the types are proven).
+                start = (after_d | 0) - deltas[debit]
+                if start != starts[debit]:
+                    if starts[debit] is not None:
+                        return dirty
+                    starts[debit] = start
             balance = deltas[credit] + amount
             deltas[credit] = balance
             if balance > highs[credit]:  # noqa: PLR1730
                 highs[credit] = balance
+            if running:
+                start = (after_c | 0) - balance
+                if start != starts[credit]:
+                    if starts[credit] is not None:
+                        return dirty
+                    starts[credit] = start
     except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         return dirty  # a value out of the ordinary: the exact pass says what
     finally:
@@ -225,6 +264,7 @@ def check_range(
             gc.enable()
     if expected != hi + 1:
         return dirty
+    next_stop(hi + 1)  # events after the range's last row: a close at its end
     return RangeSummary(
         lo,
         hi,
@@ -235,6 +275,8 @@ def check_range(
         deltas=_items(deltas, 0),
         lows=_items(lows, _UNTOUCHED),
         highs=_items(highs, -_UNTOUCHED),
+        starts=_items(starts, None),
+        closes=closes,
     )
 
 
@@ -263,8 +305,15 @@ def join_ranges(summaries: Sequence[RangeSummary]) -> Joined | None:
         for account, high in s.highs.items():
             if balances.get(account, 0) + high > BALANCE_MAX:
                 return None
+        for account, start in s.starts.items():
+            if balances.get(account, 0) != start:
+                return None  # a stored running balance is not the replayed one
         for account, delta in s.deltas.items():
             balances[account] = balances.get(account, 0) + delta
+        for account, delta in s.closes.items():
+            if balances.get(account, 0) + delta != 0:
+                return None  # closed while not empty
+            balances[account] = 0
         prev = s.last_hash
         lo = s.hi + 1
     if not summaries or not isinstance(prev, str):

@@ -1,5 +1,6 @@
 """The transfer replay: seq contiguity, per-row rules, both sides' balances against the
-limits in force, and the transfers chain, in one streaming pass in seq order.
+limits in force, each row's stored running balances, closed accounts, and the transfers
+chain, in one streaming pass in seq order.
 
 Pure: rows in (plain tuples in the table's column order), problems and balances out.
 This is the exact, serial reference; `bank.ledger.audit_ranges` is the parallel fast
@@ -40,8 +41,16 @@ def replay_transfers(
     accounts: dict[int, AccountState],
     problems: Problems,
     formats: Formats,
+    *,
+    running: bool = True,
 ) -> Replay:
     """Stream `transfers` in seq order: chain, per-row rules, and the balance replay.
+
+    Rows carry the running balances last (`debit_balance`, `credit_balance`; NULL from
+    a ledger before revision 0005, which `running` False says: then they are not
+    compared). Each must equal the replayed balance of its account right after the
+    row (`running_balance`). A 'close' event ends an account: it must be empty then
+    (`close_not_empty`) and no later row may touch it (`closed_account`).
 
     The loop is the audit's hot path: plain tuples, locals only, and one combined
     test per row that sends the rare bad row to `_check_row` for the details.
@@ -51,6 +60,7 @@ def replay_transfers(
     """
     balances: dict[int, int] = {}
     floors: dict[int, int] = {}  # accounts open so far -> lowest balance allowed
+    closed: dict[int, int] = {}  # closed accounts -> the transfer seq they closed after
     events = limit_events
     pending = next(events, None)
     next_event_at = pending[0] if pending is not None else BALANCE_MAX
@@ -64,11 +74,15 @@ def replay_transfers(
             floor = -limit if type(limit) is int and 0 <= limit <= OVERDRAFT_LIMIT_MAX else 0
             if account == CASH_ACCOUNT_ID:
                 floor = BALANCE_MIN
-            if kind == "open" and account not in floors:
+            if kind == "open" and account not in floors and account not in closed:
                 balances.setdefault(account, 0)
                 floors[account] = floor
             elif kind == "limit" and account in floors:
                 floors[account] = floor
+            elif kind == "close" and account in floors and account != CASH_ACCOUNT_ID:
+                _close(problems, account, pending[0], balances.get(account, 0))
+                del floors[account]  # a later row touching it goes to `_check_row`
+                closed[account] = pending[0]
             pending = next(events, None)
         return pending[0] if pending is not None else BALANCE_MAX
 
@@ -96,7 +110,7 @@ def replay_transfers(
     last_seq = 0
     seq = 0
     try:
-        for seq, key, kind, debit, credit, amount, ts_us, stored in transfer_rows:
+        for seq, key, kind, debit, credit, amount, ts_us, stored, after_d, after_c in transfer_rows:
             rows += 1
             if seq == expected_seq:
                 expected_seq += 1
@@ -126,7 +140,11 @@ def replay_transfers(
                 or debit not in floors
                 or credit not in floors
             ):
-                _check_row(problems, seq, kind, debit, credit, amount, accounts, floors, balances)
+                _check_row(
+                    problems, seq, kind, debit, credit, amount, accounts, floors, balances, closed
+                )
+                if running:
+                    _check_running(problems, seq, debit, credit, after_d, after_c, balances)
                 continue
             # Replay (cannot raise: both accounts are open and amount is an int).
             debit_balance = balances[debit] - amount
@@ -137,8 +155,12 @@ def replay_transfers(
                 _limit_problem(
                     problems, seq, debit, credit, amount, debit_balance, credit_balance, floors
                 )
+            if (after_d != debit_balance or after_c != credit_balance) and running:
+                _check_running(problems, seq, debit, credit, after_d, after_c, balances)
         if rows:
             last_seq = seq
+        # Events after the last row (a close at the end must be empty too).
+        apply_events(BALANCE_MAX + 1)
     finally:
         close = getattr(events, "close", None)
         if close is not None:
@@ -165,6 +187,46 @@ def _seq_problem(problems: Problems, seq: int, expected_seq: int) -> int:
     return seq + 1
 
 
+def _close(problems: Problems, account: int, transfer_seq: int, balance: int) -> None:
+    """Report an account closed while its replayed balance was not 0."""
+    if balance != 0:
+        problems.add(
+            "close_not_empty",
+            f"account closed after transfer seq {transfer_seq} with a balance of {balance}",
+            seq=transfer_seq,
+            account=account,
+            expected=0,
+            found=balance,
+        )
+
+
+def _check_running(
+    problems: Problems,
+    seq: int,
+    debit: object,
+    credit: object,
+    after_d: object,
+    after_c: object,
+    balances: dict[int, int],
+) -> None:
+    """Report each stored running balance that is not its account's replayed balance."""
+    for role, account, stored in (("debit", debit, after_d), ("credit", credit, after_c)):
+        acc = _account(account)
+        replayed = balances.get(acc) if acc is not None else None
+        if replayed is None:
+            continue  # an account the row cannot name: reported by `_check_row`
+        if stored != replayed or type(stored) is not int:
+            problems.add(
+                "running_balance",
+                f"{role}_balance differs from the replayed balance of the {role} account "
+                "right after the row",
+                seq=seq,
+                account=acc,
+                expected=replayed,
+                found=stored if stored is None or type(stored) in (int, str) else repr(stored),
+            )
+
+
 def _check_row(
     problems: Problems,
     seq: int,
@@ -175,6 +237,7 @@ def _check_row(
     accounts: dict[int, AccountState],
     floors: dict[int, int],
     balances: dict[int, int],
+    closed: dict[int, int],
 ) -> None:
     """Report what is wrong with one transfer row, then replay what can be replayed.
 
@@ -238,6 +301,15 @@ def _check_row(
                 account=acc,
                 expected="an opened account",
                 found=account,
+            )
+        elif acc in closed:
+            problems.add(
+                "closed_account",
+                f"{role} account is used after its close (after transfer seq {closed[acc]})",
+                seq=seq,
+                account=acc,
+                expected=f"seq <= {closed[acc]}",
+                found=seq,
             )
         elif acc not in floors:
             problems.add(

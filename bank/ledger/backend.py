@@ -63,13 +63,16 @@ class WriteBatch:
 
     Accounts first (this batch's transfers may reference them), then their events,
     then limit changes, then transfer rows (receipts are rows, in `Receipt` field
-    order), then the batch's final balances.
+    order, followed by their running balances), then the batch's final balances.
     """
 
     new_accounts: list[AccountEventRow] = field(default_factory=list)  # kind 'open'
     events: list[AccountEventRow] = field(default_factory=list)  # all events, seq order
     limits: list[AccountEventRow] = field(default_factory=list)  # kind 'limit'
     transfers: list[Receipt] = field(default_factory=list)  # seq order
+    #: (debit balance, credit balance) right after each transfer, in `transfers` order:
+    #: the rows' `debit_balance` and `credit_balance` columns (revision 0005).
+    running: list[tuple[int, int]] = field(default_factory=list)
     balances: dict[int, int] = field(default_factory=dict)  # account id -> final balance
     keyed: bool = False  # some transfer carries an idempotency key
 

@@ -54,7 +54,7 @@ AccountRef = Annotated[int, mapped_column(BIGINT, ForeignKey("accounts.id"))]
 Hash = Annotated[str, mapped_column(text_type(64))]
 
 TRANSFER_KINDS = ("deposit", "withdrawal", "transfer")
-ACCOUNT_EVENT_KINDS = ("open", "limit")
+ACCOUNT_EVENT_KINDS = ("open", "limit", "close")
 
 
 class Base(DeclarativeBase):
@@ -78,7 +78,13 @@ class AccountRow(Base):
 
 
 class TransferRow(Base):
-    """One accepted operation: `amount` moves from the debit to the credit account."""
+    """One accepted operation: `amount` moves from the debit to the credit account.
+
+    `debit_balance` and `credit_balance` (revision 0005) are the two accounts' balances
+    right after the row: a balance as of any seq is one index look-up (the
+    `(account, seq)` indexes), never a scan. The chain hash does not cover them; the
+    audit checks every one by replay.
+    """
 
     __tablename__ = "transfers"
 
@@ -90,6 +96,8 @@ class TransferRow(Base):
     amount: Mapped[Int64]
     ts_us: Mapped[Int64]
     hash: Mapped[Hash]
+    debit_balance: Mapped[Int64]
+    credit_balance: Mapped[Int64]
 
     __table_args__ = (
         # Partial: rows without a key (most of them) cost no index maintenance.
@@ -100,6 +108,9 @@ class TransferRow(Base):
             sqlite_where=text("key IS NOT NULL"),
             postgresql_where=text("key IS NOT NULL"),
         ),
+        # An account's rows in seq order: history pages and balances as of a seq (0005).
+        Index("ix_transfers_debit_account_id_seq", "debit_account_id", "seq"),
+        Index("ix_transfers_credit_account_id_seq", "credit_account_id", "seq"),
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("debit_account_id != credit_account_id", name="accounts_differ"),
         CheckConstraint("kind IN ('deposit', 'withdrawal', 'transfer')", name="kind_known"),
@@ -108,7 +119,8 @@ class TransferRow(Base):
 
 
 class AccountEventRow(Base):
-    """A chained change to an account's fixed fields: its opening, or a new overdraft limit.
+    """A chained change to an account: its opening, a new overdraft limit, or its closing
+    ('close', revision 0005: nothing touches the account after it).
 
     `transfer_seq` is the last transfer committed before the event, so the audit
     replays each limit from the moment it took effect.
@@ -126,7 +138,7 @@ class AccountEventRow(Base):
     hash: Mapped[Hash]
 
     __table_args__ = (
-        CheckConstraint("kind IN ('open', 'limit')", name="kind_known"),
+        CheckConstraint("kind IN ('open', 'limit', 'close')", name="kind_known"),
         TABLE_OPTIONS,
     )
 

@@ -13,10 +13,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bank.answers import Answer
 from bank.errors import BankClosed, BankError, LedgerUnavailable
 from bank.ledger.backend import AccountEventRow, BatchWriter, OwnerLock, WriteBatch
 from bank.ledger.sequencer import Sequencer, Staged, StagedRejection
@@ -26,7 +26,7 @@ from bank.records import Receipt
 log = logging.getLogger(__name__)
 
 
-def settle(future: Future[Any], result: Any = None, *, error: BaseException | None = None) -> None:
+def settle(future: Answer, result: Any = None, *, error: BaseException | None = None) -> None:
     """Answer `future`; a done-callback's exception, even `SystemExit`, goes to the log.
 
     `Future` catches only `Exception` from callbacks: anything else would escape
@@ -292,6 +292,7 @@ class Pipeline(threading.Thread):
     def _prepare(self, writer: BatchWriter, batch: list[Staged]) -> _Prepared:
         """Write a batch inside a transaction left open for the caller to commit."""
         rows: list[Receipt] = []
+        running: list[tuple[int, int]] = []
         balances: dict[int, int] = {}
         events: list[AccountEventRow] = []
         keys: list[str] = []
@@ -308,16 +309,17 @@ class Pipeline(threading.Thread):
             # once per operation (`_RECEIPT_AT` checks the receipt's layout).
             receipt = rec[1]
             rows.append(receipt)
+            running.append(rec[2:])  # the row's debit_balance, credit_balance
             balances[receipt[4]] = rec[2]  # debit account: its balance after
             balances[receipt[5]] = rec[3]  # credit account: its balance after
             key = receipt[2]
             if key is not None:
                 keys.append(key)
-        write = WriteBatch(transfers=rows, balances=balances, keyed=bool(keys))
+        write = WriteBatch(transfers=rows, running=running, balances=balances, keyed=bool(keys))
         if events:
             write.events = events
             write.new_accounts = [e for e in events if e.kind == "open"]
-            write.limits = [e for e in events if e.kind != "open"]
+            write.limits = [e for e in events if e.kind == "limit"]
         last_seq = rows[-1].seq if rows else 0
         prepared = _Prepared(batch, rows, keys, last_seq, rejected)
         writer.begin()

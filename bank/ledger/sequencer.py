@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 from bank import lockcheck
+from bank.answers import Answer
 from bank.errors import BankClosed, LedgerUnavailable
 from bank.ledger.backend import AccountEventRow
 from bank.ledger.chain import account_event_hash, transfer_hash
@@ -25,13 +26,13 @@ from bank.records import Receipt
 #: The one record staged per operation, so a plain tuple on purpose: a NamedTuple costs
 #: about 140 ns more to build and unpacks slower (it is not an exact tuple); the rare
 #: records below are NamedTuples of other lengths, which is how the pipeline tells them apart.
-StagedTransfer = tuple[Future[Receipt], Receipt, int, int]
+StagedTransfer = tuple[Answer, Receipt, int, int]
 
 
 class StagedRejection(NamedTuple):
     """A refusal, answered once everything staged before it is durable."""
 
-    future: Future[Any]
+    future: Answer
     error: BaseException
     key: str | None
 
@@ -89,7 +90,7 @@ class Sequencer:
         credit: int,
         amount: int,
         key: str | None,
-        future: Future[Receipt],
+        future: Answer,
         debit_balance: int,
         credit_balance: int,
     ) -> None:
@@ -106,7 +107,7 @@ class Sequencer:
             if self.idle:
                 self.wake.notify()
 
-    def stage_rejection(self, future: Future[Any], error: BaseException, key: str | None) -> None:
+    def stage_rejection(self, future: Answer, error: BaseException, key: str | None) -> None:
         """Answer `future` with `error` once everything staged before it is durable."""
         with self.lock:
             self.staged += 1

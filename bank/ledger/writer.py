@@ -12,11 +12,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from bank.answers import Answer
 from bank.ledger.backend import BatchWriter, OwnerLock
 from bank.ledger.pipeline import KeyReleaser, Pipeline, WriterStats, settle
 from bank.ledger.sequencer import Sequencer
 from bank.limits import COMMIT_BATCH_OPS_MAX
-from bank.records import Receipt
 
 __all__ = ["KeyReleaser", "LedgerWriter", "WriterStats", "settle"]
 
@@ -30,8 +30,8 @@ class LedgerWriter(Pipeline):
     """
 
     # The sequencer's bound methods, set per instance: a worker's call costs no extra frame.
-    stage_transfer: Callable[[str, int, int, int, str | None, Future[Receipt], int, int], None]
-    stage_rejection: Callable[[Future[Any], BaseException, str | None], None]
+    stage_transfer: Callable[[str, int, int, int, str | None, Answer, int, int], None]
+    stage_rejection: Callable[[Answer, BaseException, str | None], None]
     stage_account_event: Callable[[str, int, str, int, Future[Any]], None]
     position: Callable[[], tuple[int, int]]
 

@@ -43,6 +43,8 @@ _LEDGER_TABLES: Final = frozenset({"accounts", "transfers", "account_events"})
 _TRANSFER_COLUMNS: Final = (
     "seq, key, kind, debit_account_id, credit_account_id, amount, ts_us, hash"
 )
+#: The running balances (revision 0005), read as NULL from a ledger that lacks them.
+RUNNING_COLUMNS: Final = ("debit_balance", "credit_balance")
 #: Catalog types (`information_schema.columns.data_type`) that hold what the audit's
 #: column types (`COLUMN_TYPES`) name.
 _CATALOG_TYPES: Final = {
@@ -121,9 +123,19 @@ class _Rows:
             where.append("seq <= %s")
             params.append(last_seq)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
-        return self.stream(
-            f"SELECT {_TRANSFER_COLUMNS} FROM transfers{clause} ORDER BY seq", tuple(params)
-        )
+        columns = _TRANSFER_COLUMNS + self._running_sql()
+        return self.stream(f"SELECT {columns} FROM transfers{clause} ORDER BY seq", tuple(params))
+
+    def _running_sql(self) -> str:
+        """`, debit_balance, credit_balance` as the table has them (NULL for a missing one)."""
+        have = {
+            str(r[0])
+            for r in self._conn.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = 'transfers'"
+            )
+        }
+        return "".join(f", {c}" if c in have else ", NULL" for c in RUNNING_COLUMNS)
 
 
 class PostgresSnapshot(_Rows):

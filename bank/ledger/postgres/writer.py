@@ -33,13 +33,16 @@ log = logging.getLogger(__name__)
 
 _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 
-#: `Receipt` fields in order, as `transfers` columns: a receipt is its own row.
+#: `Receipt` fields in order, as `transfers` columns: a receipt is its own row...
 RECEIPT_COLUMNS = tuple(
     {"debit_account": "debit_account_id", "credit_account": "credit_account_id"}.get(f, f)
     for f in Receipt._fields
 )
-assert sorted(RECEIPT_COLUMNS) == sorted(c.name for c in transfers.c), "Receipt and model drifted"
-_KEY_INDEX = RECEIPT_COLUMNS.index("key")
+#: ... followed by its running balances (`WriteBatch.running`, revision 0005).
+RUNNING_COLUMNS = ("debit_balance", "credit_balance")
+ROW_COLUMNS = (*RECEIPT_COLUMNS, *RUNNING_COLUMNS)
+assert sorted(ROW_COLUMNS) == sorted(c.name for c in transfers.c), "Receipt and model drifted"
+_KEY_INDEX = ROW_COLUMNS.index("key")
 #: `AccountEventRow` fields are `account_events` columns, in order.
 EVENT_COLUMNS = tuple(AccountEventRow.__dataclass_fields__)
 assert sorted(EVENT_COLUMNS) == sorted(c.name for c in account_events.c), "events drifted"
@@ -104,9 +107,9 @@ def _texts(values: Any) -> str:
 _LITERAL = {"kind": _words, "hash": _words, "key": _texts}
 
 
-TRANSFERS_SQL = batch_sql(RECEIPT_COLUMNS)
+TRANSFERS_SQL = batch_sql(ROW_COLUMNS)
 #: Batches without keys leave the key column out (NULL): no text[] of NULLs to bind.
-KEYLESS_TRANSFERS_SQL = batch_sql(tuple(c for c in RECEIPT_COLUMNS if c != "key"))
+KEYLESS_TRANSFERS_SQL = batch_sql(tuple(c for c in ROW_COLUMNS if c != "key"))
 BALANCES_SQL = unnest_update(accounts, accounts.c.id.name, accounts.c.balance.name)
 ACCOUNTS_SQL = unnest_insert(accounts, ACCOUNT_COLUMNS)
 EVENTS_SQL = unnest_insert(account_events, EVENT_COLUMNS)
@@ -198,6 +201,7 @@ class PostgresBatchWriter:
                         RECEIPT_COLUMNS, zip(*batch.transfers, strict=True), strict=True
                     )
                 ]
+                literals += map(_ints, zip(*batch.running, strict=True))
                 if not batch.keyed:
                     del literals[_KEY_INDEX]
                 literals += (_ints(batch.balances.keys()), _ints(batch.balances.values()))

@@ -43,6 +43,8 @@ _LEDGER_TABLES: Final = frozenset({"accounts", "transfers", "account_events"})
 _TRANSFER_COLUMNS: Final = (
     "seq, key, kind, debit_account_id, credit_account_id, amount, ts_us, hash"
 )
+#: The running balances (revision 0005), read as NULL from a ledger that lacks them.
+RUNNING_COLUMNS: Final = ("debit_balance", "credit_balance")
 
 
 class _Located(Protocol):
@@ -119,7 +121,16 @@ def _stream(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) ->
         cur.close()
 
 
-def _transfer_sql(first_seq: int | None, last_seq: int | None) -> tuple[str, tuple[int, ...]]:
+def _running_sql(conn: sqlite3.Connection) -> str:
+    """`, debit_balance, credit_balance` as the table has them (NULL for a missing one)."""
+    have = {str(r[0]) for r in conn.execute("SELECT name FROM pragma_table_info('transfers')")}
+    return "".join(f", {c}" if c in have else ", NULL" for c in RUNNING_COLUMNS)
+
+
+def _transfer_sql(
+    conn: sqlite3.Connection, first_seq: int | None, last_seq: int | None
+) -> tuple[str, tuple[int, ...]]:
+    """Rows in the model's column order: the chained columns, then the running balances."""
     where: list[str] = []
     params: list[int] = []
     if first_seq is not None:
@@ -129,7 +140,8 @@ def _transfer_sql(first_seq: int | None, last_seq: int | None) -> tuple[str, tup
         where.append("seq <= ?")
         params.append(last_seq)
     clause = f" WHERE {' AND '.join(where)}" if where else ""
-    return f"SELECT {_TRANSFER_COLUMNS} FROM transfers{clause} ORDER BY seq", tuple(params)
+    columns = _TRANSFER_COLUMNS + _running_sql(conn)
+    return f"SELECT {columns} FROM transfers{clause} ORDER BY seq", tuple(params)
 
 
 def _hash_before(conn: sqlite3.Connection, seq: int) -> object:
@@ -244,9 +256,11 @@ class SqliteSnapshot:
         tables (0003) refuse such values, but a ledger at 0002, or one whose table was
         rebuilt by hand, may hold them."""
         tables = self.tables()
-        for table, columns in COLUMN_TYPES.items():
+        for table, all_columns in COLUMN_TYPES.items():
             if table not in tables or table in skip:
                 continue
+            have = self.columns(table)  # a missing column is the schema check's
+            columns = {c: t for c, t in all_columns.items() if c in have}
             key_column = ROW_KEYS[table][1]
             wrong = " OR ".join(
                 f"typeof({c}) NOT IN ({', '.join(repr(t) for t in allowed)})"
@@ -267,7 +281,7 @@ class SqliteSnapshot:
     def transfer_rows(
         self, first_seq: int | None = None, last_seq: int | None = None
     ) -> Iterator[tuple[Any, ...]]:
-        sql, params = _transfer_sql(first_seq, last_seq)
+        sql, params = _transfer_sql(self._conn, first_seq, last_seq)
         return _stream(self._conn, sql, params)
 
     def account_event_rows(self) -> Iterator[tuple[Any, ...]]:
@@ -369,7 +383,7 @@ class _RangeReader:
     def transfer_rows(
         self, first_seq: int | None = None, last_seq: int | None = None
     ) -> Iterator[tuple[Any, ...]]:
-        sql, params = _transfer_sql(first_seq, last_seq)
+        sql, params = _transfer_sql(self._conn, first_seq, last_seq)
         return _stream(self._conn, sql, params)
 
 

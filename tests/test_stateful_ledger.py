@@ -309,7 +309,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if what == "error":
             with pytest.raises(detail):
                 op.call(self.b)
-            if op.key is not None:
+            if op.key is not None and op.key not in self.model.keys:
                 self.model.free_keys.add(op.key)
             return
         receipt = op.call(self.b)

@@ -1,7 +1,18 @@
 """bank: a simulated banking transaction engine with a durable, hash-chained SQLite ledger."""
 
 from bank.account import Account
-from bank.commands import AccountSpec, Deposit, Transfer, Withdrawal
+from bank.clock import Clock, ManualClock, SystemClock
+from bank.commands import (
+    AccountSpec,
+    AnyCommand,
+    BankCommand,
+    Deposit,
+    Hold,
+    Post,
+    Transfer,
+    Void,
+    Withdrawal,
+)
 from bank.engine import Bank, BankStats
 from bank.errors import (
     AccountNameTaken,
@@ -16,6 +27,8 @@ from bank.errors import (
     CannotOpenLedger,
     CloseFromBankThread,
     DestinationNotEmpty,
+    HoldNotFound,
+    HoldNotPending,
     IdempotencyConflict,
     InsufficientFunds,
     InvalidCommand,
@@ -25,7 +38,9 @@ from bank.errors import (
     LedgerCorrupt,
     LedgerUnavailable,
     LedgerVersionError,
+    LinkedCommandFailed,
     NotALedger,
+    PostExceedsHold,
     QueueFull,
     SchemaDowngradeRefused,
     ServerNotDurable,
@@ -33,31 +48,38 @@ from bank.errors import (
     WaitOnBankThread,
 )
 from bank.ledger.audit import AuditReport, Problem
-from bank.limits import AMOUNT_MAX, CASH_ACCOUNT_ID, CASH_ACCOUNT_NAME
+from bank.limits import AMOUNT_MAX, CASH_ACCOUNT_ID, CASH_ACCOUNT_NAME, GROUP_COMMANDS_MAX
 from bank.records import Receipt, Snapshot
 
 __all__ = [
     "AMOUNT_MAX",
     "CASH_ACCOUNT_ID",
     "CASH_ACCOUNT_NAME",
+    "GROUP_COMMANDS_MAX",
     "Account",
     "AccountNameTaken",
     "AccountNotFound",
     "AccountSpec",
     "AccountsMustBeDifferent",
+    "AnyCommand",
     "AuditReport",
     "BalanceOverflow",
     "Bank",
     "BankClosed",
+    "BankCommand",
     "BankError",
     "BankStats",
     "CannotAudit",
     "CannotCheckHistory",
     "CannotCopy",
     "CannotOpenLedger",
+    "Clock",
     "CloseFromBankThread",
     "Deposit",
     "DestinationNotEmpty",
+    "Hold",
+    "HoldNotFound",
+    "HoldNotPending",
     "IdempotencyConflict",
     "InsufficientFunds",
     "InvalidCommand",
@@ -67,15 +89,21 @@ __all__ = [
     "LedgerCorrupt",
     "LedgerUnavailable",
     "LedgerVersionError",
+    "LinkedCommandFailed",
+    "ManualClock",
     "NotALedger",
+    "Post",
+    "PostExceedsHold",
     "Problem",
     "QueueFull",
     "Receipt",
     "SchemaDowngradeRefused",
     "ServerNotDurable",
     "Snapshot",
+    "SystemClock",
     "Transfer",
     "UnsupportedLedgerUrl",
+    "Void",
     "WaitOnBankThread",
     "Withdrawal",
 ]

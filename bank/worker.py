@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from operator import attrgetter
+from typing import Any
 
 from sqlalchemy import Connection, Engine
 
 from bank.account import Account, move
 from bank.buffer import BoundedBuffer
-from bank.commands import AnyCommand, Deposit, Transfer
+from bank.commands import BankCommand, Deposit, Transfer, Withdrawal
 from bank.errors import AccountNotFound, BankError, IdempotencyConflict, LedgerUnavailable
+from bank.groups import ApplyContext, LinkedGroup, apply_group, apply_two_phase
+from bank.holds import HoldBook
 from bank.idempotency import KeyClaims
 from bank.ledger.pipeline import settle
 from bank.ledger.store import find_receipts
@@ -29,26 +32,32 @@ from bank.records import Receipt
 
 log = logging.getLogger(__name__)
 
-#: A job: commands and their futures, handed over in one piece.
-Job = tuple[list[AnyCommand], list[Future[Receipt]]]
+#: A job: commands and their futures, handed over in one piece (an atomic group is one
+#: `LinkedGroup` whose future gets the list of receipts).
+Job = tuple[Sequence[BankCommand | LinkedGroup], Sequence[Future[Any]]]
 
 _key_of = attrgetter("key")
 
 
-def answer_duplicate(command: AnyCommand, receipt: Receipt, future: Future[Receipt]) -> None:
+def answer_duplicate(command: BankCommand, receipt: Receipt, future: Future[Receipt]) -> None:
     """Answer a repeated key from the ledger: the original receipt, or a conflict."""
-    if receipt.signature() == command.signature():
+    if command.same_as(receipt):
         settle(future, receipt)
     else:
-        settle(
-            future,
-            error=IdempotencyConflict(
-                f"key {command.key!r} was used at seq {receipt.seq} for {receipt.kind} "
-                f"{receipt.debit_account}->{receipt.credit_account} amount {receipt.amount}; "
-                f"this {command.kind} {command.debit_account}->{command.credit_account} "
-                f"amount {command.amount} is a different command"
-            ),
-        )
+        settle(future, error=key_conflict(command, receipt))
+
+
+def key_conflict(command: BankCommand, receipt: Receipt) -> IdempotencyConflict:
+    """The refusal of `command` whose key the ledger has for another operation."""
+    what = (
+        f"{receipt.kind} {receipt.debit_account}->{receipt.credit_account} amount {receipt.amount}"
+    )
+    if receipt.hold_seq is not None:
+        what += f" of hold {receipt.hold_seq}"
+    return IdempotencyConflict(
+        f"key {command.key!r} was used at seq {receipt.seq} for {what}; this "
+        f"{command.describe()} is a different command"
+    )
 
 
 class Worker(threading.Thread):
@@ -63,6 +72,7 @@ class Worker(threading.Thread):
         claims: KeyClaims,
         engine: Engine,
         on_exit: Callable[[], None] | None = None,
+        holds: HoldBook | None = None,
     ) -> None:
         # A daemon so that a forgotten bank cannot hold up exit; `bank.engine`'s atexit
         # hook drains it first (see `bank.engine._Lifecycle`).
@@ -73,6 +83,7 @@ class Worker(threading.Thread):
         self._writer = writer
         self._claims = claims
         self._engine = engine
+        self._holds = holds if holds is not None else HoldBook()
         self._conn: Connection | None = None
 
     def run(self) -> None:
@@ -92,7 +103,9 @@ class Worker(threading.Thread):
             if self.on_exit is not None:
                 self.on_exit()
 
-    def _run_job(self, commands: list[AnyCommand], futures: list[Future[Receipt]]) -> None:
+    def _run_job(
+        self, commands: Sequence[BankCommand | LinkedGroup], futures: Sequence[Future[Any]]
+    ) -> None:
         try:
             known = self._claim_keys(commands, futures)
         except Exception as exc:  # the look-up failed: nothing was applied, refuse the job
@@ -127,7 +140,7 @@ class Worker(threading.Thread):
     # -- idempotency ---------------------------------------------------------------
 
     def _claim_keys(
-        self, commands: list[AnyCommand], futures: list[Future[Receipt]]
+        self, commands: Sequence[BankCommand | LinkedGroup], futures: Sequence[Future[Any]]
     ) -> dict[str, tuple[Future[Receipt], Receipt | None]]:
         """Claim the job's keys and look the claimed ones up in one query.
 
@@ -164,7 +177,7 @@ class Worker(threading.Thread):
 
     def _answered_by_ledger(
         self,
-        command: AnyCommand,
+        command: BankCommand,
         future: Future[Receipt],
         known: dict[str, tuple[Future[Receipt], Receipt | None]],
     ) -> bool:
@@ -192,15 +205,21 @@ class Worker(threading.Thread):
 
     # -- applying --------------------------------------------------------------------
 
-    def _apply(self, command: AnyCommand, future: Future[Receipt]) -> None:
+    def _apply(self, command: BankCommand | LinkedGroup, future: Future[Any]) -> None:
         kind = command.kind
-        amount = command.amount
         if isinstance(command, Transfer):
             debit_id, credit_id = command.source, command.target
         elif isinstance(command, Deposit):
             debit_id, credit_id = CASH_ACCOUNT_ID, command.account
-        else:
+        elif isinstance(command, Withdrawal):
             debit_id, credit_id = command.account, CASH_ACCOUNT_ID
+        elif isinstance(command, LinkedGroup):
+            apply_group(command, future, self._context())
+            return
+        else:  # Hold, Post, Void
+            apply_two_phase(command, future, self._context())
+            return
+        amount = command.amount
         # The registry only ever grows, under the bank's registry lock; a lookup is a
         # single dict read, which is atomic in free-threaded CPython as well.
         source = self._accounts.get(debit_id)
@@ -229,3 +248,10 @@ class Worker(threading.Thread):
                 debit_balance,
                 credit_balance,
             )
+
+    def _context(self) -> ApplyContext:
+        """What the two-phase and group application need of this worker."""
+        assert self._conn is not None
+        return ApplyContext(
+            self._accounts, self._holds, self._writer, self._claims, self._conn, self._lookup
+        )

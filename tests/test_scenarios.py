@@ -14,6 +14,10 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 #: Each scenario with small-but-meaningful sizes (the defaults are a little larger).
 SMALL = {
+    "scenario_card_authorisations": [
+        *("--customers", "16", "--auths", "5", "--tellers", "6"),
+        *("--withdrawers", "2", "--withdrawals", "5", "--expiry", "0.1"),
+    ],
     "scenario_hot_merchant": ["--customers", "60", "--payments", "15", "--tellers", "6"],
     "scenario_payday_bank_run": ["--accounts", "40", "--tellers", "6", "--attempts", "3"],
     "scenario_ring": ["--accounts", "12", "--rounds", "8", "--tellers", "12"],

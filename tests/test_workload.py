@@ -32,41 +32,41 @@ def _spec(seed: int = 7, *, mix: str = MIX_DEFAULT, skew: str = "uniform") -> Wo
 def test_same_seed_gives_each_teller_the_same_commands() -> None:
     a, b = _spec(seed=42), _spec(seed=42)
     for teller in range(8):
-        assert a.stream(teller).take(500) == b.stream(teller).take(500)
+        assert a.stream(teller).take_commands(500) == b.stream(teller).take_commands(500)
 
 
 def test_a_tellers_commands_do_not_depend_on_how_the_others_are_consumed() -> None:
     """Interleaving-independence: each teller owns its stream; consume them in any order."""
     spec = _spec(seed=3)
-    alone = [spec.stream(t).take(300) for t in range(8)]
+    alone = [spec.stream(t).take_commands(300) for t in range(8)]
     streams = [spec.stream(t) for t in range(8)]
     got: list[list[AnyCommand]] = [[] for _ in range(8)]
     shuffler = random.Random(99)
     while any(len(g) < 300 for g in got):
         t = shuffler.randrange(8)
         if len(got[t]) < 300:
-            got[t].extend(streams[t].take(min(shuffler.randint(1, 40), 300 - len(got[t]))))
+            got[t].extend(streams[t].take_commands(min(shuffler.randint(1, 40), 300 - len(got[t]))))
     assert got == alone
 
 
 def test_different_seeds_and_different_tellers_differ() -> None:
-    assert _spec(seed=1).stream(0).take(50) != _spec(seed=2).stream(0).take(50)
+    assert _spec(seed=1).stream(0).take_commands(50) != _spec(seed=2).stream(0).take_commands(50)
     spec = _spec(seed=1)
-    assert spec.stream(0).take(50) != spec.stream(1).take(50)
+    assert spec.stream(0).take_commands(50) != spec.stream(1).take_commands(50)
 
 
 def test_mix_is_followed() -> None:
-    commands = _spec(mix="transfer=60,deposit=30,withdraw=10").stream(0).take(20_000)
+    commands = _spec(mix="transfer=60,deposit=30,withdraw=10").stream(0).take_commands(20_000)
     kinds = Counter(type(c) for c in commands)
     assert abs(kinds[Transfer] / 20_000 - 0.6) < 0.02
     assert abs(kinds[Deposit] / 20_000 - 0.3) < 0.02
     assert abs(kinds[Withdrawal] / 20_000 - 0.1) < 0.02
-    only = _spec(mix="deposit=1").stream(0).take(200)
+    only = _spec(mix="deposit=1").stream(0).take_commands(200)
     assert all(isinstance(c, Deposit) for c in only)
 
 
 def test_commands_are_valid_and_amounts_are_ints() -> None:
-    for command in _spec(skew="zipf:2").stream(0).take(5_000):
+    for command in _spec(skew="zipf:2").stream(0).take_commands(5_000):
         assert type(command.amount) is int
         assert 1 <= command.amount <= 200_000
         if isinstance(command, Transfer):
@@ -80,8 +80,8 @@ def test_zipf_makes_hot_accounts_and_uniform_does_not() -> None:
     def first_account(c: AnyCommand) -> int:
         return c.source if isinstance(c, Transfer) else c.account
 
-    hot = Counter(first_account(c) for c in _spec(skew="zipf:1.2").stream(0).take(20_000))
-    flat = Counter(first_account(c) for c in _spec(skew="uniform").stream(0).take(20_000))
+    hot = Counter(first_account(c) for c in _spec(skew="zipf:1.2").stream(0).take_commands(20_000))
+    flat = Counter(first_account(c) for c in _spec(skew="uniform").stream(0).take_commands(20_000))
     assert hot.most_common(1)[0][0] == ACCOUNTS[0]
     assert hot[ACCOUNTS[0]] > 10 * hot[ACCOUNTS[-1]] + 100
     assert max(flat.values()) < 3 * min(flat.values())
@@ -89,7 +89,9 @@ def test_zipf_makes_hot_accounts_and_uniform_does_not() -> None:
 
 def test_a_very_hot_account_still_gets_distinct_transfer_targets() -> None:
     spec = WorkloadSpec((1, 2), parse_mix("transfer=1"), parse_skew("zipf:10"), 0, 1000)
-    assert all(c.source != c.target for c in spec.stream(0).take(2_000) if isinstance(c, Transfer))
+    assert all(
+        c.source != c.target for c in spec.stream(0).take_commands(2_000) if isinstance(c, Transfer)
+    )
 
 
 def test_reject_share_is_realistic_when_replayed_sequentially() -> None:
@@ -99,7 +101,7 @@ def test_reject_share_is_realistic_when_replayed_sequentially() -> None:
     streams = [spec.stream(t) for t in range(16)]
     debits = refused = 0
     for i in range(40_000):
-        command = streams[i % 16].next()
+        command = streams[i % 16].take_commands(1)[0]
         if isinstance(command, Deposit):
             balances[command.account] += command.amount
             continue

@@ -44,6 +44,20 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _hold_expiry(text: str) -> float:
+    from bank.simulate import runner
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= runner.HOLD_EXPIRY_MAX_S:
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {runner.HOLD_EXPIRY_MAX_S:g} seconds, got {text}"
+        )
+    return value
+
+
 def _spec(parser: Callable[[str], object]) -> Callable[[str], str]:
     """Validate a --mix/--skew text at parse time (clear message), keep the text."""
 
@@ -164,7 +178,16 @@ def register(sub: Subcommands) -> None:
         "--mix",
         type=_spec(workload.parse_mix),
         default=workload.MIX_DEFAULT,
-        help=f"relative weights of the operations (default {workload.MIX_DEFAULT})",
+        help=f"relative weights of the operations (default {workload.MIX_DEFAULT}); also "
+        "hold=N (a hold, then by the same teller a post of all or part, a void, or nothing "
+        "so that it expires) and linked=N (a payment and its fee as one atomic group)",
+    )
+    sim.add_argument(
+        "--hold-expiry",
+        type=_hold_expiry,
+        metavar="SECONDS",
+        help="the expires_s of the mix's holds (needs hold=N in --mix; default "
+        f"{runner.HOLD_EXPIRY_DEFAULT_S:g})",
     )
     sim.add_argument(
         "--skew",
@@ -348,6 +371,7 @@ def run(args: argparse.Namespace) -> int:
                 arrival=args.arrival,
                 interval_s=args.interval,
                 gc=args.gc,
+                hold_expiry_s=args.hold_expiry,
                 tellers=args.tellers,
                 window=args.window,
                 workers=args.workers,
@@ -361,6 +385,11 @@ def run(args: argparse.Namespace) -> int:
             )
         except InvalidWorkload as exc:
             raise UsageError(str(exc)) from None
+        if args.history is not None and config.mix.two_phase:
+            raise UsageError(
+                "--history records deposits, withdrawals and transfers only: "
+                "give hold=0,linked=0 with it"
+            )
         display = progress_for(
             sys.stderr,
             total_ops=config.ops,

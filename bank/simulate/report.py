@@ -78,6 +78,8 @@ def result_json(result: SimulationResult, verdicts: Sequence[Verdict] = ()) -> d
         "initial_balance": config.initial_balance,
         "durability": config.durability,
         "gc": config.gc,
+        "hold_expiry_s": config.holds_expire_s,
+        "kinds": dict(result.kinds),
         "per_teller_ops": list(result.per_teller_ops),
         "interval_s": round(result.interval_s, 6),
         "samples": [s.as_dict() for s in result.samples],
@@ -217,6 +219,12 @@ def print_summary(result: SimulationResult, out: TextIO, verdicts: Sequence[Verd
         f"{result.throughput_ops_s:,.0f} ops/s",
         _samples_note(result.samples, result.interval_s),
     )
+    if config.mix.two_phase:
+        # Holds bring posts and voids the mix does not weigh: show what was sent.
+        sent = ", ".join(f"{kind} {n:,}" for kind, n in result.kinds.items())
+        expiry = config.holds_expire_s
+        note = "" if expiry is None else f"holds expire after {expiry:g} s"
+        table.add_row("sent", sent, note)
     table.add_row("committed", f"{totals.committed:,}", "")
     table.add_row(
         "rejected", f"{totals.rejected_total:,}", f"{result.rejected_pct:.1f}% of operations"

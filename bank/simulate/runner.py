@@ -29,10 +29,12 @@ drops on Ctrl-C.
 from __future__ import annotations
 
 import bisect
+import math
 import queue
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
 from contextlib import ExitStack, nullcontext
@@ -40,10 +42,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from bank.answers import Outcome as BankOutcome
-from bank.commands import AnyCommand, Deposit
+from bank.commands import AnyCommand, BankCommand, Deposit, Post, Void
 from bank.engine import Bank
 from bank.errors import BankClosed, BankError, LedgerUnavailable
 from bank.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEM
@@ -56,8 +58,11 @@ from bank.simulate.schedule import ARRIVALS, Rate, Schedule, parse_rate
 from bank.simulate.tuning import throughput_gc
 from bank.simulate.workload import (
     MIX_DEFAULT,
+    HoldPlan,
     InvalidWorkload,
+    LinkedPayment,
     Mix,
+    Op,
     Skew,
     TellerStream,
     WorkloadSpec,
@@ -90,6 +95,10 @@ LATE_AFTER_NS = LATE_AFTER_MS * 1_000_000
 #: batch. Waking for every operation starved the bank's own threads of the GIL (at half
 #: the closed-loop maximum, 4 tellers: 30% late against 7% with a 1-ms tick).
 SEND_TICK_NS = 1_000_000
+#: The holds' `expires_s` when the mix has holds and no --hold-expiry is given.
+HOLD_EXPIRY_DEFAULT_S = 1.0
+#: Bounds on --hold-expiry (seconds).
+HOLD_EXPIRY_MAX_S = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +126,8 @@ class SimulationConfig:
     #: "default": CPython's collector as the application has it (what users meet);
     #: "throughput": `bank.simulate.tuning.throughput_gc` during the run, to compare.
     gc: str = "default"
+    #: The holds' `expires_s` (None: `HOLD_EXPIRY_DEFAULT_S`); only with hold=N in the mix.
+    hold_expiry_s: float | None = None
 
     def __post_init__(self) -> None:
         def bounded(name: str, value: int, low: int, high: int) -> None:
@@ -128,8 +139,29 @@ class SimulationConfig:
         bounded("accounts", self.accounts, 1, ACCOUNTS_MAX)
         if (self.ops is None) == (self.duration_s is None):
             raise InvalidWorkload("give exactly one of ops or duration_s")
-        if self.mix.transfer and self.accounts < 2:
-            raise InvalidWorkload("transfers need at least 2 accounts (or give transfer=0)")
+        if self.mix.needs_two_accounts and self.accounts < 2:
+            raise InvalidWorkload(
+                "transfers, holds and linked payments need at least 2 accounts "
+                "(or give them weight 0)"
+            )
+        if self.hold_expiry_s is not None:
+            if not self.mix.hold:
+                raise InvalidWorkload("--hold-expiry needs holds in the mix (e.g. --mix hold=10)")
+            expiry = self.hold_expiry_s
+            if (
+                type(expiry) not in (int, float)
+                or not math.isfinite(expiry)
+                or not 0 < expiry <= HOLD_EXPIRY_MAX_S
+            ):
+                raise InvalidWorkload(
+                    f"hold expiry must be a number of seconds in (0, {HOLD_EXPIRY_MAX_S:g}], "
+                    f"got {expiry!r}"
+                )
+        if self.mix.two_phase and self.rate is not None:
+            raise InvalidWorkload(
+                "holds and linked payments run in the closed loop only (drop --rate, or "
+                "give hold=0,linked=0): a hold's follow-up has no place in the schedule"
+            )
         if self.ops is not None:
             bounded("ops", self.ops, 1, 10**12)
         if self.duration_s is not None and not 0 < self.duration_s <= 7 * 86400:
@@ -146,6 +178,13 @@ class SimulationConfig:
             raise InvalidWorkload(
                 f"interval must be from {INTERVAL_S_MIN} to 3600 seconds, got {self.interval_s}"
             )
+
+    @property
+    def holds_expire_s(self) -> float | None:
+        """The `expires_s` the run's holds carry (None when the mix has no holds)."""
+        if not self.mix.hold:
+            return None
+        return HOLD_EXPIRY_DEFAULT_S if self.hold_expiry_s is None else self.hold_expiry_s
 
     def schedule(self) -> Schedule | None:
         """The open model's schedule (None for a closed loop)."""
@@ -234,8 +273,10 @@ class SimulationResult:
     interrupted: bool = False
     errors: list[str] = field(default_factory=list)
     per_teller_ops: list[int] = field(default_factory=list)
-    commands: dict[int, list[AnyCommand]] | None = None
+    commands: dict[int, list[Op]] | None = None
     schedule: ScheduleReport | None = None
+    #: Operations sent, by kind ("linked": a payment and its fee as one group).
+    kinds: dict[str, int] = field(default_factory=dict)
     #: The observer's final interval in seconds (it adapts unless --interval is given).
     interval_s: float = 0.0
 
@@ -268,14 +309,14 @@ class SimulationResult:
 
 
 #: One answered operation of a batch: its receipt, or what it was refused or failed with.
-Outcome = Receipt | BaseException
+Outcome = Receipt | list[Receipt] | BaseException
 #: Answers that are not refusals (the operation's fate is unknown, or the run broke).
 _ERROR_TYPES: tuple[type[BaseException], ...] = (LedgerUnavailable, BankClosed)
 
 
 def classify(outcomes: Sequence[Outcome]) -> tuple[int, dict[str, int] | None, int]:
     """(committed, rejected by reason or None, errors) of one answered batch."""
-    refused = [o for o in outcomes if type(o) is not Receipt]
+    refused = [o for o in outcomes if type(o) is not Receipt and type(o) is not list]
     if not refused:
         return len(outcomes), None, 0
     rejected: dict[str, int] = {}
@@ -289,7 +330,7 @@ def classify(outcomes: Sequence[Outcome]) -> tuple[int, dict[str, int] | None, i
 
 
 def submit_batch(
-    bank: Bank, commands: list[AnyCommand], on_done: Callable[[Sequence[Outcome]], None]
+    bank: Bank, commands: Sequence[BankCommand], on_done: Callable[[Sequence[Outcome]], None]
 ) -> None:
     """`Bank.submit_batch(commands)`; `on_done(outcomes)` runs once, when all are answered.
 
@@ -365,7 +406,15 @@ class Teller(threading.Thread):
         self.submitted = 0
         #: Open model: operations due before the run stopped that were never sent.
         self.dropped = 0
-        self.commands: list[AnyCommand] | None = [] if keep_commands else None
+        self.commands: list[Op] | None = [] if keep_commands else None
+        #: Operations sent, by kind (counted on this teller's thread only).
+        self.kinds: dict[str, int] = {}
+        # Holds' follow-ups: the answer of a hold puts its post/void (None: nothing to
+        # send, refused or left to expire) here; `_awaiting` counts the holds whose
+        # answer has not been taken yet, so the teller knows when it is done.
+        self._followups: queue.SimpleQueue[Post | Void | None] = queue.SimpleQueue()
+        self._ready: deque[Post | Void] = deque()
+        self._awaiting = 0
         # Only with --history: without it the teller never touches the clock twice.
         self._log = log
         self._times = times
@@ -416,9 +465,13 @@ class Teller(threading.Thread):
         self._freed.put(n)
 
     def _send(
-        self, commands: list[AnyCommand], on_done: Callable[[Sequence[Outcome]], None]
+        self,
+        commands: Sequence[BankCommand],
+        on_done: Callable[[Sequence[Outcome]], None],
+        *,
+        keep: bool = True,
     ) -> None:
-        if self.commands is not None:
+        if keep and self.commands is not None:
             self.commands.extend(commands)
         try:
             submit_batch(self._bank, commands, on_done)
@@ -426,17 +479,129 @@ class Teller(threading.Thread):
             self._release(len(commands))
             raise
         self.submitted += len(commands)
+        for command in commands:
+            self.kinds[command.kind] = self.kinds.get(command.kind, 0) + 1
         if self._log is not None:
             self._log.flush()
 
+    def _send_ops(self, ops: list[Op]) -> None:
+        """Send a mix with holds or linked payments: the commands (holds included) in one
+        batch, each linked payment as its own group; every operation holds one slot."""
+        t0 = time.perf_counter_ns()
+        commands: list[BankCommand] = []
+        plans: list[tuple[int, HoldPlan]] = []
+        linked: list[LinkedPayment] = []
+        for op in ops:
+            if isinstance(op, LinkedPayment):
+                linked.append(op)
+            elif isinstance(op, HoldPlan):
+                plans.append((len(commands), op))
+                commands.append(op.hold)
+            else:
+                commands.append(op)
+        if self.commands is not None:
+            self.commands.extend(op for op in ops if not isinstance(op, LinkedPayment))
+        if commands:
+            self._awaiting += len(plans)
+            try:
+                self._send(
+                    commands, partial(self._answered_holds, plans, t0, len(commands)), keep=False
+                )
+            except BaseException:
+                self._awaiting -= len(plans)
+                raise
+        for payment in linked:
+            if self.commands is not None:
+                self.commands.append(payment)
+            try:
+                future = self._bank.submit_linked(payment.commands)
+            except BaseException:
+                self._release(1)
+                raise
+            future.add_done_callback(partial(self._answered_linked, t0))
+            self.submitted += 1
+            self.kinds["linked"] = self.kinds.get("linked", 0) + 1
+
+    def _answered_holds(
+        self, plans: list[tuple[int, HoldPlan]], t0: int, n: int, outcomes: Sequence[Outcome]
+    ) -> None:
+        """Batch callback with holds: queue each hold's follow-up for its teller first."""
+        for index, plan in plans:
+            receipt = outcomes[index]
+            follow_up = plan.follow_up(receipt.seq) if isinstance(receipt, Receipt) else None
+            self._followups.put(follow_up)
+        self._answered(t0, n, outcomes)
+
+    def _answered_linked(self, t0: int, future: Future[list[Receipt]]) -> None:
+        """A linked payment's answer: one operation, committed or refused as a whole."""
+        if future.cancelled():
+            outcome: Outcome = CancelledError()
+        else:
+            exc = future.exception()
+            outcome = future.result() if exc is None else exc
+        self._answered(t0, 1, [outcome])
+
+    def _gather_followups(self) -> None:
+        """Take the follow-ups that hold answers queued (this teller's thread only)."""
+        while True:
+            try:
+                follow_up = self._followups.get_nowait()
+            except queue.Empty:
+                return
+            self._awaiting -= 1
+            if follow_up is not None:
+                self._ready.append(follow_up)
+
+    def _serve_two_phase(self) -> None:
+        """The closed loop of a mix with holds or linked payments.
+
+        A hold's post or void needs the hold's seq, so it is sent once the hold is
+        answered, ahead of fresh operations; it takes a window slot like any other
+        and is not part of the quota. The teller is done when its quota is sent and
+        every hold it sent has been answered and followed up.
+        """
+        remaining = self._quota
+        while not self._halt.is_set():
+            self._gather_followups()
+            more = remaining is None or remaining > 0
+            if not more and not self._ready:
+                if self._awaiting == 0:
+                    return
+                try:  # the quota is sent: wait for the last holds' answers
+                    follow_up = self._followups.get(timeout=PERMIT_WAIT_S)
+                except queue.Empty:
+                    continue
+                self._awaiting -= 1
+                if follow_up is not None:
+                    self._ready.append(follow_up)
+                continue
+            n = self._reserve(self._batch_max)
+            if n == 0:
+                return
+            self._gather_followups()
+            ops: list[Op] = []
+            while self._ready and len(ops) < n:
+                ops.append(self._ready.popleft())
+            fresh = n - len(ops) if remaining is None else min(n - len(ops), remaining)
+            ops.extend(self._stream.take(fresh))
+            if remaining is not None:
+                remaining -= fresh
+            if len(ops) < n:
+                self._release(n - len(ops))
+            if ops:
+                self._send_ops(ops)
+
     def _serve_closed(self) -> None:
+        if self._stream.spec.mix.two_phase:
+            self._serve_two_phase()
+            return
         remaining = self._quota
         while not self._halt.is_set() and (remaining is None or remaining > 0):
             limit = self._batch_max if remaining is None else min(self._batch_max, remaining)
             n = self._reserve(limit)
             if n == 0:
                 return
-            commands = self._stream.take(n)
+            commands = self._stream.take_commands(n)
             log = self._log
             if log is None:
                 self._send(commands, partial(self._answered, time.perf_counter_ns(), n))
@@ -490,7 +655,7 @@ class Teller(threading.Thread):
             if len(intended) < n:
                 self._release(n - len(intended))
             n = len(intended)
-            commands = self._stream.take(n)
+            commands = self._stream.take_commands(n)
             sent_ns = last_sent_ns = time.perf_counter_ns()
             log = self._log
             if log is None:
@@ -550,7 +715,9 @@ class Teller(threading.Thread):
         outcomes: Sequence[Outcome],
     ) -> None:
         """Batch callback with --history: stamp the completions for the log, then as `_answered`."""
-        log.answered_batch(first, commands, invoked, outcomes)
+        log.answered_batch(
+            first, commands, invoked, cast(Sequence[Receipt | BaseException], outcomes)
+        )
         self._answered(t0, len(commands), outcomes)
 
     def _answered_open_logged(
@@ -564,7 +731,9 @@ class Teller(threading.Thread):
         outcomes: Sequence[Outcome],
     ) -> None:
         """Open-model batch callback with --history."""
-        log.answered_batch(first, commands, invoked, outcomes)
+        log.answered_batch(
+            first, commands, invoked, cast(Sequence[Receipt | BaseException], outcomes)
+        )
         self._answered_open(intended, sent_ns, outcomes)
 
     def _drain(self) -> None:
@@ -623,6 +792,11 @@ def run_simulation(
     Raises `BankError` if the ledger cannot be opened.
     """
     display = progress if progress is not None else NoProgress()
+    if history is not None and config.mix.two_phase:
+        raise InvalidWorkload(
+            "--history records deposits, withdrawals and transfers only: "
+            "give hold=0,linked=0 with it"
+        )
     with (
         Bank.open(
             config.db,
@@ -639,7 +813,12 @@ def run_simulation(
             chunk_ops=min(SUBMIT_CHUNK_OPS_MAX, config.tellers * config.window),
         )
         spec = WorkloadSpec(
-            tuple(ids), config.mix, config.skew, config.seed, config.initial_balance
+            tuple(ids),
+            config.mix,
+            config.skew,
+            config.seed,
+            config.initial_balance,
+            hold_expiry_s=config.holds_expire_s,
         )
         metrics = Metrics()
         start, stop = threading.Event(), threading.Event()
@@ -787,7 +966,17 @@ def run_simulation(
         else None,
         schedule=schedule_report,
         interval_s=observer.interval_s,
+        kinds=_kinds(tellers),
     )
+
+
+def _kinds(tellers: Sequence[Teller]) -> dict[str, int]:
+    """Operations sent by all tellers, by kind, sorted by name."""
+    kinds: dict[str, int] = {}
+    for teller in tellers:
+        for kind, n in teller.kinds.items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    return dict(sorted(kinds.items()))
 
 
 def _history_options(config: SimulationConfig) -> dict[str, object]:
@@ -807,6 +996,7 @@ def _history_options(config: SimulationConfig) -> dict[str, object]:
         "rate": None if config.rate is None else config.rate.spec(),
         "arrival": config.arrival,
         "gc": config.gc,
+        "hold_expiry_s": config.holds_expire_s,
     }
 
 

@@ -21,16 +21,33 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Literal
 
-from bank.commands import AnyCommand, Deposit, Kind, Transfer, Withdrawal
+from bank.commands import AnyCommand, BankCommand, Deposit, Hold, Post, Transfer, Void, Withdrawal
 from bank.limits import AMOUNT_MAX
 
-#: The names accepted in a `--mix` spec, and the command kind each one means.
-MIX_NAMES: dict[str, Kind] = {
+#: What a `--mix` weighs: the plain commands, holds (with their follow-up) and linked
+#: payments (a payment and its fee as one atomic group).
+MixKind = Literal["deposit", "withdrawal", "transfer", "hold", "linked"]
+#: The names accepted in a `--mix` spec, and the kind each one means.
+MIX_NAMES: dict[str, MixKind] = {
     "transfer": "transfer",
     "deposit": "deposit",
     "withdraw": "withdrawal",
     "withdrawal": "withdrawal",
+    "hold": "hold",
+    "linked": "linked",
 }
+#: What follows a hold, by the same teller once the hold is answered, with the
+#: weights of each fate: a post of all of it, of part of it, a void, or nothing
+#: (so that the engine expires it).
+HoldFate = Literal["post", "partial", "void", "expire"]
+HOLD_FATES: tuple[tuple[HoldFate, int], ...] = (
+    ("post", 40),
+    ("partial", 30),
+    ("void", 15),
+    ("expire", 15),
+)
+#: A linked payment's fee, in per mille of the payment (at least 1 minor unit).
+FEE_PER_MILLE = 10
 MIX_DEFAULT = "transfer=80,deposit=10,withdraw=10"
 SKEW_DEFAULT = "uniform"
 #: Bounds on the Zipf exponent: above ~10 every draw is the hottest account anyway.
@@ -50,24 +67,44 @@ class InvalidWorkload(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Mix:
-    """Relative weights of deposits, withdrawals and transfers (integers, sum > 0)."""
+    """Relative weights of deposits, withdrawals, transfers, holds and linked payments
+    (integers, sum > 0)."""
 
     deposit: int
     withdrawal: int
     transfer: int
+    hold: int = 0
+    linked: int = 0
 
     @property
-    def weights(self) -> tuple[tuple[Kind, int], ...]:
+    def weights(self) -> tuple[tuple[MixKind, int], ...]:
         """(kind, weight) in a fixed order, zero weights included."""
         return (
             ("deposit", self.deposit),
             ("withdrawal", self.withdrawal),
             ("transfer", self.transfer),
+            ("hold", self.hold),
+            ("linked", self.linked),
         )
+
+    @property
+    def two_phase(self) -> bool:
+        """Whether the mix has holds or linked payments (operations beyond one command)."""
+        return self.hold > 0 or self.linked > 0
+
+    @property
+    def needs_two_accounts(self) -> bool:
+        """Transfers, holds and linked payments all move money between two accounts."""
+        return self.transfer > 0 or self.two_phase
 
     def spec(self) -> str:
         """The canonical `--mix` text of this mix (parse_mix(m.spec()) == m)."""
-        return f"transfer={self.transfer},deposit={self.deposit},withdraw={self.withdrawal}"
+        text = f"transfer={self.transfer},deposit={self.deposit},withdraw={self.withdrawal}"
+        if self.hold:
+            text += f",hold={self.hold}"
+        if self.linked:
+            text += f",linked={self.linked}"
+        return text
 
 
 def parse_mix(text: str) -> Mix:
@@ -77,7 +114,7 @@ def parse_mix(text: str) -> Mix:
     kind, a weight that is not a non-negative integer, a kind given twice, or
     weights that are all zero.
     """
-    weights: dict[Kind, int] = {}
+    weights: dict[MixKind, int] = {}
     entries = [part.strip() for part in text.split(",")]
     if not text.strip():
         raise InvalidWorkload(f"mix is empty: expected for example {MIX_DEFAULT!r}")
@@ -101,8 +138,10 @@ def parse_mix(text: str) -> Mix:
         deposit=weights.get("deposit", 0),
         withdrawal=weights.get("withdrawal", 0),
         transfer=weights.get("transfer", 0),
+        hold=weights.get("hold", 0),
+        linked=weights.get("linked", 0),
     )
-    if mix.deposit + mix.withdrawal + mix.transfer == 0:
+    if sum(w for _, w in mix.weights) == 0:
         raise InvalidWorkload(f"mix {text!r}: the weights add up to 0; give one kind a weight")
     return mix
 
@@ -161,6 +200,44 @@ def split_ops(ops: int, tellers: int) -> list[int]:
 
 
 @dataclass(frozen=True, slots=True)
+class HoldPlan:
+    """A hold and what its teller does once the hold is answered (drawn with it)."""
+
+    hold: Hold
+    fate: HoldFate
+    #: The amount of a partial post (None for the other fates).
+    post_amount: int | None = None
+
+    def follow_up(self, hold_seq: int) -> Post | Void | None:
+        """The command that settles the hold at `hold_seq` (None: let it expire)."""
+        if self.fate == "post":
+            return Post(hold=hold_seq)
+        if self.fate == "partial":
+            return Post(hold=hold_seq, amount=self.post_amount)
+        if self.fate == "void":
+            return Void(hold=hold_seq)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class LinkedPayment:
+    """A payment and its fee, submitted as one atomic group (`Bank.submit_linked`)."""
+
+    payment: Transfer
+    fee: Transfer
+
+    @property
+    def commands(self) -> list[AnyCommand]:
+        """The group's commands, in order."""
+        return [self.payment, self.fee]
+
+
+#: One operation of a teller: a plain command, a planned hold, a linked payment, or
+#: (sent by the teller after its hold's answer, never drawn) a post or a void.
+Op = BankCommand | HoldPlan | LinkedPayment
+
+
+@dataclass(frozen=True, slots=True)
 class WorkloadSpec:
     """Everything that determines the commands: accounts, mix, skew, amounts and seed."""
 
@@ -169,12 +246,17 @@ class WorkloadSpec:
     skew: Skew
     seed: int
     initial_balance: int
+    #: The holds' `expires_s` (None: holds never expire; an "expire" fate then stays open).
+    hold_expiry_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.accounts:
             raise InvalidWorkload("the workload needs at least one account")
-        if self.mix.transfer and len(self.accounts) < 2:
-            raise InvalidWorkload("transfers need at least 2 accounts (or give transfer=0)")
+        if self.mix.needs_two_accounts and len(self.accounts) < 2:
+            raise InvalidWorkload(
+                "transfers, holds and linked payments need at least 2 accounts "
+                "(or give them weight 0)"
+            )
         if type(self.initial_balance) is not int or self.initial_balance < 0:
             raise InvalidWorkload(
                 f"initial balance must be a non-negative int, got {self.initial_balance!r}"
@@ -196,7 +278,8 @@ class TellerStream:
         self.teller = teller
         self._rng = random.Random(teller_seed(spec.seed, teller))
         kinds = [kind for kind, weight in spec.mix.weights if weight > 0]
-        self._kinds: list[Kind] = kinds
+        self._kinds: list[MixKind] = kinds
+        self._fate_cdf = list(accumulate(w for _, w in HOLD_FATES))
         self._kind_cdf = list(accumulate(w for _, w in spec.mix.weights if w > 0))
         n = len(spec.accounts)
         self._account_cdf: list[float] | None = None
@@ -209,7 +292,7 @@ class TellerStream:
         self._big_min = max(1, unit // 2)
         self._big_max = min(AMOUNT_MAX, 2 * unit)
 
-    def __iter__(self) -> Iterator[AnyCommand]:
+    def __iter__(self) -> Iterator[Op]:
         while True:
             yield self.next()
 
@@ -226,14 +309,37 @@ class TellerStream:
             return self._rng.randint(self._big_min, self._big_max)
         return self._rng.randint(1, self._everyday_max)
 
-    def next(self) -> AnyCommand:
-        """The next command of this teller."""
+    def next(self) -> Op:
+        """The next operation of this teller."""
         pick = self._rng.randrange(self._kind_cdf[-1])
         kind = self._kinds[bisect.bisect_right(self._kind_cdf, pick)]
         if kind == "deposit":
             return Deposit(account=self._account(), amount=self._amount())
         if kind == "withdrawal":
             return Withdrawal(account=self._account(), amount=self._amount())
+        source, target = self._pair()
+        amount = self._amount()
+        if kind == "hold":
+            fate = HOLD_FATES[bisect.bisect_right(self._fate_cdf, self._rng.randrange(100))][0]
+            hold = Hold(
+                source=source, target=target, amount=amount, expires_s=self.spec.hold_expiry_s
+            )
+            partial = self._rng.randint(1, amount) if fate == "partial" else None
+            return HoldPlan(hold, fate, partial)
+        if kind == "linked":
+            accounts = self.spec.accounts
+            # The fee goes to the first simulation account (the bank's own), or its
+            # neighbour when that one pays.
+            house = accounts[0] if source != accounts[0] else accounts[1]
+            fee = max(1, amount * FEE_PER_MILLE // 1000)
+            return LinkedPayment(
+                Transfer(source=source, target=target, amount=amount),
+                Transfer(source=source, target=house, amount=fee),
+            )
+        return Transfer(source=source, target=target, amount=amount)
+
+    def _pair(self) -> tuple[int, int]:
+        """A source and a different target account."""
         source = self._account()
         target = self._account()
         for _ in range(TARGET_REDRAWS_MAX):
@@ -244,8 +350,14 @@ class TellerStream:
             # A very hot account keeps drawing itself: take its neighbour, still reproducible.
             accounts = self.spec.accounts
             target = accounts[(accounts.index(source) + 1) % len(accounts)]
-        return Transfer(source=source, target=target, amount=self._amount())
+        return source, target
 
-    def take(self, n: int) -> list[AnyCommand]:
-        """The next `n` commands."""
+    def take(self, n: int) -> list[Op]:
+        """The next `n` operations."""
         return [self.next() for _ in range(n)]
+
+    def take_commands(self, n: int) -> list[AnyCommand]:
+        """The next `n` operations of a mix without holds or linked payments."""
+        if self.spec.mix.two_phase:
+            raise InvalidWorkload("this mix has holds or linked payments: use take()")
+        return [op for op in self.take(n) if isinstance(op, (Deposit, Withdrawal, Transfer))]

@@ -10,7 +10,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,postgres]'
+	# compat: a plain path entry for the checkout instead of an import hook, so that static
+	# tools (mypy on a user's program) find `bank` in this venv; see README "Install".
+	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,simulate]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 run: $(STAMP)

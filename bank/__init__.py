@@ -1,4 +1,11 @@
-"""bank: a simulated banking transaction engine with a durable, hash-chained SQLite ledger."""
+"""bank: a simulated banking transaction engine with a durable, hash-chained ledger.
+
+The embedded engine (`Bank`), its commands, records and errors. `import bank` loads only
+what embedding needs: the command line (`bank.cli`), the simulator (`bank.simulate`, the
+`simulate` extra), Alembic (until a ledger is opened) and rich are imported on use.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
 
 from bank.account import Account
 from bank.clock import Clock, ManualClock, SystemClock
@@ -15,7 +22,9 @@ from bank.commands import (
 )
 from bank.engine import Bank, BankStats
 from bank.errors import (
+    AccountClosed,
     AccountNameTaken,
+    AccountNotEmpty,
     AccountNotFound,
     AccountsMustBeDifferent,
     BalanceOverflow,
@@ -43,6 +52,7 @@ from bank.errors import (
     PostExceedsHold,
     QueueFull,
     SchemaDowngradeRefused,
+    SeqBeyondHead,
     ServerNotDurable,
     UnsupportedLedgerUrl,
     WaitOnBankThread,
@@ -51,13 +61,20 @@ from bank.ledger.audit import AuditReport, Problem
 from bank.limits import AMOUNT_MAX, CASH_ACCOUNT_ID, CASH_ACCOUNT_NAME, GROUP_COMMANDS_MAX
 from bank.records import Receipt, Snapshot
 
+try:
+    __version__ = version("bank")
+except PackageNotFoundError:  # a checkout on sys.path that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
     "AMOUNT_MAX",
     "CASH_ACCOUNT_ID",
     "CASH_ACCOUNT_NAME",
     "GROUP_COMMANDS_MAX",
     "Account",
+    "AccountClosed",
     "AccountNameTaken",
+    "AccountNotEmpty",
     "AccountNotFound",
     "AccountSpec",
     "AccountsMustBeDifferent",
@@ -98,6 +115,7 @@ __all__ = [
     "QueueFull",
     "Receipt",
     "SchemaDowngradeRefused",
+    "SeqBeyondHead",
     "ServerNotDurable",
     "Snapshot",
     "SystemClock",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bank import lockcheck
-from bank.errors import BalanceOverflow, InsufficientFunds
+from bank.errors import AccountClosed, BalanceOverflow, InsufficientFunds
 from bank.limits import BALANCE_MAX, BALANCE_MIN, CASH_ACCOUNT_ID
 
 
@@ -16,7 +16,7 @@ class Account:
     `Bank.balance()` waits until it is durable.
     """
 
-    __slots__ = ("_balance", "_held", "_overdraft_limit", "id", "lock", "name")
+    __slots__ = ("_balance", "_closed", "_held", "_overdraft_limit", "id", "lock", "name")
 
     def __init__(self, id: int, name: str, overdraft_limit: int, balance: int = 0) -> None:
         self.id = id
@@ -24,6 +24,7 @@ class Account:
         self._overdraft_limit = overdraft_limit
         self._balance = balance
         self._held = 0  # the sum of this account's pending holds as their source
+        self._closed = False  # set once, by `Bank.close_account` (under the lock), never unset
         self.lock = lockcheck.rlock("account", id)
 
     def __repr__(self) -> str:
@@ -57,6 +58,12 @@ class Account:
             return self._overdraft_limit
 
     @property
+    def closed(self) -> bool:
+        """True once `Bank.close_account` closed it: every later operation on it is refused."""
+        with self.lock:
+            return self._closed
+
+    @property
     def is_system(self) -> bool:
         """True for `@cash`, whose only floor is signed 64 bits."""
         return self.id == CASH_ACCOUNT_ID
@@ -66,16 +73,25 @@ class Account:
         with self.lock:
             self._overdraft_limit = limit
 
+    def close(self) -> None:
+        """Mark it closed (caller holds the lock, has checked it may close and has staged
+        the 'close' event)."""
+        with self.lock:
+            self._closed = True
+
 
 def move(source: Account, target: Account, amount: int) -> tuple[int, int]:
     """Debit `source` and credit `target` by `amount`; returns their new balances.
 
     The caller holds both accounts' locks. Both limits are checked before
-    anything changes, so a refusal (`InsufficientFunds`, `BalanceOverflow`)
-    leaves both balances as they were. One function rather than four lock-taking
-    methods because every accepted operation runs it. What the source holds for its
-    pending holds is not available: the check is against `available`.
+    anything changes, so a refusal (`AccountClosed`, `InsufficientFunds`,
+    `BalanceOverflow`) leaves both balances as they were. One function rather than
+    four lock-taking methods because every accepted operation runs it. What the source
+    holds for its pending holds is not available: the check is against `available`.
     """
+    if source._closed or target._closed:  # checked under both locks: a close cannot race it
+        closed = source if source._closed else target
+        raise AccountClosed(f"account {closed.id} ({closed.name!r}) is closed")
     debited = source._balance - amount
     if source.id == CASH_ACCOUNT_ID:
         if debited - source._held < BALANCE_MIN:

@@ -58,6 +58,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchTableError
 
 from bank.errors import CannotCheckHistory, NotALedger
+from bank.exit_codes import EXIT_OK, EXIT_PROBLEM
 from bank.ledger.reader import open_read_only
 from bank.limits import AMOUNT_MAX, BALANCE_MAX, BALANCE_MIN, CASH_ACCOUNT_ID, KEY_LENGTH_MAX
 
@@ -1041,4 +1042,4 @@ def run_check_history_command(history: str, db: str, *, as_json: bool, out: Text
         out.write(json.dumps(result.as_dict(), indent=2) + "\n")
     else:
         print_report(result, out)
-    return 0 if result.ok else 1
+    return EXIT_OK if result.ok else EXIT_PROBLEM

@@ -20,25 +20,28 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError
 
 from bank import lockcheck
 from bank.account import Account
+from bank.answers import Answer, BatchAnswer, EngineFuture, Outcome, Reply
 from bank.buffer import BoundedBuffer
 from bank.clock import Clock, SystemClock
 from bank.commands import (
     AccountSpec,
     BankCommand,
+    Command,
     Deposit,
     Hold,
     LimitSpec,
@@ -51,7 +54,9 @@ from bank.commands import (
     refusal,
 )
 from bank.errors import (
+    AccountClosed,
     AccountNameTaken,
+    AccountNotEmpty,
     AccountNotFound,
     BankClosed,
     BankError,
@@ -72,11 +77,14 @@ from bank.idempotency import KeyClaims
 from bank.ledger import holds_store, migrate, store, verify
 from bank.ledger.backend import Backend, Durability, OwnerLock
 from bank.ledger.backends import backend_for, ledger_url
+from bank.ledger.pipeline import settle
 from bank.ledger.writer import LedgerWriter
 from bank.limits import (
+    BATCH_OPS_MAX,
     CASH_ACCOUNT_ID,
     COMMIT_BATCH_OPS_MAX,
     GROUP_COMMANDS_MAX,
+    HISTORY_LIMIT_DEFAULT,
     JOIN_WAIT_S_MAX,
     KEY_WAIT_S_MAX,
     OPEN_PROBLEMS_SHOWN_MAX,
@@ -94,6 +102,17 @@ if TYPE_CHECKING:
     from bank.ledger.audit import AuditReport
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _is_empty(account: Account, holds: HoldBook) -> bool:
+    """Whether `account` may close: the one place that decides it (the caller holds its
+    lock). An account closes only with a balance of 0, nothing held, and no pending hold
+    naming it as its target either (a hold must never leave a closed account with money
+    on its way in or out; holds are added and settled only under both accounts' locks,
+    so the caller's lock keeps this true until the close is staged)."""
+    return account.balance == 0 and account.held == 0 and not holds.involving(account.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +167,37 @@ def _check_wait(wait_s: object) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise InvalidCommand(f"wait_s must be a finite number of seconds >= 0 (got {wait_s!r})")
     return seconds
+
+
+def _first_refusal(batch: Sequence[object], where: str) -> InvalidCommand:
+    """The refusal of the first item `is_validated` refuses (the caller knows there is one)."""
+    for i, command in enumerate(batch):
+        if not is_validated(command):
+            return refusal(command, f"{where}: item {i}")
+    raise AssertionError("no refused item")
+
+
+def _checked_batch(commands: object, where: str) -> list[BankCommand]:
+    """A batch for `submit_batch`: 1 to `BATCH_OPS_MAX` validated commands, else
+    `InvalidCommand` (an iterator is read no further than one past the bound)."""
+    if isinstance(commands, Command | str | bytes | Mapping) or not isinstance(commands, Iterable):
+        one = ": use submit() for one" if isinstance(commands, Command) else ""
+        raise InvalidCommand(
+            f"{where} takes a list (or any iterable) of commands "
+            f"(got {type(commands).__name__}){one}"
+        )
+    batch: list[BankCommand] = list(islice(commands, BATCH_OPS_MAX + 1))
+    if not batch:
+        raise InvalidCommand(
+            f"{where}: the batch is empty (it takes 1 to {BATCH_OPS_MAX:,} commands)"
+        )
+    if len(batch) > BATCH_OPS_MAX:
+        raise InvalidCommand(
+            f"{where}: more than BATCH_OPS_MAX ({BATCH_OPS_MAX:,}) commands: split it into batches"
+        )
+    if not all(map(is_validated, batch)):
+        raise _first_refusal(batch, where)
+    return batch
 
 
 def _open_failure(db: object, exc: BaseException) -> BankError:
@@ -542,6 +592,7 @@ class Bank:
             if not report.ok:
                 raise LedgerCorrupt(verify.describe(report, self._where, OPEN_PROBLEMS_SHOWN_MAX))
             rows = store.load_accounts(conn)
+            closed = store.closed_accounts(conn)
             seq, head, event_seq, event_head = store.chain_heads(conn)
             pending = holds_store.pending_holds(conn)
             last_ts_us = holds_store.last_ts_us(conn)
@@ -550,6 +601,8 @@ class Bank:
         self._accounts: dict[int, Account] = {
             r.id: Account(r.id, r.name, r.overdraft_limit, r.balance) for r in rows
         }
+        for account_id in closed:  # closed for good (its 'close' event is chained)
+            self._accounts[account_id].close()
         self._names: dict[str, int] = {r.name: r.id for r in rows}
         # Pending holds, with their deadlines: the timer's first look expires the ones
         # whose time ran out while the bank was closed.
@@ -650,12 +703,20 @@ class Bank:
 
     # -- accounts ----------------------------------------------------------------------
 
-    def open_account(self, name: str, overdraft_limit: int = 0) -> Account:
+    def open_account(
+        self, name: str, overdraft_limit: int = 0, *, exist_ok: bool = False
+    ) -> Account:
         """Open a customer account; returns it once its opening is durable.
 
-        Raises `InvalidCommand` for a bad name or limit, `AccountNameTaken`.
+        With `exist_ok=True`, an account of that name that exists is returned instead
+        (once its opening is durable) if its overdraft limit is `overdraft_limit`; it may
+        be closed (`.closed`). Raises `InvalidCommand` for a bad name, limit or
+        `exist_ok` (a bool), `AccountNameTaken` (the name exists: without `exist_ok`, or
+        with another limit).
         """
         spec = AccountSpec(name=name, overdraft_limit=overdraft_limit)
+        if type(exist_ok) is not bool:
+            raise InvalidCommand(f"open_account.exist_ok must be a bool (got {exist_ok!r})")
         self._check_open()
         self._check_may_wait("open_account")
         future: Future[int] = Future()
@@ -676,9 +737,70 @@ class Bank:
         if taken is not None:
             # The opening it collides with may still be on its way to disk.
             self._writer.wait_for(position)
+            existing = self._accounts[taken]
+            if exist_ok and existing.overdraft_limit == spec.overdraft_limit:
+                return existing
+            if exist_ok:
+                raise AccountNameTaken(
+                    f"an account named {spec.name!r} exists (id {taken}) with overdraft limit "
+                    f"{existing.overdraft_limit}, not {spec.overdraft_limit}"
+                )
             raise AccountNameTaken(f"an account named {spec.name!r} exists (id {taken})")
         future.result()
         return account
+
+    def account_named(self, name: str) -> Account:
+        """The account named `name` (`@cash` included); raises `AccountNotFound`, or
+        `InvalidCommand` for a name that is not a str."""
+        if type(name) is not str:
+            raise InvalidCommand(f"account_named.name must be a str (got {name!r})")
+        self._check_open()
+        with self._registry_lock:
+            account_id = self._names.get(name)
+        if account_id is None:
+            raise AccountNotFound(f"no account named {name!r}")
+        return self._accounts[account_id]
+
+    def close_account(self, account: int) -> Account:
+        """Close a customer account; returns it (`.closed` True) once its closing is durable.
+
+        Only an empty account closes (`_is_empty`: a balance of 0, nothing held, no pending
+        hold naming it as source or target). The closing is a chained
+        `account_events` row ('close'), staged under the account's lock: every transfer
+        that touched it is before it in the ledger, and every later operation on it is
+        refused with `AccountClosed` (a closed account stays in `accounts()`).
+        Raises `AccountNotFound`, `InvalidCommand` (`@cash`, or an id that is not an int),
+        `AccountNotEmpty`, `AccountClosed` (closed already).
+        """
+        found = self.account(account)
+        if found.is_system:
+            raise InvalidCommand("close_account.account: @cash never closes")
+        self._check_may_wait("close_account")
+        future: Future[int] = Future()
+        future.set_running_or_notify_cancel()
+        with found.lock:
+            refusal: BankError | None = None
+            if found.closed:
+                refusal = AccountClosed(f"account {found.id} ({found.name!r}) is closed already")
+            elif not _is_empty(found, self._holds):
+                pending = len(self._holds.involving(found.id))
+                refusal = AccountNotEmpty(
+                    f"account {found.id} ({found.name!r}) has a balance of {found.balance}, "
+                    f"{found.held} held and {pending} pending hold(s) naming it: only an "
+                    "empty account closes (post or void its holds first)"
+                )
+            else:
+                self._writer.stage_account_event(
+                    "close", found.id, found.name, found.overdraft_limit, future
+                )
+                found.close()
+            position, _ = self._writer.position()
+        if refusal is not None:
+            # Judged on a balance that may include operations still being committed.
+            self._writer.wait_for(position)
+            raise refusal
+        future.result()
+        return found
 
     def set_overdraft_limit(self, account_id: int, overdraft_limit: int) -> Account:
         """Change a customer account's overdraft limit (a chained event in the ledger).
@@ -694,7 +816,11 @@ class Bank:
         future: Future[int] = Future()
         future.set_running_or_notify_cancel()
         with account.lock:
-            if account.balance - account.held < -spec.overdraft_limit:
+            refusal: BankError | None
+            if account.closed:  # nothing is chained after a close
+                refusal = AccountClosed(f"account {account.id} ({account.name!r}) is closed")
+                position, _ = self._writer.position()
+            elif account.balance - account.held < -spec.overdraft_limit:
                 held = f" ({account.held} held)" if account.held else ""
                 refusal = InsufficientFunds(
                     f"account {account.id} has {account.balance}{held}: an overdraft limit "
@@ -737,18 +863,14 @@ class Bank:
     ) -> Receipt:
         """Move `amount` from `@cash` into `account`; returns the receipt once durable."""
         self._check_may_wait("deposit")
-        return self.submit(
-            Deposit(account=account, amount=amount, key=key), timeout=timeout
-        ).result()
+        return self._call(Deposit(account=account, amount=amount, key=key), timeout)
 
     def withdraw(
         self, account: int, amount: int, *, key: str | None = None, timeout: float | None = None
     ) -> Receipt:
         """Move `amount` from `account` to `@cash`; raises `InsufficientFunds` past the limit."""
         self._check_may_wait("withdraw")
-        return self.submit(
-            Withdrawal(account=account, amount=amount, key=key), timeout=timeout
-        ).result()
+        return self._call(Withdrawal(account=account, amount=amount, key=key), timeout)
 
     def transfer(
         self,
@@ -761,9 +883,21 @@ class Bank:
     ) -> Receipt:
         """Move `amount` from `source` to `target`; returns the receipt once durable."""
         self._check_may_wait("transfer")
-        return self.submit(
-            Transfer(source=source, target=target, amount=amount, key=key), timeout=timeout
-        ).result()
+        return self._call(Transfer(source=source, target=target, amount=amount, key=key), timeout)
+
+    def _call(self, command: BankCommand, timeout: float | None) -> Receipt:
+        """Queue a command this bank built (so validated) and wait for its answer.
+
+        A `Reply` (two locks) instead of a `Future`: the caller blocks on a lock the
+        ledger writer releases, the cheapest wake-up there is, and nothing else is made.
+        """
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
+        self._check_open()
+        reply = Reply()
+        self._buffer.put(Job([command], (reply,)), 1, timeout)
+        result: Receipt = reply.wait()
+        return result
 
     def hold(
         self,
@@ -825,7 +959,7 @@ class Bank:
         self._check_open()
         future: Future[list[Receipt]] = Future()
         weight = min(len(group), self._buffer.capacity)
-        job: Job = ([LinkedGroup(group)], [future])
+        job = Job([LinkedGroup(group)], [future])
         self._buffer.put(job, weight, timeout)
         return future
 
@@ -874,8 +1008,8 @@ class Bank:
         if timeout is not None:
             timeout = _check_timeout(timeout)
         self._check_open()
-        future: Future[Receipt] = Future()
-        self._buffer.put(([command], [future]), 1, timeout)
+        future: Future[Receipt] = EngineFuture()
+        self._buffer.put(Job([command], (future,)), 1, timeout)
         return future
 
     def submit_many(
@@ -889,40 +1023,109 @@ class Bank:
         """
         batch = list(commands)
         if not all(map(is_validated, batch)):  # then name the first bad one; none is queued
-            for i, command in enumerate(batch):
-                if not is_validated(command):
-                    raise refusal(command, f"submit_many: item {i}")
+            raise _first_refusal(batch, "submit_many")
         if timeout is not None:
             timeout = _check_timeout(timeout)
         self._check_open()
-        futures: list[Future[Receipt]] = [Future() for _ in batch]
+        futures: list[Future[Receipt]] = [EngineFuture() for _ in batch]
+        self._put_chunks(batch, futures, timeout)
+        return futures
+
+    def submit_batch(
+        self, commands: Iterable[BankCommand], *, timeout: float | None = None
+    ) -> Future[list[Outcome]]:
+        """Queue a batch of 1 to `BATCH_OPS_MAX` commands; ONE future gets every outcome.
+
+        The future's result is a list with one element per command, in order: its
+        `Receipt` or its refusal (the `BankError` object, not raised). A refusal never
+        fails the batch; each element means what the outcome model says of it (a
+        `LedgerUnavailable` element: that command was in flight when the ledger broke,
+        its outcome unknown). Validation, keys and durability are `submit`'s: the
+        list comes only once every command in it is answered, so once its receipts
+        are durable. A key used twice in one batch is applied once; the later command
+        gets the same receipt (or `IdempotencyConflict`).
+
+        The batch counts against the queue's capacity command by command, handed
+        over in chunks: a batch larger than the queue blocks until the workers have
+        made room for each chunk (back-pressure). `timeout` bounds the whole call: if
+        not even the first chunk fits in time, `QueueFull` is raised and nothing is
+        queued; the commands of a later chunk that does not fit (or that meets a
+        `close()`) get `QueueFull` (or `BankClosed`) elements, and the rest go on.
+        `cancel()` on the future succeeds only before a worker has started the batch,
+        and then none of it is applied.
+
+        Raises `InvalidCommand` (nothing queued) for an empty batch, one over
+        `BATCH_OPS_MAX`, a single command instead of a batch, or an item that is not
+        a validated command (the message names its index).
+        """
+        batch = _checked_batch(commands, "submit_batch")
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
+        self._check_open()
+        answer = BatchAnswer(len(batch))
+        self._put_chunks(batch, answer.slots(), timeout)
+        return answer.future
+
+    def execute(
+        self, commands: Iterable[BankCommand], *, timeout: float | None = None
+    ) -> list[Outcome]:
+        """`submit_batch(commands, timeout=timeout).result()`: every outcome, in order.
+
+        Refusals are elements of the list, not raised; it raises what `submit_batch`
+        raises, and `WaitOnBankThread` on a bank thread (a done-callback).
+        """
+        self._check_may_wait("execute")
+        return self.submit_batch(commands, timeout=timeout).result()
+
+    def _put_chunks(
+        self, batch: list[BankCommand], answers: Sequence[Answer], timeout: float | None
+    ) -> None:
+        """Hand `batch` to the queue a chunk at a time, waiting for room for each.
+
+        If the first chunk does not fit within `timeout` (or the bank closes) that
+        error is raised and nothing is queued; for a later chunk, the commands left
+        out are answered with it instead (each one named by its index).
+        """
         chunk = min(SUBMIT_CHUNK_OPS_MAX, self._buffer.capacity)
+        put = self._buffer.put
+        if len(batch) <= chunk:  # the common case: one hand-off, no deadline to track
+            put(Job(batch, answers), len(batch), timeout)
+            return
         deadline = None if timeout is None else time.monotonic() + timeout
         for start in range(0, len(batch), chunk):
             stop = start + chunk
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            commands = batch[start:stop]
             try:
-                self._buffer.put(
-                    (batch[start:stop], futures[start:stop]), len(batch[start:stop]), remaining
-                )
+                put(Job(commands, answers[start:stop]), len(commands), remaining)
             except (QueueFull, BankClosed) as exc:
                 if start == 0:
                     raise
-                for index in range(start, len(futures)):
-                    futures[index].set_exception(
-                        type(exc)(f"{exc} (operation {index} of this batch)")
+                for index in range(start, len(batch)):
+                    settle(
+                        answers[index], error=type(exc)(f"{exc} (operation {index} of this batch)")
                     )
                 break
-        return futures
 
     # -- reads -------------------------------------------------------------------------
 
-    def balance(self, account_id: int) -> int:
-        """The account's balance once everything it reflects is durable."""
-        account = self.account(account_id)
+    def balance(self, account: int, *, at_seq: int | None = None) -> int:
+        """The account's balance once everything it reflects is durable; with `at_seq`,
+        its balance right after transfer `at_seq` (0 before its first row), read from the
+        ledger by index look-ups (the running balance of its last row at or before it).
+
+        Raises `AccountNotFound`, `InvalidCommand` (an `at_seq` that is not an int from 0
+        to 2**63 - 1), `SeqBeyondHead` (an `at_seq` past the last committed transfer).
+        """
+        found = self.account(account)
+        if at_seq is not None:
+            seq = store.check_seq(at_seq, "balance.at_seq")
+            return self._read(
+                lambda conn: store.committed_balance_at(conn, found.id, seq, self._where)
+            )
         self._check_may_wait("balance")
-        with account.lock:
-            balance = account.balance
+        with found.lock:
+            balance = found.balance
             position, _ = self._writer.position()
         self._writer.wait_for(position)
         return balance
@@ -951,14 +1154,48 @@ class Bank:
         with self._life.reading(), self._engine.connect() as conn:
             return store.find_receipts(conn, [key]).get(key)
 
-    def history(self, account_id: int, *, limit: int | None = None) -> list[Receipt]:
-        """An account's committed transfers, oldest first."""
-        self.account(account_id)
-        if limit is not None:
-            _check_int(limit, "limit", 1, 10**9)
+    def history(
+        self, account: int, *, after_seq: int = 0, limit: int = HISTORY_LIMIT_DEFAULT
+    ) -> list[Receipt]:
+        """One page of the account's committed transfers: up to `limit` receipts with seq
+        greater than `after_seq`, ascending (pass the last one's seq for the next page;
+        `iter_history` does that for you). Index range scans: a page costs the same at
+        any depth of a long history.
+
+        Raises `AccountNotFound`, `InvalidCommand` (an `after_seq` that is not an int
+        from 0 to 2**63 - 1, a `limit` that is not an int from 1 to `HISTORY_LIMIT_MAX`).
+        """
+        found = self.account(account)
+        after = store.check_seq(after_seq, "history.after_seq")
+        size = store.check_limit(limit, "history.limit")
+        return self._read(lambda conn: store.history_page(conn, found.id, after, size))
+
+    def iter_history(
+        self, account: int, *, after_seq: int = 0, page: int = HISTORY_LIMIT_DEFAULT
+    ) -> Iterator[Receipt]:
+        """Stream the account's whole committed history after `after_seq`, ascending, read
+        `page` receipts at a time (one short read each, memory of one page; what `bank
+        history` prints from). Rows are append-only, so the pages never skip or repeat a
+        row; the stream ends at the head as it is when the last page is read.
+
+        Arguments are checked at once (`AccountNotFound`, `InvalidCommand`, as `history`);
+        a page read after `close()` raises `BankClosed`.
+        """
+        found = self.account(account)
+        after = store.check_seq(after_seq, "iter_history.after_seq")
+        size = store.check_limit(page, "iter_history.page")
+
+        def read_page(after: int, limit: int) -> list[Receipt]:
+            return self._read(lambda conn: store.history_page(conn, found.id, after, limit))
+
+        return store.iter_history(read_page, after, size)
+
+    def _read(self, read: Callable[[Connection], T]) -> T:
+        """`read` on one of the bank's connections, in one short read transaction; the
+        release of the ledger at `close()` waits for it (`BankClosed` once it began)."""
         assert self._engine is not None
         with self._life.reading(), self._engine.connect() as conn:
-            return list(store.history(conn, account_id, limit=limit))
+            return read(conn)
 
     def stats(self) -> BankStats:
         """Counters of the queue and the ledger writer; raises `BankClosed` after `close()`."""

@@ -18,11 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from sqlalchemy import Connection
 
 from bank.account import Account
+from bank.answers import Answer
 from bank.commands import BankCommand, Post, Void
 from bank.errors import (
     AccountNotFound,
@@ -76,7 +77,7 @@ class ApplyContext:
 # -- one two-phase command ---------------------------------------------------------------
 
 
-def apply_two_phase(command: BankCommand, future: Future[Receipt], ctx: ApplyContext) -> None:
+def apply_two_phase(command: BankCommand, future: Answer, ctx: ApplyContext) -> None:
     """Apply a `Hold`, `Post` or `Void` (its key is already claimed by `future`)."""
     writer = ctx.writer
     for _ in range(_ATTEMPTS_MAX):
@@ -215,7 +216,7 @@ def hold_refusal(ctx: ApplyContext, seq: int) -> BankError | None:
 # -- an atomic group ------------------------------------------------------------------------
 
 
-def apply_group(group: LinkedGroup, future: Future[list[Receipt]], ctx: ApplyContext) -> None:
+def apply_group(group: LinkedGroup, future: Answer, ctx: ApplyContext) -> None:
     """Apply every command of `group` in order, or none: claim the members' keys, answer
     a repeated group from the ledger, else plan all under every account's lock and stage
     them as one record."""
@@ -224,7 +225,7 @@ def apply_group(group: LinkedGroup, future: Future[list[Receipt]], ctx: ApplyCon
     claimed: list[str] = []
     try:
         for key in keys:  # sorted: two groups sharing keys never wait for each other
-            ctx.claims.claim_when_free(key, future, KEY_WAIT_S_MAX)  # type: ignore[arg-type]
+            ctx.claims.claim_when_free(key, future, KEY_WAIT_S_MAX)
             claimed.append(key)
         if keys:
             try:
@@ -251,7 +252,7 @@ def apply_group(group: LinkedGroup, future: Future[list[Receipt]], ctx: ApplyCon
 def _answer_repeated(
     commands: Sequence[BankCommand],
     known: dict[str, Receipt],
-    future: Future[list[Receipt]],
+    future: Answer,
     ctx: ApplyContext,
 ) -> None:
     """Some member's key is in the ledger: the original receipts if this exact group was
@@ -287,9 +288,7 @@ def _answer_repeated(
     settle(future, error=LinkedCommandFailed(first_used, error))
 
 
-def _apply_group(
-    commands: Sequence[BankCommand], future: Future[list[Receipt]], ctx: ApplyContext
-) -> bool:
+def _apply_group(commands: Sequence[BankCommand], future: Answer, ctx: ApplyContext) -> bool:
     """Plan and stage the group; True if it was staged (else it was answered: refused)."""
     writer = ctx.writer
     for _ in range(_ATTEMPTS_MAX):
@@ -365,7 +364,7 @@ def _first_naming(
     return 0
 
 
-def _refuse(writer: LedgerWriter, future: Future[Any], index: int, error: BankError) -> None:
+def _refuse(writer: LedgerWriter, future: Answer, index: int, error: BankError) -> None:
     """Answer the group with the refusal of command `index`, once what it was judged on
     is durable (the members' keys are released by the caller)."""
     writer.stage_rejection(future, LinkedCommandFailed(index, error), None)

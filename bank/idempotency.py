@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
 
 from bank import lockcheck
+from bank.answers import Answer
 from bank.errors import BankClosed, KeyInFlight
-from bank.records import Receipt
 
 
 class KeyClaims:
@@ -28,9 +27,9 @@ class KeyClaims:
         self._released = threading.Condition(self._lock)
         self._waiting = 0
         self._closed = False
-        self._claims: dict[str, Future[Receipt]] = {}
+        self._claims: dict[str, Answer] = {}
 
-    def claim(self, key: str, future: Future[Receipt]) -> Future[Receipt] | None:
+    def claim(self, key: str, future: Answer) -> Answer | None:
         """Claim `key` for `future`; returns the holder's future if someone else has it."""
         with self._lock:
             holder = self._claims.get(key)
@@ -38,7 +37,7 @@ class KeyClaims:
                 self._claims[key] = future
             return holder
 
-    def claim_when_free(self, key: str, future: Future[Receipt], timeout: float) -> None:
+    def claim_when_free(self, key: str, future: Answer, timeout: float) -> None:
         """Claim `key` for `future`, waiting (at most `timeout` s) for its holder to let go.
 
         Raises `KeyInFlight` past the deadline (nothing was changed) and `BankClosed`
@@ -53,9 +52,7 @@ class KeyClaims:
         with self._lock:
             self._wait_free(key, None, timeout, "call")
 
-    def _wait_free(
-        self, key: str, future: Future[Receipt] | None, timeout: float, who: str
-    ) -> None:
+    def _wait_free(self, key: str, future: Answer | None, timeout: float, who: str) -> None:
         """Under `_lock`: wait until `key` is free or held by `future` itself."""
         deadline = time.monotonic() + timeout
         self._waiting += 1
@@ -79,7 +76,7 @@ class KeyClaims:
             self._closed = True
             self._released.notify_all()
 
-    def holder(self, key: str) -> Future[Receipt] | None:
+    def holder(self, key: str) -> Answer | None:
         """The future of the operation working on `key` right now, if any."""
         with self._lock:
             return self._claims.get(key)
@@ -91,7 +88,7 @@ class KeyClaims:
             if self._waiting:
                 self._released.notify_all()
 
-    def release_if_owner(self, key: str, future: Future[Receipt]) -> None:
+    def release_if_owner(self, key: str, future: Answer) -> None:
         """Release `key` only if `future` holds it (error paths, where ownership is unsure)."""
         with self._lock:
             if self._claims.get(key) is future:

@@ -71,3 +71,11 @@ HOLD_TIMER_WAIT_S_MAX: Final = 5.0
 #: Commands in one atomic group (`Bank.submit_linked`), as in TigerBeetle (8190 events
 #: per request).
 GROUP_COMMANDS_MAX: Final = 8190
+#: Most commands `Bank.submit_batch`/`execute` take at once (TigerBeetle's batch size; also
+#: a group's bound). One future carries the whole batch's list of outcomes, so the bound
+#: caps what one call holds in memory and how long one caller keeps the queue's room;
+#: more commands go in several batches.
+BATCH_OPS_MAX: Final = 8190
+#: Receipts one `history` page may hold (`limit=`), and its default (h11read, issue 11).
+HISTORY_LIMIT_MAX: Final = 100_000
+HISTORY_LIMIT_DEFAULT: Final = 1000

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any
 
 from sqlalchemy import Connection, Engine
 
 from bank.account import Account, move
+from bank.answers import Answer
 from bank.buffer import BoundedBuffer
 from bank.commands import BankCommand, Deposit, Transfer, Withdrawal
 from bank.errors import AccountNotFound, BankError, IdempotencyConflict, LedgerUnavailable
@@ -32,14 +32,24 @@ from bank.records import Receipt
 
 log = logging.getLogger(__name__)
 
-#: A job: commands and their futures, handed over in one piece (an atomic group is one
-#: `LinkedGroup` whose future gets the list of receipts).
-Job = tuple[Sequence[BankCommand | LinkedGroup], Sequence[Future[Any]]]
+
+@dataclass(slots=True)
+class Job:
+    """Commands handed over in one piece, and where each one's answer goes.
+
+    `answers[i]` answers `commands[i]`: a `Future[Receipt]` (`submit`, `submit_many`)
+    or a slot of one batch's list (`submit_batch`, see `bank.answers`); an atomic
+    group is one `LinkedGroup` whose future gets the list of receipts.
+    """
+
+    commands: Sequence[BankCommand | LinkedGroup]  # a group: one `LinkedGroup`
+    answers: Sequence[Answer]
+
 
 _key_of = attrgetter("key")
 
 
-def answer_duplicate(command: BankCommand, receipt: Receipt, future: Future[Receipt]) -> None:
+def answer_duplicate(command: BankCommand, receipt: Receipt, future: Answer) -> None:
     """Answer a repeated key from the ledger: the original receipt, or a conflict."""
     if command.same_as(receipt):
         settle(future, receipt)
@@ -95,8 +105,8 @@ class Worker(threading.Thread):
                     jobs = self._buffer.get_many(WORKER_BATCH_OPS_MAX)
                     if not jobs:
                         return
-                    for commands, futures in jobs:
-                        self._run_job(commands, futures)
+                    for job in jobs:
+                        self._run_job(job.commands, job.answers)
             finally:
                 self._conn.close()
         finally:
@@ -104,7 +114,7 @@ class Worker(threading.Thread):
                 self.on_exit()
 
     def _run_job(
-        self, commands: Sequence[BankCommand | LinkedGroup], futures: Sequence[Future[Any]]
+        self, commands: Sequence[BankCommand | LinkedGroup], futures: Sequence[Answer]
     ) -> None:
         try:
             known = self._claim_keys(commands, futures)
@@ -140,8 +150,8 @@ class Worker(threading.Thread):
     # -- idempotency ---------------------------------------------------------------
 
     def _claim_keys(
-        self, commands: Sequence[BankCommand | LinkedGroup], futures: Sequence[Future[Any]]
-    ) -> dict[str, tuple[Future[Receipt], Receipt | None]]:
+        self, commands: Sequence[BankCommand | LinkedGroup], futures: Sequence[Answer]
+    ) -> dict[str, tuple[Answer, Receipt | None]]:
         """Claim the job's keys and look the claimed ones up in one query.
 
         Returns key -> (the future that owns the claim, the committed receipt or None).
@@ -154,7 +164,7 @@ class Worker(threading.Thread):
         """
         if not any(map(_key_of, commands)):  # no keys (never empty): skip the loop
             return {}
-        owned: dict[str, Future[Receipt]] = {}
+        owned: dict[str, Answer] = {}
         for command, future in zip(commands, futures, strict=True):
             key = command.key
             if key is not None and key not in owned:
@@ -178,8 +188,8 @@ class Worker(threading.Thread):
     def _answered_by_ledger(
         self,
         command: BankCommand,
-        future: Future[Receipt],
-        known: dict[str, tuple[Future[Receipt], Receipt | None]],
+        future: Answer,
+        known: dict[str, tuple[Answer, Receipt | None]],
     ) -> bool:
         """Settle a keyed command against the ledger; True if it needs no applying."""
         key = command.key
@@ -205,7 +215,7 @@ class Worker(threading.Thread):
 
     # -- applying --------------------------------------------------------------------
 
-    def _apply(self, command: BankCommand | LinkedGroup, future: Future[Any]) -> None:
+    def _apply(self, command: BankCommand | LinkedGroup, future: Answer) -> None:
         kind = command.kind
         if isinstance(command, Transfer):
             debit_id, credit_id = command.source, command.target

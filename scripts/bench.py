@@ -1,18 +1,21 @@
-"""The engine's throughput benchmark (issue #2, point 9; PostgreSQL: issue #10): the
-same transfers, six ways on SQLite and two on PostgreSQL, beside pgbench.
+"""The engine's throughput benchmark, as a user meets it (issues #2, #10, #12): the same
+transfers, many ways on SQLite and two on PostgreSQL, beside pgbench.
 
 - (a) the naive baseline a tutorial would give: a `BankAccount` class with an
   `RLock` and an int balance, and one SQLAlchemy ORM commit per operation
   (its own declarative Base and tables, in its own SQLite file with the
   engine's pragmas), called by 8 threads;
+- (n) the same naive code called by one thread (issue #12's reference);
 - (b) the engine, 8 threads each calling the blocking `Bank.transfer()`;
 - (c) the engine, 16 threads each keeping a window of 64 operations in flight
-  with `submit_many`;
+  with `submit_many` (a future per operation);
+- (s) the same with `submit_batch` (one future per window of 64);
 - (d) raw stdlib `sqlite3` inserting the rows the engine writes (same
   `transfers` table, precomputed chain hashes), 1,000 rows per transaction:
   the ceiling of the ledger itself;
 - (e) (c) again with `durability="normal"`, for the trade-off table;
-- (f) `bank simulate`, the figure a user sees;
+- (f) `bank simulate` at its defaults (what `make run` shows), the figure a user sees;
+- (m) `bank simulate --tellers 16 --window 64`: the in-flight count of (s), its reference;
 - (g) (c) on PostgreSQL: the engine's pipelined path through `Bank.open(url)`;
 - (h) the raw psycopg ceiling: the same rows (chain hashes precomputed) and each
   batch's final balances, written by one connection with nothing else, one
@@ -28,9 +31,11 @@ else on a throwaway cluster started from the PostgreSQL binaries on the machine,
 else they are skipped with a one-line note; each uses its own `bench_...`
 database, dropped at the end.
 
-Everything a variant needs (argument tuples, pydantic commands, rows and their
-hashes) is generated before its timed region; the timed region runs from the
-moment all its threads are released to the moment the last one is answered.
+Every caller builds its own commands inside the timed region, as an application
+does: the seeded stream of (source, target, amount) tuples is generated before, the
+pydantic commands from them while the clock runs. Only the ceilings (d), (h) build
+their rows and hashes before. The timed region runs from the moment all its threads
+are released to the moment the last one is answered.
 Each variant then verifies its own result (exact final balances, conservation,
 and the ledger audit), outside the timed region. The machines are noisy: read
 the ratios, which are all measured in the same run, and the CPU time per
@@ -42,10 +47,16 @@ alike instead of one. Each variant reports its median round (and the range);
 ratios compare medians, and the targets' ratios are also given round by round,
 each against the reference measured in the same round.
 
-Every timed region runs under the collector settings `bank simulate` uses
-(`bank.simulate.tuning.throughput_gc`: freeze what exists, collect the young
-generation less often), the same for all variants; `--gc default` measures with
-CPython's defaults instead.
+Every timed region runs with CPython's default collector, untouched, as in an
+application that calls nothing in `gc`; `--gc throughput` measures under
+`bank.simulate.tuning.throughput_gc` (freeze what exists, collect the young
+generation less often) instead, to compare. The engine itself never changes the
+collector's settings.
+
+The issue's targets are printed at the end as ratios of figures measured in the
+same run, round by round (`TARGETS`). `--long` adds, once per run, what takes
+minutes: the RSS growth over 1,000,000 pipelined operations (`--long-ops`) and the
+pipelined throughput on the ledger they leave against an empty one.
 
 (c) waits for each window with per-future `.result()`: on 2 cores it was faster
 than `concurrent.futures.wait` in every paired run (medians: 96k against 79k
@@ -58,6 +69,8 @@ measures multi-row `INSERT ... VALUES (...), (...)` pages of 100 rows instead
 (what the ledger writer does), which binds and steps once per page.
 
     .venv/bin/python scripts/bench.py
+    .venv/bin/python scripts/bench.py --long
+    .venv/bin/python scripts/bench.py --only n,b,c,s,d,m --ops-scale 0.2 --gc throughput
     .venv/bin/python scripts/bench.py --only a,c --ops c=50000 --rounds 1 --json bench.json
     .venv/bin/python scripts/bench.py --ops-scale 0.1 --durability normal
     .venv/bin/python scripts/bench.py --only g,h,i --pg-url postgresql+psycopg://postgres@host/db
@@ -68,6 +81,7 @@ measures multi-row `INSERT ... VALUES (...), (...)` pages of 100 rows instead
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -98,6 +112,7 @@ from bank.errors import InsufficientFunds
 from bank.ledger.chain import transfer_hash
 from bank.ledger.models import transfers
 from bank.limits import BUSY_TIMEOUT_MS
+from bank.records import Receipt
 from bank.simulate.tuning import throughput_gc
 
 # The PostgreSQL helpers live beside this script (scripts/ is not a package).
@@ -105,51 +120,69 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_pg
 
-VARIANTS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
+VARIANTS = ("a", "n", "b", "c", "s", "d", "e", "f", "m", "g", "h", "i")
 #: The variants that need a PostgreSQL server.
 PG_VARIANTS = ("g", "h", "i")
 # Sized for a run of about a minute on 2 cores, each timed region several seconds long.
 OPS_DEFAULT = {
     "a": 10_000,
+    "n": 4_000,
     "b": 100_000,
     "c": 500_000,
+    "s": 500_000,
     "d": 1_000_000,
     "e": 500_000,
     "f": 200_000,
+    "m": 200_000,
     "g": 200_000,
     "h": 100_000,  # per candidate writer and batch size
 }
 PGBENCH_SECONDS_DEFAULT = 10  # (i) runs for a time (-T), not a number of operations
 LABELS = {
     "a": "naive: BankAccount+RLock, ORM commit per op, 8 threads",
+    "n": "naive: BankAccount+RLock, ORM commit per op, one thread",
     "b": "engine: 8 threads x blocking transfer()",
-    "c": "engine: 16 threads x window of 64 (submit_many)",
+    "c": "engine: 16 threads x window of 64 (submit_many, a future per op)",
+    "s": "engine: 16 threads x window of 64 (submit_batch, one future per window)",
     "d": "raw sqlite3: executemany, 1,000 rows per transaction",
     "e": "(c) with durability=normal",
-    "f": "bank simulate --ops N --tellers 16 (its defaults: window 8, mixed workload, 1,000 accounts)",
+    "f": "bank simulate --ops N at its defaults (8 tellers x window 8, mixed workload)",
+    "m": "bank simulate --ops N --tellers 16 --window 64 (the in-flight count of (s))",
     "g": "engine on PostgreSQL: 16 threads x window of 64 (submit_many)",
     "h": "raw psycopg ceiling: fastest batched durable insert+update, one transaction per batch",
     "i": "pgbench TPC-B -c 8 -j 2 -T N, synchronous_commit=on (TPS)",
 }
 SHORT = {
-    "a": "(a) naive ORM",
+    "a": "(a) naive ORM x8",
+    "n": "(n) naive ORM x1",
     "b": "(b) engine, blocking",
-    "c": "(c) engine, window",
+    "c": "(c) submit_many 16x64",
+    "s": "(s) submit_batch 16x64",
     "d": "(d) raw sqlite3",
     "e": "(e) window, normal",
-    "f": "(f) bank simulate",
+    "f": "(f) simulate defaults",
+    "m": "(m) simulate 16x64",
     "g": "(g) engine on PG",
     "h": "(h) raw psycopg",
     "i": "(i) pgbench TPS",
 }
-#: variant -> [(reference variant, lowest ratio to it)], at default durability on 2 cores.
+#: variant -> [(reference variant, lowest ratio to it)], at default durability on 2 cores
+#: with the default collector (issue #12's table; PostgreSQL's from issue #10).
 TARGETS: dict[str, list[tuple[str, float]]] = {
-    "b": [("a", 8.0)],
-    "c": [("a", 25.0), ("d", 0.4)],
+    "s": [("d", 0.6)],
+    "c": [("d", 0.4)],
+    "b": [("n", 10.0)],
+    "m": [("s", 0.8)],
+    "f": [("n", 30.0)],
     "g": [("h", 0.5), ("i", 5.0)],
 }
+#: `--long`'s targets: RSS growth over the long run, and throughput on its ledger / empty.
+LONG_RSS_GROWTH_MB_MAX = 50.0
+LONG_RATIO_MIN = 0.8
+LONG_OPS_DEFAULT = 1_000_000
+LONG_PROBE_OPS = 100_000  # the throughput probe at each end of --long
 
-ACCOUNTS_DEFAULT = 100
+ACCOUNTS_DEFAULT = 1_000  # issue #12's table
 SEED_DEFAULT = 1
 AMOUNT_MAX = 10_000  # cents
 # Large enough that no transfer of the default run is refused, so every variant
@@ -400,9 +433,15 @@ def naive_engine(path: Path, durability: str) -> Engine:
 
 
 def bench_naive(
-    path: Path, moves: list[Move], accounts: int, durability: str, gc_mode: str
+    variant: str,
+    path: Path,
+    moves: list[Move],
+    accounts: int,
+    durability: str,
+    gc_mode: str,
+    threads: int,
 ) -> Result:
-    """(a): 8 threads calling `NaiveBank.transfer` over the pre-generated moves."""
+    """(a)/(n): `threads` threads calling `NaiveBank.transfer` over the moves."""
     remove_ledger(path)
     engine = naive_engine(path, durability)
     NaiveBase.metadata.create_all(engine)
@@ -415,7 +454,7 @@ def bench_naive(
         engine,
         {i: BankAccount(i, OPENING_BALANCE, OVERDRAFT_LIMIT) for i in range(1, accounts + 1)},
     )
-    slices = [moves[i::NAIVE_THREADS] for i in range(NAIVE_THREADS)]
+    slices = [moves[i::threads] for i in range(threads)]
 
     def teller(i: int) -> tuple[int, int]:
         accepted = refused = 0
@@ -430,8 +469,8 @@ def bench_naive(
             naive.close()
         return accepted, refused
 
-    seconds, cpu, accepted, refused = run_threads(NAIVE_THREADS, teller, gc_mode)
-    result = Result("a", len(moves), seconds, cpu, accepted, refused)
+    seconds, cpu, accepted, refused = run_threads(threads, teller, gc_mode)
+    result = Result(variant, len(moves), seconds, cpu, accepted, refused)
     balances = {i: a.balance for i, a in naive.accounts.items()}
     total = sum(balances.values())
     if total != accounts * OPENING_BALANCE:
@@ -452,7 +491,7 @@ def bench_naive(
 # -- (b), (c), (e): the engine -----------------------------------------------------------
 
 
-WORKERS: int | None = 1  # --workers: under the GIL one worker is fastest (README)
+WORKERS: int | None = None  # --workers; None: Bank.open's default, as a user meets it
 
 
 def open_bank(path: Path | URL, accounts: int, durability: str) -> Bank:
@@ -544,22 +583,24 @@ def bench_window(
     durability: str,
     gc_mode: str,
     wait: str,
+    how: str = "many",
 ) -> Result:
-    """(c)/(e)/(g): 16 threads, each submitting 64 pre-built commands with `submit_many`
-    and waiting for all 64 answers before the next window (`ledger` may be a bank already
-    opened by `open_bank`)."""
+    """(c)/(e)/(g)/(s): 16 threads, each building 64 commands from its moves (inside the
+    timed region), handing them over with `submit_many` (`how` "many") or `submit_batch`
+    ("batch") and waiting for all 64 answers before the next window (`ledger` may be a
+    bank already opened by `open_bank`)."""
     bank = ledger if isinstance(ledger, Bank) else open_bank(ledger, accounts, durability)
     try:
-        commands = [Transfer(source=s, target=t, amount=a) for s, t, a in moves]
         windows = [
             [mine[j : j + WINDOW_OPS] for j in range(0, len(mine), WINDOW_OPS)]
-            for mine in (commands[i::WINDOW_THREADS] for i in range(WINDOW_THREADS))
+            for mine in (moves[i::WINDOW_THREADS] for i in range(WINDOW_THREADS))
         ]
 
         def teller_result(i: int) -> tuple[int, int]:
             accepted = refused = 0
             for window in windows[i]:
-                for future in bank.submit_many(window):
+                commands = [Transfer(source=s, target=t, amount=a) for s, t, a in window]
+                for future in bank.submit_many(commands):
                     try:
                         future.result()
                         accepted += 1
@@ -567,10 +608,24 @@ def bench_window(
                         refused += 1
             return accepted, refused
 
+        def teller_batch(i: int) -> tuple[int, int]:
+            accepted = refused = 0
+            for window in windows[i]:
+                commands = [Transfer(source=s, target=t, amount=a) for s, t, a in window]
+                for outcome in bank.execute(commands):
+                    if isinstance(outcome, Receipt):
+                        accepted += 1
+                    elif isinstance(outcome, InsufficientFunds):
+                        refused += 1
+                    else:
+                        raise outcome
+            return accepted, refused
+
         def teller_wait(i: int) -> tuple[int, int]:
             accepted = refused = 0
             for window in windows[i]:
-                futures = bank.submit_many(window)
+                commands = [Transfer(source=s, target=t, amount=a) for s, t, a in window]
+                futures = bank.submit_many(commands)
                 concurrent.futures.wait(futures)
                 for future in futures:
                     exc = future.exception()
@@ -583,10 +638,15 @@ def bench_window(
             return accepted, refused
 
         before = bank.stats()
-        teller = teller_result if wait == "result" else teller_wait
+        if how == "batch":
+            teller = teller_batch
+        else:
+            teller = teller_result if wait == "result" else teller_wait
         seconds, cpu, accepted, refused = run_threads(WINDOW_THREADS, teller, gc_mode)
         result = Result(variant, len(moves), seconds, cpu, accepted, refused)
-        result.extra.update(engine_stats(bank, before), wait=wait)
+        result.extra.update(engine_stats(bank, before))
+        if how == "many":
+            result.extra["wait"] = wait
         verify_bank(bank, result, moves, accounts)
     finally:
         bank.close()
@@ -607,8 +667,16 @@ _INSERT_TRANSFER = (
 )
 
 
-def bench_simulate(path: Path, ops: int, seed: int, durability: str) -> Result:
-    """`bank simulate --ops N --tellers 16` through the library (its own workload and audit).
+def bench_simulate(
+    variant: str,
+    path: Path,
+    ops: int,
+    seed: int,
+    durability: str,
+    in_flight: tuple[int, int] | None,
+) -> Result:
+    """`bank simulate --ops N` through the library (its own workload and audit), at its
+    defaults ((f)) or at `in_flight` = (tellers, window) ((m): 16 x 64).
 
     Unlike (a)-(e) it generates its mixed workload while it runs, about 8% of it is
     refused, and it measures every operation's latency: the figure a user sees.
@@ -616,12 +684,14 @@ def bench_simulate(path: Path, ops: int, seed: int, durability: str) -> Result:
     from bank.simulate.runner import SimulationConfig, run_simulation
 
     remove_ledger(path)
-    config = SimulationConfig(db=str(path), tellers=16, ops=ops, seed=seed, durability=durability)
+    config = SimulationConfig(db=str(path), ops=ops, seed=seed, durability=durability)
+    if in_flight is not None:
+        config = dataclasses.replace(config, tellers=in_flight[0], window=in_flight[1])
     cpu0 = time.process_time()
     sim = run_simulation(config)
     cpu = time.process_time() - cpu0
     result = Result(
-        "f",
+        variant,
         sim.ops,
         sim.duration_s,
         cpu,  # includes setup and the audit: an upper bound
@@ -631,6 +701,8 @@ def bench_simulate(path: Path, ops: int, seed: int, durability: str) -> Result:
             "latency_ms": {k: round(v, 3) for k, v in sim.latency.as_dict().items()},
             "queue_high_water": sim.queue_high_water,
             "group_commits": sim.group_commits,
+            "tellers": config.tellers,
+            "window": config.window,
         },
     )
     if sim.totals.completed != sim.ops:
@@ -643,6 +715,98 @@ def bench_simulate(path: Path, ops: int, seed: int, durability: str) -> Result:
     else:
         result.problems.append(f"audit: {sim.audit.problems_total} problem(s)")
     return result
+
+
+def rss_mb() -> float:
+    """The process's resident set size now, in MiB (Linux's /proc; elsewhere the
+    high-water mark from getrusage, which can only overstate growth)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pipelined(bank: Bank, moves: Sequence[Move], gc_mode: str) -> tuple[float, float, int]:
+    """(s)'s callers on an open bank: 16 threads x `submit_batch` of 64 commands built in
+    the loop. Returns (seconds, CPU seconds, operations answered with a receipt)."""
+    slices = [moves[i::WINDOW_THREADS] for i in range(WINDOW_THREADS)]
+
+    def teller(i: int) -> tuple[int, int]:
+        mine = slices[i]
+        accepted = 0
+        for j in range(0, len(mine), WINDOW_OPS):
+            commands = [
+                Transfer(source=s, target=t, amount=a) for s, t, a in mine[j : j + WINDOW_OPS]
+            ]
+            accepted += sum(isinstance(o, Receipt) for o in bank.execute(commands))
+        return accepted, 0
+
+    seconds, cpu, accepted, _ = run_threads(WINDOW_THREADS, teller, gc_mode)
+    return seconds, cpu, accepted
+
+
+def bench_long(
+    path: Path, accounts: int, durability: str, gc_mode: str, seed: int, ops: int
+) -> dict[str, Any]:
+    """`--long`: on one ledger, a throughput probe, then `ops` pipelined operations (RSS
+    before and after), then the same probe on the ledger they left.
+
+    The probes are `LONG_PROBE_OPS` operations each (at most `ops`), through (s)'s callers.
+    RSS growth is read after the first probe (everything warmed up) and after the long
+    run, with the default collector and no `gc` call in between: what an application sees.
+    """
+    probe = min(LONG_PROBE_OPS, ops)
+    moves = make_moves(ops + 2 * probe, accounts, seed + 1)
+    first, long_run, last = moves[:probe], moves[probe : probe + ops], moves[probe + ops :]
+    bank = open_bank(path, accounts, durability)
+    problems: list[str] = []
+    try:
+        empty_s, _, ok_first = pipelined(bank, first, gc_mode)
+        rss_before = rss_mb()
+        rows_before = bank.stats().seq
+        long_s, long_cpu, ok_long = pipelined(bank, long_run, gc_mode)
+        rss_after = rss_mb()
+        rows_at = bank.stats().seq
+        full_s, _, ok_last = pipelined(bank, last, gc_mode)
+        if ok_first + ok_long + ok_last != len(moves):
+            problems.append(f"{ok_first + ok_long + ok_last} receipts for {len(moves)} operations")
+        snapshot = bank.snapshot()
+        if snapshot.total != 0:
+            problems.append(f"balances sum to {snapshot.total}")
+        problems += compare_balances(snapshot.balances, expected_balances(moves, accounts))
+        report = bank.audit()
+        if not report.ok:
+            problems.append(f"audit found {report.problems_total} problems")
+    finally:
+        bank.close()
+    empty_ops_s = probe / empty_s
+    full_ops_s = probe / full_s
+    growth = rss_after - rss_before
+    return {
+        "ops": ops,
+        "probe_ops": probe,
+        "rows_before_probe_at_end": rows_at,
+        "rows_before_long_run": rows_before,
+        "long_run_ops_s": round(ops / long_s, 1),
+        "long_run_cpu_us_per_op": round(long_cpu / ops * 1e6, 2),
+        "rss_before_mb": round(rss_before, 1),
+        "rss_after_mb": round(rss_after, 1),
+        "rss_growth_mb": round(growth, 1),
+        "rss_growth_target_mb": LONG_RSS_GROWTH_MB_MAX,
+        "rss_target_met": growth < LONG_RSS_GROWTH_MB_MAX,
+        "empty_ops_s": round(empty_ops_s, 1),
+        "full_ops_s": round(full_ops_s, 1),
+        "full_over_empty": round(full_ops_s / empty_ops_s, 3),
+        "ratio_target": LONG_RATIO_MIN,
+        "ratio_target_met": full_ops_s / empty_ops_s >= LONG_RATIO_MIN,
+        "problems": problems,
+        "verified": not problems,
+    }
 
 
 def bench_raw(
@@ -925,7 +1089,7 @@ def print_report(console: Console, runs: dict[str, list[Result]], durability: st
         ("ops/s", "right"),
         ("range ops/s", "right"),
         ("CPU us/op", "right"),
-        ("x (a)", "right"),
+        ("x (n)", "right"),
         ("x (d)", "right"),
         ("x (h)", "right"),
         ("x (i)", "right"),
@@ -938,7 +1102,7 @@ def print_report(console: Console, runs: dict[str, list[Result]], durability: st
     for variant, result in results.items():
         # SQLite variants against SQLite's references, PostgreSQL's against PostgreSQL's.
         pg = variant in PG_VARIANTS
-        to_a = None if pg else ratio(results, variant, "a")
+        to_n = None if pg else ratio(results, variant, "n")
         to_d = None if pg else ratio(results, variant, "d")
         to_h = ratio(results, variant, "h") if pg else None
         to_i = ratio(results, variant, "i") if pg else None
@@ -951,7 +1115,7 @@ def print_report(console: Console, runs: dict[str, list[Result]], durability: st
             f"{result.ops_s:,.0f}",
             f"{min(speeds):,.0f}-{max(speeds):,.0f}",
             f"{result.cpu_us_per_op:,.1f}",
-            "-" if to_a is None else f"{to_a:.2f}",
+            "-" if to_n is None else f"{to_n:.2f}",
             "-" if to_d is None else f"{to_d:.3f}",
             "-" if to_h is None else f"{to_h:.3f}",
             "-" if to_i is None else f"{to_i:.2f}",
@@ -960,17 +1124,33 @@ def print_report(console: Console, runs: dict[str, list[Result]], durability: st
             "[green]yes[/]" if all(r.verified for r in runs[variant]) else "[red]NO[/]",
         )
     console.print(table)
+    targets = Table(title="targets: ratios measured in this run (medians, then round by round)")
+    for name, justify in (
+        ("figure", "left"),
+        ("ratio", "right"),
+        ("by round", "left"),
+        ("target", "right"),
+        ("met (median)", "left"),
+        ("rounds met", "right"),
+    ):
+        targets.add_column(name, justify=justify, no_wrap=True)
     for variant, goals in TARGETS.items():
         for reference, goal in goals:
             each = round_ratios(runs, variant, reference)
             if each is None:
                 continue
+            median = ratio(results, variant, reference)
             hits = sum(r >= goal for r in each)
-            console.print(
-                f"  ({variant}) / ({reference}) round by round: "
-                + ", ".join(f"{r:.3g}" for r in each)
-                + f" (target {goal:g}: met in {hits} of {len(each)})"
+            targets.add_row(
+                f"{SHORT[variant]} / {SHORT[reference]}",
+                "-" if median is None else f"{median:.3g}",
+                ", ".join(f"{r:.3g}" for r in each),
+                f">= {goal:g}",
+                "[green]yes[/]" if median is not None and median >= goal else "[red]no[/]",
+                f"{hits} of {len(each)}",
             )
+    if targets.row_count:
+        console.print(targets)
     for variant, result in results.items():
         label = LABELS[variant]
         if result.extra.get("insert") == "values":
@@ -1007,6 +1187,8 @@ def to_json(
             "accepted": result.accepted,
             "rejected": result.rejected,
             "ratio_to_a": ratio(results, variant, "a"),
+            "ratio_to_n": ratio(results, variant, "n"),
+            "ratio_to_s": ratio(results, variant, "s"),
             "ratio_to_d": ratio(results, variant, "d"),
             "ratio_to_h": ratio(results, variant, "h"),
             "ratio_to_i": ratio(results, variant, "i"),
@@ -1125,8 +1307,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "variants: "
             + "; ".join(f"({v}) {LABELS[v]}" for v in VARIANTS)
-            + ". Targets at default durability on 2 cores: (b) >= 8x (a); "
-            "(c) >= 25x (a) and >= 0.4x (d); (g) >= 0.5x (h) and >= 5x (i)."
+            + ". Targets at default durability and collector on 2 cores: "
+            + "; ".join(
+                f"({v}) >= {goal:g}x ({ref})" for v, goals in TARGETS.items() for ref, goal in goals
+            )
+            + f"; --long: RSS growth < {LONG_RSS_GROWTH_MB_MAX:g} MB, throughput at the long "
+            f"run's ledger / empty >= {LONG_RATIO_MIN:g}."
         ),
     )
     parser.add_argument(
@@ -1164,8 +1350,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="engine worker threads for (b), (c), (e) (default 1, fastest under the GIL)",
+        default=None,
+        help="engine worker threads for (b), (c), (s), (e), (g) (default: Bank.open's)",
     )
     parser.add_argument(
         "--wait",
@@ -1176,10 +1362,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--gc",
-        choices=("throughput", "default"),
-        default="throughput",
-        help="collector settings during every timed region: those of `bank simulate` "
-        "(default; see bank/simulate/tuning.py) or CPython's untouched defaults",
+        choices=("default", "throughput"),
+        default="default",
+        help="collector settings during every timed region: CPython's untouched defaults "
+        "(default, as in an application) or bank.simulate.tuning.throughput_gc, to compare",
+    )
+    parser.add_argument(
+        "--long",
+        action="store_true",
+        help="also measure, once, the RSS growth over --long-ops pipelined operations and "
+        "the throughput on the ledger they leave against an empty one (minutes)",
+    )
+    parser.add_argument(
+        "--long-ops",
+        type=int,
+        default=LONG_OPS_DEFAULT,
+        help=f"operations of --long's run (default {LONG_OPS_DEFAULT:,})",
     )
     parser.add_argument(
         "--raw-insert",
@@ -1251,15 +1449,20 @@ def run_variant(
         return bench_pgbench(pg, ops, args.pgbench_scale)
     path = where / f"bench-{variant}.db"
     remove_ledger(path)
-    if variant == "a":
-        return bench_naive(path, moves, args.accounts, args.durability, args.gc)
+    if variant in ("a", "n"):
+        threads = NAIVE_THREADS if variant == "a" else 1
+        return bench_naive(variant, path, moves, args.accounts, args.durability, args.gc, threads)
     if variant == "b":
         return bench_blocking(path, moves, args.accounts, args.durability, args.gc)
-    if variant == "f":
-        return bench_simulate(path, ops, args.seed, args.durability)
-    if variant in ("c", "e"):
-        durability = args.durability if variant == "c" else "normal"
-        return bench_window(variant, path, moves, args.accounts, durability, args.gc, args.wait)
+    if variant in ("f", "m"):
+        shape = None if variant == "f" else (WINDOW_THREADS, WINDOW_OPS)
+        return bench_simulate(variant, path, ops, args.seed, args.durability, shape)
+    if variant in ("c", "e", "s"):
+        durability = "normal" if variant == "e" else args.durability
+        how = "batch" if variant == "s" else "many"
+        return bench_window(
+            variant, path, moves, args.accounts, durability, args.gc, args.wait, how
+        )
     return bench_raw(path, moves, args.accounts, args.durability, args.gc, args.raw_insert)
 
 
@@ -1280,6 +1483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--pgbench-seconds must be at least 1")
     if args.pgbench_scale < 1:
         parser.error("--pgbench-scale must be at least 1")
+    if args.long_ops < 1:
+        parser.error("--long-ops must be at least 1")
     global WORKERS  # noqa: PLW0603 (a run-wide setting of this script)
     WORKERS = args.workers
     ops = {v: max(1, round(n * args.ops_scale)) for v, n in OPS_DEFAULT.items()}
@@ -1292,8 +1497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"[bold]workload[/]: transfers among {args.accounts} accounts (seed {args.seed}), "
         f"amounts 1..{AMOUNT_MAX:,} cents, opening balance {OPENING_BALANCE:,} and overdraft "
         f"limit {OVERDRAFT_LIMIT:,} per account (nothing is refused); every variant takes a "
-        "prefix of the same stream, and its argument tuples / pydantic commands / rows with "
-        "hashes are all generated BEFORE its timed region."
+        "prefix of the same stream of (source, target, amount) tuples, made before the clock "
+        "starts; the callers build their commands while it runs (only the ceilings (d), (h) "
+        "build their rows and hashes before)."
     )
     console.print(
         f"[bold]durability[/]: {args.durability} for (a)-(d): WAL + synchronous="
@@ -1303,19 +1509,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(
         f"[bold]gc[/]: {args.gc} in every timed region"
         + (
-            " (bank.simulate.tuning.throughput_gc: the pre-generated workload frozen out of "
-            "the collector's way, young collections every 20,000 allocations)"
+            " (bank.simulate.tuning.throughput_gc: what exists frozen out of the collector's "
+            "way, young collections every 20,000 allocations)"
             if args.gc == "throughput"
-            else " (CPython's defaults)"
+            else " (CPython's defaults, untouched, as in an application)"
         )
+        + f"; workers: {'Bank.open default' if WORKERS is None else WORKERS}"
     )
     load_before = os.getloadavg()[0]
     runs: dict[str, list[Result]] = {v: [] for v in args.only}
     skipped: dict[str, str] = {}
     # One seeded stream for the whole run: every variant and round takes a prefix of it
-    # ((f) generates its own workload, (i) is pgbench's).
+    # ((f), (m) generate their own workload, (i) is pgbench's).
     stream = make_moves(
-        max((ops[v] for v in args.only if v not in ("f", "i")), default=0),
+        max((ops[v] for v in args.only if v not in ("f", "m", "i")), default=0),
         args.accounts,
         args.seed,
     )
@@ -1374,11 +1581,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                         else ""
                     )
                 )
+        long: dict[str, Any] | None = None
+        if args.long:
+            console.print(
+                f"--long: {args.long_ops:,} pipelined operations ((s)'s callers) on one ledger, "
+                "between two throughput probes ..."
+            )
+            long = bench_long(
+                where / "bench-long.db",
+                args.accounts,
+                args.durability,
+                args.gc,
+                args.seed,
+                args.long_ops,
+            )
     print_report(console, runs, args.durability)
+    if long is not None:
+        console.print(
+            f"  --long: RSS {long['rss_before_mb']:,.1f} -> {long['rss_after_mb']:,.1f} MiB over "
+            f"{long['ops']:,} pipelined operations ({long['long_run_ops_s']:,.0f} ops/s, "
+            f"{long['long_run_cpu_us_per_op']:.1f} us CPU per op): growth "
+            f"{long['rss_growth_mb']:,.1f} MiB (target < {LONG_RSS_GROWTH_MB_MAX:g}: "
+            f"{'met' if long['rss_target_met'] else 'NOT met'}); throughput at "
+            f"{long['rows_before_probe_at_end']:,} rows {long['full_ops_s']:,.0f} ops/s against "
+            f"{long['empty_ops_s']:,.0f} on the empty ledger: {long['full_over_empty']:.3g} "
+            f"(target >= {LONG_RATIO_MIN:g}: {'met' if long['ratio_target_met'] else 'NOT met'})"
+            + (f"; [red]PROBLEMS: {'; '.join(long['problems'])}[/]" if long["problems"] else "")
+        )
     for variant, why in skipped.items():
         console.print(f"  ({variant}) skipped: {why}")
     document = to_json(runs, args, argv)
     document["skipped"] = skipped
+    if long is not None:
+        document["long"] = long
+        document["verified"] = document["verified"] and long["verified"]
     env = document["environment"]
     env["load_average_1m_before"] = round(load_before, 2)
     if pg is not None:

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             bank.balance(merchant) == total_paid,
             f"the merchant holds exactly the committed payments ({money(total_paid)})",
         )
-        history = bank.history(merchant)
+        history = list(bank.iter_history(merchant))
         checks.expect(
             sorted(r.seq for r in history) == sorted(r.seq for _, r in committed),
             f"the merchant's history is exactly the {len(committed):,} committed payments",

@@ -28,9 +28,9 @@ def test_every_variant_runs_and_verifies(bench: ModuleType, tmp_path: Path) -> N
     code = bench.main(
         [
             "--only",
-            "a,b,c,d,e,f",
+            "a,n,b,c,s,d,e,f,m",
             "--ops",
-            "a=40,b=200,c=1000,d=2000,e=500,f=500",
+            "a=40,n=20,b=200,c=1000,s=1000,d=2000,e=500,f=500,m=500",
             "--accounts",
             "10",
             "--rounds",
@@ -43,18 +43,25 @@ def test_every_variant_runs_and_verifies(bench: ModuleType, tmp_path: Path) -> N
     )
     assert code == 0
     doc = json.loads(out.read_text())
-    assert list(doc["variants"]) == ["a", "b", "c", "d", "e", "f"]
+    assert list(doc["variants"]) == ["a", "n", "b", "c", "s", "d", "e", "f", "m"]
     for name, variant in doc["variants"].items():
         assert variant["verified"], (name, variant["problems"])
-        if name == "f":  # the simulation's mixed workload refuses some operations
+        if name in ("f", "m"):  # the simulation's mixed workload refuses some operations
             assert variant["accepted"] + variant["rejected"] == variant["ops"] == 500
             assert variant["rejected"] > 0
             continue
         assert variant["accepted"] == variant["ops"] and variant["rejected"] == 0
         assert variant["ops_s"] > 0
     assert doc["variants"]["a"]["ratio_to_a"] == 1.0
+    assert doc["variants"]["n"]["ratio_to_n"] == 1.0
     assert doc["variants"]["d"]["ratio_to_d"] == 1.0
     assert doc["variants"]["c"]["target_met"] in (True, False)
+    # (m) is (s)'s in-flight count: 16 tellers x a window of 64; (f) simulate's defaults.
+    assert (doc["variants"]["m"]["tellers"], doc["variants"]["m"]["window"]) == (16, 64)
+    assert doc["variants"]["f"]["tellers"] * doc["variants"]["f"]["window"] < 16 * 64
+    assert doc["environment"]["gc"] == "default"  # the collector as an application has it
+    for variant, reference in (("s", "d"), ("c", "d"), ("b", "n"), ("m", "s"), ("f", "n")):
+        assert reference in doc["variants"][variant]["round_ratios"], variant
     # Two rounds of every variant; the reported figure is the median (here the slower) round.
     assert doc["rounds"] == 2
     for variant in doc["variants"].values():
@@ -64,6 +71,18 @@ def test_every_variant_runs_and_verifies(bench: ModuleType, tmp_path: Path) -> N
     d_rounds = doc["variants"]["d"]["rounds"]
     expected = [c["ops_s"] / d["ops_s"] for c, d in zip(c_rounds, d_rounds, strict=True)]
     assert doc["variants"]["c"]["round_ratios"]["d"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_the_long_mode_measures_rss_and_a_full_ledger(bench: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--only", "d", "--ops", "d=200", "--rounds", "1", "--accounts", "10"]
+    assert bench.main([*argv, "--long", "--long-ops", "3000", "--json", str(out)]) == 0
+    long = json.loads(out.read_text())["long"]
+    assert long["verified"], long["problems"]
+    assert long["ops"] == 3000 and long["probe_ops"] == 3000
+    assert long["rows_before_probe_at_end"] >= 6000 + 10  # the probe ran on the long run's rows
+    assert long["empty_ops_s"] > 0 and long["full_ops_s"] > 0
+    assert long["rss_target_met"] in (True, False) and long["ratio_target_met"] in (True, False)
 
 
 def test_other_wait_and_insert_modes(bench: ModuleType, tmp_path: Path) -> None:
@@ -78,7 +97,7 @@ def test_other_wait_and_insert_modes(bench: ModuleType, tmp_path: Path) -> None:
         "--wait",
         "wait",
         "--gc",
-        "default",
+        "throughput",
         "--rounds",
         "1",
     ]
@@ -90,7 +109,7 @@ def test_other_wait_and_insert_modes(bench: ModuleType, tmp_path: Path) -> None:
     assert doc["variants"]["c"]["wait"] == "wait"
     assert doc["variants"]["d"]["insert"] == "values"
     assert doc["environment"]["durability"] == "normal"
-    assert doc["environment"]["gc"] == "default"
+    assert doc["environment"]["gc"] == "throughput"
     assert all(v["verified"] for v in doc["variants"].values())
 
 

@@ -91,7 +91,7 @@ def test_init_refuses_what_it_must_not_touch(
 
 
 def test_accounts_lists_balances(small_ledger: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["accounts", "--db", str(small_ledger)]) == 0
+    assert main(["accounts", "--db", str(small_ledger), "--format", "table"]) == 0
     out = capsys.readouterr().out
     assert "alice" in out and "shop" in out and "75.00" in out and "-5.00" in out
     assert main(["accounts", "--db", str(small_ledger), "--json"]) == 0
@@ -114,7 +114,7 @@ def test_history_by_id_name_and_limit(
     assert receipts[1]["key"] == "order-1" and receipts[1]["amount"] == 25_00
     assert main(["history", "2", "--db", str(small_ledger), "--limit", "1", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 1
-    assert main(["history", "shop", "--db", str(small_ledger)]) == 0
+    assert main(["history", "shop", "--db", str(small_ledger), "--format", "table"]) == 0
     out = capsys.readouterr().out
     assert "order-1" in out and "withdrawal" in out
     assert main(["history", "@cash", "--db", str(small_ledger), "--json"]) == 0

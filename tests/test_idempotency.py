@@ -11,6 +11,7 @@ from concurrent.futures import Future, wait
 import pytest
 
 import bank
+from bank.answers import Answer
 from tests.conftest import LedgerDb, run_threads
 
 
@@ -151,7 +152,7 @@ def test_batches_with_shared_keys_in_opposite_orders_do_not_wait_on_each_other(
     in_flight: Future[bank.Receipt] = Future()  # an operation with key "k2" still in flight
     assert real_claim("k2", in_flight) is None
 
-    def claim(key: str, future: Future[bank.Receipt]) -> Future[bank.Receipt] | None:
+    def claim(key: str, future: Answer) -> Answer | None:
         # The in-flight "k2" is answered just as another batch claims it (the race, won
         # by that batch, made deterministic): the claim passes straight to it.
         with claims._lock:

@@ -365,7 +365,7 @@ def test_a_read_racing_close_leaves_no_connection_to_the_released_ledger(
         paused.set()
         assert resume.wait(10), "watchdog: never resumed"
 
-    check, real = b.account, store.history
+    check, real = b.account, store.history_page
 
     def account_then_pause(account_id: int) -> bank.Account:
         found = check(account_id)
@@ -379,7 +379,7 @@ def test_a_read_racing_close_leaves_no_connection_to_the_released_ledger(
     if where == "before the read":  # past the "open" check, not yet connected
         monkeypatch.setattr(b, "account", account_then_pause)
     else:  # connected, in the query
-        monkeypatch.setattr(store, "history", pause_then_history)
+        monkeypatch.setattr(store, "history_page", pause_then_history)
     results: list[object] = []
 
     def read() -> None:

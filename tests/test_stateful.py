@@ -513,7 +513,10 @@ class BankMachine(RuleBasedStateMachine):
                 self.b.history(account_id)
             return
         mine = [r for r in self.receipts if account_id in (r.debit_account, r.credit_account)]
-        assert self.b.history(account_id, limit=limit) == mine[:limit]
+        if limit is None:  # the whole history, streamed in pages
+            assert list(self.b.iter_history(account_id, page=2)) == mine
+        else:
+            assert self.b.history(account_id, limit=limit) == mine[:limit]
 
     # -- invariants --------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ def _check_one(
     with opener(token) as reader:
         prev = reader.hash_before(lo)
         rows = reader.transfer_rows(lo, hi)
-        return check_range(lo, hi, prev, rows, limit_events, formats, running)
+        return check_range(lo, hi, prev, rows, limit_events, formats, running, own_process=True)
 
 
 def _context() -> multiprocessing.context.BaseContext:

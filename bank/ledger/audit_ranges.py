@@ -107,10 +107,16 @@ def check_range(
     limit_events: Sequence[LimitEvent],
     formats: Formats,
     running: bool = True,
+    *,
+    own_process: bool = False,
 ) -> RangeSummary:
     """Check transfers `lo..hi` (rows in seq order, the table's column order) chained to
     `prev`, the stored hash before `lo` (None: `lo` is the first row). `running`: the
     rows' last two columns are running balances to check (False: NULLs, before 0005).
+
+    `own_process`: the caller is an audit worker process, whose collector this may
+    switch off for the loop. In any other process (an application's, auditing its own
+    bank) the collector is the application's: a library never changes it.
 
     The loop is the audit's hot path: locals only, one `%` format per message, and
     one combined test per row; `a | b | ...` raises for anything but ints (a REAL, a
@@ -181,9 +187,10 @@ def check_range(
     last = start_prev
     dirty = RangeSummary(lo, hi, clean=False)
     # Every row is a fresh tuple of ints and texts (no cycles): the cyclic collector
-    # would only scan them, every 700 rows.
-    collecting = gc.isenabled()
-    gc.disable()
+    # would only scan them, every 700 rows (in a worker process of the audit's own).
+    collecting = own_process and gc.isenabled()
+    if collecting:
+        gc.disable()
     try:
         for (
             seq,

@@ -1,7 +1,9 @@
 """Create or upgrade a ledger to the newest schema, refusing databases that are not ledgers.
 
 Backend-independent (SQLAlchemy and Alembic only): whether a file is a database at
-all is the backend's preflight (`bank.ledger.sqlite.preflight`), not this module's."""
+all is the backend's preflight (`bank.ledger.sqlite.preflight`), not this module's.
+Alembic is imported by the functions that use it, so `import bank` does not load it
+(about a quarter of the import time); the first `Bank.open` does."""
 
 from __future__ import annotations
 
@@ -10,16 +12,16 @@ import threading
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, inspect
 
 from bank.errors import LedgerCorrupt, LedgerVersionError, NotALedger
 from bank.ledger.models import Base
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 #: Tables a ledger at any revision has; their presence without `alembic_version` is damage.
 LEDGER_TABLES = frozenset({"accounts", "transfers", "account_events"})
@@ -30,12 +32,22 @@ ALEMBIC_LOCK = threading.Lock()
 
 
 def migrations_dir() -> Path:
-    """Where the Alembic environment is installed (`bank._migrations`, i.e. `migrations/`)."""
-    return Path(str(files("bank._migrations")))
+    """Where the Alembic environment is: installed as `bank._migrations` (a wheel, or the
+    default editable install's import hook), else the checkout's top-level `migrations/`
+    (the checkout itself on `sys.path`: `make`'s compat editable install, or PYTHONPATH)."""
+    try:
+        return Path(str(files("bank._migrations")))
+    except ModuleNotFoundError:
+        checkout = Path(__file__).resolve().parent.parent.parent / "migrations"
+        if not (checkout / "env.py").is_file():
+            raise
+        return checkout
 
 
 @cache
 def _script() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory(str(migrations_dir()))
 
 
@@ -61,6 +73,8 @@ def head_revision() -> str:
 
 def alembic_config() -> Config:
     """An Alembic configuration for the shipped migrations (pass a connection in `attributes`)."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     return cfg
@@ -81,6 +95,9 @@ def ledger_revision(engine: Engine, where: str | None = None) -> str | None:
     error (e.g. not a database at all) propagates for the backend to name (`open_error`). Messages name `where` (default: the URL's
     database, which is None for an engine built with a `creator`).
     """
+    from alembic.runtime.migration import MigrationContext
+    from alembic.util import CommandError
+
     name = where if where is not None else engine.url.database
     try:
         with engine.connect() as conn:
@@ -116,6 +133,8 @@ def upgrade_to_head(engine: Engine) -> str:
     head = head_revision()
     if current == head:
         return head
+    from alembic import command
+
     with ALEMBIC_LOCK, engine.begin() as conn:
         cfg = alembic_config()
         cfg.attributes["connection"] = conn
@@ -128,6 +147,8 @@ def upgrade_in_transaction(conn: Connection) -> str:
     the caller commits or rolls back: `copy_ledger` fills the tables in that same
     transaction, so a failed copy leaves not even the tables). Returns the revision."""
     assert conn.get_transaction() is not None, "the caller's transaction holds the migrations"
+    from alembic import command
+
     with ALEMBIC_LOCK:
         cfg = alembic_config()
         cfg.attributes["connection"] = conn

@@ -13,10 +13,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bank.answers import Answer
 from bank.errors import BankClosed, BankError, LedgerUnavailable
 from bank.ledger.backend import AccountEventRow, BatchWriter, OwnerLock, WriteBatch
 from bank.ledger.sequencer import Sequencer, Staged, StagedGroup, StagedRejection
@@ -26,7 +26,7 @@ from bank.records import Receipt
 log = logging.getLogger(__name__)
 
 
-def settle(future: Future[Any], result: Any = None, *, error: BaseException | None = None) -> None:
+def settle(future: Answer, result: Any = None, *, error: BaseException | None = None) -> None:
     """Answer `future`; a done-callback's exception, even `SystemExit`, goes to the log.
 
     `Future` catches only `Exception` from callbacks: anything else would escape

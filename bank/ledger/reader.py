@@ -11,7 +11,7 @@ REPEATABLE READ READ ONLY transaction).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, TypeVar
@@ -20,10 +20,14 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError
 
-from bank.errors import NotALedger, UnsupportedLedgerUrl
-from bank.ledger import store
+from bank.errors import LedgerVersionError, NotALedger, UnsupportedLedgerUrl
+from bank.ledger import migrate, store
 from bank.ledger.backends import PACKAGES, backend_module, ledger_url, unsupported
+from bank.limits import HISTORY_LIMIT_DEFAULT
 from bank.records import AccountInfo, Receipt
+
+#: The first revision whose rows carry their running balances (balances as of a seq).
+RUNNING_BALANCES_REVISION = "0005"
 
 T = TypeVar("T")
 
@@ -99,6 +103,80 @@ class LedgerReader:
         """Every account, `@cash` first, from one committed snapshot."""
         return self.read(store.load_accounts)
 
-    def history(self, account_id: int, *, limit: int | None = None) -> list[Receipt]:
-        """One account's committed transfers, oldest first."""
-        return self.read(lambda conn: list(store.history(conn, account_id, limit=limit)))
+    def history(
+        self, account: int, *, after_seq: int = 0, limit: int = HISTORY_LIMIT_DEFAULT
+    ) -> list[Receipt]:
+        """One page of the account's committed transfers, as `Bank.history`: up to `limit`
+        receipts with seq greater than `after_seq`, ascending, from one snapshot.
+
+        Raises `AccountNotFound` (no such account in the ledger), `InvalidCommand` (an
+        `after_seq` or `limit` out of range).
+        """
+        account_id = store.check_account(account, "history.account")
+        after = store.check_seq(after_seq, "history.after_seq")
+        size = store.check_limit(limit, "history.limit")
+        return self.read(lambda conn: self._page(conn, account_id, after, size))
+
+    def iter_history(
+        self, account: int, *, after_seq: int = 0, page: int = HISTORY_LIMIT_DEFAULT
+    ) -> Iterator[Receipt]:
+        """Stream the account's whole committed history after `after_seq`, ascending,
+        `page` receipts per read (as `Bank.iter_history`: memory of one page; the ledger
+        is append-only, so pages read from successive snapshots never skip or repeat a
+        row). Arguments are checked at once; `AccountNotFound` if the account is not in
+        the ledger."""
+        account_id = store.check_account(account, "iter_history.account")
+        after = store.check_seq(after_seq, "iter_history.after_seq")
+        size = store.check_limit(page, "iter_history.page")
+        self.read(lambda conn: store.account_balance(conn, account_id))  # exists, or raise
+
+        def read_page(after: int, limit: int) -> list[Receipt]:
+            return self.read(lambda conn: store.history_page(conn, account_id, after, limit))
+
+        return store.iter_history(read_page, after, size)
+
+    def balance(self, account: int, *, at_seq: int | None = None) -> int:
+        """The account's committed balance, or with `at_seq` its balance right after
+        transfer `at_seq` (as `Bank.balance`: index look-ups, 0 before its first row).
+
+        Raises `AccountNotFound`, `InvalidCommand` (an `at_seq` out of range),
+        `SeqBeyondHead` (past the snapshot's last transfer), `LedgerVersionError` (a
+        ledger before revision 0005 has no running balances: `bank init` upgrades it).
+        """
+        account_id = store.check_account(account, "balance.account")
+        if at_seq is None:
+            return self.read(lambda conn: store.account_balance(conn, account_id))
+        seq = store.check_seq(at_seq, "balance.at_seq")
+        self._need_running_balances()
+
+        def read(conn: Connection) -> int:
+            store.account_balance(conn, account_id)  # exists, or AccountNotFound
+            return store.committed_balance_at(conn, account_id, seq, self.where)
+
+        return self.read(read)
+
+    def balances_at(self, seq: int) -> dict[int, int]:
+        """Every account open at `seq` -> its balance right after that transfer, from one
+        snapshot (`store.BALANCES_AT_SQL`, the query the README documents for auditors).
+        Raises as `balance` does for `seq`."""
+        at = store.check_seq(seq, "balances_at.seq")
+        self._need_running_balances()
+
+        def read(conn: Connection) -> dict[int, int]:
+            store.committed_balance_at(conn, 0, at, self.where)  # the head check
+            return store.balances_at(conn, at)
+
+        return self.read(read)
+
+    def _page(self, conn: Connection, account_id: int, after: int, size: int) -> list[Receipt]:
+        store.account_balance(conn, account_id)  # exists, or AccountNotFound
+        return store.history_page(conn, account_id, after, size)
+
+    def _need_running_balances(self) -> None:
+        revisions = migrate.revisions_oldest_first()
+        if revisions.index(self.revision) < revisions.index(RUNNING_BALANCES_REVISION):
+            raise LedgerVersionError(
+                f"{self.where} is at schema revision {self.revision}, whose rows carry no "
+                f"running balances (revision {RUNNING_BALANCES_REVISION}): balances as of a "
+                f"seq need an upgrade (`bank init --db {self.where}`)"
+            )

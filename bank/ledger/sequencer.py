@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 from bank import lockcheck
+from bank.answers import Answer
 from bank.errors import BankClosed, LedgerUnavailable
 from bank.ledger.backend import AccountEventRow
 from bank.ledger.chain import account_event_hash, transfer_hash
@@ -26,13 +27,13 @@ from bank.records import Receipt
 #: The one record staged per operation, so a plain tuple on purpose: a NamedTuple costs
 #: about 140 ns more to build and unpacks slower (it is not an exact tuple); the rare
 #: records below are NamedTuples of other lengths, which is how the pipeline tells them apart.
-StagedTransfer = tuple[Future[Receipt], Receipt, int, int]
+StagedTransfer = tuple[Answer, Receipt, int, int]
 
 
 class StagedRejection(NamedTuple):
     """A refusal, answered once everything staged before it is durable."""
 
-    future: Future[Any]
+    future: Answer
     error: BaseException
     key: str | None
 
@@ -48,7 +49,7 @@ class StagedGroup(NamedTuple):
     """An atomic group: consecutive rows, one record, so no commit ever splits it; its
     future gets the list of receipts."""
 
-    future: Future[list[Receipt]]
+    future: Answer
     receipts: list[Receipt]
     debit_balances: list[int]
     credit_balances: list[int]
@@ -135,7 +136,7 @@ class Sequencer:
         credit: int,
         amount: int,
         key: str | None,
-        future: Future[Receipt],
+        future: Answer,
         debit_balance: int,
         credit_balance: int,
     ) -> None:
@@ -176,7 +177,7 @@ class Sequencer:
         credit: int,
         amount: int,
         key: str | None,
-        future: Future[Receipt],
+        future: Answer,
         debit_balance: int,
         credit_balance: int,
         hold_seq: int | None,
@@ -228,9 +229,7 @@ class Sequencer:
                 self.wake.notify()
             return receipt
 
-    def stage_group(
-        self, rows: Sequence[GroupRow], future: Future[list[Receipt]]
-    ) -> list[Receipt] | int:
+    def stage_group(self, rows: Sequence[GroupRow], future: Answer) -> list[Receipt] | int:
         """Queue an atomic group as one record of consecutive seqs, all stamped with one
         timestamp; returns the receipts, or the index of the first post or void whose
         hold's deadline that timestamp misses (nothing staged)."""
@@ -300,7 +299,7 @@ class Sequencer:
                 self.wake.notify()
             return receipts
 
-    def stage_rejection(self, future: Future[Any], error: BaseException, key: str | None) -> None:
+    def stage_rejection(self, future: Answer, error: BaseException, key: str | None) -> None:
         """Answer `future` with `error` once everything staged before it is durable."""
         with self.lock:
             self.staged += 1

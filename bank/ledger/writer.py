@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from bank.answers import Answer
 from bank.ledger.backend import BatchWriter, OwnerLock
 from bank.ledger.pipeline import KeyReleaser, Pipeline, WriterStats, settle
 from bank.ledger.sequencer import GroupRow, Sequencer
@@ -30,8 +31,8 @@ class LedgerWriter(Pipeline):
     """
 
     # The sequencer's bound methods, set per instance: a worker's call costs no extra frame.
-    stage_transfer: Callable[[str, int, int, int, str | None, Future[Receipt], int, int], None]
-    stage_rejection: Callable[[Future[Any], BaseException, str | None], None]
+    stage_transfer: Callable[[str, int, int, int, str | None, Answer, int, int], None]
+    stage_rejection: Callable[[Answer, BaseException, str | None], None]
     stage_account_event: Callable[[str, int, str, int, Future[Any]], None]
     stage_two_phase: Callable[
         [
@@ -40,7 +41,7 @@ class LedgerWriter(Pipeline):
             int,
             int,
             str | None,
-            Future[Receipt],
+            Answer,
             int,
             int,
             int | None,
@@ -50,7 +51,7 @@ class LedgerWriter(Pipeline):
         ],
         Receipt | None,
     ]
-    stage_group: Callable[[Sequence[GroupRow], Future[list[Receipt]]], list[Receipt] | int]
+    stage_group: Callable[[Sequence[GroupRow], Answer], list[Receipt] | int]
     position: Callable[[], tuple[int, int]]
 
     def __init__(

@@ -74,7 +74,7 @@ class _Answered(NamedTuple):
     command: AnyCommand
     invoke: int
     complete: int
-    future: Future[Receipt]
+    answer: Future[Receipt] | Receipt | BaseException
 
 
 _new_answered = tuple.__new__
@@ -90,18 +90,26 @@ def _command_fields(command: AnyCommand) -> str:
     return f'"kind": "{command.kind}", "accounts": [{accounts}], "amount": {command.amount}, "key": {key}'
 
 
-def outcome_fields(future: Future[Receipt]) -> str:
-    """The `outcome` members of an op line (JSON text) for a finished future."""
+def _answer_of(answer: Future[Receipt] | Receipt | BaseException) -> Receipt | BaseException:
+    if not isinstance(answer, Future):
+        return answer
     try:
-        receipt = future.result(0)  # one lock round: the common case is a receipt
-    except CancelledError:
-        return '"outcome": "unknown", "reason": "Cancelled"'
+        return answer.result(0)  # one lock round: the common case is a receipt
     except BaseException as exc:  # every answer is recorded, none raised
-        reason = type(exc).__name__
-        if isinstance(exc, BankError) and not isinstance(exc, LedgerUnavailable):
-            return f'"outcome": "refused", "reason": "{reason}"'
-        return f'"outcome": "unknown", "reason": {json.dumps(reason)}'
-    return f'"outcome": "ok", "seq": {receipt.seq}, "hash": "{receipt.hash[:HASH_DIGITS]}"'
+        return exc
+
+
+def outcome_fields(answer: Future[Receipt] | Receipt | BaseException) -> str:
+    """The `outcome` members of an op line (JSON text) for a finished future or its outcome."""
+    outcome = _answer_of(answer)
+    if isinstance(outcome, Receipt):
+        return f'"outcome": "ok", "seq": {outcome.seq}, "hash": "{outcome.hash[:HASH_DIGITS]}"'
+    if isinstance(outcome, CancelledError):
+        return '"outcome": "unknown", "reason": "Cancelled"'
+    reason = type(outcome).__name__
+    if isinstance(outcome, BankError) and not isinstance(outcome, LedgerUnavailable):
+        return f'"outcome": "refused", "reason": "{reason}"'
+    return f'"outcome": "unknown", "reason": {json.dumps(reason)}'
 
 
 class TellerLog:
@@ -128,6 +136,20 @@ class TellerLog:
             _new_answered(_Answered, (n, command, invoke, time.monotonic_ns(), future))
         )
 
+    def answered_batch(
+        self,
+        first: int,
+        commands: Sequence[AnyCommand],
+        invoke: int,
+        outcomes: Sequence[Receipt | BaseException],
+    ) -> None:
+        """Batch-callback part: operations `first, first + 1, ...` answered together."""
+        complete = time.monotonic_ns()
+        self._answered.extend(
+            _new_answered(_Answered, (first + i, command, invoke, complete, outcome))
+            for i, (command, outcome) in enumerate(zip(commands, outcomes, strict=True))
+        )
+
     def flush(self, *, force: bool = False) -> None:
         """Format what was answered; write once a chunk is full (or `force`)."""
         answered = self._answered
@@ -137,7 +159,7 @@ class TellerLog:
             a = answered.popleft()
             lines.append(
                 f"{prefix}{a.n}, {_command_fields(a.command)}, "
-                f'"invoke": {a.invoke}, "complete": {a.complete}, {outcome_fields(a.future)}}}\n'
+                f'"invoke": {a.invoke}, "complete": {a.complete}, {outcome_fields(a.answer)}}}\n'
             )
         if lines and (force or len(lines) >= CHUNK_LINES):
             self._recorder.write_lines(lines)

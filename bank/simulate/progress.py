@@ -10,17 +10,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TaskID,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
+if TYPE_CHECKING:  # rich is imported only when a live bar is drawn
+    from rich.console import Console
+    from rich.progress import TaskID
 
 #: Plain (non-terminal) output prints at most one line per this many seconds.
 PLAIN_LINE_INTERVAL_S = 1.0
@@ -140,6 +134,14 @@ class LiveProgress:
     def __init__(
         self, console: Console, *, total_ops: int | None, duration_s: float | None
     ) -> None:
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
         self._total_ops = total_ops
         self._duration_s = duration_s
         self._progress = Progress(
@@ -195,6 +197,8 @@ def progress_for(
     if not enabled:
         return NoProgress()
     if out.isatty():
+        from rich.console import Console
+
         console = Console(file=out)
         return LiveProgress(console, total_ops=total_ops, duration_s=duration_s)
     return PlainProgress(out, total_ops=total_ops, duration_s=duration_s)

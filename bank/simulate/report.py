@@ -1,29 +1,37 @@
-"""How a simulation result is shown: a summary table, a JSON document and a PNG plot."""
+"""How a simulation result is shown: the summary table, the JSON document and the interval CSV.
+
+The plot is in `bank.simulate.plot` (matplotlib is imported only when one is asked for).
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
-import os
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
 
+from bank.simulate.metrics import Sample
+from bank.simulate.outputs import Target, write_text
 from bank.simulate.runner import SimulationResult
+from bank.simulate.thresholds import Verdict
 
 #: Bumped when a key of the JSON document changes meaning (new keys do not bump it).
-JSON_FORMAT_VERSION = 1
+#: 2: `samples` are per-interval counts with `interval_s` and `rejected_by_reason`.
+JSON_FORMAT_VERSION = 2
 
 
-def result_json(result: SimulationResult) -> dict[str, Any]:
+def result_json(result: SimulationResult, verdicts: Sequence[Verdict] = ()) -> dict[str, Any]:
     """The `--json` document: DESIGN.md section 3's keys first, then everything useful.
 
     `ops == committed + sum(rejected.values())` always holds.
     """
     config = result.config
     totals = result.totals
-    return {
+    doc: dict[str, Any] = {
         "ops": result.ops,
         "committed": totals.committed,
         "rejected": dict(sorted(totals.rejected.items())),
@@ -39,10 +47,16 @@ def result_json(result: SimulationResult) -> dict[str, Any]:
         },
         "format_version": JSON_FORMAT_VERSION,
         "ok": result.ok,
+        "thresholds": [v.as_dict() for v in verdicts],
+        "thresholds_ok": all(v.ok for v in verdicts),
         "interrupted": result.interrupted,
         "errors": list(result.errors),
+        "error_answers": totals.errors,
         "rejected_total": totals.rejected_total,
         "reject_share": round(totals.rejected_total / result.ops, 6) if result.ops else 0.0,
+        "rejected_pct": round(result.rejected_pct, 6),
+        "model": "closed" if result.schedule is None else "open",
+        "schedule": None,
         "queue_high_water": result.queue_high_water,
         "queue_capacity": result.queue_capacity,
         "group_commits": result.group_commits,
@@ -64,40 +78,116 @@ def result_json(result: SimulationResult) -> dict[str, Any]:
         "initial_balance": config.initial_balance,
         "durability": config.durability,
         "per_teller_ops": list(result.per_teller_ops),
+        "interval_s": round(result.interval_s, 6),
         "samples": [s.as_dict() for s in result.samples],
     }
+    schedule = result.schedule
+    if schedule is not None:
+        doc["schedule"] = {
+            "rate": schedule.rate.spec(),
+            "rate_start_ops_s": schedule.rate.start,
+            "rate_end_ops_s": schedule.rate.end,
+            "arrival": schedule.arrival,
+            "due": schedule.due,
+            "submitted": schedule.submitted,
+            "late": schedule.late,
+            "late_pct": round(schedule.late_pct, 6),
+            "late_after_ms": schedule.late_after_ms,
+            "dropped": schedule.dropped,
+            "dropped_pct": round(schedule.dropped_pct, 6),
+            "lag_max_ms": round(schedule.lag_max_ms, 3),
+            "latency_from": "intended start",
+            "service_latency_ms": schedule.service.as_dict(),
+        }
+    return doc
 
 
-def write_json(result: SimulationResult, path: str | os.PathLike[str]) -> None:
-    """Write `result_json(result)` to `path` (atomically: a reader never sees half a file)."""
-    text = json.dumps(result_json(result), indent=2) + "\n"
-    # Through symlinks, so the file is replaced and the link kept.
-    target = Path(os.path.realpath(path))
-    if target.exists() and not target.is_file():
-        # /dev/stdout, a FIFO, a device: write through it. Renaming a temporary file
-        # over it would replace the device itself (as root, /dev/stdout for everyone).
-        with target.open("w", encoding="utf-8") as out:
-            out.write(text)
-        return
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)
+def write_json(result: SimulationResult, target: Target, verdicts: Sequence[Verdict] = ()) -> None:
+    """Write `result_json(result)` to `target` (see `bank.simulate.outputs`)."""
+    write_text(target, json.dumps(result_json(result, verdicts), indent=2) + "\n")
+
+
+# -- the interval CSV ----------------------------------------------------------------------
+
+
+def csv_text(result: SimulationResult) -> str:
+    """One row per interval: time, counts, refusals by reason, latency percentiles, queue depth.
+
+    Refusal columns are `rejected_<Reason>` for every reason seen in the run
+    (sorted); an open-model run adds `due`, `submitted`, `late` and `lag_ms`.
+    """
+    samples = result.samples
+    reasons = sorted({reason for s in samples for reason in s.rejected})
+    open_model = result.schedule is not None
+    header = [
+        "t_s",
+        "interval_s",
+        "ops",
+        "ops_s",
+        "committed",
+        "rejected",
+        *(f"rejected_{reason}" for reason in reasons),
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "max_ms",
+        "mean_ms",
+        "queue_depth",
+    ]
+    if open_model:
+        header += ["due", "submitted", "late", "lag_ms"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for s in samples:
+        lat = s.summary()
+        row: list[object] = [
+            f"{s.t_s:.3f}",
+            f"{s.interval_s:.3f}",
+            s.ops,
+            f"{s.ops_s:.1f}",
+            s.committed,
+            s.rejected_total,
+            *(s.rejected.get(reason, 0) for reason in reasons),
+            f"{lat.p50:.3f}",
+            f"{lat.p90:.3f}",
+            f"{lat.p99:.3f}",
+            f"{lat.max:.3f}",
+            f"{lat.mean:.3f}",
+            s.queue_depth,
+        ]
+        if open_model:
+            row += [f"{s.due:.1f}", s.submitted, s.late, f"{s.lag_ms:.3f}"]
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def write_csv(result: SimulationResult, target: Target) -> None:
+    """Write `csv_text(result)` to `target`."""
+    write_text(target, csv_text(result))
+
+
+# -- the summary ---------------------------------------------------------------------------
 
 
 def _ms(value: float) -> str:
     return f"{value:,.3f} ms"
 
 
-def print_summary(result: SimulationResult, out: TextIO) -> None:
-    """Print the end-of-run summary table (plain text when `out` is not a terminal)."""
+def _samples_note(samples: list[Sample], interval_s: float) -> str:
+    return f"{len(samples)} intervals of {interval_s:.3g} s"
+
+
+def print_summary(result: SimulationResult, out: TextIO, verdicts: Sequence[Verdict] = ()) -> None:
+    """Print the end-of-run summary table, as wide as the terminal (COLUMNS, else 80)."""
     config = result.config
     totals = result.totals
-    console = Console(file=out, highlight=False, soft_wrap=False, width=100)
+    console = Console(file=out, highlight=False, soft_wrap=False)
     title = "bank simulate" + (" (interrupted)" if result.interrupted else "")
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column("what", style="bold")
-    table.add_column("value", justify="right")
-    table.add_column("note")
+    table.add_column("what", style="bold", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("note", overflow="fold")
     table.add_row(
         "tellers",
         f"{config.tellers} x window {config.window}",
@@ -106,20 +196,54 @@ def print_summary(result: SimulationResult, out: TextIO) -> None:
     table.add_row(
         "workload",
         f"{config.accounts:,} accounts",
-        f"{config.mix.spec()}, skew {config.skew.spec()}, seed {config.seed}",
+        f"{config.mix.spec().replace(',', ', ')}; skew {config.skew.spec()}, seed {config.seed}",
     )
+    schedule = result.schedule
+    if schedule is None:
+        table.add_row("model", "closed loop", "each teller sends when an answer frees room")
+    else:
+        rate = schedule.rate
+        shown = (
+            f"{rate.start:,.0f} ops/s"
+            if not rate.ramp
+            else f"{rate.start:,.0f} -> {rate.end:,.0f} ops/s"
+        )
+        table.add_row("model", "open", f"--rate {shown}, {schedule.arrival} arrivals")
     table.add_row("operations", f"{result.ops:,}", f"in {result.duration_s:,.2f} s")
-    table.add_row("throughput", f"{result.throughput_ops_s:,.0f} ops/s", "")
+    table.add_row(
+        "throughput",
+        f"{result.throughput_ops_s:,.0f} ops/s",
+        _samples_note(result.samples, result.interval_s),
+    )
     table.add_row("committed", f"{totals.committed:,}", "")
-    share = 100 * totals.rejected_total / result.ops if result.ops else 0.0
-    table.add_row("rejected", f"{totals.rejected_total:,}", f"{share:.1f}% of operations")
+    table.add_row(
+        "rejected", f"{totals.rejected_total:,}", f"{result.rejected_pct:.1f}% of operations"
+    )
     for reason, count in sorted(totals.rejected.items(), key=lambda kv: (-kv[1], kv[0])):
         table.add_row(f"  {reason}", f"{count:,}", "")
     lat = result.latency
-    table.add_row("latency p50", _ms(lat.p50), "submit to answer, every operation")
+    origin = "submit to answer" if schedule is None else "intended start to answer"
+    table.add_row("latency p50", _ms(lat.p50), f"{origin}, every operation")
     table.add_row("latency p90", _ms(lat.p90), "")
     table.add_row("latency p99", _ms(lat.p99), "")
     table.add_row("latency max", _ms(lat.max), "")
+    if schedule is not None:
+        table.add_row(
+            "service p99",
+            _ms(schedule.service.p99),
+            "submit to answer (what a closed loop would report)",
+        )
+        table.add_row(
+            "late",
+            f"{schedule.late:,}",
+            f"{schedule.late_pct:.1f}% sent > {schedule.late_after_ms} ms after their start",
+        )
+        table.add_row(
+            "dropped",
+            f"{schedule.dropped:,}",
+            f"{schedule.dropped_pct:.1f}% of {schedule.due:,} due, never sent",
+        )
+        table.add_row("start lag max", _ms(schedule.lag_max_ms), "intended start to submit")
     table.add_row(
         "queue high-water",
         f"{result.queue_high_water:,}",
@@ -137,73 +261,11 @@ def print_summary(result: SimulationResult, out: TextIO) -> None:
     verdict = "[green]clean[/green]" if result.audit.ok else "[red]FAILED[/red]"
     problems = result.audit.problems_total
     table.add_row("audit", verdict, f"{problems} problem(s), ledger seq {result.ledger_seq:,}")
+    for v in verdicts:
+        mark = "[green]pass[/green]" if v.ok else "[red]FAIL[/red]"
+        table.add_row("threshold", mark, f"{v.threshold.expr} (measured {v.value:,.6g})")
     console.print(table)
     for problem in result.audit.problems[:20]:
         console.print(f"  audit: {problem.get('kind')}: {problem.get('message')}", markup=False)
     for error in result.errors:
         console.print(f"  error: {error}", markup=False)
-
-
-def write_plot(result: SimulationResult, path: str | os.PathLike[str]) -> None:
-    """Write a PNG: throughput, latency percentiles and queue depth over time.
-
-    Uses matplotlib's object API with the Agg canvas, never `pyplot`, so it needs
-    no display and keeps no global state.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
-
-    samples = result.samples
-    t = [s.t_s for s in samples]
-    fig = Figure(figsize=(10, 8.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_ops, ax_lat, ax_q = fig.subplots(3, 1, sharex=True, height_ratios=[3, 3, 1.5])
-    marker = "o" if len(samples) < 3 else None
-
-    ax_ops.plot(t, [s.ops_s for s in samples], color="tab:blue", marker=marker, label="answered")
-    ax_ops.axhline(
-        result.throughput_ops_s,
-        color="tab:gray",
-        linestyle="--",
-        linewidth=1,
-        label=f"run average {result.throughput_ops_s:,.0f} ops/s",
-    )
-    ax_ops.set_ylabel("throughput (ops/s)")
-    ax_ops.set_ylim(bottom=0)
-    ax_ops.legend(loc="lower right")
-    ax_ops.grid(True, alpha=0.3)
-
-    for name, color in (("p50", "tab:green"), ("p90", "tab:orange"), ("p99", "tab:red")):
-        values = [getattr(s, f"{name}_ms") for s in samples]
-        ax_lat.plot(t, values, color=color, marker=marker, label=name)
-    ax_lat.plot(
-        t, [s.max_ms for s in samples], color="tab:purple", linewidth=0.8, alpha=0.6, label="max"
-    )
-    if any(s.max_ms > 0 for s in samples):
-        ax_lat.set_yscale("log")
-        ax_lat.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax_lat.set_ylabel("latency per second (ms)")
-    ax_lat.legend(loc="upper right", ncol=4)
-    ax_lat.grid(True, which="both", alpha=0.3)
-
-    ax_q.plot(t, [s.queue_depth for s in samples], color="tab:brown", marker=marker)
-    ax_q.axhline(result.queue_capacity, color="tab:gray", linestyle=":", linewidth=1)
-    ax_q.set_ylabel("queue depth")
-    ax_q.set_xlabel("time since start (s)")
-    ax_q.set_ylim(bottom=0, top=max(1, result.queue_capacity) * 1.05)
-    ax_q.grid(True, alpha=0.3)
-
-    config = result.config
-    lat = result.latency
-    audit = "audit clean" if result.audit.ok else "AUDIT FAILED"
-    fig.suptitle(
-        f"bank simulate: {result.ops:,} ops in {result.duration_s:,.1f} s, "
-        f"{result.throughput_ops_s:,.0f} ops/s, p50 {lat.p50:.2f} / p99 {lat.p99:.2f} / "
-        f"max {lat.max:.1f} ms, {audit}\n"
-        f"{config.tellers} tellers x window {config.window}, {config.workers} workers, "
-        f"{config.accounts:,} accounts, {config.mix.spec()}, skew {config.skew.spec()}, "
-        f"seed {config.seed}, durability {config.durability}",
-        fontsize=10,
-    )
-    fig.savefig(os.fspath(path), format="png")

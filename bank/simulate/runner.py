@@ -4,25 +4,36 @@
 main thread:  open bank, open+fund accounts, start tellers, release them together
               (start Event), show progress, stop them (stop Event: --duration, Ctrl-C),
               wait for every in-flight answer, then audit
-teller-N:     acquire window permits (BoundedSemaphore) -> submit/submit_many
-              -> a done callback timestamps the answer and releases the permit
-observer:     daemon thread; once a second: ops/s, latency percentiles, queue depth
+teller-N:     closed loop: wait for room in its window, submit as many as fit in one
+              batch; open model (--rate): sleep until the next operation is due, then
+              submit every due operation that fits, late ones included
+              -> one callback per batch records the answers and frees the slots
+observer:     daemon thread; every interval: ops/s, latency histogram, queue depth
 ```
 
-The done callback runs on the bank's ledger writer thread (whoever resolves a
-future runs its callbacks), so it does the least possible: take the time, queue
-the outcome for its teller, release the permit. The teller moves the outcomes
-into the shared `Metrics` in batches.
+The batch callback runs on the bank thread that answered the batch, so it does
+the least possible: take the time, count the outcomes, append the latency to
+flat arrays (`Metrics.record`, one lock acquisition) and free the window.
+Percentiles are computed only when shown.
+
+Open model (wrk2's coordinated-omission correction). Each operation has an
+intended start from the schedule (`bank.simulate.schedule`); its latency runs
+from there, not from when the teller got round to sending it. An operation is
+*late* when it is sent more than `LATE_AFTER_MS` after its intended start (the
+teller's window was full, or the teller did not get the CPU), and *dropped*
+when it was due before the run stopped (the end of `--duration`, Ctrl-C) but
+was never sent. A `--ops` run sends every operation, however late, so it only
+drops on Ctrl-C.
 """
 
 from __future__ import annotations
 
+import bisect
 import signal
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError, Future
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,14 +41,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bank.answers import Outcome as BankOutcome
 from bank.commands import AnyCommand, Deposit
 from bank.engine import Bank
-from bank.errors import BankError
+from bank.errors import BankClosed, BankError, LedgerUnavailable
+from bank.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEM
 from bank.limits import QUEUE_CAPACITY_DEFAULT, SUBMIT_CHUNK_OPS_MAX, WORKERS_DEFAULT
 from bank.records import Receipt
 from bank.simulate.history import HistoryRecorder, SnapshotReader, TellerLog
-from bank.simulate.metrics import LatencySummary, Metrics, Observer, Outcome, Sample, Totals
+from bank.simulate.metrics import INTERVAL_S_MIN, LatencySummary, Metrics, Observer, Sample, Totals
 from bank.simulate.progress import NoProgress, ProgressDisplay, Reading
+from bank.simulate.schedule import ARRIVALS, Rate, Schedule, parse_rate
 from bank.simulate.tuning import throughput_gc
 from bank.simulate.workload import (
     MIX_DEFAULT,
@@ -67,6 +81,13 @@ DURABILITIES = ("full", "normal")
 PERMIT_WAIT_S = 0.05
 #: How often the main thread refreshes the progress display.
 PROGRESS_INTERVAL_S = 0.2
+#: An open-model operation sent more than this after its intended start is late.
+LATE_AFTER_MS = 10
+LATE_AFTER_NS = LATE_AFTER_MS * 1_000_000
+#: Open model: a teller sends at most once per tick; what falls due meanwhile goes in one
+#: batch. Waking for every operation starved the bank's own threads of the GIL (at half
+#: the closed-loop maximum, 4 tellers: 30% late against 7% with a 1-ms tick).
+SEND_TICK_NS = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +107,11 @@ class SimulationConfig:
     initial_balance: int = INITIAL_BALANCE_DEFAULT
     durability: str = "full"
     queue_capacity: int = QUEUE_CAPACITY_DEFAULT
+    #: Open model: the target rate over all tellers (None: closed loop).
+    rate: Rate | None = None
+    arrival: str = "fixed"
+    #: The observer's interval in seconds (None: adapt to the run's length).
+    interval_s: float | None = None
 
     def __post_init__(self) -> None:
         def bounded(name: str, value: int, low: int, high: int) -> None:
@@ -105,11 +131,42 @@ class SimulationConfig:
             raise InvalidWorkload(f"duration must be in (0, 1 week] seconds, got {self.duration_s}")
         if self.durability not in DURABILITIES:
             raise InvalidWorkload(f"durability must be 'full' or 'normal', got {self.durability!r}")
+        if self.arrival not in ARRIVALS:
+            raise InvalidWorkload(f"arrival must be 'fixed' or 'poisson', got {self.arrival!r}")
+        if self.arrival != "fixed" and self.rate is None:
+            raise InvalidWorkload("--arrival poisson needs --rate (a closed loop has no arrivals)")
+        if self.interval_s is not None and not INTERVAL_S_MIN <= self.interval_s <= 3600:
+            raise InvalidWorkload(
+                f"interval must be from {INTERVAL_S_MIN} to 3600 seconds, got {self.interval_s}"
+            )
+
+    def schedule(self) -> Schedule | None:
+        """The open model's schedule (None for a closed loop)."""
+        if self.rate is None:
+            return None
+        if self.duration_s is not None:
+            return Schedule(self.rate, self.duration_s)
+        assert self.ops is not None
+        return Schedule.for_ops(self.rate, self.ops)
+
+    def expected_s(self) -> float | None:
+        """How long the run should last, when that is known before it starts."""
+        schedule = self.schedule()
+        if schedule is not None:
+            return schedule.duration_s
+        return self.duration_s
 
     @classmethod
-    def from_specs(cls, *, mix: str, skew: str, **kwargs: Any) -> SimulationConfig:
-        """Build a config from `--mix` / `--skew` texts (raises `InvalidWorkload`)."""
-        return cls(mix=parse_mix(mix), skew=parse_skew(skew), **kwargs)
+    def from_specs(
+        cls, *, mix: str, skew: str, rate: str | None = None, **kwargs: Any
+    ) -> SimulationConfig:
+        """Build a config from `--mix` / `--skew` / `--rate` texts (raises `InvalidWorkload`)."""
+        return cls(
+            mix=parse_mix(mix),
+            skew=parse_skew(skew),
+            rate=None if rate is None else parse_rate(rate),
+            **kwargs,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +178,34 @@ class AuditVerdict:
     problems_total: int
     seq: int
     head_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleReport:
+    """How an open-model run kept its schedule (see the module docstring for late/dropped)."""
+
+    rate: Rate
+    arrival: str
+    #: Operations due by the schedule before the run stopped.
+    due: int
+    submitted: int
+    late: int
+    dropped: int
+    #: The largest delay between an operation's intended start and its submit.
+    lag_max_ms: float
+    #: Latency from each batch's actual submit: what a closed loop would have reported.
+    service: LatencySummary
+    late_after_ms: int = LATE_AFTER_MS
+
+    @property
+    def late_pct(self) -> float:
+        """Late operations, in % of those sent."""
+        return 100 * self.late / self.submitted if self.submitted else 0.0
+
+    @property
+    def dropped_pct(self) -> float:
+        """Dropped operations, in % of those due."""
+        return 100 * self.dropped / self.due if self.due else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +228,9 @@ class SimulationResult:
     errors: list[str] = field(default_factory=list)
     per_teller_ops: list[int] = field(default_factory=list)
     commands: dict[int, list[AnyCommand]] | None = None
+    schedule: ScheduleReport | None = None
+    #: The observer's final interval in seconds (it adapts unless --interval is given).
+    interval_s: float = 0.0
 
     @property
     def ops(self) -> int:
@@ -155,19 +243,83 @@ class SimulationResult:
         return self.ops / self.duration_s if self.duration_s > 0 else 0.0
 
     @property
+    def rejected_pct(self) -> float:
+        """Refused operations, in % of those answered."""
+        return 100 * self.totals.rejected_total / self.ops if self.ops else 0.0
+
+    @property
     def ok(self) -> bool:
         """The audit is clean, money is conserved and no teller hit an error."""
         return self.audit.ok and self.total_balance == 0 and not self.errors
 
     def exit_code(self) -> int:
-        """1 if anything is wrong, else 130 if Ctrl-C cut the run short, else 0."""
+        """`EXIT_PROBLEM` if anything is wrong, else `EXIT_INTERRUPTED` if Ctrl-C cut the run
+        short, else `EXIT_OK` (`bank simulate` adds `EXIT_THRESHOLD` for its thresholds)."""
         if not self.ok:
-            return 1
-        return 130 if self.interrupted else 0
+            return EXIT_PROBLEM
+        return EXIT_INTERRUPTED if self.interrupted else EXIT_OK
+
+
+#: One answered operation of a batch: its receipt, or what it was refused or failed with.
+Outcome = Receipt | BaseException
+#: Answers that are not refusals (the operation's fate is unknown, or the run broke).
+_ERROR_TYPES: tuple[type[BaseException], ...] = (LedgerUnavailable, BankClosed)
+
+
+def classify(outcomes: Sequence[Outcome]) -> tuple[int, dict[str, int] | None, int]:
+    """(committed, rejected by reason or None, errors) of one answered batch."""
+    refused = [o for o in outcomes if type(o) is not Receipt]
+    if not refused:
+        return len(outcomes), None, 0
+    rejected: dict[str, int] = {}
+    errors = 0
+    for exc in refused:
+        reason = "Cancelled" if isinstance(exc, CancelledError) else type(exc).__name__
+        rejected[reason] = rejected.get(reason, 0) + 1
+        if not isinstance(exc, BankError) or isinstance(exc, _ERROR_TYPES):
+            errors += 1
+    return len(outcomes) - len(refused), rejected, errors
+
+
+def submit_batch(
+    bank: Bank, commands: list[AnyCommand], on_done: Callable[[Sequence[Outcome]], None]
+) -> None:
+    """`Bank.submit_batch(commands)`; `on_done(outcomes)` runs once, when all are answered.
+
+    One future and one callback per batch. `on_done` runs on whichever thread
+    answers the batch (a bank thread): it must be short and must not wait on the
+    bank. A future that fails as a whole (cancelled, the bank broke before
+    answering) gives every command that exception.
+    """
+    future = bank.submit_batch(commands)
+    n = len(commands)
+
+    def done(f: Future[list[BankOutcome]]) -> None:
+        if f.cancelled():
+            on_done([CancelledError()] * n)
+            return
+        exc = f.exception()
+        on_done([exc] * n if exc is not None else f.result())
+
+    future.add_done_callback(done)
+
+
+@dataclass(slots=True)
+class RunClock:
+    """The instant the tellers were released (perf_counter_ns), shared by the open-model tellers."""
+
+    start_ns: int = 0
 
 
 class Teller(threading.Thread):
-    """A simulated teller: serves its own command stream with up to `window` ops in flight."""
+    """A simulated teller: serves its own command stream with up to `window` ops in flight.
+
+    Closed loop (`times` is None): whenever answers free room in the window it
+    submits as many operations as fit, in one batch. Open model: operations are
+    due at the times `times` gives (seconds from the start); the teller sends
+    every operation that is due, in one batch, as soon as the window has room,
+    and each latency is measured from the operation's intended start.
+    """
 
     def __init__(
         self,
@@ -183,6 +335,9 @@ class Teller(threading.Thread):
         on_error: Callable[[str], None],
         keep_commands: bool = False,
         log: TellerLog | None = None,
+        times: Iterator[float] | None = None,
+        clock: RunClock | None = None,
+        end_s: float | None = None,
     ) -> None:
         super().__init__(name=f"teller-{index}")
         self.index = index
@@ -190,112 +345,212 @@ class Teller(threading.Thread):
         self._stream = stream
         self._quota = quota
         self._window_size = window
-        self._window = threading.BoundedSemaphore(window)
+        self._batch_max = min(window, SUBMIT_CHUNK_OPS_MAX)
+        # The window: operations in flight, guarded by `_room` (answers notify it).
+        self._room = threading.Condition(threading.Lock())
+        self._in_flight = 0
         self._go = start
         self._halt = stop
         self._metrics = metrics
         self._on_error = on_error
-        # Outcomes answered but not yet in `metrics`; appended on the writer thread
-        # (deque appends and pops are documented thread-safe), drained by this teller.
-        self._answered: deque[Outcome] = deque()
         self.submitted = 0
+        #: Open model: operations due before the run stopped that were never sent.
+        self.dropped = 0
         self.commands: list[AnyCommand] | None = [] if keep_commands else None
         # Only with --history: without it the teller never touches the clock twice.
         self._log = log
+        self._times = times
+        self._clock = clock if clock is not None else RunClock()
+        self._end_s = end_s
 
     def run(self) -> None:
         try:
             self._go.wait()
-            self._serve()
+            if self._times is None:
+                self._serve_closed()
+            else:
+                self._serve_open(self._times)
         except BaseException as exc:  # never die silently: the run must know
             self._on_error(f"{self.name}: {type(exc).__name__}: {exc}")
             self._halt.set()
         finally:
             self._drain()
 
-    def _serve(self) -> None:
-        remaining = self._quota
-        batch_max = min(self._window_size, SUBMIT_CHUNK_OPS_MAX)
-        while not self._halt.is_set() and (remaining is None or remaining > 0):
-            if not self._window.acquire(timeout=PERMIT_WAIT_S):
-                self._flush()
-                continue
-            n = 1
-            limit = batch_max if remaining is None else min(batch_max, remaining)
-            while n < limit and self._window.acquire(blocking=False):
-                n += 1
-            commands = self._stream.take(n)
-            if self.commands is not None:
-                self.commands.extend(commands)
-            log = self._log
-            try:
-                invoked = time.monotonic_ns() if log is not None else 0
-                t0 = time.perf_counter_ns()
-                if n == 1:
-                    futures = [self._bank.submit(commands[0])]
-                else:
-                    futures = self._bank.submit_many(commands)
-            except BaseException:
-                for _ in range(n):
-                    self._window.release()
-                raise
-            self.submitted += n
-            if log is None:
-                for future in futures:
-                    future.add_done_callback(partial(self._answer, t0))
-            else:
-                for number, command, future in zip(log.numbers(n), commands, futures, strict=True):
-                    future.add_done_callback(
-                        partial(self._answer_logged, log, t0, number, command, invoked)
-                    )
-            if remaining is not None:
-                remaining -= n
-            self._flush()
+    def _reserve(self, limit: int) -> int:
+        """Wait for room in the window, then take up to `limit` slots (0 if the run stops)."""
+        with self._room:
+            while self._in_flight >= self._window_size:
+                if self._halt.is_set():
+                    return 0
+                self._room.wait(PERMIT_WAIT_S)
+                if self._log is not None:
+                    self._log.flush()
+            n = min(limit, self._window_size - self._in_flight)
+            self._in_flight += n
+            return n
 
-    def _answer(self, t0: int, future: Future[Receipt]) -> None:
-        """Done callback (runs on whichever thread answered): record, then free the slot."""
-        latency_us = (time.perf_counter_ns() - t0) // 1000
-        exc = None if future.cancelled() else future.exception()
-        reason = None
-        if future.cancelled():
-            reason = "Cancelled"
-        elif exc is not None:
-            reason = type(exc).__name__
-        self._answered.append((latency_us, reason))
-        self._window.release()
+    def _release(self, n: int) -> None:
+        with self._room:
+            self._in_flight -= n
+            self._room.notify()
 
-    def _answer_logged(
-        self,
-        log: TellerLog,
-        t0: int,
-        number: int,
-        command: AnyCommand,
-        invoked: int,
-        future: Future[Receipt],
+    def _send(
+        self, commands: list[AnyCommand], on_done: Callable[[Sequence[Outcome]], None]
     ) -> None:
-        """Done callback with --history: stamp the completion for the log, then as `_answer`."""
-        log.answered(number, command, invoked, future)
-        self._answer(t0, future)
-
-    def _flush(self) -> None:
+        if self.commands is not None:
+            self.commands.extend(commands)
+        try:
+            submit_batch(self._bank, commands, on_done)
+        except BaseException:
+            self._release(len(commands))
+            raise
+        self.submitted += len(commands)
         if self._log is not None:
             self._log.flush()
-        batch: list[Outcome] = []
-        while True:
-            try:
-                batch.append(self._answered.popleft())
-            except IndexError:
+
+    def _serve_closed(self) -> None:
+        remaining = self._quota
+        while not self._halt.is_set() and (remaining is None or remaining > 0):
+            limit = self._batch_max if remaining is None else min(self._batch_max, remaining)
+            n = self._reserve(limit)
+            if n == 0:
+                return
+            commands = self._stream.take(n)
+            log = self._log
+            if log is None:
+                self._send(commands, partial(self._answered, time.perf_counter_ns(), n))
+            else:
+                first = log.numbers(n).start
+                invoked = time.monotonic_ns()
+                self._send(
+                    commands,
+                    partial(
+                        self._answered_logged,
+                        log,
+                        first,
+                        commands,
+                        invoked,
+                        time.perf_counter_ns(),
+                    ),
+                )
+            if remaining is not None:
+                remaining -= n
+
+    def _serve_open(self, times: Iterator[float]) -> None:
+        remaining = self._quota
+        start_ns = self._clock.start_ns
+        end_s = self._end_s
+        next_s = next(times)
+        last_sent_ns = 0
+        while not self._halt.is_set() and (remaining is None or remaining > 0):
+            if end_s is not None and next_s >= end_s:
+                return  # the schedule of this run is over
+            due_ns = start_ns + int(next_s * 1e9)
+            now_ns = time.perf_counter_ns()
+            wait_ns = max(due_ns, last_sent_ns + SEND_TICK_NS) - now_ns
+            if wait_ns > 0:
+                self._halt.wait(wait_ns / 1e9)
+                continue
+            limit = self._batch_max if remaining is None else min(self._batch_max, remaining)
+            n = self._reserve(limit)
+            if n == 0:
                 break
-        if batch:
-            self._metrics.record(batch)
+            intended = [due_ns]
+            next_s = next(times)
+            now_ns = time.perf_counter_ns()
+            while len(intended) < n:
+                if end_s is not None and next_s >= end_s:
+                    break
+                due_ns = start_ns + int(next_s * 1e9)
+                if due_ns > now_ns:
+                    break
+                intended.append(due_ns)
+                next_s = next(times)
+            if len(intended) < n:
+                self._release(n - len(intended))
+            n = len(intended)
+            commands = self._stream.take(n)
+            sent_ns = last_sent_ns = time.perf_counter_ns()
+            log = self._log
+            if log is None:
+                self._send(commands, partial(self._answered_open, intended, sent_ns))
+            else:
+                first = log.numbers(n).start
+                invoked = time.monotonic_ns()
+                self._send(
+                    commands,
+                    partial(
+                        self._answered_open_logged, log, first, commands, invoked, intended, sent_ns
+                    ),
+                )
+            late = bisect.bisect_left(intended, sent_ns - LATE_AFTER_NS)
+            self._metrics.submitted(n, late, (sent_ns - intended[0]) // 1000)
+            if remaining is not None:
+                remaining -= n
+        self._count_dropped(next_s, times, remaining)
+
+    def _count_dropped(self, next_s: float, times: Iterator[float], remaining: int | None) -> None:
+        """Operations that were due before the run stopped but were never sent."""
+        cut = (time.perf_counter_ns() - self._clock.start_ns) / 1e9
+        if self._end_s is not None:
+            cut = min(cut, self._end_s)
+        dropped = 0
+        while next_s < cut and (remaining is None or dropped < remaining):
+            dropped += 1
+            next_s = next(times)
+        self.dropped = dropped
+
+    def _answered(self, t0: int, n: int, outcomes: Sequence[Outcome]) -> None:
+        """Batch callback (runs on whichever thread answered): record, then free the slots."""
+        latency_us = (time.perf_counter_ns() - t0) // 1000
+        committed, rejected, errors = classify(outcomes)
+        self._metrics.record(latency_us, n, committed, rejected, errors)
+        self._release(n)
+
+    def _answered_open(
+        self, intended: list[int], sent_ns: int, outcomes: Sequence[Outcome]
+    ) -> None:
+        """Open-model batch callback: each latency from the operation's intended start."""
+        end = time.perf_counter_ns()
+        latencies = [(end - t) // 1000 for t in intended]
+        committed, rejected, errors = classify(outcomes)
+        self._metrics.record(
+            latencies, len(intended), committed, rejected, errors, (end - sent_ns) // 1000
+        )
+        self._release(len(intended))
+
+    def _answered_logged(
+        self,
+        log: TellerLog,
+        first: int,
+        commands: list[AnyCommand],
+        invoked: int,
+        t0: int,
+        outcomes: Sequence[Outcome],
+    ) -> None:
+        """Batch callback with --history: stamp the completions for the log, then as `_answered`."""
+        log.answered_batch(first, commands, invoked, outcomes)
+        self._answered(t0, len(commands), outcomes)
+
+    def _answered_open_logged(
+        self,
+        log: TellerLog,
+        first: int,
+        commands: list[AnyCommand],
+        invoked: int,
+        intended: list[int],
+        sent_ns: int,
+        outcomes: Sequence[Outcome],
+    ) -> None:
+        """Open-model batch callback with --history."""
+        log.answered_batch(first, commands, invoked, outcomes)
+        self._answered_open(intended, sent_ns, outcomes)
 
     def _drain(self) -> None:
-        """Wait until every operation in flight is answered (all permits back), then record."""
-        for _ in range(self._window_size):
-            self._window.acquire()
-        for _ in range(self._window_size):
-            self._window.release()
-        self._flush()
+        """Wait until every operation in flight is answered, then flush the log."""
+        with self._room:
+            while self._in_flight > 0:
+                self._room.wait(PERMIT_WAIT_S)
         if self._log is not None:
             self._log.flush(force=True)
 
@@ -388,6 +643,10 @@ def run_simulation(
             if config.ops is not None
             else [None] * config.tellers
         )
+        schedule = config.schedule()
+        clock = RunClock()
+        # A --duration schedule ends with the run; a --ops one when every quota is sent.
+        end_s = config.duration_s if schedule is not None else None
         tellers = [
             Teller(
                 i,
@@ -401,6 +660,16 @@ def run_simulation(
                 on_error=on_error,
                 keep_commands=keep_commands,
                 log=recorder.teller(i) if recorder is not None else None,
+                times=None
+                if schedule is None
+                else schedule.teller_times(
+                    i,
+                    config.tellers,
+                    "poisson" if config.arrival == "poisson" else "fixed",
+                    config.seed,
+                ),
+                clock=clock,
+                end_s=end_s,
             )
             for i in range(config.tellers)
         ]
@@ -408,7 +677,13 @@ def run_simulation(
         if recorder is not None:
             recorder.snapshot(bank.snapshot)  # the state the run starts from
             snapshots = SnapshotReader(recorder, bank.snapshot)
-        observer = Observer(metrics, lambda: bank.stats().queue_depth)
+        observer = Observer(
+            metrics,
+            lambda: bank.stats().queue_depth,
+            interval_s=config.interval_s,
+            expected_s=config.expected_s(),
+            due_by=None if schedule is None else schedule.due_by,
+        )
         interrupted = threading.Event()
         commits_before = bank.stats().commits  # the setup's commits are not the run's
         restore_sigint = _catch_sigint(interrupted, stop)
@@ -419,6 +694,7 @@ def run_simulation(
                 snapshots.start()
             with display, throughput_gc():
                 t0 = time.monotonic()
+                clock.start_ns = time.perf_counter_ns()
                 observer.begin(t0)
                 observer.start()
                 start.set()
@@ -451,11 +727,26 @@ def run_simulation(
         seq=report.seq,
         head_hash=report.head_hash,
     )
+    schedule_report = None
+    if schedule is not None:
+        assert config.rate is not None
+        submitted, late, lag_us = metrics.schedule_totals()
+        dropped = sum(t.dropped for t in tellers)
+        schedule_report = ScheduleReport(
+            rate=config.rate,
+            arrival=config.arrival,
+            due=submitted + dropped,
+            submitted=submitted,
+            late=late,
+            dropped=dropped,
+            lag_max_ms=lag_us / 1000.0,
+            service=metrics.service_latency(),
+        )
     return SimulationResult(
         config=config,
         totals=metrics.totals(),
         duration_s=t_end - t0,
-        latency=metrics.latency(),
+        latency=observer.latency(),
         samples=observer.samples(),
         queue_high_water=stats.queue_high_water,
         queue_capacity=stats.queue_capacity,
@@ -469,6 +760,8 @@ def run_simulation(
         commands={t.index: t.commands for t in tellers if t.commands is not None}
         if keep_commands
         else None,
+        schedule=schedule_report,
+        interval_s=observer.interval_s,
     )
 
 
@@ -486,14 +779,15 @@ def _history_options(config: SimulationConfig) -> dict[str, object]:
         "initial_balance": config.initial_balance,
         "durability": config.durability,
         "queue_capacity": config.queue_capacity,
+        "rate": None if config.rate is None else config.rate.spec(),
+        "arrival": config.arrival,
     }
 
 
 def _reading(bank: Bank, metrics: Metrics, observer: Observer, elapsed_s: float) -> Reading:
     totals = metrics.totals()
-    samples = observer.samples()
     average = totals.completed / elapsed_s if elapsed_s > 0 else 0.0
-    ops_s = samples[-1].ops_s if samples else average
+    last = observer.last_ops_s()
     try:
         depth = bank.stats().queue_depth
     except BankError:
@@ -504,7 +798,7 @@ def _reading(bank: Bank, metrics: Metrics, observer: Observer, elapsed_s: float)
         committed=totals.committed,
         rejected=totals.rejected_total,
         queue_depth=depth,
-        ops_s=ops_s,
+        ops_s=average if last is None else last,
     )
 
 

@@ -28,8 +28,9 @@ from bank.limits import QUEUE_CAPACITY_DEFAULT, WORKERS_DEFAULT
 from bank.money import format_minor
 from bank.records import Receipt
 
-#: Exit status of a scenario script whose tellers hung (see `run_tellers`).
-EXIT_HANG = 3
+#: Exit status of a scenario script whose tellers hung (see `run_tellers`); not 3, which
+#: `bank.exit_codes` gives to a failed `simulate --threshold`.
+EXIT_HANG = 4
 #: How long a scenario's tellers may run before the watchdog calls it a hang.
 WATCHDOG_S_DEFAULT = 120.0
 
@@ -116,7 +117,7 @@ def run_tellers(
     If a teller is still running after `watchdog_s` (a deadlock or a hang) every
     thread's stack is dumped to stderr and the check fails. A stuck teller would
     also keep the process alive, so when `checks.exit_on_hang` is set (scripts run
-    from the command line) the process then exits at once with status 3.
+    from the command line) the process then exits at once with status `EXIT_HANG` (4).
     """
     start = threading.Event()
     tellers = [ScenarioTeller(i, work, start) for i in range(count)]

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import fields
 from itertools import chain
 from operator import attrgetter
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import Engine
 
@@ -54,6 +54,15 @@ _KEYLESS_PLAIN_COLUMNS = tuple(c for c in _PLAIN_COLUMNS if c != "key")
 #: `AccountEventRow` lists `account_events`' columns in order: a row is its fields.
 _EVENT_COLUMNS = tuple(f.name for f in fields(AccountEventRow))
 _event_values = attrgetter(*_EVENT_COLUMNS)
+
+#: The writer connection's own settings, for revision 0005's two (account, seq) indexes:
+#: each commit dirties the last index page of every account it touches, so (1) a page
+#: cache that holds them as the ledger grows (SQLite's default is 2 MiB; the cache fills
+#: only as pages are used), and (2) checkpoints every 10,000 WAL pages instead of 1,000,
+#: so that a hot page rewritten by many commits is copied back once per checkpoint, not
+#: once per few commits. Measured with scripts/pipeline_cost.py (100 accounts): writer
+#: statements 30.6 -> 20.6 us and COMMIT 37.6 -> 13.2 us per operation.
+WRITER_PRAGMAS: Final = ("cache_size = -65536", "wal_autocheckpoint = 10000")
 
 #: How a group commit starts: the write lock at once (this bank is the file's one
 #: writer, so it only ever waits for a reader's checkpoint or a stranger's lock).
@@ -111,6 +120,8 @@ class SqliteBatchWriter:
             assert driver is not None, "a live pooled connection has a driver connection"
             self._cursor = driver.cursor()
             variables_max = bound_variables_max(driver)
+            for pragma in WRITER_PRAGMAS:
+                self._cursor.execute(f"PRAGMA {pragma}")
         except BaseException:
             self._conn.close()
             raise

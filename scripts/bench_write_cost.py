@@ -1,0 +1,116 @@
+"""What revision 0005 costs the write path: pipelined transfers/s with and without it.
+
+Revision 0005 makes every transfer row carry its two running balances and keeps two
+(account, seq) indexes, so that history pages and balances as of a seq are index
+look-ups. This measures what that costs writers: `scripts/bench.py`'s pipelined
+variants ((c) on SQLite, (g) on PostgreSQL with `--pg-url`) run alternately on this
+tree and on a tree of the code before 0005 (`--base`, a git revision, exported with
+`git archive` into a temporary directory), round after round, so a slow spell of the
+shared machine hits both alike. It reports each side's median and the ratio
+(target: at most 15% fewer transfers/s with 0005).
+
+    .venv/bin/python scripts/bench_write_cost.py --base a71de3c --rounds 3
+    .venv/bin/python scripts/bench_write_cost.py --base a71de3c --only g \\
+        --pg-url postgresql+psycopg://postgres@127.0.0.1:55441/postgres
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from io import BytesIO
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OPS_DEFAULT = {"c": 200_000, "g": 100_000}
+
+
+def export_tree(revision: str, into: Path) -> Path:
+    """The code of `revision`, importable as `bank` from `into` (migrations included)."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    # The installed package maps `bank._migrations` to this tree's migrations/: the old
+    # tree must find its own first, on its own path.
+    (into / "bank" / "_migrations").symlink_to(into / "migrations")
+    return into
+
+
+def run_bench(tree: Path, variant: str, ops: int, pg_url: str | None, out: Path) -> float:
+    """One round of one variant of `tree`'s bench.py; its transfers/s."""
+    command = [
+        sys.executable,
+        str(tree / "scripts" / "bench.py"),
+        "--only",
+        variant,
+        "--ops",
+        f"{variant}={ops}",
+        "--rounds",
+        "1",
+        "--json",
+        str(out),
+    ]
+    if pg_url is not None:
+        command += ["--pg-url", pg_url]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run(command, check=True, cwd=tree, env=env, stdout=subprocess.DEVNULL)
+    document = json.loads(out.read_text())
+    return float(document["variants"][variant]["ops_s"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="git revision of the code before 0005")
+    parser.add_argument("--rounds", type=int, default=3, help="pairs of runs per variant")
+    parser.add_argument(
+        "--only", default="c", help="variants of bench.py: c (SQLite), g (PostgreSQL), or c,g"
+    )
+    parser.add_argument("--ops", type=int, help="operations per run (default c=200000, g=100000)")
+    parser.add_argument("--pg-url", help="PostgreSQL server for (g) (an SQLAlchemy URL)")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.only.split(",") if v.strip()]
+    if not variants or any(v not in OPS_DEFAULT for v in variants):
+        parser.error("--only takes c, g or c,g")
+    if "g" in variants and args.pg_url is None:
+        parser.error("(g) needs --pg-url")
+    figures: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-write-cost-") as scratch:
+        base = export_tree(args.base, Path(scratch) / "base")
+        out = Path(scratch) / "result.json"
+        for variant in variants:
+            ops = args.ops or OPS_DEFAULT[variant]
+            runs: dict[str, list[float]] = {"base": [], "0005": []}
+            for i in range(args.rounds):
+                # Alternate which goes first, so neither always meets a warmer machine.
+                order = [("base", base), ("0005", ROOT)]
+                for name, tree in order if i % 2 == 0 else order[::-1]:
+                    rate = run_bench(tree, variant, ops, args.pg_url, out)
+                    runs[name].append(rate)
+                    print(f"({variant}) round {i + 1} {name}: {rate:,.0f} transfers/s", flush=True)
+            figures[variant] = runs
+    summary: dict[str, dict[str, float]] = {}
+    for variant, runs in figures.items():
+        base_median = statistics.median(runs["base"])
+        new_median = statistics.median(runs["0005"])
+        ratio = new_median / base_median
+        summary[variant] = {"base": base_median, "0005": new_median, "ratio": ratio}
+        pairs = ", ".join(f"{n / b:.2f}" for b, n in zip(runs["base"], runs["0005"], strict=True))
+        print(
+            f"({variant}) median {base_median:,.0f} -> {new_median:,.0f} transfers/s: "
+            f"{ratio:.2f}x ({(1 - ratio) * 100:+.1f}% fewer; per round {pairs}); "
+            f"target >= 0.85x: {'met' if ratio >= 0.85 else 'NOT met'}"
+        )
+    if args.json is not None:
+        args.json.write_text(json.dumps({"runs": figures, "summary": summary}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

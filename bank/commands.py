@@ -17,12 +17,25 @@ afterwards is refused too.)
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from operator import is_
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
+from types import UnionType
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    ClassVar,
+    Literal,
+    Self,
+    Union,
+    get_args,
+    get_origin,
+)
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic._internal._model_construction import ModelMetaclass
 
 from bank.errors import AccountsMustBeDifferent, InvalidCommand
 from bank.limits import (
@@ -93,13 +106,84 @@ def _invalid(model: str, exc: ValidationError) -> InvalidCommand:
     return error(describe_validation_error(model, exc))
 
 
-class _Validated(BaseModel):
+class _ReadableMeta(ModelMetaclass):
+    """`dir()` of a bank model lists what bank defines, not pydantic's machinery.
+
+    pydoc builds `help(cls)` from `dir(cls)` (through `inspect.classify_class_attrs`), so
+    this keeps the fifty-odd inherited `BaseModel` members (`model_dump`, `copy`, `json`,
+    `__pydantic_*__`, ...) out of the page; they still work as before (`getattr` is
+    untouched), only the listing is shorter.
+    """
+
+    def __dir__(cls) -> list[str]:
+        names: set[str] = {"__init__"}
+        for klass in cls.__mro__:
+            if klass is BaseModel:
+                break
+            names.update(n for n in vars(klass) if not n.startswith("_"))
+        return sorted(names - {"model_config"})
+
+
+class ReadableModel(BaseModel, metaclass=_ReadableMeta):
+    """Base of bank's pydantic models: a short `help()` that names the fields.
+
+    Each subclass's docstring gets a `Fields:` section generated from its fields (pydantic
+    keeps fields off the class, so pydoc would not list them otherwise).
+    """
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if not cls.model_fields:  # an abstract base (`_Validated`): nothing to list
+            return
+        lines, parameters = [], []
+        for name, field in cls.model_fields.items():
+            shown = _type_name(field.annotation)
+            bounds = _bounds(field.metadata)
+            default = inspect.Parameter.empty if field.is_required() else field.default
+            parameters.append(
+                inspect.Parameter(
+                    name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=shown
+                )
+            )
+            text = f"{name}: {shown}" + (
+                "" if default is inspect.Parameter.empty else f" = {default!r}"
+            )
+            lines.append(f"    {text}{bounds}")
+        doc = (cls.__doc__ or cls.__name__).rstrip()
+        cls.__doc__ = doc + "\n\nFields:\n" + "\n".join(lines) + "\n"
+        # The page's first line: `Transfer(*, amount: int, ...)`, not pydantic's Annotated[...].
+        cls.__signature__ = inspect.Signature(parameters, return_annotation=None)
+
+
+def _type_name(annotation: object) -> str:
+    """`int`, `str | None`: a field's type as a reader writes it (metadata dropped)."""
+    if get_origin(annotation) is Annotated:
+        return _type_name(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return " | ".join(_type_name(a) for a in get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds(metadata: list[Any]) -> str:
+    """`  (1 to 1,000,000,000,000,000)` from a field's Ge/Le/MinLen/MaxLen constraints."""
+    low = next((m.ge for m in metadata if hasattr(m, "ge")), None)
+    high = next((m.le for m in metadata if hasattr(m, "le")), None)
+    if low is not None or high is not None:
+        return f"  ({low:,} to {high:,})" if low is not None and high is not None else ""
+    return ""
+
+
+class _Validated(ReadableModel):
     """What every command shares: strict, frozen, sealed when validated (see `is_validated`)."""
 
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
     kind: ClassVar[CommandKind]
 
     def __init__(self, /, **data: Any) -> None:
+        """Validate the fields; raises `InvalidCommand` (never pydantic's `ValidationError`)."""
         try:
             super().__init__(**data)
         except ValidationError as exc:
@@ -582,7 +666,7 @@ def refusal(command: object, where: str) -> InvalidCommand:
     )
 
 
-class AccountSpec(BaseModel):
+class AccountSpec(ReadableModel):
     """Validated arguments of `Bank.open_account`."""
 
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
@@ -606,7 +690,7 @@ class AccountSpec(BaseModel):
         return value
 
 
-class LimitSpec(BaseModel):
+class LimitSpec(ReadableModel):
     """Validated arguments of `Bank.set_overdraft_limit`."""
 
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid")

@@ -41,7 +41,6 @@ from bank.clock import Clock, SystemClock
 from bank.commands import (
     AccountSpec,
     BankCommand,
-    Command,
     Deposit,
     Hold,
     LimitSpec,
@@ -180,8 +179,10 @@ def _first_refusal(batch: Sequence[object], where: str) -> InvalidCommand:
 def _checked_batch(commands: object, where: str) -> list[BankCommand]:
     """A batch for `submit_batch`: 1 to `BATCH_OPS_MAX` validated commands, else
     `InvalidCommand` (an iterator is read no further than one past the bound)."""
-    if isinstance(commands, Command | str | bytes | Mapping) or not isinstance(commands, Iterable):
-        one = ": use submit() for one" if isinstance(commands, Command) else ""
+    if isinstance(commands, BaseModel | str | bytes | Mapping) or not isinstance(
+        commands, Iterable
+    ):
+        one = ": use submit() for one" if isinstance(commands, BaseModel) else ""
         raise InvalidCommand(
             f"{where} takes a list (or any iterable) of commands "
             f"(got {type(commands).__name__}){one}"
@@ -516,7 +517,7 @@ class Bank:
         try:
             backend.preflight(owner)
             self._engine = backend.create_engine(self._durability, owner)
-            self.revision = migrate.upgrade_to_head(self._engine)
+            self.revision = migrate.upgrade_to_head(self._engine, self._where)
             missing = migrate.missing_tables(self._engine)
             if missing:
                 raise LedgerCorrupt(
@@ -802,53 +803,53 @@ class Bank:
         future.result()
         return found
 
-    def set_overdraft_limit(self, account_id: int, overdraft_limit: int) -> Account:
+    def set_overdraft_limit(self, account: int, overdraft_limit: int) -> Account:
         """Change a customer account's overdraft limit (a chained event in the ledger).
 
         Raises `InsufficientFunds` if the balance is already below the new floor.
         """
-        spec = LimitSpec(account=account_id, overdraft_limit=overdraft_limit)
+        spec = LimitSpec(account=account, overdraft_limit=overdraft_limit)
         self._check_open()
         self._check_may_wait("set_overdraft_limit")
-        account = self.account(spec.account)
-        if account.is_system:
+        found = self.account(spec.account)
+        if found.is_system:
             raise InvalidCommand("set_overdraft_limit.account: @cash has no overdraft limit to set")
         future: Future[int] = Future()
         future.set_running_or_notify_cancel()
-        with account.lock:
+        with found.lock:
             refusal: BankError | None
-            if account.closed:  # nothing is chained after a close
-                refusal = AccountClosed(f"account {account.id} ({account.name!r}) is closed")
+            if found.closed:  # nothing is chained after a close
+                refusal = AccountClosed(f"account {found.id} ({found.name!r}) is closed")
                 position, _ = self._writer.position()
-            elif account.balance - account.held < -spec.overdraft_limit:
-                held = f" ({account.held} held)" if account.held else ""
+            elif found.balance - found.held < -spec.overdraft_limit:
+                held = f" ({found.held} held)" if found.held else ""
                 refusal = InsufficientFunds(
-                    f"account {account.id} has {account.balance}{held}: an overdraft limit "
+                    f"account {found.id} has {found.balance}{held}: an overdraft limit "
                     f"of {spec.overdraft_limit} would leave it below its floor"
                 )
                 position, _ = self._writer.position()
             else:
                 refusal = None
                 self._writer.stage_account_event(
-                    "limit", account.id, account.name, spec.overdraft_limit, future
+                    "limit", found.id, found.name, spec.overdraft_limit, future
                 )
-                account.set_overdraft_limit(spec.overdraft_limit)
+                found.set_overdraft_limit(spec.overdraft_limit)
         if refusal is not None:
             # Judged on a balance that may include operations still being committed.
             self._writer.wait_for(position)
             raise refusal
         future.result()
-        return account
+        return found
 
-    def account(self, account_id: int) -> Account:
+    def account(self, account: int) -> Account:
         """The account with this id (`0` is `@cash`); raises `AccountNotFound`."""
-        if type(account_id) is not int:
-            raise InvalidCommand(f"account id must be an int (got {account_id!r})")
+        if type(account) is not int:
+            raise InvalidCommand(f"account id must be an int (got {account!r})")
         self._check_open()
-        account = self._accounts.get(account_id)
-        if account is None:
-            raise AccountNotFound(f"account {account_id} does not exist")
-        return account
+        found = self._accounts.get(account)
+        if found is None:
+            raise AccountNotFound(f"account {account} does not exist")
+        return found
 
     def accounts(self) -> list[Account]:
         """Every customer account (not `@cash`), by id."""

@@ -105,10 +105,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _is_empty(account: Account) -> bool:
+def _is_empty(account: Account, holds: HoldBook) -> bool:
     """Whether `account` may close: the one place that decides it (the caller holds its
-    lock). An account closes only with a balance of 0."""
-    return account.balance == 0
+    lock). An account closes only with a balance of 0, nothing held, and no pending hold
+    naming it as its target either (a hold must never leave a closed account with money
+    on its way in or out; holds are added and settled only under both accounts' locks,
+    so the caller's lock keeps this true until the close is staged)."""
+    return account.balance == 0 and account.held == 0 and not holds.involving(account.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -762,7 +765,8 @@ class Bank:
     def close_account(self, account: int) -> Account:
         """Close a customer account; returns it (`.closed` True) once its closing is durable.
 
-        Only an empty account closes (`_is_empty`: a balance of 0). The closing is a chained
+        Only an empty account closes (`_is_empty`: a balance of 0, nothing held, no pending
+        hold naming it as source or target). The closing is a chained
         `account_events` row ('close'), staged under the account's lock: every transfer
         that touched it is before it in the ledger, and every later operation on it is
         refused with `AccountClosed` (a closed account stays in `accounts()`).
@@ -779,10 +783,12 @@ class Bank:
             refusal: BankError | None = None
             if found.closed:
                 refusal = AccountClosed(f"account {found.id} ({found.name!r}) is closed already")
-            elif not _is_empty(found):
+            elif not _is_empty(found, self._holds):
+                pending = len(self._holds.involving(found.id))
                 refusal = AccountNotEmpty(
-                    f"account {found.id} ({found.name!r}) has a balance of {found.balance}: "
-                    "only an empty account closes"
+                    f"account {found.id} ({found.name!r}) has a balance of {found.balance}, "
+                    f"{found.held} held and {pending} pending hold(s) naming it: only an "
+                    "empty account closes (post or void its holds first)"
                 )
             else:
                 self._writer.stage_account_event(

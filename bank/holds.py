@@ -58,6 +58,12 @@ class HoldBook:
         with self._lock:
             del self._pending[seq]
 
+    def involving(self, account_id: int) -> list[PendingHold]:
+        """The pending holds with `account_id` as source or target (a scan: for closing
+        an account, which is rare)."""
+        with self._lock:
+            return [h for h in self._pending.values() if account_id in (h.source, h.target)]
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._pending)

@@ -268,7 +268,7 @@ def test_under_contention_available_never_goes_below_zero_and_no_hold_settles_tw
     settled: list[int] = []
 
     def holder(i: int) -> None:
-        for n in range(40):
+        for n in range(25):
             try:
                 r = b.hold(hot, shops[n % 3], 7 + i, expires_s=0.05 if n % 5 == 0 else None)
             except bank.InsufficientFunds:
@@ -277,7 +277,7 @@ def test_under_contention_available_never_goes_below_zero_and_no_hold_settles_tw
                 holds.append(r.seq)
 
     def settler(i: int) -> None:
-        for n in range(60):
+        for n in range(40):
             with holds_lock:
                 seq = holds.pop() if holds else None
             if seq is None:
@@ -291,7 +291,7 @@ def test_under_contention_available_never_goes_below_zero_and_no_hold_settles_tw
                     pass
 
     def spender() -> None:
-        for _ in range(60):
+        for _ in range(40):
             with contextlib.suppress(bank.InsufficientFunds):
                 b.withdraw(hot, 5)
 
@@ -334,3 +334,34 @@ class _Hold:
 def _pending(ledger_db: LedgerDb, source: int) -> list[_Hold]:
     rows = ledger_db.query(f"SELECT amount FROM open_holds WHERE source_id = {source}")
     return [_Hold(int(r[0])) for r in rows]
+
+
+def test_a_close_needs_nothing_held_and_no_pending_hold_and_then_refuses_holds(
+    make_ledger_bank: Callable[..., bank.Bank],
+) -> None:
+    b = make_ledger_bank()
+    alice = b.open_account("alice").id
+    shop = b.open_account("shop").id
+    other = b.open_account("other").id
+    b.deposit(alice, 10_00)
+    h = b.hold(alice, shop, 10_00)
+    with pytest.raises(bank.AccountNotEmpty, match="pending hold"):
+        b.close_account(shop)  # the target of a pending hold
+    b.void(h.seq)
+    b.withdraw(alice, 10_00)
+    b.close_account(shop)
+    with pytest.raises(bank.AccountClosed):
+        b.hold(alice, shop, 1)
+    with pytest.raises(bank.AccountClosed):
+        b.hold(shop, alice, 1)
+    b.deposit(alice, 5_00)
+    held = b.hold(alice, other, 5_00)
+    with pytest.raises(bank.AccountNotEmpty, match="500 held"):
+        b.close_account(alice)
+    b.post(held.seq)
+    b.close_account(alice)  # balance 0, nothing held, no hold naming it
+    with pytest.raises(bank.LinkedCommandFailed) as caught:
+        b.transact(
+            [bank.Deposit(account=other, amount=1), bank.Hold(source=other, target=alice, amount=1)]
+        )
+    assert isinstance(caught.value.error, bank.AccountClosed)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,13 +39,22 @@ def throwaway_cluster(*settings: str) -> Iterator[URL]:
     """A private PostgreSQL cluster (initdb + pg_ctl, unix socket only) started with
     `-c` settings, stopped and removed afterwards; skips when the binaries are absent."""
     bindir = _bindir()
-    root = Path(tempfile.mkdtemp(prefix="pg_cluster_"))
+    root = postgres.scratch_dir("pg_cluster_")
     data = root / "data"
     try:
         if os.geteuid() == 0:
             shutil.chown(root, "postgres")
         subprocess.run(
-            _as_postgres(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"),
+            _as_postgres(
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ),
             check=True,
             capture_output=True,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sqlite3
 import subprocess
@@ -207,3 +209,122 @@ def test_simulate_refuses_output_paths_in_missing_directories(tmp_path: Path) ->
         target = str(tmp_path / "nowhere" / "out")
         assert main(["simulate", "--db", str(db), "--ops", "10", option, target]) == 2
     assert not db.exists()
+
+
+# -- output formats, paging, --version -------------------------------------------------------
+
+
+@pytest.fixture
+def long_ledger(tmp_path: Path) -> Path:
+    """One account with 7 transfers (seqs 1..7), the 4th keyed."""
+    path = tmp_path / "long.db"
+    with bank.Bank.open(path) as b:
+        a = b.open_account("a").id
+        shop = b.open_account("shop").id
+        for i in range(7):
+            if i == 3:
+                b.transfer(a, shop, 1, key="k-4")
+            else:
+                b.deposit(a, 10 + i)
+    return path
+
+
+def _seqs(out: str) -> list[int]:
+    return [r["seq"] for r in json.loads(out)]
+
+
+def test_history_formats_agree(long_ledger: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(long_ledger)
+    assert main(["history", "a", "--db", db]) == 0  # not a terminal: JSON by default
+    as_json = json.loads(capsys.readouterr().out)
+    assert [r["seq"] for r in as_json] == list(range(1, 8))
+    assert main(["history", "a", "--db", db, "--format", "nl"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines] == as_json
+    assert main(["history", "a", "--db", db, "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [int(r["seq"]) for r in rows] == list(range(1, 8))
+    assert rows[3]["key"] == "k-4" and rows[0]["key"] == ""
+    assert [int(r["amount"]) for r in rows] == [r["amount"] for r in as_json]
+    assert main(["history", "a", "--db", db, "--format", "table"]) == 0
+    table = capsys.readouterr().out
+    assert "history of a (id 1)" in table and "k-4" in table and "7 transfer(s)" in table
+    assert main(["accounts", "--db", db, "--format", "csv"]) == 0
+    accounts = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [a["name"] for a in accounts] == ["@cash", "a", "shop"]
+    assert sum(int(a["balance"]) for a in accounts) == 0
+    assert main(["accounts", "--db", db, "--format", "nl"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_history_pages_forward_and_backward(
+    long_ledger: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bank.cli import ledger
+
+    monkeypatch.setattr(ledger, "HISTORY_PAGE", 2)  # several reads per listing
+    db = str(long_ledger)
+    assert main(["history", "a", "--db", db, "--json"]) == 0
+    assert _seqs(capsys.readouterr().out) == [1, 2, 3, 4, 5, 6, 7]
+    assert main(["history", "a", "--db", db, "--json", "--after-seq", "3", "--limit", "3"]) == 0
+    assert _seqs(capsys.readouterr().out) == [4, 5, 6]
+    assert main(["history", "a", "--db", db, "--json", "--reverse", "--limit", "3"]) == 0
+    assert _seqs(capsys.readouterr().out) == [7, 6, 5]
+    assert main(["history", "a", "--db", db, "--json", "--reverse", "--after-seq", "5"]) == 0
+    assert _seqs(capsys.readouterr().out) == [4, 3, 2, 1]
+    # Paging by cursor gives every row once, in both directions.
+    for reverse in ([], ["--reverse"]):
+        seen: list[int] = []
+        cursor = 0
+        while True:
+            argv = ["history", "a", "--db", db, "--json", "--limit", "3", "--after-seq"]
+            assert main([*argv, str(cursor), *reverse]) == 0
+            page = _seqs(capsys.readouterr().out)
+            if not page:
+                break
+            seen += page
+            cursor = page[-1]
+        assert sorted(seen) == list(range(1, 8)) and len(seen) == 7
+    assert main(["history", "shop", "--db", db, "--json", "--after-seq", "99"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--format", "xml"],
+        ["--after-seq", "-1"],
+        ["--after-seq", "x"],
+        ["--limit", "0"],
+        ["--json", "--format", "csv"],
+    ],
+)
+def test_history_bad_options_exit_2(
+    long_ledger: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["history", "a", "--db", str(long_ledger), *argv]) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"bank {bank.__version__}"
+
+
+def test_tables_fit_the_terminal_width() -> None:
+    from bank.cli.output import Column, write_table
+
+    columns = [
+        Column("seq", right=True),
+        Column("name", flexible=True),
+        Column("key", flexible=True),
+    ]
+    rows = [("1", "a" * 60, "k" * 40), ("123456", "short", "")]
+    out = io.StringIO()
+    assert write_table(columns, rows, out, width=40) == 2
+    lines = out.getvalue().splitlines()
+    assert all(len(line) <= 40 for line in lines), lines
+    assert "…" in lines[2] and lines[3].lstrip().startswith("123456")  # numbers are never cut
+    wide = io.StringIO()
+    write_table(columns, rows, wide, width=None)
+    assert "a" * 60 in wide.getvalue() and "k" * 40 in wide.getvalue()

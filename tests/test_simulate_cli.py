@@ -30,7 +30,7 @@ def test_json_to_stdout_csv_svg_and_thresholds_that_hold(
     table, svg = tmp_path / "i.csv", tmp_path / "r.svg"
     code = _simulate(
         tmp_path,
-        "--ops", "1500",
+        "--ops", "3000",
         "--json", "-",
         "--csv", str(table),
         "--plot", str(svg),
@@ -41,7 +41,7 @@ def test_json_to_stdout_csv_svg_and_thresholds_that_hold(
     out, err = capsys.readouterr()
     assert code == EXIT_OK, err
     doc = json.loads(out)  # stdout holds the JSON document and nothing else
-    assert doc["ops"] == 1500 and doc["audit"]["ok"] and doc["model"] == "closed"
+    assert doc["ops"] == 3000 and doc["audit"]["ok"] and doc["model"] == "closed"
     assert doc["thresholds_ok"] is True
     assert [t["expr"] for t in doc["thresholds"]] == [
         "errors==0",
@@ -56,7 +56,7 @@ def test_json_to_stdout_csv_svg_and_thresholds_that_hold(
     assert len(table_lines) > 20 and max(len(line) for line in table_lines) <= 70, err
     rows = list(csv.DictReader(io.StringIO(table.read_text())))
     assert len(rows) >= SAMPLES_MIN  # a sub-second run still has 20 intervals
-    assert sum(int(r["ops"]) for r in rows) == 1500
+    assert sum(int(r["ops"]) for r in rows) == 3000
     assert sum(int(r["committed"]) for r in rows) == doc["committed"]
     rejected = doc["rejected"].get("InsufficientFunds", 0)
     assert sum(int(r.get("rejected_InsufficientFunds", 0)) for r in rows) == rejected

@@ -38,7 +38,7 @@ __all__ = [
 
 #: The top-level modules of the `simulate` extra: without one, `bank simulate` says how to
 #: install it (exit 2) and every other command still works.
-SIMULATE_EXTRA_MODULES = frozenset({"rich", "numpy", "matplotlib", "hdrh"})
+SIMULATE_EXTRA_MODULES = frozenset({"rich", "numpy", "matplotlib"})
 SIMULATE_EXTRA_HINT = "pip install 'bank[simulate]'"
 
 #: Errors that mean "could not open / could not audit": exit 2, not 1.

@@ -95,12 +95,15 @@ def register(sub: Subcommands) -> None:
         help="run a load simulation (tellers, mixes, hot accounts), then audit the ledger",
         description=(
             "Run a load simulation: TELLERS teller threads, each keeping up to WINDOW operations "
-            "in flight, submit a seeded mix of deposits, withdrawals and transfers; a live "
-            "progress bar shows ops/s, committed, rejected and queue depth; at the end a summary "
-            "(throughput, latency percentiles, rejects by reason, queue high-water) is printed "
-            "and the ledger is audited. Exit 0 only if the audit is clean; 1 if it is not; 130 "
-            "if Ctrl-C cut the run short (in-flight work is still finished and audited; a "
-            "second Ctrl-C aborts at once)."
+            "in flight, submit a seeded mix of deposits, withdrawals and transfers, as fast as "
+            "answers come (a closed loop) or on a schedule (--rate: an open model, latency "
+            "measured from each operation's intended start); a live progress bar shows ops/s, "
+            "committed, rejected and queue depth; at the end a summary (throughput, latency "
+            "percentiles, rejects by reason, late and dropped operations, queue high-water, "
+            "thresholds) is printed and the ledger is audited. Exit 0 if the audit is clean and "
+            "every --threshold held; 1 if the audit is not clean (this wins); 130 if Ctrl-C cut "
+            "the run short (in-flight work is still finished and audited; a second Ctrl-C "
+            "aborts at once); 3 if a threshold failed; 2 if the run could not start."
         ),
     )
     sim.add_argument(
@@ -190,6 +193,14 @@ def register(sub: Subcommands) -> None:
         default=QUEUE_CAPACITY_DEFAULT,
         metavar="N",
         help=f"the bank's job queue capacity in operations (default {QUEUE_CAPACITY_DEFAULT})",
+    )
+    sim.add_argument(
+        "--gc",
+        choices=runner.GC_MODES,
+        default="default",
+        help="the garbage collector during the run: CPython's defaults (default, as an "
+        "application has them) or frozen start-up objects and rarer young collections "
+        "(throughput), to compare",
     )
     sim.add_argument(
         "--rate",
@@ -336,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
                 rate=args.rate,
                 arrival=args.arrival,
                 interval_s=args.interval,
+                gc=args.gc,
                 tellers=args.tellers,
                 window=args.window,
                 workers=args.workers,

@@ -98,7 +98,8 @@ def ledger_revision(engine: Engine, where: str | None = None) -> str | None:
     from alembic.runtime.migration import MigrationContext
     from alembic.util import CommandError
 
-    name = where if where is not None else engine.url.database
+    # Never "None: ...": an engine built with a `creator` has no database in its URL.
+    name = where or engine.url.database or engine.url.render_as_string(hide_password=True)
     try:
         with engine.connect() as conn:
             tables = set(inspect(conn).get_table_names())
@@ -127,9 +128,10 @@ def ledger_revision(engine: Engine, where: str | None = None) -> str | None:
     return current
 
 
-def upgrade_to_head(engine: Engine) -> str:
-    """Bring the ledger to the newest schema (creating it when empty); returns the revision."""
-    current = ledger_revision(engine)
+def upgrade_to_head(engine: Engine, where: str | None = None) -> str:
+    """Bring the ledger to the newest schema (creating it when empty); returns the revision.
+    Messages name `where` (as `ledger_revision`)."""
+    current = ledger_revision(engine, where)
     head = head_revision()
     if current == head:
         return head

@@ -30,8 +30,8 @@ from bank.simulate.histogram import Histogram
 SAMPLES_MIN = 20
 #: The longest interval the observer adapts to (a long run is sampled once a second).
 INTERVAL_S_MAX = 1.0
-#: The first interval when the run's length is unknown (1 s / 2**7: doublings reach 1 s).
-ADAPTIVE_START_S = INTERVAL_S_MAX / 128
+#: The first interval when the run's length is unknown (1 s / 2**8: doublings reach 1 s).
+ADAPTIVE_START_S = INTERVAL_S_MAX / 256
 #: The shortest interval `--interval` accepts.
 INTERVAL_S_MIN = 0.01
 #: How often the observer reads the queue depth within an interval (it keeps the maximum).

@@ -97,30 +97,33 @@ def render_plot(result: SimulationResult, fmt: str) -> bytes:
     ax_ops.legend(**legend)
     ax_ops.grid(True, alpha=0.3)
 
-    # max first and dashed, underneath: with few operations per interval p99 == max,
-    # and the p99 line must still show.
+    # With few operations in an interval p99 == max: max is drawn as small markers on
+    # top, so that both stay visible where they coincide.
     series = [
-        ("max", "tab:purple", "--", 1.0, [s.max_ms for s in samples]),
-        ("p99", "tab:red", "-", 1.6, [s.p99_ms for s in samples]),
-        ("p90", "tab:orange", "-", 1.6, [s.p90_ms for s in samples]),
-        ("p50", "tab:green", "-", 1.6, [s.p50_ms for s in samples]),
+        ("p50", "tab:green", "-", 1.6, None, [s.p50_ms for s in samples]),
+        ("p90", "tab:orange", "-", 1.6, None, [s.p90_ms for s in samples]),
+        ("p99", "tab:red", "-", 1.6, None, [s.p99_ms for s in samples]),
+        ("max", "tab:purple", ":", 0.8, "^", [s.max_ms for s in samples]),
     ]
     if result.schedule is not None:
-        series.append(("start lag (max)", "tab:gray", ":", 1.2, [s.lag_ms for s in samples]))
-    for z, (name, color, style, width, values) in enumerate(series):
+        series.append(("start lag (max)", "tab:gray", "--", 1.0, None, [s.lag_ms for s in samples]))
+    for name, color, style, width, symbol, values in series:
         ax_lat.plot(
             t,
             [v if v > 0 else math.nan for v in values],  # no answers: a gap, not a 0 on a log axis
             color=color,
             linestyle=style,
             linewidth=width,
-            marker=marker,
+            # Small dots always: an interval between two without answers is a lone
+            # point, which a line alone would not draw.
+            marker=symbol or marker or ".",
+            markersize=3.5 if symbol else (6 if marker else 3),
             label=name,
-            zorder=2 + z,
         )
     positive = [v for *_, values in series for v in values if v > 0]
     if positive:
-        low, high = _step_below(min(positive)), _step_above(max(positive))
+        # Some headroom, so that no line runs along the frame.
+        low, high = _step_below(min(positive) / 1.15), _step_above(max(positive) * 1.15)
         if high <= low:
             high = _step_above(low * 1.01)
         ax_lat.set_yscale("log")
@@ -136,10 +139,7 @@ def render_plot(result: SimulationResult, fmt: str) -> bytes:
         ax_lat.yaxis.set_minor_formatter(NullFormatter())
     origin = "intended start" if result.schedule is not None else "submit"
     ax_lat.set_ylabel(f"latency (ms, log)\nfrom {origin}")
-    handles, labels = ax_lat.get_legend_handles_labels()
-    order = [labels.index(n) for n in ("p50", "p90", "p99", "max") if n in labels]
-    order += [i for i in range(len(labels)) if i not in order]
-    ax_lat.legend([handles[i] for i in order], [labels[i] for i in order], **legend)
+    ax_lat.legend(**legend)
     ax_lat.grid(True, which="major", alpha=0.3)
 
     reasons: dict[str, int] = {}

@@ -77,6 +77,7 @@ def result_json(result: SimulationResult, verdicts: Sequence[Verdict] = ()) -> d
         "seed": config.seed,
         "initial_balance": config.initial_balance,
         "durability": config.durability,
+        "gc": config.gc,
         "per_teller_ops": list(result.per_teller_ops),
         "interval_s": round(result.interval_s, 6),
         "samples": [s.as_dict() for s in result.samples],
@@ -191,7 +192,8 @@ def print_summary(result: SimulationResult, out: TextIO, verdicts: Sequence[Verd
     table.add_row(
         "tellers",
         f"{config.tellers} x window {config.window}",
-        f"{config.workers} workers, durability {config.durability}",
+        f"{config.workers} workers, durability {config.durability}"
+        + (", gc throughput" if config.gc == "throughput" else ""),
     )
     table.add_row(
         "workload",

@@ -29,12 +29,13 @@ drops on Ctrl-C.
 from __future__ import annotations
 
 import bisect
+import queue
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -67,7 +68,7 @@ from bank.simulate.workload import (
 
 TELLERS_DEFAULT = 8
 TELLERS_MAX = 1024
-WINDOW_DEFAULT = 8
+WINDOW_DEFAULT = 32
 WINDOW_MAX = 4096
 ACCOUNTS_DEFAULT = 1000
 ACCOUNTS_MAX = 1_000_000
@@ -77,6 +78,7 @@ INITIAL_BALANCE_DEFAULT = 100_000
 #: Simulation accounts are named like this (found again when a ledger is reused).
 ACCOUNT_NAME_FORMAT = "sim-{:06d}"
 DURABILITIES = ("full", "normal")
+GC_MODES = ("default", "throughput")
 #: How often a teller waiting for window room looks at the stop event.
 PERMIT_WAIT_S = 0.05
 #: How often the main thread refreshes the progress display.
@@ -112,6 +114,9 @@ class SimulationConfig:
     arrival: str = "fixed"
     #: The observer's interval in seconds (None: adapt to the run's length).
     interval_s: float | None = None
+    #: "default": CPython's collector as the application has it (what users meet);
+    #: "throughput": `bank.simulate.tuning.throughput_gc` during the run, to compare.
+    gc: str = "default"
 
     def __post_init__(self) -> None:
         def bounded(name: str, value: int, low: int, high: int) -> None:
@@ -131,6 +136,8 @@ class SimulationConfig:
             raise InvalidWorkload(f"duration must be in (0, 1 week] seconds, got {self.duration_s}")
         if self.durability not in DURABILITIES:
             raise InvalidWorkload(f"durability must be 'full' or 'normal', got {self.durability!r}")
+        if self.gc not in GC_MODES:
+            raise InvalidWorkload(f"gc must be 'default' or 'throughput', got {self.gc!r}")
         if self.arrival not in ARRIVALS:
             raise InvalidWorkload(f"arrival must be 'fixed' or 'poisson', got {self.arrival!r}")
         if self.arrival != "fixed" and self.rate is None:
@@ -346,9 +353,11 @@ class Teller(threading.Thread):
         self._quota = quota
         self._window_size = window
         self._batch_max = min(window, SUBMIT_CHUNK_OPS_MAX)
-        # The window: operations in flight, guarded by `_room` (answers notify it).
-        self._room = threading.Condition(threading.Lock())
+        # The window: operations in flight, counted by this teller only; answers hand
+        # the slots they free back through a SimpleQueue (C, thread-safe: one put per
+        # batch on the answering thread, no Python-level lock or notify).
         self._in_flight = 0
+        self._freed: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._go = start
         self._halt = stop
         self._metrics = metrics
@@ -376,23 +385,35 @@ class Teller(threading.Thread):
         finally:
             self._drain()
 
+    def _collect(self) -> None:
+        """Take back the slots that answers freed (this teller's thread only)."""
+        freed = self._freed
+        while True:
+            try:
+                self._in_flight -= freed.get_nowait()
+            except queue.Empty:
+                return
+
     def _reserve(self, limit: int) -> int:
         """Wait for room in the window, then take up to `limit` slots (0 if the run stops)."""
-        with self._room:
-            while self._in_flight >= self._window_size:
-                if self._halt.is_set():
-                    return 0
-                self._room.wait(PERMIT_WAIT_S)
+        self._collect()
+        while self._in_flight >= self._window_size:
+            if self._halt.is_set():
+                return 0
+            try:
+                self._in_flight -= self._freed.get(timeout=PERMIT_WAIT_S)
+            except queue.Empty:
                 if self._log is not None:
                     self._log.flush()
-            n = min(limit, self._window_size - self._in_flight)
-            self._in_flight += n
-            return n
+                continue
+            self._collect()
+        n = min(limit, self._window_size - self._in_flight)
+        self._in_flight += n
+        return n
 
     def _release(self, n: int) -> None:
-        with self._room:
-            self._in_flight -= n
-            self._room.notify()
+        """Give `n` slots back (any thread: the answering one, or this teller on an error)."""
+        self._freed.put(n)
 
     def _send(
         self, commands: list[AnyCommand], on_done: Callable[[Sequence[Outcome]], None]
@@ -548,9 +569,12 @@ class Teller(threading.Thread):
 
     def _drain(self) -> None:
         """Wait until every operation in flight is answered, then flush the log."""
-        with self._room:
-            while self._in_flight > 0:
-                self._room.wait(PERMIT_WAIT_S)
+        self._collect()
+        while self._in_flight > 0:
+            try:
+                self._in_flight -= self._freed.get(timeout=PERMIT_WAIT_S)
+            except queue.Empty:
+                continue
         if self._log is not None:
             self._log.flush(force=True)
 
@@ -692,7 +716,8 @@ def run_simulation(
                 teller.start()
             if snapshots is not None:
                 snapshots.start()
-            with display, throughput_gc():
+            tuning = throughput_gc() if config.gc == "throughput" else nullcontext()
+            with display, tuning:
                 t0 = time.monotonic()
                 clock.start_ns = time.perf_counter_ns()
                 observer.begin(t0)
@@ -781,6 +806,7 @@ def _history_options(config: SimulationConfig) -> dict[str, object]:
         "queue_capacity": config.queue_capacity,
         "rate": None if config.rate is None else config.rate.spec(),
         "arrival": config.arrival,
+        "gc": config.gc,
     }
 
 
@@ -817,9 +843,11 @@ def _watch(
     deadline = None if config.duration_s is None else t0 + config.duration_s
     pending = list(tellers)
     noted = False
+    shown = not isinstance(display, NoProgress)
     while pending:
         pending[0].join(PROGRESS_INTERVAL_S)
-        pending = [t for t in pending if t.is_alive()]
+        while pending and not pending[0].is_alive():
+            pending.pop(0)
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             stop.set()
@@ -828,7 +856,8 @@ def _watch(
             display.note(
                 "interrupted: finishing in-flight operations, then auditing (Ctrl-C again to abort)"
             )
-        display.update(_reading(bank, metrics, observer, now - t0))
+        if shown:
+            display.update(_reading(bank, metrics, observer, now - t0))
 
 
 def _catch_sigint(interrupted: threading.Event, stop: threading.Event) -> Callable[[], None]:

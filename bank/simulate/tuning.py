@@ -7,8 +7,9 @@ collections walk every object in the process (SQLAlchemy, pydantic, alembic:
 hundreds of thousands). Measured on `submit_many` with 16 threads: 25% of the
 run went to full collections. Freezing the start-up objects and collecting the
 young generation less often removes almost all of it. The engine itself never
-touches the collector; applications opt in (as `bank simulate` and the
-benchmark do).
+touches the collector; applications opt in (`bank simulate --gc throughput`,
+`scripts/bench.py --gc throughput`); by default both run with CPython's collector
+as an application has it.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ shared machine hits both alike. It reports each side's median and the ratio
 (target: at most 15% fewer transfers/s with 0005).
 
     .venv/bin/python scripts/bench_write_cost.py --base a71de3c --rounds 3
+    .venv/bin/python scripts/bench_write_cost.py --base a71de3c --new 66dc913 --only c
     .venv/bin/python scripts/bench_write_cost.py --base a71de3c --only g \\
         --pg-url postgresql+psycopg://postgres@127.0.0.1:55441/postgres
 """
@@ -67,6 +68,9 @@ def run_bench(tree: Path, variant: str, ops: int, pg_url: str | None, out: Path)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="git revision of the code before 0005")
+    parser.add_argument(
+        "--new", help="git revision of the code with 0005 (default: this working tree)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="pairs of runs per variant")
     parser.add_argument(
         "--only", default="c", help="variants of bench.py: c (SQLite), g (PostgreSQL), or c,g"
@@ -83,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-write-cost-") as scratch:
         base = export_tree(args.base, Path(scratch) / "base")
+        new = ROOT if args.new is None else export_tree(args.new, Path(scratch) / "new")
         out = Path(scratch) / "result.json"
         for variant in variants:
             ops = args.ops or OPS_DEFAULT[variant]
             runs: dict[str, list[float]] = {"base": [], "0005": []}
             for i in range(args.rounds):
                 # Alternate which goes first, so neither always meets a warmer machine.
-                order = [("base", base), ("0005", ROOT)]
+                order = [("base", base), ("0005", new)]
                 for name, tree in order if i % 2 == 0 else order[::-1]:
                     rate = run_bench(tree, variant, ops, args.pg_url, out)
                     runs[name].append(rate)

@@ -164,3 +164,39 @@ def test_bank_balance_on_the_command_line(
     assert main(["balance", "bob", "--db", str(path)]) == 1
     assert main(["balance", "alice", "--db", str(path), "--at-seq", "-1"]) == 2
     assert main(["balance", "alice", "--db", str(tmp_path / "none.db")]) == 2
+
+
+def test_pages_and_point_balances_are_index_lookups_on_sqlite(tmp_path: Path) -> None:
+    """SQLite's plan for each statement: searches of the (account, seq) indexes, no scan."""
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.pool import NullPool
+
+    from bank.ledger import store
+
+    path = tmp_path / "ledger.db"
+    with bank.Bank.open(path) as b:
+        b.deposit(b.open_account("a").id, 5)
+    engine = create_engine(f"sqlite:///{path}", poolclass=NullPool)
+    statements: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with engine.connect() as conn:
+            store.history_page(conn, 1, 0, 10)
+            store.balance_at(conn, 1, 1)
+            event.remove(engine, "before_cursor_execute", record)
+            plans = [
+                " | ".join(
+                    str(row[-1]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {s}", p)
+                )
+                for s, p in statements
+            ]
+    finally:
+        engine.dispose()
+    for plan in plans:
+        assert "ix_transfers_debit_account_id_seq" in plan, plan
+        assert "ix_transfers_credit_account_id_seq" in plan, plan
+        assert "SCAN transfers" not in plan, plan

@@ -79,6 +79,7 @@ class LedgerReader:
             self.close()
             raise NotALedger(f"{self.where} is an empty database, not a ledger")
         self.revision = revision
+        self._has_running_balances = False  # known True after the first check
 
     def __enter__(self) -> LedgerReader:
         return self
@@ -173,8 +174,12 @@ class LedgerReader:
         return store.history_page(conn, account_id, after, size)
 
     def _need_running_balances(self) -> None:
+        if self._has_running_balances:
+            return
         revisions = migrate.revisions_oldest_first()
-        if revisions.index(self.revision) < revisions.index(RUNNING_BALANCES_REVISION):
+        if revisions.index(self.revision) >= revisions.index(RUNNING_BALANCES_REVISION):
+            self._has_running_balances = True
+        else:
             raise LedgerVersionError(
                 f"{self.where} is at schema revision {self.revision}, whose rows carry no "
                 f"running balances (revision {RUNNING_BALANCES_REVISION}): balances as of a "

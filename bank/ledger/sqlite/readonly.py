@@ -43,6 +43,10 @@ class SqliteReadOnly:
         self.path: Path | None = self._path
         self.where = str(self._path)
         self._engine: Engine | None = None
+        #: The immutable engine of the last read at rest, and the fingerprint it is valid
+        #: for: reads in a row (history pages, point balances) reuse its connection and
+        #: page cache while the file stays unchanged (one connection set-up, not one a read).
+        self._immutable: tuple[Engine, tuple[int, ...]] | None = None
         try:
             found = self._path.exists()
             regular = self._path.is_file()
@@ -66,9 +70,24 @@ class SqliteReadOnly:
 
     def close(self) -> None:
         """Release the connections."""
+        self._drop_immutable()
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+
+    def _drop_immutable(self) -> None:
+        if self._immutable is not None:
+            self._immutable[0].dispose()
+            self._immutable = None
+
+    def _immutable_engine(self, before: tuple[int, ...]) -> Engine:
+        """The immutable engine for the file as `before` fingerprints it (a new one if the
+        file changed since the last: its cached pages would be stale)."""
+        if self._immutable is not None and self._immutable[1] != before:
+            self._drop_immutable()
+        if self._immutable is None:
+            self._immutable = (create_readonly_engine(self._path, immutable=True), before)
+        return self._immutable[0]
 
     def _hot_journal(self) -> CannotOpenLedger:
         return CannotOpenLedger(
@@ -91,13 +110,10 @@ class SqliteReadOnly:
         try:
             if not self._owned and at_rest(self._path):
                 before = fingerprint(self._path)
-                engine = create_readonly_engine(self._path, immutable=True)
-                try:
-                    result = read(engine)
-                finally:
-                    engine.dispose()
+                result = read(self._immutable_engine(before))
                 if fingerprint(self._path) == before:
                     return result
+                self._drop_immutable()
             if self._engine is None:
                 self._engine = create_readonly_engine(self._path)
             return read(self._engine)

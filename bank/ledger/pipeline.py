@@ -19,8 +19,8 @@ from typing import Any, Protocol
 from bank.answers import Answer
 from bank.errors import BankClosed, BankError, LedgerUnavailable
 from bank.ledger.backend import AccountEventRow, BatchWriter, OwnerLock, WriteBatch
-from bank.ledger.sequencer import Sequencer, Staged, StagedRejection
-from bank.limits import COMMIT_BATCH_OPS_MAX
+from bank.ledger.sequencer import Sequencer, Staged, StagedGroup, StagedRejection
+from bank.limits import COMMIT_BATCH_OPS_MAX, GATHER_WAIT_S_MAX
 from bank.records import Receipt
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class WriterStats:
 
 
 #: The fields `Pipeline._prepare` reads by index on its hot path.
-_RECEIPT_AT = {"key": 2, "debit_account": 4, "credit_account": 5}
+_RECEIPT_AT = {"key": 2, "debit_account": 4, "credit_account": 5, "hold_seq": 8, "expires_us": 9}
 assert all(Receipt._fields[i] == name for name, i in _RECEIPT_AT.items()), "Receipt drifted"
 
 
@@ -102,6 +102,7 @@ class Pipeline(threading.Thread):
         #: Set once the failure is: callers check it without taking the writer's lock.
         self.broken = threading.Event()
         self._committed_seq = sequencer.seq
+        self._commit_s = 0.0  # how long the last COMMIT took (bounds `_gather`)
         self._commits = 0
         self._rows = 0
         self._rejected = 0
@@ -205,7 +206,23 @@ class Pipeline(threading.Thread):
             finally:
                 self.ready.set()
             while True:
+                answered = 0
+                if committed is not None and self._callers_wait_for(committed):
+                    # Closed-loop callers (blocking calls): answer them now, before taking
+                    # the next batch, and give them a moment (no longer than a commit
+                    # takes) to stage again, so that they share the next commit instead
+                    # of splitting into two groups that alternate commits.
+                    answered = len(committed.batch)
+                    try:
+                        self._answer(committed)
+                    except BaseException as exc:  # a bug: the batch is durable, answer it
+                        broken = self._broke(exc)
+                        self._answer_left(committed)
+                        self._fail([], broken, answered=answered)
+                    committed = None
                 with self._lock:
+                    if answered:
+                        self._gather(answered)
                     while not s.pending and not s.stopping and committed is None:
                         s.idle = True
                         s.wake.wait()
@@ -229,6 +246,26 @@ class Pipeline(threading.Thread):
         finally:
             if writer is not None:
                 writer.close()
+
+    def _callers_wait_for(self, committed: _Prepared) -> bool:
+        """True when fewer operations are staged than `committed` is about to answer:
+        its callers are then (likely) the ones who will stage the next ones."""
+        with self._lock:
+            return len(self._sequencer.pending) < len(committed.batch)
+
+    def _gather(self, answered: int) -> None:
+        """Wait (lock held) until `answered` records are staged again, at most as long
+        as the last commit took (and `GATHER_WAIT_S_MAX`): a wait shorter than an fsync
+        that lets one commit carry what two would."""
+        s = self._sequencer
+        deadline = time.monotonic() + min(self._commit_s, GATHER_WAIT_S_MAX)
+        while len(s.pending) < answered and not s.stopping and s.failure is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            s.idle = True
+            s.wake.wait(remaining)
+            s.idle = False
 
     def _cycle(
         self,
@@ -257,7 +294,9 @@ class Pipeline(threading.Thread):
                 broken = self._sequencer.failure
             else:
                 try:
+                    started = time.monotonic()
                     writer.commit()
+                    self._commit_s = time.monotonic() - started
                 except Exception as exc:
                     broken = self._broke(exc)
                     writer.rollback()
@@ -297,10 +336,21 @@ class Pipeline(threading.Thread):
         events: list[AccountEventRow] = []
         keys: list[str] = []
         rejected = 0
+        extended = False  # a row of a hold, a post, a void, an expire or a group
         for rec in batch:
             if len(rec) != 4:  # not a transfer (see `bank.ledger.sequencer`)
                 if isinstance(rec, StagedRejection):
                     rejected += 1
+                elif isinstance(rec, StagedGroup):
+                    extended = True
+                    rows.extend(rec.receipts)
+                    for receipt, debit_balance, credit_balance in zip(
+                        rec.receipts, rec.debit_balances, rec.credit_balances, strict=True
+                    ):
+                        balances[receipt[4]] = debit_balance
+                        balances[receipt[5]] = credit_balance
+                        running.append((debit_balance, credit_balance))
+                    keys.extend(rec.keys)
                 else:
                     events.append(rec.row)
                 continue
@@ -315,7 +365,15 @@ class Pipeline(threading.Thread):
             key = receipt[2]
             if key is not None:
                 keys.append(key)
-        write = WriteBatch(transfers=rows, running=running, balances=balances, keyed=bool(keys))
+            if receipt[8] is not None or receipt[9] is not None:  # hold_seq, expires_us
+                extended = True
+        write = WriteBatch(
+            transfers=rows,
+            running=running,
+            balances=balances,
+            keyed=bool(keys),
+            extended=extended,
+        )
         if events:
             write.events = events
             write.new_accounts = [e for e in events if e.kind == "open"]
@@ -346,6 +404,8 @@ class Pipeline(threading.Thread):
                     if rec.key is not None:
                         self._claims.release(rec.key)
                     rec.future.set_exception(rec.error)
+                elif isinstance(rec, StagedGroup):
+                    rec.future.set_result(list(rec.receipts))
                 else:
                     rec.future.set_result(rec.row.seq)
             except BaseException:
@@ -373,6 +433,8 @@ class Pipeline(threading.Thread):
                 if rec.key is not None:
                     self._claims.release(rec.key)
                 settle(rec.future, error=rec.error)
+            elif isinstance(rec, StagedGroup):
+                settle(rec.future, list(rec.receipts))
             else:
                 settle(rec.future, rec.row.seq)
         done.answered = True
@@ -386,6 +448,8 @@ class Pipeline(threading.Thread):
                 key = rec.key
             else:
                 key = None
+                if isinstance(rec, StagedGroup) and rec.keys:
+                    self._claims.release_many(rec.keys)
             if key is not None:
                 self._claims.release(key)
             settle(rec[0], error=failure)

@@ -236,18 +236,18 @@ def test_a_forgotten_bank_does_not_hang_exit_and_commits_what_it_accepted(
     script.write_text(_FORGETFUL)
     acked_path = tmp_path / "acked.txt"
     ops = 2_000
-    started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(script), str(ledger_db.db), str(acked_path), str(ops)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    elapsed = time.monotonic() - started
+    try:  # a hung exit never ends: the watchdog, not a time bound a busy machine can miss
+        proc = subprocess.run(
+            [sys.executable, str(script), str(ledger_db.db), str(acked_path), str(ops)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("watchdog: the interpreter of a forgotten bank did not exit in 60 s (hang)")
     assert proc.returncode == 0, proc.stderr
     assert "submitted" in proc.stdout
-    assert elapsed < 30
     acked = acked_path.read_text().split()
     assert len(acked) == ops + 50  # every accepted operation was committed and answered
     with bank.Bank.open(ledger_db.db) as b:

@@ -73,3 +73,13 @@ GATHER_WAIT_S_MAX: Final = 0.001
 #: Receipts one `history` page may hold (`limit=`), and its default (h11read, issue 11).
 HISTORY_LIMIT_MAX: Final = 100_000
 HISTORY_LIMIT_DEFAULT: Final = 1000
+
+#: The longest a hold may wait for its post or void (`Hold.expires_s`): about 136 years,
+#: TigerBeetle's u32 seconds. Its deadline, in microseconds, then stays far inside 64 bits.
+HOLD_EXPIRES_S_MAX: Final = 2**32 - 1
+#: The longest the expiry timer sleeps between looks at the clock (it is woken earlier by
+#: a nearer deadline, a controllable clock's advance, or close()).
+HOLD_TIMER_WAIT_S_MAX: Final = 5.0
+#: Commands in one atomic group (`Bank.submit_linked`), as in TigerBeetle (8190 events
+#: per request).
+GROUP_COMMANDS_MAX: Final = 8190

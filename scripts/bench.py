@@ -674,6 +674,7 @@ def bench_simulate(
     seed: int,
     durability: str,
     in_flight: tuple[int, int] | None,
+    accounts: int,
 ) -> Result:
     """`bank simulate --ops N` through the library (its own workload and audit), at its
     defaults ((f)) or at `in_flight` = (tellers, window) ((m): 16 x 64).
@@ -684,7 +685,9 @@ def bench_simulate(
     from bank.simulate.runner import SimulationConfig, run_simulation
 
     remove_ledger(path)
-    config = SimulationConfig(db=str(path), ops=ops, seed=seed, durability=durability)
+    config = SimulationConfig(
+        db=str(path), ops=ops, seed=seed, durability=durability, accounts=accounts
+    )
     if in_flight is not None:
         config = dataclasses.replace(config, tellers=in_flight[0], window=in_flight[1])
     cpu0 = time.process_time()
@@ -1456,7 +1459,7 @@ def run_variant(
         return bench_blocking(path, moves, args.accounts, args.durability, args.gc)
     if variant in ("f", "m"):
         shape = None if variant == "f" else (WINDOW_THREADS, WINDOW_OPS)
-        return bench_simulate(variant, path, ops, args.seed, args.durability, shape)
+        return bench_simulate(variant, path, ops, args.seed, args.durability, shape, args.accounts)
     if variant in ("c", "e", "s"):
         durability = "normal" if variant == "e" else args.durability
         how = "batch" if variant == "s" else "many"

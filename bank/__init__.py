@@ -8,7 +8,18 @@ what embedding needs: the command line (`bank.cli`), the simulator (`bank.simula
 from importlib.metadata import PackageNotFoundError, version
 
 from bank.account import Account
-from bank.commands import AccountSpec, Deposit, Transfer, Withdrawal
+from bank.clock import Clock, ManualClock, SystemClock
+from bank.commands import (
+    AccountSpec,
+    AnyCommand,
+    BankCommand,
+    Deposit,
+    Hold,
+    Post,
+    Transfer,
+    Void,
+    Withdrawal,
+)
 from bank.engine import Bank, BankStats
 from bank.errors import (
     AccountClosed,
@@ -25,6 +36,8 @@ from bank.errors import (
     CannotOpenLedger,
     CloseFromBankThread,
     DestinationNotEmpty,
+    HoldNotFound,
+    HoldNotPending,
     IdempotencyConflict,
     InsufficientFunds,
     InvalidCommand,
@@ -34,7 +47,9 @@ from bank.errors import (
     LedgerCorrupt,
     LedgerUnavailable,
     LedgerVersionError,
+    LinkedCommandFailed,
     NotALedger,
+    PostExceedsHold,
     QueueFull,
     SchemaDowngradeRefused,
     SeqBeyondHead,
@@ -43,7 +58,7 @@ from bank.errors import (
     WaitOnBankThread,
 )
 from bank.ledger.audit import AuditReport, Problem
-from bank.limits import AMOUNT_MAX, CASH_ACCOUNT_ID, CASH_ACCOUNT_NAME
+from bank.limits import AMOUNT_MAX, CASH_ACCOUNT_ID, CASH_ACCOUNT_NAME, GROUP_COMMANDS_MAX
 from bank.records import Receipt, Snapshot
 
 try:
@@ -55,6 +70,7 @@ __all__ = [
     "AMOUNT_MAX",
     "CASH_ACCOUNT_ID",
     "CASH_ACCOUNT_NAME",
+    "GROUP_COMMANDS_MAX",
     "Account",
     "AccountClosed",
     "AccountNameTaken",
@@ -62,19 +78,25 @@ __all__ = [
     "AccountNotFound",
     "AccountSpec",
     "AccountsMustBeDifferent",
+    "AnyCommand",
     "AuditReport",
     "BalanceOverflow",
     "Bank",
     "BankClosed",
+    "BankCommand",
     "BankError",
     "BankStats",
     "CannotAudit",
     "CannotCheckHistory",
     "CannotCopy",
     "CannotOpenLedger",
+    "Clock",
     "CloseFromBankThread",
     "Deposit",
     "DestinationNotEmpty",
+    "Hold",
+    "HoldNotFound",
+    "HoldNotPending",
     "IdempotencyConflict",
     "InsufficientFunds",
     "InvalidCommand",
@@ -84,7 +106,11 @@ __all__ = [
     "LedgerCorrupt",
     "LedgerUnavailable",
     "LedgerVersionError",
+    "LinkedCommandFailed",
+    "ManualClock",
     "NotALedger",
+    "Post",
+    "PostExceedsHold",
     "Problem",
     "QueueFull",
     "Receipt",
@@ -92,8 +118,10 @@ __all__ = [
     "SeqBeyondHead",
     "ServerNotDurable",
     "Snapshot",
+    "SystemClock",
     "Transfer",
     "UnsupportedLedgerUrl",
+    "Void",
     "WaitOnBankThread",
     "Withdrawal",
 ]

@@ -18,9 +18,21 @@ afterwards is refused too.)
 from __future__ import annotations
 
 import inspect
+import math
 import re
+from operator import is_
 from types import UnionType
-from typing import Annotated, Any, ClassVar, Literal, Self, Union, get_args, get_origin
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    ClassVar,
+    Literal,
+    Self,
+    Union,
+    get_args,
+    get_origin,
+)
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic._internal._model_construction import ModelMetaclass
@@ -29,18 +41,28 @@ from bank.errors import AccountsMustBeDifferent, InvalidCommand
 from bank.limits import (
     ACCOUNT_ID_MAX,
     AMOUNT_MAX,
+    BALANCE_MAX,
     CASH_ACCOUNT_ID,
+    HOLD_EXPIRES_S_MAX,
     KEY_LENGTH_MAX,
     NAME_LENGTH_MAX,
     OVERDRAFT_LIMIT_MAX,
 )
 from bank.money import Amount
 
+if TYPE_CHECKING:
+    from bank.records import Receipt
+
+#: The kinds of the three one-step money commands (what the load simulator mixes).
 Kind = Literal["deposit", "withdrawal", "transfer"]
 KINDS: tuple[Kind, ...] = ("deposit", "withdrawal", "transfer")
+#: Every kind a command can have, two-phase ones included.
+CommandKind = Literal["deposit", "withdrawal", "transfer", "hold", "post", "void"]
 
 AccountId = Annotated[int, Field(ge=0, le=ACCOUNT_ID_MAX)]
 Key = Annotated[str, Field(min_length=1, max_length=KEY_LENGTH_MAX)]
+#: A hold's seq, as its receipt gives it.
+HoldSeq = Annotated[int, Field(ge=1, le=BALANCE_MAX)]
 
 
 #: Exactly Unicode categories Cc (control) and Cs (surrogate); a test compares every code point.
@@ -152,14 +174,11 @@ def _bounds(metadata: list[Any]) -> str:
     return ""
 
 
-class Command(ReadableModel):
-    """Base of the three operations; subclasses say which accounts they debit and credit."""
+class _Validated(ReadableModel):
+    """What every command shares: strict, frozen, sealed when validated (see `is_validated`)."""
 
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
-    kind: ClassVar[Kind]
-
-    amount: Amount
-    key: Key | None = None
+    kind: ClassVar[CommandKind]
 
     def __init__(self, /, **data: Any) -> None:
         """Validate the fields; raises `InvalidCommand` (never pydantic's `ValidationError`)."""
@@ -203,10 +222,25 @@ class Command(ReadableModel):
         # validated (and sealed) or raises InvalidCommand.
         return (_rebuild, (type(self), dict(self.__dict__)))
 
-    @field_validator("key")
+    @field_validator("key", check_fields=False)
     @classmethod
     def _key_text(cls, value: str | None) -> str | None:
         return None if value is None else _check_text(value, "key")
+
+    def same_as(self, receipt: Receipt) -> bool:
+        """True if `receipt` is what this command would have made (a repeated key)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The command in a few words, for an `IdempotencyConflict` message."""
+        raise NotImplementedError
+
+
+class Command(_Validated):
+    """Base of the operations that name both accounts (deposit, withdrawal, transfer, hold)."""
+
+    amount: Amount
+    key: Key | None = None
 
     @property
     def debit_account(self) -> int:
@@ -221,6 +255,12 @@ class Command(ReadableModel):
     def signature(self) -> tuple[str, int, int, int]:
         """What must match for a repeated idempotency key to count as the same command."""
         return (self.kind, self.debit_account, self.credit_account, self.amount)
+
+    def same_as(self, receipt: Receipt) -> bool:
+        return receipt.signature() == self.signature()
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.debit_account}->{self.credit_account} amount {self.amount}"
 
 
 class Deposit(Command):
@@ -302,10 +342,129 @@ class Transfer(Command):
         return self
 
 
+class Hold(Command):
+    """Reserves `amount` of `source` for `target` (the first phase of a two-phase transfer).
+
+    The money stays in `source` but is no longer available to it (`Account.held`)
+    until a `Post` moves all or part of it to `target` (releasing the rest), a `Void`
+    releases it, or, `expires_s` seconds after the hold, the engine expires it. Either
+    account may be `@cash` (a pending deposit or withdrawal); they must differ.
+    """
+
+    kind: ClassVar[CommandKind] = "hold"
+    source: AccountId
+    target: AccountId
+    expires_s: int | float | None = None
+
+    @property
+    def debit_account(self) -> int:
+        return self.source
+
+    @property
+    def credit_account(self) -> int:
+        return self.target
+
+    @property
+    def expires_after_us(self) -> int | None:
+        """How long the hold lasts, in whole microseconds (None: until settled)."""
+        seconds = self.expires_s
+        if seconds is None:
+            return None
+        return seconds * 1_000_000 if type(seconds) is int else round(seconds * 1_000_000)
+
+    @field_validator("expires_s")
+    @classmethod
+    def _expiry(cls, value: int | float | None) -> int | float | None:
+        problem = _expiry_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _different(self) -> Hold:
+        if self.source == self.target:
+            from pydantic_core import PydanticCustomError
+
+            raise PydanticCustomError(
+                "accounts_must_be_different",
+                "source and target must be different accounts (both are {account})",
+                {"account": self.source},
+            )
+        return self
+
+    def same_as(self, receipt: Receipt) -> bool:
+        if receipt.signature() != self.signature():
+            return False
+        after = self.expires_after_us
+        if after is None or receipt.expires_us is None:
+            return after is None and receipt.expires_us is None
+        return receipt.expires_us - receipt.ts_us == after
+
+    def describe(self) -> str:
+        expiry = "" if self.expires_s is None else f" expiring after {self.expires_s} s"
+        return f"{super().describe()}{expiry}"
+
+
+class Post(_Validated):
+    """Completes hold `hold` (the seq of its receipt): moves `amount` (default: all of it,
+    never more) from its source to its target and releases the rest."""
+
+    kind: ClassVar[CommandKind] = "post"
+    hold: HoldSeq
+    amount: Amount | None = None
+    key: Key | None = None
+
+    def same_as(self, receipt: Receipt) -> bool:
+        # Without an amount it asked for "all of the hold": the post of that hold under
+        # this key is its answer, whatever amount that was (the hold's amount is not on
+        # the post's row to compare with).
+        return (
+            receipt.kind == "post"
+            and receipt.hold_seq == self.hold
+            and (self.amount is None or receipt.amount == self.amount)
+        )
+
+    def describe(self) -> str:
+        amount = "all" if self.amount is None else f"amount {self.amount}"
+        return f"post of hold {self.hold}, {amount}"
+
+
+class Void(_Validated):
+    """Cancels hold `hold` (the seq of its receipt): releases all of it, moves nothing."""
+
+    kind: ClassVar[CommandKind] = "void"
+    hold: HoldSeq
+    key: Key | None = None
+
+    def same_as(self, receipt: Receipt) -> bool:
+        return receipt.kind == "void" and receipt.hold_seq == self.hold
+
+    def describe(self) -> str:
+        return f"void of hold {self.hold}"
+
+
+#: The one-step money commands (what the load simulator's plain mixes submit).
 AnyCommand = Deposit | Withdrawal | Transfer
+#: Every command the engine takes: `submit`, `submit_many`, `submit_linked`.
+BankCommand = Deposit | Withdrawal | Transfer | Hold | Post | Void
+#: The commands that settle a hold.
+SettleCommand = Post | Void
 
 
-def _rebuild(cls: type[Command], fields: dict[str, Any]) -> Command:
+def _expiry_problem(value: object) -> str | None:
+    """Why `value` is no `Hold.expires_s`, or None."""
+    if value is None:
+        return None
+    if type(value) is not int and type(value) is not float:
+        return f"must be None or a number of seconds (got {_shown(value)})"
+    if not (math.isfinite(value) and 0 < value <= HOLD_EXPIRES_S_MAX):
+        return f"must be None or a number of seconds above 0 and at most {HOLD_EXPIRES_S_MAX}"
+    if type(value) is float and round(value * 1_000_000) < 1:
+        return "must be at least one microsecond"
+    return None
+
+
+def _rebuild(cls: type[_Validated], fields: dict[str, Any]) -> _Validated:
     return cls(**fields)
 
 
@@ -337,18 +496,20 @@ class _Sealed(set[str]):
         return (set, (list(self),))
 
 
-def _seal_instance(command: Command, _set: Any = object.__setattr__) -> None:
+def _seal_instance(command: _Validated, _set: Any = object.__setattr__) -> None:
     fields = command.__dict__
     sealed = _Sealed(command.__pydantic_fields_set__)
     sealed.fields = fields
-    # pydantic fills __dict__ in field order (amount, key, then the accounts); were
-    # that to change, `is_validated` would refuse every command, never accept a bad one.
+    # pydantic fills __dict__ in field order (amount, key, then the accounts, for the
+    # one-step commands); were that to change, `is_validated` would refuse every
+    # command, never accept a bad one.
     sealed.values = tuple(fields.values())
     _set(command, "__pydantic_fields_set__", sealed)
 
 
 #: Exact types only: a subclass could override any field or property.
-COMMAND_TYPES = frozenset((Deposit, Withdrawal, Transfer))
+COMMAND_TYPES = frozenset((Deposit, Withdrawal, Transfer, Hold, Post, Void))
+_TWO_PHASE_TYPES = frozenset((Hold, Post, Void))
 
 
 def is_validated(
@@ -357,9 +518,11 @@ def is_validated(
     _deposit: type = Deposit,
     _withdrawal: type = Withdrawal,
     _sealed: type[_Sealed] = _Sealed,
+    _two_phase: frozenset[type] = _TWO_PHASE_TYPES,
+    _is: Any = is_,
 ) -> bool:
-    """True only for a Deposit, Withdrawal or Transfer that was validated and whose
-    fields are still, object for object, the ones validation accepted.
+    """True only for a command of one of the exact command types that was validated and
+    whose fields are still, object for object, the ones validation accepted.
 
     The engine calls it on every command it is given, so it is one function with
     its names bound as fast locals: ~0.15 us. Identity (`is`) is the exact
@@ -370,7 +533,18 @@ def is_validated(
     """
     kind = type(command)
     if kind is not _transfer and kind is not _deposit and kind is not _withdrawal:
-        return False
+        if kind not in _two_phase:
+            return False
+        seal = command.__pydantic_fields_set__
+        if type(seal) is not _sealed:
+            return False
+        fields = command.__dict__
+        values = seal.values
+        return (
+            seal.fields is fields
+            and len(fields) == len(values)
+            and all(map(_is, fields.values(), values))
+        )
     seal = command.__pydantic_fields_set__
     if type(seal) is not _sealed:
         return False  # model_construct, model_copy, copy.copy: never validated
@@ -404,17 +578,29 @@ def _shown(value: object) -> str:
     return text if len(text) <= 40 else f"{text[:37]}..."
 
 
-def _field_problem(name: str, value: object) -> str | None:
-    """Why one stored field breaks its rule, or None (the slow path of `is_validated`)."""
+def _field_problem(
+    name: str, value: object, *, post: bool = False, cash_ok: bool = False
+) -> str | None:
+    """Why one stored field breaks its rule, or None (the slow path of `is_validated`).
+
+    `post`: a `Post`, whose amount may be None; `cash_ok`: a `Hold`, whose accounts may
+    be `@cash`."""
     if name == "amount":
+        if value is None and post:
+            return None
         if type(value) is not int or not 1 <= value <= AMOUNT_MAX:
             return f"must be an int from 1 to {AMOUNT_MAX} (got {_shown(value)})"
+    elif name == "expires_s":
+        return _expiry_problem(value)
+    elif name == "hold":
+        if type(value) is not int or not 1 <= value <= BALANCE_MAX:
+            return f"must be an int from 1 to {BALANCE_MAX} (got {_shown(value)})"
     elif name == "key":
         if value is not None:
             return _key_problem(value, "None or ")
     elif type(value) is not int or not 0 <= value <= ACCOUNT_ID_MAX:
         return f"must be an int from 1 to {ACCOUNT_ID_MAX} (got {_shown(value)})"
-    elif value == CASH_ACCOUNT_ID:
+    elif value == CASH_ACCOUNT_ID and not cash_ok:
         return f"must be a customer account, not @cash (got {_shown(value)})"
     return None
 
@@ -445,9 +631,10 @@ def refusal(command: object, where: str) -> InvalidCommand:
     """
     if type(command) not in COMMAND_TYPES:
         return InvalidCommand(
-            f"{where}: takes a bank.Deposit, Withdrawal or Transfer (got {type(command).__name__})"
+            f"{where}: takes a bank.Deposit, Withdrawal or Transfer (or a Hold, Post or Void) "
+            f"(got {type(command).__name__})"
         )
-    assert isinstance(command, Command)
+    assert isinstance(command, _Validated)
     kind = type(command)
     name = kind.__name__
     fields: dict[str, Any] = command.__dict__
@@ -463,12 +650,12 @@ def refusal(command: object, where: str) -> InvalidCommand:
                 f"{where}: {name}.{field}: unknown field (added by model_copy(update=...)?)"
             )
     for field, value in fields.items():
-        problem = _field_problem(field, value)
+        problem = _field_problem(field, value, post=kind is Post, cash_ok=kind is Hold)
         if problem is not None:
             return InvalidCommand(f"{where}: {name}.{field}: {problem}")
-    if kind is Transfer and fields["source"] == fields["target"]:
+    if kind in (Transfer, Hold) and fields["source"] == fields["target"]:
         return AccountsMustBeDifferent(
-            f"{where}: Transfer: source and target must be different accounts "
+            f"{where}: {name}: source and target must be different accounts "
             f"(both are {fields['source']!r})"
         )
     return InvalidCommand(

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
+from pydantic import BaseModel
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError
@@ -36,13 +37,17 @@ from bank import lockcheck
 from bank.account import Account
 from bank.answers import Answer, BatchAnswer, EngineFuture, Outcome, Reply
 from bank.buffer import BoundedBuffer
+from bank.clock import Clock, SystemClock
 from bank.commands import (
     AccountSpec,
-    AnyCommand,
+    BankCommand,
     Command,
     Deposit,
+    Hold,
     LimitSpec,
+    Post,
     Transfer,
+    Void,
     Withdrawal,
     check_key,
     is_validated,
@@ -65,8 +70,11 @@ from bank.errors import (
     UnsupportedLedgerUrl,
     WaitOnBankThread,
 )
+from bank.expiry import ExpiryTimer
+from bank.groups import LinkedGroup
+from bank.holds import HoldBook, PendingHold
 from bank.idempotency import KeyClaims
-from bank.ledger import migrate, store, verify
+from bank.ledger import holds_store, migrate, store, verify
 from bank.ledger.backend import Backend, Durability, OwnerLock
 from bank.ledger.backends import backend_for, ledger_url
 from bank.ledger.pipeline import settle
@@ -75,6 +83,7 @@ from bank.limits import (
     BATCH_OPS_MAX,
     CASH_ACCOUNT_ID,
     COMMIT_BATCH_OPS_MAX,
+    GROUP_COMMANDS_MAX,
     HISTORY_LIMIT_DEFAULT,
     JOIN_WAIT_S_MAX,
     KEY_WAIT_S_MAX,
@@ -97,10 +106,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _is_empty(account: Account) -> bool:
+def _is_empty(account: Account, holds: HoldBook) -> bool:
     """Whether `account` may close: the one place that decides it (the caller holds its
-    lock). An account closes only with a balance of 0."""
-    return account.balance == 0
+    lock). An account closes only with a balance of 0, nothing held, and no pending hold
+    naming it as its target either (a hold must never leave a closed account with money
+    on its way in or out; holds are added and settled only under both accounts' locks,
+    so the caller's lock keeps this true until the close is staged)."""
+    return account.balance == 0 and account.held == 0 and not holds.involving(account.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +177,7 @@ def _first_refusal(batch: Sequence[object], where: str) -> InvalidCommand:
     raise AssertionError("no refused item")
 
 
-def _checked_batch(commands: object, where: str) -> list[AnyCommand]:
+def _checked_batch(commands: object, where: str) -> list[BankCommand]:
     """A batch for `submit_batch`: 1 to `BATCH_OPS_MAX` validated commands, else
     `InvalidCommand` (an iterator is read no further than one past the bound)."""
     if isinstance(commands, Command | str | bytes | Mapping) or not isinstance(commands, Iterable):
@@ -174,7 +186,7 @@ def _checked_batch(commands: object, where: str) -> list[AnyCommand]:
             f"{where} takes a list (or any iterable) of commands "
             f"(got {type(commands).__name__}){one}"
         )
-    batch: list[AnyCommand] = list(islice(commands, BATCH_OPS_MAX + 1))
+    batch: list[BankCommand] = list(islice(commands, BATCH_OPS_MAX + 1))
     if not batch:
         raise InvalidCommand(
             f"{where}: the batch is empty (it takes 1 to {BATCH_OPS_MAX:,} commands)"
@@ -230,6 +242,7 @@ class _Lifecycle:
         self.buffer: BoundedBuffer[Job] | None = None
         self.workers: list[Worker] = []
         self.writer: LedgerWriter | None = None
+        self.timer: ExpiryTimer | None = None
         self.release: Callable[[], None] = lambda: None
         self._live_workers = 0
         self._readers = 0  # callers reading the ledger through the engine (under `lock`)
@@ -243,11 +256,17 @@ class _Lifecycle:
         workers: list[Worker],
         writer: LedgerWriter,
         release: Callable[[], None],
+        timer: ExpiryTimer | None = None,
     ) -> None:
-        """Take charge of the threads (not started yet) and of releasing the ledger."""
+        """Take charge of the threads (not started yet) and of releasing the ledger.
+
+        The expiry `timer` stages rows like a worker: it counts as one, so the writer
+        stops only once it has ended too (`close()` stops it with the intake)."""
         self.buffer, self.workers, self.writer, self.release = buffer, workers, writer, release
-        self._live_workers = len(workers)
-        for worker in workers:
+        self.timer = timer
+        stagers: list[Worker | ExpiryTimer] = [*workers, *([timer] if timer else [])]
+        self._live_workers = len(stagers)
+        for worker in stagers:
             worker.on_exit = self._worker_exited
         writer.on_exit = self._writer_exited
         with _OPEN_LOCK:
@@ -259,11 +278,11 @@ class _Lifecycle:
             raise
         started = 0
         try:
-            for worker in workers:
+            for worker in stagers:
                 worker.start()
                 started += 1
         finally:
-            for _ in range(len(workers) - started):
+            for _ in range(len(stagers) - started):
                 self._worker_exited()  # never ran; the last one out still stops the writer
 
     def _worker_exited(self) -> None:
@@ -308,7 +327,7 @@ class _Lifecycle:
     def on_bank_thread(self) -> bool:
         """True if the caller is one of the bank's threads."""
         me = threading.current_thread()
-        return me is self.writer or me in self.workers
+        return me is self.writer or me is self.timer or me in self.workers
 
     def collected(self) -> None:
         """The `Bank` was garbage-collected unclosed: close it from a thread of its own.
@@ -336,10 +355,12 @@ class _Lifecycle:
             return
         if first:
             self.buffer.close()  # queued jobs still drain; blocked submitters get BankClosed
+            if self.timer is not None:
+                self.timer.stop()
         if self.on_bank_thread():
             return
         if not self.released.wait(wait_s):
-            stuck = [t.name for t in (*self.workers, self.writer) if t and t.is_alive()]
+            stuck = [t.name for t in (*self.workers, self.timer, self.writer) if t and t.is_alive()]
             log.error(
                 "threads still running %s s after close (a slow done-callback?): %s; "
                 "the ledger stays locked until the last of them ends",
@@ -347,7 +368,7 @@ class _Lifecycle:
                 stuck,
             )
             return
-        for thread in (*self.workers, self.writer):
+        for thread in (*self.workers, self.timer, self.writer):
             if thread is not None and thread.ident is not None:  # started
                 thread.join()  # past its last step (the release): ends at once
 
@@ -416,8 +437,14 @@ class Bank:
         durability: Durability | str = Durability.FULL,
         commit_ops_max: int = COMMIT_BATCH_OPS_MAX,
         wait_s: float = 0.0,
+        clock: Clock | None = None,
     ) -> None:
         _check_int(workers, "workers", 1, WORKERS_MAX)
+        if clock is not None and not callable(getattr(clock, "now_us", None)):
+            raise InvalidCommand(
+                f"clock must have now_us() and subscribe(wake) (bank.clock.Clock; got {clock!r})"
+            )
+        self._clock: Clock = clock if clock is not None else SystemClock()
         wait_s = _check_wait(wait_s)
         _check_int(queue_capacity, "queue_capacity", 1, QUEUE_CAPACITY_MAX)
         _check_int(commit_ops_max, "commit_ops_max", 1, 1_000_000)
@@ -439,13 +466,22 @@ class Bank:
         assert self._engine is not None
         self._buffer: BoundedBuffer[Job] = BoundedBuffer(queue_capacity)
         self._workers: list[Worker] = [
-            Worker(i, self._buffer, self._accounts, self._writer, self._claims, self._engine)
+            Worker(
+                i,
+                self._buffer,
+                self._accounts,
+                self._writer,
+                self._claims,
+                self._engine,
+                holds=self._holds,
+            )
             for i in range(workers)
         ]
+        timer = ExpiryTimer(self._accounts, self._holds, self._writer, self._clock)
         # The release must not hold the Bank (a bound method would): see `_Lifecycle`.
         release = _releaser(self._engine, self._owner)
         try:
-            self._life.start(self._buffer, self._workers, self._writer, release)
+            self._life.start(self._buffer, self._workers, self._writer, release, timer)
         except Exception as exc:  # e.g. no thread could be made: shut what did start
             self._life.close()
             raise LedgerUnavailable(
@@ -518,6 +554,7 @@ class Bank:
         durability: Durability | str = Durability.FULL,
         commit_ops_max: int = COMMIT_BATCH_OPS_MAX,
         wait_s: float = 0.0,
+        clock: Clock | None = None,
     ) -> Bank:
         """Open (creating or migrating) the ledger at `db` and start the bank's threads.
 
@@ -528,6 +565,9 @@ class Bank:
         waiting up to that many seconds for it to close or die: a hot standby),
         `LedgerCorrupt` if the ledger's stored state disagrees with its rows (it is left
         as it was).
+
+        `clock` (`bank.clock.Clock`, default the system clock) stamps every row and
+        times every hold's expiry: tests pass a `bank.clock.ManualClock` and advance it.
         """
         return cls(
             db,
@@ -536,6 +576,7 @@ class Bank:
             durability=durability,
             commit_ops_max=commit_ops_max,
             wait_s=wait_s,
+            clock=clock,
         )
 
     def _recover(self) -> None:
@@ -548,11 +589,13 @@ class Bank:
         assert self._engine is not None
         with self._engine.connect() as conn:  # one read transaction for all of it
             report = verify.verify_ledger(conn)
+            if not report.ok:
+                raise LedgerCorrupt(verify.describe(report, self._where, OPEN_PROBLEMS_SHOWN_MAX))
             rows = store.load_accounts(conn)
             closed = store.closed_accounts(conn)
             seq, head, event_seq, event_head = store.chain_heads(conn)
-        if not report.ok:
-            raise LedgerCorrupt(verify.describe(report, self._where, OPEN_PROBLEMS_SHOWN_MAX))
+            pending = holds_store.pending_holds(conn)
+            last_ts_us = holds_store.last_ts_us(conn)
         assert rows and rows[0].id == CASH_ACCOUNT_ID  # verified above
         self._registry_lock = lockcheck.lock("registry")
         self._accounts: dict[int, Account] = {
@@ -561,6 +604,12 @@ class Bank:
         for account_id in closed:  # closed for good (its 'close' event is chained)
             self._accounts[account_id].close()
         self._names: dict[str, int] = {r.name: r.id for r in rows}
+        # Pending holds, with their deadlines: the timer's first look expires the ones
+        # whose time ran out while the bank was closed.
+        self._holds = HoldBook()
+        for hold in pending:
+            self._holds.add(PendingHold(*hold))
+            self._accounts[hold.source]._held += hold.amount
         self._next_id = rows[-1].id + 1
         self._claims = KeyClaims()
         engine, backend = self._engine, self._backend
@@ -572,6 +621,8 @@ class Bank:
             event_seq=event_seq,
             event_head_hash=event_head,
             owner=self._owner,
+            now_us=self._clock.now_us,
+            last_ts_us=last_ts_us,
         )
         assert self._owner is not None
         self._owner.watch(self._writer.lose)
@@ -713,7 +764,8 @@ class Bank:
     def close_account(self, account: int) -> Account:
         """Close a customer account; returns it (`.closed` True) once its closing is durable.
 
-        Only an empty account closes (`_is_empty`: a balance of 0). The closing is a chained
+        Only an empty account closes (`_is_empty`: a balance of 0, nothing held, no pending
+        hold naming it as source or target). The closing is a chained
         `account_events` row ('close'), staged under the account's lock: every transfer
         that touched it is before it in the ledger, and every later operation on it is
         refused with `AccountClosed` (a closed account stays in `accounts()`).
@@ -730,10 +782,12 @@ class Bank:
             refusal: BankError | None = None
             if found.closed:
                 refusal = AccountClosed(f"account {found.id} ({found.name!r}) is closed already")
-            elif not _is_empty(found):
+            elif not _is_empty(found, self._holds):
+                pending = len(self._holds.involving(found.id))
                 refusal = AccountNotEmpty(
-                    f"account {found.id} ({found.name!r}) has a balance of {found.balance}: "
-                    "only an empty account closes"
+                    f"account {found.id} ({found.name!r}) has a balance of {found.balance}, "
+                    f"{found.held} held and {pending} pending hold(s) naming it: only an "
+                    "empty account closes (post or void its holds first)"
                 )
             else:
                 self._writer.stage_account_event(
@@ -766,10 +820,11 @@ class Bank:
             if found.closed:  # nothing is chained after a close
                 refusal = AccountClosed(f"account {found.id} ({found.name!r}) is closed")
                 position, _ = self._writer.position()
-            elif found.balance < -spec.overdraft_limit:
+            elif found.balance - found.held < -spec.overdraft_limit:
+                held = f" ({found.held} held)" if found.held else ""
                 refusal = InsufficientFunds(
-                    f"account {found.id} has {found.balance}: an overdraft limit of "
-                    f"{spec.overdraft_limit} would leave it below its floor"
+                    f"account {found.id} has {found.balance}{held}: an overdraft limit "
+                    f"of {spec.overdraft_limit} would leave it below its floor"
                 )
                 position, _ = self._writer.position()
             else:
@@ -830,7 +885,7 @@ class Bank:
         self._check_may_wait("transfer")
         return self._call(Transfer(source=source, target=target, amount=amount, key=key), timeout)
 
-    def _call(self, command: AnyCommand, timeout: float | None) -> Receipt:
+    def _call(self, command: BankCommand, timeout: float | None) -> Receipt:
         """Queue a command this bank built (so validated) and wait for its answer.
 
         A `Reply` (two locks) instead of a `Future`: the caller blocks on a lock the
@@ -844,7 +899,104 @@ class Bank:
         result: Receipt = reply.wait()
         return result
 
-    def submit(self, command: AnyCommand, *, timeout: float | None = None) -> Future[Receipt]:
+    def hold(
+        self,
+        source: int,
+        target: int,
+        amount: int,
+        *,
+        key: str | None = None,
+        expires_s: float | None = None,
+        timeout: float | None = None,
+    ) -> Receipt:
+        """Reserve `amount` of `source` for `target` (receipt kind "hold"; its `seq` names
+        the hold); raises `InsufficientFunds` beyond `source`'s `available`.
+
+        With `expires_s`, the engine expires it (an "expire" row) if it is neither
+        posted nor voided within that many seconds."""
+        self._check_may_wait("hold")
+        return self.submit(
+            Hold(source=source, target=target, amount=amount, key=key, expires_s=expires_s),
+            timeout=timeout,
+        ).result()
+
+    def post(
+        self,
+        hold: int,
+        amount: int | None = None,
+        *,
+        key: str | None = None,
+        timeout: float | None = None,
+    ) -> Receipt:
+        """Move `amount` (default: all) of hold `hold` to its target, releasing the rest
+        (receipt kind "post"). Raises `HoldNotFound`, `HoldNotPending` (posted, voided
+        or expired), `PostExceedsHold`."""
+        self._check_may_wait("post")
+        return self.submit(Post(hold=hold, amount=amount, key=key), timeout=timeout).result()
+
+    def void(self, hold: int, *, key: str | None = None, timeout: float | None = None) -> Receipt:
+        """Release all of hold `hold` (receipt kind "void"); raises like `post`."""
+        self._check_may_wait("void")
+        return self.submit(Void(hold=hold, key=key), timeout=timeout).result()
+
+    def submit_linked(
+        self, commands: Iterable[BankCommand], *, timeout: float | None = None
+    ) -> Future[list[Receipt]]:
+        """Queue an atomic group: every command applied, in order, or none.
+
+        The future gets the receipts (consecutive seqs, each row carrying the group's
+        `link_first` and `link_count`), or `LinkedCommandFailed` (`.index`, `.error`:
+        the first command refused) and then nothing of the group is in the ledger or
+        in memory. 1 to `GROUP_COMMANDS_MAX` (8,190) commands with distinct keys; an
+        invalid item raises `InvalidCommand` here, naming it, and nothing is queued.
+        A group whose keys were all used by this same committed group gets its
+        original receipts; a key used by anything else fails the group
+        (`LinkedCommandFailed` wrapping `IdempotencyConflict`).
+        """
+        group = self._check_group(commands)
+        if timeout is not None:
+            timeout = _check_timeout(timeout)
+        self._check_open()
+        future: Future[list[Receipt]] = Future()
+        weight = min(len(group), self._buffer.capacity)
+        job = Job([LinkedGroup(group)], [future])
+        self._buffer.put(job, weight, timeout)
+        return future
+
+    def transact(
+        self, commands: Iterable[BankCommand], *, timeout: float | None = None
+    ) -> list[Receipt]:
+        """`submit_linked(...)`, waiting for its answer: the receipts, or it raises
+        `LinkedCommandFailed`."""
+        self._check_may_wait("transact")
+        return self.submit_linked(commands, timeout=timeout).result()
+
+    def _check_group(self, commands: Iterable[BankCommand]) -> list[BankCommand]:
+        if isinstance(commands, str | bytes | BaseModel) or not isinstance(commands, Iterable):
+            raise InvalidCommand(
+                f"submit_linked takes a list of commands (got {type(commands).__name__})"
+            )
+        group = list(commands)
+        if not 1 <= len(group) <= GROUP_COMMANDS_MAX:
+            raise InvalidCommand(
+                f"submit_linked: a group holds 1 to {GROUP_COMMANDS_MAX} commands "
+                f"(got {len(group)})"
+            )
+        keys: dict[str, int] = {}
+        for i, command in enumerate(group):
+            if not is_validated(command):
+                raise refusal(command, f"submit_linked: item {i}")
+            key = command.key
+            if key is not None:
+                if key in keys:
+                    raise InvalidCommand(
+                        f"submit_linked: item {i}: key {key!r} is also item {keys[key]}'s "
+                        "(each command of a group needs its own key)"
+                    )
+                keys[key] = i
+        return group
+
+    def submit(self, command: BankCommand, *, timeout: float | None = None) -> Future[Receipt]:
         """Queue one command; its future gets the `Receipt` or the rejection.
 
         Blocks while the queue is full; with `timeout` raises `QueueFull` instead.
@@ -861,7 +1013,7 @@ class Bank:
         return future
 
     def submit_many(
-        self, commands: Iterable[AnyCommand], *, timeout: float | None = None
+        self, commands: Iterable[BankCommand], *, timeout: float | None = None
     ) -> list[Future[Receipt]]:
         """Queue many commands, one hand-off per chunk; returns their futures in order.
 
@@ -880,7 +1032,7 @@ class Bank:
         return futures
 
     def submit_batch(
-        self, commands: Iterable[AnyCommand], *, timeout: float | None = None
+        self, commands: Iterable[BankCommand], *, timeout: float | None = None
     ) -> Future[list[Outcome]]:
         """Queue a batch of 1 to `BATCH_OPS_MAX` commands; ONE future gets every outcome.
 
@@ -915,7 +1067,7 @@ class Bank:
         return answer.future
 
     def execute(
-        self, commands: Iterable[AnyCommand], *, timeout: float | None = None
+        self, commands: Iterable[BankCommand], *, timeout: float | None = None
     ) -> list[Outcome]:
         """`submit_batch(commands, timeout=timeout).result()`: every outcome, in order.
 
@@ -926,7 +1078,7 @@ class Bank:
         return self.submit_batch(commands, timeout=timeout).result()
 
     def _put_chunks(
-        self, batch: list[AnyCommand], answers: Sequence[Answer], timeout: float | None
+        self, batch: list[BankCommand], answers: Sequence[Answer], timeout: float | None
     ) -> None:
         """Hand `batch` to the queue a chunk at a time, waiting for room for each.
 

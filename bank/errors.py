@@ -135,6 +135,35 @@ class ServerNotDurable(CannotOpenLedger):
     durable (it runs with `fsync=off`): refused before anything is written."""
 
 
+# -- holds and atomic groups (issue 11) -------------------------------------------------
+
+
+class HoldNotFound(BankError, LookupError):
+    """A `Post` or `Void` names a seq that is not a hold's (no such row, or another kind)."""
+
+
+class HoldNotPending(BankError):
+    """A `Post` or `Void` names a hold that was already posted, voided or expired (the
+    message says which, at what seq): a hold is settled at most once."""
+
+
+class PostExceedsHold(BankError):
+    """A `Post` asks for more than its hold reserved."""
+
+
+class LinkedCommandFailed(BankError):
+    """A command of an atomic group was refused, so none of the group was applied:
+    `.index` is its position in the group, `.error` its refusal."""
+
+    def __init__(self, index: int, error: BankError) -> None:
+        super().__init__(f"command {index} of the group was refused, so none was applied: {error}")
+        self.index = index
+        self.error = error
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.index, self.error))
+
+
 # -- reads as of a seq, account lifecycle (issue 11: history, balances, closing) ---------------
 
 

@@ -61,6 +61,16 @@ JOIN_WAIT_S_MAX: Final = 60.0
 KEY_WAIT_S_MAX: Final = 60.0
 #: Problems a `LedgerCorrupt` from `Bank.open` lists (the rest are counted).
 OPEN_PROBLEMS_SHOWN_MAX: Final = 5
+
+#: The longest a hold may wait for its post or void (`Hold.expires_s`): about 136 years,
+#: TigerBeetle's u32 seconds. Its deadline, in microseconds, then stays far inside 64 bits.
+HOLD_EXPIRES_S_MAX: Final = 2**32 - 1
+#: The longest the expiry timer sleeps between looks at the clock (it is woken earlier by
+#: a nearer deadline, a controllable clock's advance, or close()).
+HOLD_TIMER_WAIT_S_MAX: Final = 5.0
+#: Commands in one atomic group (`Bank.submit_linked`), as in TigerBeetle (8190 events
+#: per request).
+GROUP_COMMANDS_MAX: Final = 8190
 #: Most commands `Bank.submit_batch`/`execute` take at once (TigerBeetle's batch size; also
 #: a group's bound). One future carries the whole batch's list of outcomes, so the bound
 #: caps what one call holds in memory and how long one caller keeps the queue's room;

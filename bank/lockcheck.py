@@ -8,7 +8,8 @@ it blocks) and records it in `violations()`, so a swallowed exception still fail
 test run. Two rules:
 
 1. The documented order (`bank.engine`'s docstring): `registry` -> `account` locks
-   (ascending id among themselves) -> `writer`; `claims`, `buffer` and `batch` are leaves
+   (ascending id among themselves) -> `writer`; `claims`, `buffer`, `batch` and `holds` are
+   leaves
    (nothing is taken while one is held). A non-reentrant lock taken again by its
    holder is a self-deadlock.
 2. Any order observed before: every blocking acquisition of class B while holding
@@ -30,8 +31,16 @@ from types import TracebackType
 from typing import Protocol, cast
 
 #: Rank of each lock class in the documented order; leaves rank last and nest nothing.
-_RANKS = {"registry": 0, "account": 1, "writer": 2, "claims": 3, "buffer": 3, "batch": 3}
-_LEAVES = frozenset({"claims", "buffer", "batch"})
+_RANKS = {
+    "registry": 0,
+    "account": 1,
+    "writer": 2,
+    "claims": 3,
+    "buffer": 3,
+    "batch": 3,
+    "holds": 3,
+}
+_LEAVES = frozenset({"claims", "buffer", "batch", "holds"})
 
 
 class LockOrderViolation(AssertionError):

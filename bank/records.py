@@ -12,6 +12,12 @@ class Receipt(NamedTuple):
 
     A `NamedTuple` because the ledger writer builds one per operation on the hot path
     and it must be cheap, immutable and hashable.
+
+    Kinds: deposit, withdrawal, transfer, and the two-phase ones: hold (reserves
+    `amount` of the debit account), post (moves `amount` of hold `hold_seq`), void and
+    expire (release hold `hold_seq`'s `amount`). `expires_us`: a hold's deadline (same
+    clock as `ts_us`; None: never). `link_first`/`link_count`: the first seq and the
+    size of the atomic group the row belongs to (None: not in a group).
     """
 
     seq: int
@@ -22,11 +28,20 @@ class Receipt(NamedTuple):
     credit_account: int
     ts_us: int
     hash: str
+    hold_seq: int | None = None
+    expires_us: int | None = None
+    link_first: int | None = None
+    link_count: int | None = None
 
     @property
     def account(self) -> int:
         """The customer account of a deposit or withdrawal (the source of a transfer)."""
         return self.debit_account if self.credit_account == CASH_ACCOUNT_ID else self.credit_account
+
+    @property
+    def hold(self) -> int | None:
+        """The hold this row settles (post, void, expire), this hold's own seq, or None."""
+        return self.seq if self.kind == "hold" else self.hold_seq
 
     @property
     def source(self) -> int:

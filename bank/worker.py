@@ -19,8 +19,10 @@ from sqlalchemy import Connection, Engine
 from bank.account import Account, move
 from bank.answers import Answer
 from bank.buffer import BoundedBuffer
-from bank.commands import AnyCommand, Deposit, Transfer
+from bank.commands import BankCommand, Deposit, Transfer, Withdrawal
 from bank.errors import AccountNotFound, BankError, IdempotencyConflict, LedgerUnavailable
+from bank.groups import ApplyContext, LinkedGroup, apply_group, apply_two_phase
+from bank.holds import HoldBook
 from bank.idempotency import KeyClaims
 from bank.ledger.pipeline import settle
 from bank.ledger.store import find_receipts
@@ -36,30 +38,36 @@ class Job:
     """Commands handed over in one piece, and where each one's answer goes.
 
     `answers[i]` answers `commands[i]`: a `Future[Receipt]` (`submit`, `submit_many`)
-    or a slot of one batch's list (`submit_batch`, see `bank.answers`).
+    or a slot of one batch's list (`submit_batch`, see `bank.answers`); an atomic
+    group is one `LinkedGroup` whose future gets the list of receipts.
     """
 
-    commands: list[AnyCommand]
+    commands: Sequence[BankCommand | LinkedGroup]  # a group: one `LinkedGroup`
     answers: Sequence[Answer]
 
 
 _key_of = attrgetter("key")
 
 
-def answer_duplicate(command: AnyCommand, receipt: Receipt, future: Answer) -> None:
+def answer_duplicate(command: BankCommand, receipt: Receipt, future: Answer) -> None:
     """Answer a repeated key from the ledger: the original receipt, or a conflict."""
-    if receipt.signature() == command.signature():
+    if command.same_as(receipt):
         settle(future, receipt)
     else:
-        settle(
-            future,
-            error=IdempotencyConflict(
-                f"key {command.key!r} was used at seq {receipt.seq} for {receipt.kind} "
-                f"{receipt.debit_account}->{receipt.credit_account} amount {receipt.amount}; "
-                f"this {command.kind} {command.debit_account}->{command.credit_account} "
-                f"amount {command.amount} is a different command"
-            ),
-        )
+        settle(future, error=key_conflict(command, receipt))
+
+
+def key_conflict(command: BankCommand, receipt: Receipt) -> IdempotencyConflict:
+    """The refusal of `command` whose key the ledger has for another operation."""
+    what = (
+        f"{receipt.kind} {receipt.debit_account}->{receipt.credit_account} amount {receipt.amount}"
+    )
+    if receipt.hold_seq is not None:
+        what += f" of hold {receipt.hold_seq}"
+    return IdempotencyConflict(
+        f"key {command.key!r} was used at seq {receipt.seq} for {what}; this "
+        f"{command.describe()} is a different command"
+    )
 
 
 class Worker(threading.Thread):
@@ -74,6 +82,7 @@ class Worker(threading.Thread):
         claims: KeyClaims,
         engine: Engine,
         on_exit: Callable[[], None] | None = None,
+        holds: HoldBook | None = None,
     ) -> None:
         # A daemon so that a forgotten bank cannot hold up exit; `bank.engine`'s atexit
         # hook drains it first (see `bank.engine._Lifecycle`).
@@ -84,6 +93,7 @@ class Worker(threading.Thread):
         self._writer = writer
         self._claims = claims
         self._engine = engine
+        self._holds = holds if holds is not None else HoldBook()
         self._conn: Connection | None = None
 
     def run(self) -> None:
@@ -103,7 +113,9 @@ class Worker(threading.Thread):
             if self.on_exit is not None:
                 self.on_exit()
 
-    def _run_job(self, commands: list[AnyCommand], futures: Sequence[Answer]) -> None:
+    def _run_job(
+        self, commands: Sequence[BankCommand | LinkedGroup], futures: Sequence[Answer]
+    ) -> None:
         try:
             known = self._claim_keys(commands, futures)
         except Exception as exc:  # the look-up failed: nothing was applied, refuse the job
@@ -138,7 +150,7 @@ class Worker(threading.Thread):
     # -- idempotency ---------------------------------------------------------------
 
     def _claim_keys(
-        self, commands: list[AnyCommand], futures: Sequence[Answer]
+        self, commands: Sequence[BankCommand | LinkedGroup], futures: Sequence[Answer]
     ) -> dict[str, tuple[Answer, Receipt | None]]:
         """Claim the job's keys and look the claimed ones up in one query.
 
@@ -175,7 +187,7 @@ class Worker(threading.Thread):
 
     def _answered_by_ledger(
         self,
-        command: AnyCommand,
+        command: BankCommand,
         future: Answer,
         known: dict[str, tuple[Answer, Receipt | None]],
     ) -> bool:
@@ -203,15 +215,21 @@ class Worker(threading.Thread):
 
     # -- applying --------------------------------------------------------------------
 
-    def _apply(self, command: AnyCommand, future: Answer) -> None:
+    def _apply(self, command: BankCommand | LinkedGroup, future: Answer) -> None:
         kind = command.kind
-        amount = command.amount
         if isinstance(command, Transfer):
             debit_id, credit_id = command.source, command.target
         elif isinstance(command, Deposit):
             debit_id, credit_id = CASH_ACCOUNT_ID, command.account
-        else:
+        elif isinstance(command, Withdrawal):
             debit_id, credit_id = command.account, CASH_ACCOUNT_ID
+        elif isinstance(command, LinkedGroup):
+            apply_group(command, future, self._context())
+            return
+        else:  # Hold, Post, Void
+            apply_two_phase(command, future, self._context())
+            return
+        amount = command.amount
         # The registry only ever grows, under the bank's registry lock; a lookup is a
         # single dict read, which is atomic in free-threaded CPython as well.
         source = self._accounts.get(debit_id)
@@ -240,3 +258,10 @@ class Worker(threading.Thread):
                 debit_balance,
                 credit_balance,
             )
+
+    def _context(self) -> ApplyContext:
+        """What the two-phase and group application need of this worker."""
+        assert self._conn is not None
+        return ApplyContext(
+            self._accounts, self._holds, self._writer, self._claims, self._conn, self._lookup
+        )

@@ -656,7 +656,11 @@ def bench_window(
 # -- (d) the ceiling: raw sqlite3 ----------------------------------------------------------
 
 # The engine's table, so (d) inserts exactly the rows the engine writes.
-_TRANSFER_COLUMNS = tuple(c.name for c in transfers.c)
+_TRANSFER_COLUMNS = tuple(
+    c.name
+    for c in transfers.c
+    if c.name not in ("hold_seq", "expires_us", "link_first", "link_count")  # 0006: NULL
+)
 _INSERT_TRANSFER = (
     f"INSERT INTO transfers ({', '.join(_TRANSFER_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(_TRANSFER_COLUMNS))})"
@@ -836,10 +840,12 @@ def bench_raw(
             for source, target, amount in moves[start : start + RAW_BATCH_ROWS]:
                 seq += 1
                 ts_us += 1  # a timestamp per row, like the engine's
-                head = transfer_hash(head, seq, "transfer", source, target, amount, ts_us, None)
                 balances[source] -= amount  # the running balances after the row (0005)
                 balances[target] += amount
                 after = (balances[source], balances[target])
+                head = transfer_hash(
+                    head, seq, "transfer", source, target, amount, ts_us, None, *after
+                )
                 batch.append((seq, None, "transfer", source, target, amount, ts_us, head, *after))
             batches.append(batch)
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

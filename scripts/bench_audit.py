@@ -106,9 +106,11 @@ def _generate(
         balances[credit] += amount
         key = f"k-{seq}" if seq % 10 == 0 else None
         ts_us += 7
-        prev = transfer_hash(prev, seq, kind, debit, credit, amount, ts_us, key)
-        # The running balances after the row (revision 0005) close each row.
-        rows.append((seq, key, kind, debit, credit, amount, ts_us, prev, *after(debit, credit)))
+        # The running balances after the row (revision 0005) close each row; hash format 3
+        # (revision 0006) covers them.
+        running = after(debit, credit)
+        prev = transfer_hash(prev, seq, kind, debit, credit, amount, ts_us, key, *running)
+        rows.append((seq, key, kind, debit, credit, amount, ts_us, prev, *running))
         if len(rows) >= ROWS_PER_COMMIT:
             add_transfers(rows)
             rows = []
@@ -137,7 +139,11 @@ def build_ledger(path: Path, transfers: int, accounts: int = 1000, seed: int = 1
         )
 
     def add_transfers(rows: list[tuple[Any, ...]]) -> None:
-        db.executemany("INSERT INTO transfers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        db.executemany(
+            "INSERT INTO transfers (seq, key, kind, debit_account_id, credit_account_id, amount, "
+            "ts_us, hash, debit_balance, credit_balance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
 
     balances = _generate(event_prev, transfers, accounts, seed, add_account, add_transfers)
     db.executemany(

@@ -248,10 +248,10 @@ def build_batches(moves: Sequence[Move], accounts: int, opening: int, batch: int
         for source, target, amount in moves[start : start + batch]:
             seq += 1
             ts_us += 1
-            head = transfer_hash(head, seq, "transfer", source, target, amount, ts_us, None)
             balances[source] -= amount
             balances[target] += amount
             after = (balances[source], balances[target])
+            head = transfer_hash(head, seq, "transfer", source, target, amount, ts_us, None, *after)
             page.append((seq, "transfer", source, target, amount, ts_us, head, *after))
             touched.update((source, target))
         rows.append(page)

@@ -74,7 +74,7 @@ def make_batches(rows: int, size: int, start_seq: int) -> list[WriteBatch]:
 def executemany(conn: psycopg.Connection[Any], batch: WriteBatch) -> None:
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
-            f"INSERT INTO transfers ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join(['%s'] * 10)})",
+            f"INSERT INTO transfers ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join(['%s'] * len(ROW_COLUMNS))})",
             [(*r, *after) for r, after in zip(batch.transfers, batch.running, strict=True)],
         )
         cur.executemany(

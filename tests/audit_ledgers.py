@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 import sqlite3
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -21,12 +22,16 @@ from bank.ledger.chain import (
 from bank.records import Receipt
 
 
-def build_engine_ledger(path: Path, *, transfers: int, accounts: int = 24, seed: int = 7) -> int:
+def build_engine_ledger(
+    path: Path, *, transfers: int, accounts: int = 24, seed: int = 7, holds: bool = False
+) -> int:
     """Run the engine until `path` holds at least `transfers` committed transfers.
 
     Mixes transfers, deposits and withdrawals, keys on one operation in seven,
     accounts opened midway and overdraft limits raised midway, so every
-    kind of row and event appears. Returns the number of transfers committed.
+    kind of row and event appears. With `holds`, also holds (some with a deadline that
+    passes), partial and full posts, voids, expiries and atomic groups (revision 0006).
+    Returns the number of transfers committed.
     """
     rng = random.Random(seed)
     committed = 0
@@ -63,7 +68,49 @@ def build_engine_ledger(path: Path, *, transfers: int, accounts: int = 24, seed:
             for f in futures:
                 if f.exception() is None:
                     committed += 1
+            if holds:
+                committed += _holds_and_groups(b, rng, ids, chunk)
     return committed
+
+
+def _holds_and_groups(b: bank.Bank, rng: random.Random, ids: list[int], chunk: int) -> int:
+    """A round of two-phase operations and groups; returns the rows committed."""
+    rows = 0
+    made: list[bank.Receipt] = []
+    for n in range(40):
+        a, c = rng.sample(ids, 2)
+        expires = rng.choice((None, None, 600, 0.001))
+        key = f"hold-{chunk}-{n}" if n % 5 == 0 else None
+        try:
+            made.append(b.hold(a, c, rng.randint(1, 3_000), key=key, expires_s=expires))
+        except bank.BankError:
+            continue
+        rows += 1
+    for h in made:
+        roll = rng.random()
+        try:
+            if roll < 0.4:
+                b.post(h.seq, rng.randint(1, h.amount) if rng.random() < 0.5 else None)
+            elif roll < 0.7:
+                b.void(h.seq)
+            else:
+                continue  # left pending (or to expire)
+        except bank.BankError:
+            continue  # it expired first
+        rows += 1
+    for n in range(5):
+        a, c, d = rng.sample(ids, 3)
+        group: list[bank.BankCommand] = [
+            bank.Transfer(source=a, target=c, amount=rng.randint(1, 2_000)),
+            bank.Transfer(source=a, target=d, amount=rng.randint(1, 100), key=f"fee-{chunk}-{n}"),
+            bank.Hold(source=c, target=d, amount=rng.randint(1, 500)),
+        ]
+        try:
+            rows += len(b.transact(group))
+        except bank.LinkedCommandFailed:
+            continue
+    time.sleep(0.002)  # the 1 ms holds' deadlines pass: the timer expires them
+    return rows
 
 
 def copy_ledger(source: Path, target: Path) -> Path:
@@ -109,11 +156,12 @@ def recompute_running(conn: sqlite3.Connection) -> None:
     they now are: a forger who knows the columns the hash does not cover."""
     balances: dict[int, int] = {}
     rows = conn.execute(
-        "SELECT seq, debit_account_id, credit_account_id, amount FROM transfers ORDER BY seq"
+        "SELECT seq, kind, debit_account_id, credit_account_id, amount FROM transfers ORDER BY seq"
     ).fetchall()
-    for seq, debit, credit, amount in rows:
-        balances[debit] = balances.get(debit, 0) - amount
-        balances[credit] = balances.get(credit, 0) + amount
+    for seq, kind, debit, credit, amount in rows:
+        moved = 0 if kind in ("hold", "void", "expire") else amount  # these move nothing
+        balances[debit] = balances.get(debit, 0) - moved
+        balances[credit] = balances.get(credit, 0) + moved
         conn.execute(
             "UPDATE transfers SET debit_balance = ?, credit_balance = ? WHERE seq = ?",
             (balances[debit], balances[credit], seq),
@@ -128,12 +176,27 @@ def rechain(conn: sqlite3.Connection) -> None:
     """
     formats = chain_formats(conn, "transfers")
     prev = GENESIS
+    columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(transfers)")}
+    extra = [  # what hash format 3 also covers (revisions 0005, 0006)
+        c if c in columns else "NULL"
+        for c in (
+            "debit_balance",
+            "credit_balance",
+            "hold_seq",
+            "expires_us",
+            "link_first",
+            "link_count",
+        )
+    ]
     rows = conn.execute(
-        "SELECT seq, kind, debit_account_id, credit_account_id, amount, ts_us, key FROM transfers ORDER BY seq"
+        "SELECT seq, kind, debit_account_id, credit_account_id, amount, ts_us, key, "
+        f"{', '.join(extra)} FROM transfers ORDER BY seq"
     ).fetchall()
-    for seq, kind, debit, credit, amount, ts_us, key in rows:
+    for seq, kind, debit, credit, amount, ts_us, key, *more in rows:
         version = version_at(formats, seq)
-        digest = stored_transfer_hash(version, prev, seq, kind, debit, credit, amount, ts_us, key)
+        digest = stored_transfer_hash(
+            version, prev, seq, kind, debit, credit, amount, ts_us, key, *more
+        )
         assert digest is not None, f"transfer {seq} has values of the wrong type"
         prev = digest
         conn.execute("UPDATE transfers SET hash = ? WHERE seq = ?", (prev, seq))

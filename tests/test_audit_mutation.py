@@ -13,7 +13,14 @@ import pytest
 
 from bank.ledger.audit import audit_ledger
 from bank.ledger.chain import transfer_hash
-from tests.audit_ledgers import build_engine_ledger, copy_ledger, edit, named
+from tests.audit_ledgers import (
+    build_engine_ledger,
+    copy_ledger,
+    edit,
+    named,
+    rechain,
+    recompute_running,
+)
 
 TRANSFERS_MIN = 5_000
 ITERATIONS = 240
@@ -31,6 +38,19 @@ class Row:
     hash: str
     debit_balance: int
     credit_balance: int
+    hold_seq: int | None
+    expires_us: int | None
+    link_first: int | None
+    link_count: int | None
+
+    def rehash(self, prev: str, **changed: object) -> str:
+        """This row's format-3 hash with some fields changed (a forger's recomputation)."""
+        f = {**self.__dict__, **changed}
+        return transfer_hash(
+            prev, f["seq"], f["kind"], f["debit"], f["credit"], f["amount"], f["ts_us"],
+            f["key"], f["debit_balance"], f["credit_balance"], f["hold_seq"], f["expires_us"],
+            f["link_first"], f["link_count"],
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -64,7 +84,7 @@ class Expect:
 @pytest.fixture(scope="module")
 def ledger(tmp_path_factory: pytest.TempPathFactory) -> Ledger:
     path = tmp_path_factory.mktemp("mutation") / "clean.db"
-    committed = build_engine_ledger(path, transfers=TRANSFERS_MIN)
+    committed = build_engine_ledger(path, transfers=TRANSFERS_MIN, holds=True)
     assert committed >= TRANSFERS_MIN
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
@@ -105,7 +125,7 @@ def change_amount_rehashed(conn: sqlite3.Connection, rng: random.Random, ledger:
     r = _pick(rng, ledger)
     new = r.amount + rng.randint(1, 1000)
     prev = ledger.row(r.seq - 1).hash if r.seq > 1 else "0" * 64
-    forged = transfer_hash(prev, r.seq, r.kind, r.debit, r.credit, new, r.ts_us, r.key)
+    forged = r.rehash(prev, amount=new)
     conn.execute("UPDATE transfers SET amount = ?, hash = ? WHERE seq = ?", (new, forged, r.seq))
     return Expect(
         f"amount of seq {r.seq} with its hash recomputed",
@@ -188,7 +208,7 @@ def change_account_id(conn: sqlite3.Connection, rng: random.Random, ledger: Ledg
 
 
 def change_running_balance(conn: sqlite3.Connection, rng: random.Random, ledger: Ledger) -> Expect:
-    """A running balance (not covered by the hash) edited: only the replay sees it."""
+    """A running balance edited (covered by hash format 3, and replayed)."""
     r = _pick(rng, ledger)
     column = rng.choice(("debit_balance", "credit_balance"))
     delta = rng.choice((-1, 1)) * rng.randint(1, 10**6)
@@ -222,11 +242,6 @@ def insert_forged(conn: sqlite3.Connection, rng: random.Random, ledger: Ledger) 
     amount = rng.randint(1, 10_000)
     ts_us = ledger.row(ledger.last).ts_us + 1
     head = ledger.row(ledger.last).hash
-    digest = (
-        transfer_hash(head, seq, kind, debit, credit, amount, ts_us, None)
-        if rng.random() < 0.5
-        else secrets.token_hex(32)
-    )
     # Running balances as the forger would compute them from the accounts' last rows.
     after = {}
     for account, sign in ((debit, -1), (credit, 1)):
@@ -237,8 +252,15 @@ def insert_forged(conn: sqlite3.Connection, rng: random.Random, ledger: Ledger) 
             (account, account, account),
         ).fetchone()
         after[account] = (last[0] if last else 0) + sign * amount
+    digest = (
+        transfer_hash(
+            head, seq, kind, debit, credit, amount, ts_us, None, after[debit], after[credit]
+        )
+        if rng.random() < 0.5
+        else secrets.token_hex(32)
+    )
     conn.execute(
-        "INSERT INTO transfers VALUES (?, NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO transfers VALUES (?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL)",
         (seq, kind, debit, credit, amount, ts_us, digest, after[debit], after[credit]),
     )
     return Expect(
@@ -252,9 +274,10 @@ def insert_forged_low(conn: sqlite3.Connection, rng: random.Random, ledger: Ledg
     """A forged row before the first one (seq 0 or negative) is the only way into the middle."""
     seq = rng.choice((0, -1, -1000))
     a = rng.choice(ledger.customers)
-    digest = transfer_hash("0" * 64, seq, "deposit", 0, a, 500, 0, None)
+    digest = transfer_hash("0" * 64, seq, "deposit", 0, a, 500, 0, None, -500, 500)
     conn.execute(
-        "INSERT INTO transfers VALUES (?, NULL, 'deposit', 0, ?, 500, 0, ?, -500, 500)",
+        "INSERT INTO transfers VALUES (?, NULL, 'deposit', 0, ?, 500, 0, ?, -500, 500, "
+        "NULL, NULL, NULL, NULL)",
         (seq, a, digest),
     )
     return Expect(f"forged row at seq {seq}", seqs={seq}, accounts={a})
@@ -268,7 +291,110 @@ def swap_rows(conn: sqlite3.Connection, rng: random.Random, ledger: Ledger) -> E
     return Expect(f"swapped seq {s1} and {s2}", seqs={s1, s2})
 
 
+# -- holds and groups (revision 0006): each field and kind; the "rechained" ones recompute
+# every hash (and the running balances), so only the hold and group rules can see them.
+
+
+def _of_kind(ledger: Ledger, *kinds: str) -> list[Row]:
+    rows = [r for r in ledger.rows if r.kind in kinds]
+    assert rows, f"the ledger has no {kinds} rows"
+    return rows
+
+
+def change_hold_field(conn: sqlite3.Connection, rng: random.Random, ledger: Ledger) -> Expect:
+    """hold_seq, expires_us, link_first or link_count of a row edited (the hash sees it)."""
+    r = rng.choice([x for x in ledger.rows if x.hold_seq or x.expires_us or x.link_first])
+    column = rng.choice(
+        [c for c in ("hold_seq", "expires_us", "link_first", "link_count") if getattr(r, c)]
+    )
+    value = rng.choice((None, getattr(r, column) + rng.randint(1, 5)))
+    conn.execute("DROP INDEX uq_transfers_hold_seq")
+    conn.execute(f"UPDATE transfers SET {column} = ? WHERE seq = ?", (value, r.seq))
+    return Expect(f"{column} of seq {r.seq} -> {value}", seqs={r.seq})
+
+
+def change_kind_two_phase(conn: sqlite3.Connection, rng: random.Random, ledger: Ledger) -> Expect:
+    """A kind turned into or out of a two-phase kind, the chain and balances recomputed."""
+    # (A post made a transfer, with its hold left pending, is a consistent forgery of the
+    # whole chain: only a pinned head catches that, see `expect_head`.)
+    r = rng.choice(
+        [x for x in ledger.rows if x.kind in ("deposit", "withdrawal", "transfer", "hold")]
+    )
+    new = "transfer" if r.kind == "hold" else rng.choice(("hold", "void"))
+    conn.execute("UPDATE transfers SET kind = ? WHERE seq = ?", (new, r.seq))
+    recompute_running(conn)
+    rechain(conn)
+    # A transfer made a hold moves nothing any more: the stored balances then disagree.
+    return Expect(
+        f"kind of seq {r.seq}: {r.kind} -> {new}, rechained",
+        seqs={r.seq},
+        accounts={r.debit, r.credit},
+    )
+
+
+def post_beyond_hold_rechained(
+    conn: sqlite3.Connection, rng: random.Random, ledger: Ledger
+) -> Expect:
+    r = rng.choice(_of_kind(ledger, "post"))
+    conn.execute("UPDATE transfers SET amount = amount + 5000 WHERE seq = ?", (r.seq,))
+    recompute_running(conn)
+    conn.execute("UPDATE accounts SET balance = balance - 5000 WHERE id = ?", (r.debit,))
+    conn.execute("UPDATE accounts SET balance = balance + 5000 WHERE id = ?", (r.credit,))
+    rechain(conn)
+    return Expect(f"post {r.seq} beyond its hold, rechained", seqs={r.seq})
+
+
+def settle_twice_rechained(conn: sqlite3.Connection, rng: random.Random, ledger: Ledger) -> Expect:
+    """A void pointed at a hold that another row settled (the unique index dropped)."""
+    r = rng.choice(_of_kind(ledger, "void"))
+    other = rng.choice([x for x in _of_kind(ledger, "post", "void", "expire") if x.seq != r.seq])
+    conn.execute("DROP INDEX uq_transfers_hold_seq")
+    conn.execute("UPDATE transfers SET hold_seq = ? WHERE seq = ?", (other.hold_seq, r.seq))
+    rechain(conn)
+    return Expect(
+        f"void {r.seq} re-pointed at hold {other.hold_seq}, rechained",
+        seqs={r.seq, other.seq, other.hold_seq or 0},
+    )
+
+
+def settle_after_deadline_rechained(
+    conn: sqlite3.Connection, rng: random.Random, ledger: Ledger
+) -> Expect:
+    """An expire stamped before its hold's deadline, or a hold's deadline moved before a
+    post of it."""
+    r = rng.choice(_of_kind(ledger, "expire"))
+    hold = ledger.row(r.hold_seq or 0)
+    assert hold.expires_us is not None
+    conn.execute("UPDATE transfers SET expires_us = ? WHERE seq = ?", (r.ts_us + 10**9, hold.seq))
+    rechain(conn)
+    return Expect(f"hold {hold.seq}'s deadline after its expire {r.seq}", seqs={r.seq})
+
+
+def cut_group_rechained(conn: sqlite3.Connection, rng: random.Random, ledger: Ledger) -> Expect:
+    r = rng.choice([x for x in ledger.rows if x.link_first is not None])
+    how = rng.choice(("unlink", "delete"))
+    if how == "unlink":
+        conn.execute(
+            "UPDATE transfers SET link_first = NULL, link_count = NULL WHERE seq = ?", (r.seq,)
+        )
+    else:
+        conn.execute("UPDATE transfers SET link_count = link_count + 1 WHERE link_first = ?",
+                     (r.link_first,))  # fmt: skip
+    rechain(conn)
+    first = r.link_first or 0
+    return Expect(
+        f"group at {first} cut ({how}) at seq {r.seq}, rechained",
+        seqs=set(range(first, first + (r.link_count or 0) + 2)),
+    )
+
+
 MUTATIONS: list[Mutation] = [
+    change_hold_field,
+    change_kind_two_phase,
+    post_beyond_hold_rechained,
+    settle_twice_rechained,
+    settle_after_deadline_rechained,
+    cut_group_rechained,
     change_amount,
     change_amount_rehashed,
     change_account,

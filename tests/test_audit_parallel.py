@@ -70,8 +70,8 @@ FORGERIES = {
     "WHERE seq = (SELECT max(seq) FROM account_events)",
     "kind": "UPDATE transfers SET kind = 'deposit' WHERE seq = 2000 AND kind = 'transfer'",
     "appended_far": "INSERT INTO transfers SELECT seq + 100000, NULL, kind, debit_account_id, "
-    "credit_account_id, amount, ts_us, hash, debit_balance, credit_balance FROM transfers "
-    "WHERE seq = 10",
+    "credit_account_id, amount, ts_us, hash, debit_balance, credit_balance, hold_seq, "
+    "expires_us, link_first, link_count FROM transfers WHERE seq = 10",
 }
 
 

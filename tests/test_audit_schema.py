@@ -294,8 +294,12 @@ def test_constraints_and_columns_changed_by_a_rebuilt_table(
 
 
 def test_a_dropped_column_the_audit_reads_cannot_be_audited_and_says_why(ledger: Path) -> None:
-    _run(ledger, "ALTER TABLE transfers DROP COLUMN ts_us")
-    with pytest.raises(CannotAudit, match=r"lacks column.*ts_us.*schema difference.*transfers"):
+    # (The views of revision 0006 read it: SQLite drops no column a view reads.)
+    _run(
+        ledger,
+        "DROP VIEW account_holds; DROP VIEW open_holds; ALTER TABLE transfers DROP COLUMN ts_us",
+    )
+    with pytest.raises(CannotAudit, match=r"lacks column.*ts_us.*schema difference"):
         audit_ledger(ledger)
 
 

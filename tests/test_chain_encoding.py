@@ -48,6 +48,11 @@ def transfer_text_v2(prev: str, *row: int | str | None) -> str:
     return "bank:transfers:2\n" + v(prev) + "".join(v(x) for x in row)
 
 
+def transfer_text_v3(prev: str, *row: int | str | None) -> str:
+    """Format 3 (revision 0006): every column, the running balances and the 0006 ones too."""
+    return "bank:transfers:3\n" + v(prev) + "".join(v(x) for x in row)
+
+
 def transfer_text_v1(prev: str, seq: object, kind: object, *rest: object) -> str:
     debit, credit, amount, ts_us, key = rest
     return f"{prev}\n{seq}|{kind}|{debit}|{credit}|{amount}|{ts_us}|{key or ''}"
@@ -112,12 +117,47 @@ def test_format_2_parses_back_one_way(row: list[int | str | None]) -> None:
 def test_the_writer_hashes_the_documented_format_2(
     seq: int, kind: str, debit: int, credit: int, amount: int, ts_us: int, key: str | None
 ) -> None:
-    from bank.ledger.chain import stored_transfer_hash, transfer_hash
+    from bank.ledger.chain import stored_transfer_hash, transfer_hash_v2
 
     prev = sha(str(seq))
     expected = sha(transfer_text_v2(prev, seq, kind, debit, credit, amount, ts_us, key))
-    assert transfer_hash(prev, seq, kind, debit, credit, amount, ts_us, key) == expected
+    assert transfer_hash_v2(prev, seq, kind, debit, credit, amount, ts_us, key) == expected
     assert stored_transfer_hash(2, prev, seq, kind, debit, credit, amount, ts_us, key) == expected
+
+
+_maybe = st.none() | st.integers(-(2**63), 2**63 - 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seq=st.integers(1, 2**62),
+    kind=st.sampled_from(["deposit", "withdrawal", "transfer", "hold", "post", "void", "expire"]),
+    accounts=st.tuples(st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1)),
+    amount=st.integers(1, 10**15),
+    ts_us=st.integers(0, 2**62),
+    key=st.none() | st.text(st.characters(codec="utf-8"), min_size=1, max_size=128),
+    balances=st.tuples(st.integers(-(2**63), 2**63 - 1), st.integers(-(2**63), 2**63 - 1)),
+    extra=st.tuples(_maybe, _maybe, _maybe, _maybe),
+)
+def test_the_writer_and_the_audit_hash_the_documented_format_3(
+    seq: int,
+    kind: str,
+    accounts: tuple[int, int],
+    amount: int,
+    ts_us: int,
+    key: str | None,
+    balances: tuple[int, int],
+    extra: tuple[int | None, int | None, int | None, int | None],
+) -> None:
+    from bank.ledger.audit_chain import transfer_hash as audit_hash
+    from bank.ledger.chain import stored_transfer_hash, transfer_hash
+
+    prev = sha(str(seq))
+    row = (seq, kind, *accounts, amount, ts_us, key)
+    expected = sha(transfer_text_v3(prev, *row, *balances, *extra))
+    assert transfer_hash(prev, *row, *balances, *extra) == expected
+    assert stored_transfer_hash(3, prev, *row, *balances, *extra) == expected
+    assert audit_hash(3, prev, *row, *balances, *extra) == expected
 
 
 def test_the_finding_2_rows_collide_in_format_1_and_differ_in_format_2() -> None:
@@ -484,15 +524,23 @@ def test_a_0002_ledger_upgrades_keeps_its_hashes_and_chains_on_in_format_2(
         ("account_events", 1, 1),
         ("account_events", 4, 2),
         ("transfers", 1, 1),
-        ("transfers", 4, 2),
+        ("transfers", 4, 3),  # 0003 made it format 2; no row had it when 0006 made it 3
     ]
     assert {n for (n,) in strict} == {"accounts", "transfers", "account_events", "chain_formats"}
     assert "WHERE key IS NOT NULL" in index[0] and "UNIQUE" in index[0]
-    # The new rows are format 2, chained to the last format-1 row.
+    # The new rows are format 3, chained to the last format-1 row.
     seq, kind, debit, credit, amount, ts_us, key, digest = rows_after["transfers"][3]
     prev = rows_after["transfers"][2][-1]
     assert (seq, key) == (new[0], "after-upgrade")
-    assert digest == sha(transfer_text_v2(prev, seq, kind, debit, credit, amount, ts_us, key))
+    conn = sqlite3.connect(path)
+    try:
+        after = conn.execute(
+            "SELECT debit_balance, credit_balance FROM transfers WHERE seq = ?", (seq,)
+        ).fetchone()
+    finally:
+        conn.close()
+    text = transfer_text_v3(prev, seq, kind, debit, credit, amount, ts_us, key, *after)
+    assert digest == sha(text + "nnnn")
     report = audit_ledger(path)
     assert report.ok, report.problems
     assert report.transfers_checked == 6 and report.account_events_checked == 4
@@ -522,19 +570,19 @@ def upgraded(ledger_0002: tuple[Path, dict[str, int]], tmp_path: Path) -> Path:
         ),
         # Moving a boundary breaks the hashes of the rows it moves over.
         (
-            "UPDATE chain_formats SET first_seq = 5 WHERE chain = 'transfers' AND version = 2",
+            "UPDATE chain_formats SET first_seq = 5 WHERE chain = 'transfers' AND version = 3",
             "hash_mismatch",
             4,
             None,
         ),
         (
-            "UPDATE chain_formats SET first_seq = 3 WHERE chain = 'transfers' AND version = 2",
+            "UPDATE chain_formats SET first_seq = 3 WHERE chain = 'transfers' AND version = 3",
             "hash_mismatch",
             3,
             None,
         ),
         (
-            "DELETE FROM chain_formats WHERE chain = 'transfers' AND version = 2",
+            "DELETE FROM chain_formats WHERE chain = 'transfers' AND version = 3",
             "hash_mismatch",
             4,
             None,
@@ -572,7 +620,7 @@ def _rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         conn.close()
 
 
-def test_a_new_ledger_chains_transfers_in_format_2_from_seq_1(tmp_path: Path) -> None:
+def test_a_new_ledger_chains_transfers_in_format_3_from_seq_1(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
     engine = create_ledger_engine(ledger_url(path))
     try:
@@ -584,8 +632,9 @@ def test_a_new_ledger_chains_transfers_in_format_2_from_seq_1(tmp_path: Path) ->
         formats = conn.execute("SELECT * FROM chain_formats ORDER BY chain, first_seq").fetchall()
     finally:
         conn.close()
-    # Event 1 (@cash, written by migration 0001) stays format 1; everything after is format 2.
-    assert formats == [("account_events", 1, 1), ("account_events", 2, 2), ("transfers", 1, 2)]
+    # Event 1 (@cash, written by migration 0001) stays format 1; every event after is
+    # format 2, every transfer format 3 (revision 0006).
+    assert formats == [("account_events", 1, 1), ("account_events", 2, 2), ("transfers", 1, 3)]
 
 
 def test_alembic_check_finds_no_drift_after_0003(tmp_path: Path) -> None:

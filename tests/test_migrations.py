@@ -19,6 +19,7 @@ from sqlalchemy.pool import NullPool
 import bank
 from bank.errors import SchemaDowngradeRefused
 from bank.ledger.audit import audit_ledger
+from bank.ledger.chain import GENESIS, transfer_hash_v2
 from bank.ledger.migrate import ALEMBIC_LOCK, alembic_config, head_revision, upgrade_to_head
 from bank.limits import AMOUNT_MAX, BALANCE_MAX
 from tests.conftest import LedgerDb
@@ -41,6 +42,10 @@ INTEGER_COLUMNS = {
     ("account_events", "ts_us"),
     ("chain_formats", "first_seq"),
     ("chain_formats", "version"),
+    ("transfers", "hold_seq"),  # revision 0006
+    ("transfers", "expires_us"),
+    ("transfers", "link_first"),
+    ("transfers", "link_count"),
     ("transfers", "debit_balance"),
     ("transfers", "credit_balance"),
 }
@@ -187,7 +192,7 @@ def test_a_postgres_ledger_with_32_bit_columns_upgrades_in_place(
             ("account_events", 1, 1),
             ("account_events", 3, 2),
             ("transfers", 1, 1),
-            ("transfers", 4, 2),
+            ("transfers", 4, 3),  # 0003's format 2 from 4 covered no row: 0006 made it 3
         ]
         assert conn.execute("SELECT * FROM balance_mismatches").fetchall() == []
         types = conn.execute(
@@ -211,26 +216,42 @@ def _hashes(path: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ..
 
 
 def test_a_sqlite_ledger_at_0003_upgrades_in_place(tmp_path: Path) -> None:
-    """Rows written by the engine, the ledger set back to 0003, then opened: no row or hash
-    changes (0004 only stamps; 0005 adds the running balances, backfilled exactly)."""
+    """Accounts made by the engine, the ledger set back to 0003, transfers written as 0003's
+    engine wrote them (hash format 2), then opened: no row or hash changes (0004 only
+    stamps; 0005 adds the running balances, backfilled exactly; 0006 adds NULL columns and
+    starts format 3 after the last row). The engine's own rows are format 3 since 0006,
+    which no downgrade below it keeps."""
     path = tmp_path / "ledger.db"
     with bank.Bank.open(path) as b:
         alice = b.open_account("alice", overdraft_limit=50).id
         bob = b.open_account("bob").id
-        b.deposit(alice, 1_000, key="d1")
-        b.transfer(alice, bob, 1_020)
         b.set_overdraft_limit(alice, 40)
     engine = create_engine(f"sqlite:///{path}", poolclass=NullPool)
     try:
         _migrate(engine, "downgrade", "0003")
     finally:
         engine.dispose()
-    before = _hashes(path)
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
+        prev = GENESIS
+        for seq, kind, debit, credit, amount, key in (
+            (1, "deposit", 0, alice, 1_000, "d1"),
+            (2, "transfer", alice, bob, 1_020, None),
+        ):
+            ts_us = 1_700_000_000_000_000 + seq
+            prev = transfer_hash_v2(prev, seq, kind, debit, credit, amount, ts_us, key)
+            conn.execute(
+                "INSERT INTO transfers (seq, key, kind, debit_account_id, credit_account_id, "
+                "amount, ts_us, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, key, kind, debit, credit, amount, ts_us, prev),
+            )
+        for account, balance in ((0, -1_000), (alice, -20), (bob, 1_020)):
+            conn.execute("UPDATE accounts SET balance = ? WHERE id = ?", (balance, account))
+        conn.commit()
     finally:
         conn.close()
+    before = _hashes(path)
     with bank.Bank.open(path) as b:
         assert b.revision == head_revision()
         assert (b.balance(alice), b.balance(bob)) == (-20, 1_020)

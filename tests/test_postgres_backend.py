@@ -332,7 +332,7 @@ def test_the_batch_writer_writes_exactly_a_batch(backend: PostgresBackend) -> No
         "SELECT seq, kind, key, amount, debit_account_id, credit_account_id, ts_us, hash, "
         "debit_balance, credit_balance FROM transfers ORDER BY seq",
     ) == [
-        (*r, *after)
+        (*r[:8], *after)  # (the 0006 fields are None: NULL)
         for r, after in zip(
             (*first.transfers, *second.transfers), (*first.running, *second.running), strict=True
         )

@@ -37,7 +37,10 @@ def test_ledger_db_reads_edits_and_sabotages_on_both(ledger_db: LedgerDb) -> Non
     sums = ledger_db.query("SELECT SUM(balance) FROM accounts")
     assert sums == [(5,)] and type(sums[0][0]) is int  # PostgreSQL's numeric, as an int
     ledger_db.sabotage("no entry")
-    insert = "INSERT INTO transfers VALUES (1, NULL, 'deposit', 0, 1, 5, 0, 'h', -5, 5)"
+    insert = (
+        "INSERT INTO transfers VALUES "
+        "(1, NULL, 'deposit', 0, 1, 5, 0, 'h', -5, 5, NULL, NULL, NULL, NULL)"
+    )
     with pytest.raises(Exception, match="no entry"):
         ledger_db.execute(insert)
     ledger_db.repair()

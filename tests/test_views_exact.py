@@ -109,7 +109,11 @@ def _write(
         balances[credit] += amount
         after = (balances[debit], balances[credit])  # the running balances (revision 0005)
         rows.append((seq, None, kind, debit, credit, amount, seq, "x", *after))
-    conn.executemany("INSERT INTO transfers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.executemany(
+        "INSERT INTO transfers (seq, key, kind, debit_account_id, credit_account_id, amount, "
+        "ts_us, hash, debit_balance, credit_balance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
     for account, balance in balances.items():
         conn.execute("UPDATE accounts SET balance = ? WHERE id = ?", (balance, account))
     conn.execute("COMMIT")

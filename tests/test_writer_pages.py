@@ -112,7 +112,7 @@ def test_a_batch_writes_every_row_as_its_receipt_says(ledger_path: Path, pattern
             "FROM transfers WHERE seq >= ? ORDER BY seq",
             (receipts[0].seq,),
         ).fetchall()
-    assert rows == [tuple(r) for r in receipts]
+    assert rows == [tuple(r[:8]) for r in receipts]  # (the 0006 fields: None, NULL)
     assert audit_ledger(ledger_path).ok
     with Bank.open(ledger_path) as b:
         assert b.balance(receipts[0].credit_account) == len(keys)

@@ -19,11 +19,14 @@ GENESIS: Final = "0" * 64
 
 CHAIN_NAMES: Final = ("transfers", "account_events")
 #: Hash formats this audit verifies (see `bank.ledger.chain`).
-FORMAT_VERSIONS: Final = frozenset({1, 2})
+FORMAT_VERSIONS: Final = frozenset({1, 2, 3})
 TRANSFERS_TAG_V2: Final = "bank:transfers:2\n"
+TRANSFERS_TAG_V3: Final = "bank:transfers:3\n"
 EVENTS_TAG_V2: Final = "bank:account_events:2\n"
 #: Where each kind must have @cash: value = (debit is @cash) + 2 * (credit is @cash).
 KIND_SIDES: Final = {"transfer": 0, "deposit": 1, "withdrawal": 2}
+#: The two-phase kinds (revision 0006): @cash may be on either side (not both).
+HOLD_KINDS: Final = frozenset({"hold", "post", "void", "expire"})
 #: V(kind) of the transfer kinds, precomputed (kinds are ASCII).
 KIND_CODES: Final = {kind: f"s{len(kind)}:{kind}" for kind in KIND_SIDES}
 
@@ -53,7 +56,7 @@ def check_chain_formats(rows: Iterable[tuple[Any, ...]], problems: Problems) -> 
             problems.add(
                 "chain_format",
                 f"{chain} from seq {first_seq}: unknown hash format {version!r}",
-                expected="1 or 2",
+                expected="1, 2 or 3",
                 found=shown_value(version),
             )
         else:
@@ -145,14 +148,45 @@ def transfer_hash(
     amount: Any,
     ts_us: Any,
     key: Any,
+    debit_balance: Any = None,
+    credit_balance: Any = None,
+    hold_seq: Any = None,
+    expires_us: Any = None,
+    link_first: Any = None,
+    link_count: Any = None,
 ) -> str | None:
     """The hash a transfer must have in format `version`; None if a value has no encoding.
 
     The `:d` and `:s` format specs raise for a value of the wrong type (a text where
-    an integer belongs, a REAL), which then never verifies.
+    an integer belongs, a REAL), which then never verifies. Format 3 also covers the
+    running balances (integers) and the 0006 columns (integers or NULL).
     """
     try:
-        if version == 2:
+        if version == 3:
+            p = (
+                f"s{len(prev)}:{prev}"
+                if prev.__class__ is str and prev.isascii()
+                else text_code(prev)
+            )
+            k = (
+                "n"
+                if key is None
+                else f"s{len(key)}:{key}"
+                if key.__class__ is str and key.isascii()
+                else text_code(key)
+            )
+            tail = "".join(
+                "n" if v is None else f"i{v:d};"
+                for v in (hold_seq, expires_us, link_first, link_count)
+            )
+            if debit_balance.__class__ is not int or credit_balance.__class__ is not int:
+                return None
+            text = (
+                f"{TRANSFERS_TAG_V3}{p}i{seq:d};{KIND_CODES.get(kind) or text_code(kind)}"
+                f"i{debit:d};i{credit:d};i{amount:d};i{ts_us:d};{k}"
+                f"i{debit_balance:d};i{credit_balance:d};{tail}"
+            )
+        elif version == 2:
             p = (
                 f"s{len(prev)}:{prev}"
                 if prev.__class__ is str and prev.isascii()

@@ -33,6 +33,10 @@ COLUMN_TYPES: Final[dict[str, dict[str, tuple[str, ...]]]] = {
         "hash": ("text",),
         "debit_balance": ("integer",),  # revision 0005 on
         "credit_balance": ("integer",),
+        "hold_seq": ("integer", "null"),
+        "expires_us": ("integer", "null"),
+        "link_first": ("integer", "null"),
+        "link_count": ("integer", "null"),
     },
     "account_events": {
         "seq": ("integer",),

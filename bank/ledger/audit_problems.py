@@ -51,6 +51,15 @@ PROBLEM_KINDS: Final[dict[str, str]] = {
     "event_for_missing_account": "an account event for an account with no accounts row",
     "name_mismatch": "accounts.name differs from the account's latest event",
     "limit_mismatch": "accounts.overdraft_limit differs from the account's latest event",
+    # holds and atomic groups (revision 0006)
+    "hold_not_pending": "a post, void or expire names a hold that is not pending at its seq "
+    "(never a hold, already settled, or not yet made): a hold is settled at most once",
+    "hold_settlement": "a post, void or expire that does not match its hold (accounts, "
+    "amount released), or a hold_seq/expires_us on a row that cannot carry it",
+    "post_exceeds_hold": "a post moves more than its hold reserved",
+    "hold_expiry": "a post or void at or after its hold's deadline, or an expire before it",
+    "group_incomplete": "an atomic group's rows are not all there, consecutive, from its "
+    "link_first for link_count rows",
     "running_balance": "a transfer's debit_balance or credit_balance differs from the replayed "
     "balance of that account right after the row (revision 0005)",
     "closed_account": "a transfer touches an account after the event that closed it",

@@ -13,8 +13,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from bank.ledger.audit_chain import GENESIS, KIND_SIDES, Formats, transfer_hash
+from bank.ledger.audit_chain import GENESIS, HOLD_KINDS, KIND_SIDES, Formats, transfer_hash
 from bank.ledger.audit_events import AccountState, LimitEvent
+from bank.ledger.audit_holds import HoldReplay
 from bank.ledger.audit_problems import Problems
 from bank.limits import (
     AMOUNT_MAX,
@@ -102,6 +103,9 @@ def replay_transfers(
     next_switch_at = switch[0] if switch is not None else BALANCE_MAX
     hash_of = transfer_hash
     kind_sides = KIND_SIDES
+    hold_kinds = HOLD_KINDS
+    holds = HoldReplay(problems)
+    held = holds.held  # account -> what its pending holds reserve (empty: no holds)
     amount_max = AMOUNT_MAX
     balance_max = BALANCE_MAX
     prev = GENESIS
@@ -110,7 +114,22 @@ def replay_transfers(
     last_seq = 0
     seq = 0
     try:
-        for seq, key, kind, debit, credit, amount, ts_us, stored, after_d, after_c in transfer_rows:
+        for (
+            seq,
+            key,
+            kind,
+            debit,
+            credit,
+            amount,
+            ts_us,
+            stored,
+            after_d,
+            after_c,
+            hold_seq,
+            expires_us,
+            link_first,
+            link_count,
+        ) in transfer_rows:
             rows += 1
             if seq == expected_seq:
                 expected_seq += 1
@@ -121,7 +140,10 @@ def replay_transfers(
             if seq >= next_switch_at:
                 version, next_switch_at = next_version(seq)
             # None for a value of the wrong type: no encoding, never verifies.
-            computed = hash_of(version, prev, seq, kind, debit, credit, amount, ts_us, key)
+            computed = hash_of(
+                version, prev, seq, kind, debit, credit, amount, ts_us, key,
+                after_d, after_c, hold_seq, expires_us, link_first, link_count,
+            )  # fmt: skip
             if computed != stored:
                 problems.add(
                     "hash_mismatch",
@@ -132,10 +154,28 @@ def replay_transfers(
                 )
             prev = stored
             if (
+                kind in hold_kinds
+                or link_first is not None
+                or hold_seq is not None
+                or expires_us is not None
+                or holds.group_first is not None
+            ) and not holds.row(
+                seq, kind, debit, credit, amount, ts_us, hold_seq, expires_us, link_first,
+                link_count,
+            ):  # fmt: skip
+                # A hold, void or expire: no money moves (a hold's reserve is checked here).
+                _still(problems, seq, kind, debit, credit, amount, floors, balances, held)
+                if running:
+                    _check_running(problems, seq, debit, credit, after_d, after_c, balances)
+                continue
+            if (
                 amount.__class__ is not int
                 or amount <= 0
                 or amount > amount_max
-                or kind_sides.get(kind) != (debit == 0) + 2 * (credit == 0)
+                or (
+                    kind_sides.get(kind) != (debit == 0) + 2 * (credit == 0)
+                    and kind not in hold_kinds  # a post: @cash on either side
+                )
                 or debit == credit
                 or debit not in floors
                 or credit not in floors
@@ -151,14 +191,20 @@ def replay_transfers(
             credit_balance = balances[credit] + amount
             balances[debit] = debit_balance
             balances[credit] = credit_balance
-            if debit_balance < floors[debit] or credit_balance > balance_max:
+            if (
+                debit_balance < floors[debit]
+                or credit_balance > balance_max
+                or (held and debit_balance - held.get(debit, 0) < floors[debit])
+            ):
                 _limit_problem(
-                    problems, seq, debit, credit, amount, debit_balance, credit_balance, floors
-                )
+                    problems, seq, debit, credit, amount, debit_balance, credit_balance, floors,
+                    held.get(debit, 0),
+                )  # fmt: skip
             if (after_d != debit_balance or after_c != credit_balance) and running:
                 _check_running(problems, seq, debit, credit, after_d, after_c, balances)
         if rows:
             last_seq = seq
+        holds.finish(last_seq)
         # Events after the last row (a close at the end must be empty too).
         apply_events(BALANCE_MAX + 1)
     finally:
@@ -259,12 +305,12 @@ def _check_row(
             found=amount,
         )
     side = (debit == CASH_ACCOUNT_ID) + 2 * (credit == CASH_ACCOUNT_ID)
-    if kind not in KIND_SIDES:
+    if kind not in KIND_SIDES and kind not in HOLD_KINDS:
         problems.add(
             "bad_kind",
             "unknown transfer kind",
             seq=seq,
-            expected="deposit|withdrawal|transfer",
+            expected="deposit|withdrawal|transfer|hold|post|void|expire",
             found=kind,
         )
     elif debit == credit:
@@ -276,7 +322,7 @@ def _check_row(
             expected="two accounts",
             found=debit,
         )
-    elif KIND_SIDES[kind] != side:
+    elif kind in KIND_SIDES and KIND_SIDES[kind] != side:
         rule = {
             "deposit": "a deposit debits @cash and credits a customer",
             "withdrawal": "a withdrawal debits a customer and credits @cash",
@@ -348,8 +394,10 @@ def _limit_problem(
     debit_balance: int,
     credit_balance: int,
     floors: dict[int, int],
+    held: int = 0,
 ) -> None:
-    """Report the replayed balances that left their bounds (if any)."""
+    """Report the replayed balances that left their bounds (if any); `held`: what the
+    debit account's pending holds reserve (its floor is that much higher)."""
     if debit_balance < BALANCE_MIN:
         problems.add(
             "balance_overflow",
@@ -359,13 +407,14 @@ def _limit_problem(
             expected=f">= {BALANCE_MIN}",
             found=debit_balance,
         )
-    elif debit in floors and debit_balance < floors[debit]:
+    elif debit in floors and debit_balance - held < floors[debit]:
         problems.add(
             "overdraft",
-            f"debit of {amount} takes the balance below -overdraft_limit",
+            f"debit of {amount} takes the balance below -overdraft_limit"
+            + (f" plus the {held} its pending holds reserve" if held else ""),
             seq=seq,
             account=debit,
-            expected=f">= {floors[debit]}",
+            expected=f">= {floors[debit] + held}",
             found=debit_balance,
         )
     if credit_balance > BALANCE_MAX:
@@ -377,3 +426,49 @@ def _limit_problem(
             expected=f"<= {BALANCE_MAX}",
             found=credit_balance,
         )
+
+
+def _still(
+    problems: Problems,
+    seq: int,
+    kind: object,
+    debit: object,
+    credit: object,
+    amount: object,
+    floors: dict[int, int],
+    balances: dict[int, int],
+    held: dict[int, int],
+) -> None:
+    """A hold, void or expire: both accounts must be open, and a hold must fit in what its
+    source has available (`held` already includes it)."""
+    if type(amount) is not int or not 1 <= amount <= AMOUNT_MAX:
+        problems.add(
+            "bad_amount", f"amount outside 1..{AMOUNT_MAX}", seq=seq, expected="1..10**15",
+            found=amount,
+        )  # fmt: skip
+    if debit == credit:
+        problems.add(
+            "same_account", "debit and credit are the same account", seq=seq,
+            account=_account(debit), expected="two accounts", found=debit,
+        )  # fmt: skip
+    for role, account in (("debit", debit), ("credit", credit)):
+        if account not in floors:
+            problems.add(
+                "account_not_open",
+                f"{role} account of a {kind} is not open (never opened, or closed)",
+                seq=seq,
+                account=_account(account),
+                expected="an open account",
+                found=account,
+            )
+    if kind == "hold" and type(debit) is int and debit in floors:
+        margin = balances.get(debit, 0) - held.get(debit, 0) - floors[debit]
+        if margin < 0:
+            problems.add(
+                "overdraft",
+                f"a hold of {amount} exceeds what the account has available",
+                seq=seq,
+                account=debit,
+                expected=f"available >= {amount}",
+                found=margin + (amount if type(amount) is int else 0),
+            )

@@ -75,6 +75,9 @@ class WriteBatch:
     running: list[tuple[int, int]] = field(default_factory=list)
     balances: dict[int, int] = field(default_factory=dict)  # account id -> final balance
     keyed: bool = False  # some transfer carries an idempotency key
+    #: Some row carries hold_seq, expires_us, link_first or link_count (revision 0006);
+    #: without, a backend may leave those columns out (NULL).
+    extended: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.events or self.transfers)

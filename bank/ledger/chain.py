@@ -34,6 +34,18 @@ Only integers, texts and NULL have an encoding: a row holding a REAL or a BLOB
 never verifies, and neither does a row whose columns do not hold their declared
 types (a text in an INTEGER column; the audit reports it as `bad_type` too).
 
+Version 3 (transfers written since revision 0006; the account_events chain stays at
+version 2): the message covers every column of the row, in this order:
+
+    transfers:      "bank:transfers:3\n"      + V(prev) + V(seq) + V(kind) + V(debit_account_id)
+                    + V(credit_account_id) + V(amount) + V(ts_us) + V(key)
+                    + V(debit_balance) + V(credit_balance) + V(hold_seq) + V(expires_us)
+                    + V(link_first) + V(link_count)
+
+so the running balances (revision 0005), a post's or void's hold, a hold's deadline
+and a row's atomic group are tamper-evident like the rest. Migration 0006 wrote the
+`chain_formats` entry: version 3 for transfers from one past the last row then.
+
 Version 1 (rows written before revision 0003), kept verifiable:
 
     transfers:      prev + "\\n" + f"{seq}|{kind}|{debit}|{credit}|{amount}|{ts_us}|{key}"
@@ -59,15 +71,31 @@ ACCOUNT_EVENTS_CHAIN: Final = "account_events"
 #: Format versions; the writer writes `FORMAT_CURRENT`.
 FORMAT_V1: Final = 1
 FORMAT_V2: Final = 2
-FORMAT_CURRENT: Final = FORMAT_V2
-FORMAT_VERSIONS: Final = frozenset({FORMAT_V1, FORMAT_V2})
+FORMAT_V3: Final = 3
+#: What the writer writes: transfers in version 3, account events in version 2.
+FORMAT_CURRENT: Final = FORMAT_V3
+EVENTS_FORMAT_CURRENT: Final = FORMAT_V2
+FORMAT_VERSIONS: Final = frozenset({FORMAT_V1, FORMAT_V2, FORMAT_V3})
 
 TRANSFERS_TAG_V2: Final = "bank:transfers:2\n"
+TRANSFERS_TAG_V3: Final = "bank:transfers:3\n"
 ACCOUNT_EVENTS_TAG_V2: Final = "bank:account_events:2\n"
 
 #: V(kind) of the kinds the engine writes (a look-up instead of a length per row).
 _KIND_CODES: Final = {
-    kind: f"s{len(kind)}:{kind}" for kind in ("deposit", "withdrawal", "transfer", "open", "limit")
+    kind: f"s{len(kind)}:{kind}"
+    for kind in (
+        "deposit",
+        "withdrawal",
+        "transfer",
+        "hold",
+        "post",
+        "void",
+        "expire",
+        "open",
+        "limit",
+        "close",
+    )
 }
 
 
@@ -95,8 +123,49 @@ def transfer_hash(
     amount: int,
     ts_us: int,
     key: str | None,
+    debit_balance: int,
+    credit_balance: int,
+    hold_seq: int | None = None,
+    expires_us: int | None = None,
+    link_first: int | None = None,
+    link_count: int | None = None,
 ) -> str:
-    """Version-2 hash of one `transfers` row chained to `prev` (the writer's hot path).
+    """Version-3 hash of one `transfers` row chained to `prev` (the writer's hot path).
+
+    The arguments are the writer's own, correctly typed values; `prev` is a hash
+    (ASCII hex), so its length in characters is its length in bytes.
+    """
+    if key is None:
+        k = "n"
+    elif key.isascii():  # O(1) in CPython: the string knows it is ASCII
+        k = f"s{len(key)}:{key}"
+    else:
+        k = f"s{len(key.encode())}:{key}"
+    if hold_seq is None and expires_us is None and link_first is None and link_count is None:
+        tail = "nnnn"  # the one-step operations: most rows
+    else:
+        tail = (
+            f"{encode_value(hold_seq)}{encode_value(expires_us)}"
+            f"{encode_value(link_first)}{encode_value(link_count)}"
+        )
+    text = (
+        f"{TRANSFERS_TAG_V3}s{len(prev)}:{prev}i{seq};{_KIND_CODES.get(kind) or encode_value(kind)}"
+        f"i{debit};i{credit};i{amount};i{ts_us};{k}i{debit_balance};i{credit_balance};{tail}"
+    )
+    return sha256(text.encode()).hexdigest()
+
+
+def transfer_hash_v2(
+    prev: str,
+    seq: int,
+    kind: str,
+    debit: int,
+    credit: int,
+    amount: int,
+    ts_us: int,
+    key: str | None,
+) -> str:
+    """Version-2 hash of one `transfers` row chained to `prev` (revisions 0003 to 0005).
 
     The arguments are the writer's own, correctly typed values; `prev` is a hash
     (ASCII hex), so its length in characters is its length in bytes.
@@ -173,6 +242,7 @@ def stored_transfer_hash(
     amount: object,
     ts_us: object,
     key: object,
+    *extra: object,
 ) -> str | None:
     """The hash a stored `transfers` row must have in `version`, from values as read back.
 
@@ -194,7 +264,32 @@ def stored_transfer_hash(
     if version == FORMAT_V1:
         return transfer_hash_v1(prev, seq, kind, debit, credit, amount, ts_us, key)
     if version == FORMAT_V2:
-        return transfer_hash(prev, seq, kind, debit, credit, amount, ts_us, key)
+        return transfer_hash_v2(prev, seq, kind, debit, credit, amount, ts_us, key)
+    if version == FORMAT_V3:
+        # `extra`: debit_balance, credit_balance, hold_seq, expires_us, link_first,
+        # link_count, as stored (the two balances integers, the rest integers or NULL).
+        if len(extra) != 6 or not all(type(v) is int for v in extra[:2]):
+            return None
+        if not all(v is None or type(v) is int for v in extra[2:]):
+            return None
+        debit_balance, credit_balance, hold_seq, expires_us, link_first, link_count = extra
+        assert type(debit_balance) is int and type(credit_balance) is int
+        return transfer_hash(
+            prev,
+            seq,
+            kind,
+            debit,
+            credit,
+            amount,
+            ts_us,
+            key,
+            debit_balance,
+            credit_balance,
+            hold_seq,  # type: ignore[arg-type]
+            expires_us,  # type: ignore[arg-type]
+            link_first,  # type: ignore[arg-type]
+            link_count,  # type: ignore[arg-type]
+        )
     return None
 
 

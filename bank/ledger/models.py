@@ -53,7 +53,9 @@ Int64 = Annotated[int, mapped_column(BIGINT)]
 AccountRef = Annotated[int, mapped_column(BIGINT, ForeignKey("accounts.id"))]
 Hash = Annotated[str, mapped_column(text_type(64))]
 
-TRANSFER_KINDS = ("deposit", "withdrawal", "transfer")
+TRANSFER_KINDS = ("deposit", "withdrawal", "transfer", "hold", "post", "void", "expire")
+#: The kinds that settle a hold (their `hold_seq` names it).
+SETTLE_KINDS = ("post", "void", "expire")
 ACCOUNT_EVENT_KINDS = ("open", "limit", "close")
 
 
@@ -98,8 +100,29 @@ class TransferRow(Base):
     hash: Mapped[Hash]
     debit_balance: Mapped[Int64]
     credit_balance: Mapped[Int64]
+    # Revision 0006: a post's, void's or expire's hold; a hold's deadline (the clock of
+    # `ts_us`, NULL: never); the first seq and size of the row's atomic group.
+    hold_seq: Mapped[int | None] = mapped_column(BIGINT)
+    expires_us: Mapped[int | None] = mapped_column(BIGINT)
+    link_first: Mapped[int | None] = mapped_column(BIGINT)
+    link_count: Mapped[int | None] = mapped_column(BIGINT)
 
     __table_args__ = (
+        # A hold is settled at most once (revision 0006), by the schema too.
+        Index(
+            "uq_transfers_hold_seq",
+            "hold_seq",
+            unique=True,
+            sqlite_where=text("hold_seq IS NOT NULL"),
+            postgresql_where=text("hold_seq IS NOT NULL"),
+        ),
+        # The hold rows, to find the pending ones at open without a scan (0006).
+        Index(
+            "ix_transfers_holds",
+            "seq",
+            sqlite_where=text("kind = 'hold'"),
+            postgresql_where=text("kind = 'hold'"),
+        ),
         # Partial: rows without a key (most of them) cost no index maintenance.
         Index(
             "uq_transfers_key",
@@ -113,7 +136,10 @@ class TransferRow(Base):
         Index("ix_transfers_credit_account_id_seq", "credit_account_id", "seq"),
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("debit_account_id != credit_account_id", name="accounts_differ"),
-        CheckConstraint("kind IN ('deposit', 'withdrawal', 'transfer')", name="kind_known"),
+        CheckConstraint(
+            "kind IN ('deposit', 'withdrawal', 'transfer', 'hold', 'post', 'void', 'expire')",
+            name="kind_known",
+        ),
         TABLE_OPTIONS,
     )
 
@@ -160,7 +186,7 @@ class ChainFormatRow(Base):
         PrimaryKeyConstraint("chain", "first_seq"),
         CheckConstraint("chain IN ('transfers', 'account_events')", name="chain_known"),
         CheckConstraint("first_seq >= 1", name="first_seq_positive"),
-        CheckConstraint("version IN (1, 2)", name="version_known"),
+        CheckConstraint("version IN (1, 2, 3)", name="version_known"),
         TABLE_OPTIONS,
     )
 

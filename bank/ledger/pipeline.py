@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from bank.answers import Answer
 from bank.errors import BankClosed, BankError, LedgerUnavailable
 from bank.ledger.backend import AccountEventRow, BatchWriter, OwnerLock, WriteBatch
-from bank.ledger.sequencer import Sequencer, Staged, StagedRejection
+from bank.ledger.sequencer import Sequencer, Staged, StagedGroup, StagedRejection
 from bank.limits import COMMIT_BATCH_OPS_MAX
 from bank.records import Receipt
 
@@ -65,7 +65,7 @@ class WriterStats:
 
 
 #: The fields `Pipeline._prepare` reads by index on its hot path.
-_RECEIPT_AT = {"key": 2, "debit_account": 4, "credit_account": 5}
+_RECEIPT_AT = {"key": 2, "debit_account": 4, "credit_account": 5, "hold_seq": 8, "expires_us": 9}
 assert all(Receipt._fields[i] == name for name, i in _RECEIPT_AT.items()), "Receipt drifted"
 
 
@@ -297,10 +297,21 @@ class Pipeline(threading.Thread):
         events: list[AccountEventRow] = []
         keys: list[str] = []
         rejected = 0
+        extended = False  # a row of a hold, a post, a void, an expire or a group
         for rec in batch:
             if len(rec) != 4:  # not a transfer (see `bank.ledger.sequencer`)
                 if isinstance(rec, StagedRejection):
                     rejected += 1
+                elif isinstance(rec, StagedGroup):
+                    extended = True
+                    rows.extend(rec.receipts)
+                    for receipt, debit_balance, credit_balance in zip(
+                        rec.receipts, rec.debit_balances, rec.credit_balances, strict=True
+                    ):
+                        balances[receipt[4]] = debit_balance
+                        balances[receipt[5]] = credit_balance
+                        running.append((debit_balance, credit_balance))
+                    keys.extend(rec.keys)
                 else:
                     events.append(rec.row)
                 continue
@@ -315,7 +326,15 @@ class Pipeline(threading.Thread):
             key = receipt[2]
             if key is not None:
                 keys.append(key)
-        write = WriteBatch(transfers=rows, running=running, balances=balances, keyed=bool(keys))
+            if receipt[8] is not None or receipt[9] is not None:  # hold_seq, expires_us
+                extended = True
+        write = WriteBatch(
+            transfers=rows,
+            running=running,
+            balances=balances,
+            keyed=bool(keys),
+            extended=extended,
+        )
         if events:
             write.events = events
             write.new_accounts = [e for e in events if e.kind == "open"]
@@ -346,6 +365,8 @@ class Pipeline(threading.Thread):
                     if rec.key is not None:
                         self._claims.release(rec.key)
                     rec.future.set_exception(rec.error)
+                elif isinstance(rec, StagedGroup):
+                    rec.future.set_result(list(rec.receipts))
                 else:
                     rec.future.set_result(rec.row.seq)
             except BaseException:
@@ -373,6 +394,8 @@ class Pipeline(threading.Thread):
                 if rec.key is not None:
                     self._claims.release(rec.key)
                 settle(rec.future, error=rec.error)
+            elif isinstance(rec, StagedGroup):
+                settle(rec.future, list(rec.receipts))
             else:
                 settle(rec.future, rec.row.seq)
         done.answered = True
@@ -386,6 +409,8 @@ class Pipeline(threading.Thread):
                 key = rec.key
             else:
                 key = None
+                if isinstance(rec, StagedGroup) and rec.keys:
+                    self._claims.release_many(rec.keys)
             if key is not None:
                 self._claims.release(key)
             settle(rec[0], error=failure)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
@@ -44,15 +45,46 @@ class StagedEvent(NamedTuple):
     row: AccountEventRow
 
 
-Staged = StagedTransfer | StagedRejection | StagedEvent
+class StagedGroup(NamedTuple):
+    """An atomic group: consecutive rows, one record, so no commit ever splits it; its
+    future gets the list of receipts."""
+
+    future: Answer
+    receipts: list[Receipt]
+    debit_balances: list[int]
+    credit_balances: list[int]
+    keys: list[str]
+
+
+class GroupRow(NamedTuple):
+    """One member of a group as a worker applied it (tentatively), for `stage_group`."""
+
+    kind: str
+    debit: int
+    credit: int
+    amount: int
+    key: str | None
+    debit_balance: int
+    credit_balance: int
+    hold_seq: int | None
+    expires_after_us: int | None
+    #: A post or void: the hold's deadline (the row must come before it), else None.
+    before_us: int | None
+
+
+Staged = StagedTransfer | StagedRejection | StagedEvent | StagedGroup
 # The pipeline tells a transfer by its length, `len(rec) == 4` (20 ns a record, where an
 # isinstance against both rare classes costs 45; mypy narrows on it too); every record's
 # future is `rec[0]`.
-assert len(StagedRejection._fields) != 4 and len(StagedEvent._fields) != 4, "ambiguous"
-assert len(StagedRejection._fields) != len(StagedEvent._fields)
+assert 4 not in {len(StagedRejection._fields), len(StagedEvent._fields), len(StagedGroup._fields)}
+assert len({len(StagedRejection._fields), len(StagedEvent._fields), len(StagedGroup._fields)}) == 3
 
 #: Builds a `Receipt` without the NamedTuple's Python-level `__new__` (70 ns, not 170).
 _new = tuple.__new__
+
+
+def _system_now_us() -> int:
+    return time.time_ns() // 1000
 
 
 class Sequencer:
@@ -62,8 +94,22 @@ class Sequencer:
     `stopping` and `exited`, under the same lock, notifying `progress`.
     """
 
-    def __init__(self, *, seq: int, head_hash: str, event_seq: int, event_head_hash: str) -> None:
+    def __init__(
+        self,
+        *,
+        seq: int,
+        head_hash: str,
+        event_seq: int,
+        event_head_hash: str,
+        now_us: Callable[[], int] | None = None,
+        last_ts_us: int = 0,
+    ) -> None:
         self.lock = lockcheck.lock("writer")
+        #: The clock rows are stamped with (`bank.clock`); `ts_us` never goes back:
+        #: a row is stamped no earlier than the row before it, so once a post is too late
+        #: for its hold's deadline, every later row is too (and an expire is not early).
+        self._now_us: Callable[[], int] = now_us if now_us is not None else _system_now_us
+        self.ts_us = last_ts_us
         #: Workers notify `wake` when they stage into an idle pipeline.
         self.wake = threading.Condition(self.lock)
         #: The pipeline notifies `progress` after every batch it has answered.
@@ -97,15 +143,161 @@ class Sequencer:
         """Queue an applied operation for the next commit, with its seq, time and hash."""
         with self.lock:
             seq = self.seq + 1
-            ts_us = time.time_ns() // 1000
-            head = transfer_hash(self.head_hash, seq, kind, debit, credit, amount, ts_us, key)
+            ts_us = self._now_us()
+            if ts_us < self.ts_us:  # noqa: PLR1730 (a compare is cheaper than max())
+                ts_us = self.ts_us
+            self.ts_us = ts_us
+            head = transfer_hash(
+                self.head_hash,
+                seq,
+                kind,
+                debit,
+                credit,
+                amount,
+                ts_us,
+                key,
+                debit_balance,
+                credit_balance,
+            )
             self.seq = seq
             self.head_hash = head
             self.staged += 1
-            receipt: Receipt = _new(Receipt, (seq, kind, key, amount, debit, credit, ts_us, head))
+            receipt: Receipt = _new(
+                Receipt,
+                (seq, kind, key, amount, debit, credit, ts_us, head, None, None, None, None),
+            )
             self.pending.append((future, receipt, debit_balance, credit_balance))
             if self.idle:
                 self.wake.notify()
+
+    def stage_two_phase(
+        self,
+        kind: str,
+        debit: int,
+        credit: int,
+        amount: int,
+        key: str | None,
+        future: Answer,
+        debit_balance: int,
+        credit_balance: int,
+        hold_seq: int | None,
+        expires_after_us: int | None,
+        before_us: int | None,
+        not_before_us: int | None,
+    ) -> Receipt | None:
+        """Queue a hold, post, void or expire row; returns its receipt, or None (nothing
+        staged) if its timestamp misses its bound.
+
+        The bound is tested on the very timestamp the row gets, under this lock: a post
+        or void must be stamped before its hold's deadline (`before_us`), an expire at
+        or after it (`not_before_us`). A hold's deadline is its own stamp plus
+        `expires_after_us`.
+        """
+        with self.lock:
+            ts_us = self._now_us()
+            if ts_us < self.ts_us:  # noqa: PLR1730 (a compare is cheaper than max())
+                ts_us = self.ts_us
+            if (before_us is not None and ts_us >= before_us) or (
+                not_before_us is not None and ts_us < not_before_us
+            ):
+                return None
+            self.ts_us = ts_us
+            seq = self.seq + 1
+            expires_us = None if expires_after_us is None else ts_us + expires_after_us
+            head = transfer_hash(
+                self.head_hash,
+                seq,
+                kind,
+                debit,
+                credit,
+                amount,
+                ts_us,
+                key,
+                debit_balance,
+                credit_balance,
+                hold_seq,
+                expires_us,
+            )
+            self.seq = seq
+            self.head_hash = head
+            self.staged += 1
+            receipt = Receipt(
+                seq, kind, key, amount, debit, credit, ts_us, head, hold_seq, expires_us
+            )
+            self.pending.append((future, receipt, debit_balance, credit_balance))
+            if self.idle:
+                self.wake.notify()
+            return receipt
+
+    def stage_group(self, rows: Sequence[GroupRow], future: Answer) -> list[Receipt] | int:
+        """Queue an atomic group as one record of consecutive seqs, all stamped with one
+        timestamp; returns the receipts, or the index of the first post or void whose
+        hold's deadline that timestamp misses (nothing staged)."""
+        with self.lock:
+            ts_us = self._now_us()
+            if ts_us < self.ts_us:  # noqa: PLR1730 (a compare is cheaper than max())
+                ts_us = self.ts_us
+            for index, row in enumerate(rows):
+                if row.before_us is not None and ts_us >= row.before_us:
+                    return index
+            self.ts_us = ts_us
+            first = self.seq + 1
+            count = len(rows)
+            head = self.head_hash
+            receipts: list[Receipt] = []
+            keys: list[str] = []
+            for offset, row in enumerate(rows):
+                seq = first + offset
+                expires_us = None if row.expires_after_us is None else ts_us + row.expires_after_us
+                head = transfer_hash(
+                    head,
+                    seq,
+                    row.kind,
+                    row.debit,
+                    row.credit,
+                    row.amount,
+                    ts_us,
+                    row.key,
+                    row.debit_balance,
+                    row.credit_balance,
+                    row.hold_seq,
+                    expires_us,
+                    first,
+                    count,
+                )
+                receipts.append(
+                    Receipt(
+                        seq,
+                        row.kind,
+                        row.key,
+                        row.amount,
+                        row.debit,
+                        row.credit,
+                        ts_us,
+                        head,
+                        row.hold_seq,
+                        expires_us,
+                        first,
+                        count,
+                    )
+                )
+                if row.key is not None:
+                    keys.append(row.key)
+            self.seq = first + count - 1
+            self.head_hash = head
+            self.staged += 1
+            self.pending.append(
+                StagedGroup(
+                    future,
+                    receipts,
+                    [r.debit_balance for r in rows],
+                    [r.credit_balance for r in rows],
+                    keys,
+                )
+            )
+            if self.idle:
+                self.wake.notify()
+            return receipts
 
     def stage_rejection(self, future: Answer, error: BaseException, key: str | None) -> None:
         """Answer `future` with `error` once everything staged before it is durable."""
@@ -130,7 +322,7 @@ class Sequencer:
             if self.failure is not None:
                 raise self.failure
             seq = self.event_seq + 1
-            ts_us = time.time_ns() // 1000
+            ts_us = self._now_us()
             head = account_event_hash(
                 self.event_head_hash, seq, account_id, kind, overdraft_limit, self.seq, ts_us, name
             )

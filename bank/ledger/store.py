@@ -29,6 +29,10 @@ _RECEIPT_COLUMNS = (
     transfers.c.credit_account_id,
     transfers.c.ts_us,
     transfers.c.hash,
+    transfers.c.hold_seq,  # revision 0006
+    transfers.c.expires_us,
+    transfers.c.link_first,
+    transfers.c.link_count,
 )
 
 

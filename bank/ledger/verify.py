@@ -64,8 +64,10 @@ _LOW_MASK: Final = (1 << _LOW_BITS) - 1
 # enough. Portable SQL: a CASE rather than SUM(boolean), CAST to BIGINT (INTEGER
 # affinity in SQLite, a no-op on a BIGINT column); a server's SUM(bigint) may come
 # back as an exact decimal, hence `int()` on the sums.
+# Holds, voids and expiries move no money (revision 0006): their amounts count 0.
+_MOVED: Final = "CASE WHEN kind IN ('hold', 'void', 'expire') THEN 0 ELSE amount END"
 _FLOWS_SQL: Final = (
-    "SELECT {side}, SUM(amount >> 32), SUM(amount & 4294967295), COUNT(*){bad} "
+    f"SELECT {{side}}, SUM(({_MOVED}) >> 32), SUM(({_MOVED}) & 4294967295), COUNT(*){{bad}} "
     "FROM transfers GROUP BY {side}"
 )
 _BAD_AMOUNTS_SQL: Final = (
@@ -169,9 +171,10 @@ def _contiguous(report: OpenReport, table: str, count: int, first: int, last: in
 
 
 def _transfer_row_hash(version: int, prev: str, row: Sequence[Any]) -> str | None:
-    """The chain hash of one `transfers` row (seq, kind, debit, credit, amount, ts_us, key)."""
-    seq, kind, debit, credit, amount, ts_us, key = row
-    return stored_transfer_hash(version, prev, seq, kind, debit, credit, amount, ts_us, key)
+    """The chain hash of one `transfers` row (seq, kind, debit, credit, amount, ts_us, key,
+    then the columns only format 3 covers)."""
+    seq, kind, debit, credit, amount, ts_us, key, *extra = row
+    return stored_transfer_hash(version, prev, seq, kind, debit, credit, amount, ts_us, key, *extra)
 
 
 def _event_row_hash(version: int, prev: str, row: Sequence[Any]) -> str | None:
@@ -208,6 +211,13 @@ _CHAINED: Final[dict[str, tuple[tuple[str, tuple[type, ...]], ...]]] = {
         ("amount", (int,)),
         ("ts_us", (int,)),
         ("key", (str, _NoneType)),
+        # Covered by format 3 only (revisions 0005 and 0006); the older formats ignore them.
+        ("debit_balance", (int,)),
+        ("credit_balance", (int,)),
+        ("hold_seq", (int, _NoneType)),
+        ("expires_us", (int, _NoneType)),
+        ("link_first", (int, _NoneType)),
+        ("link_count", (int, _NoneType)),
     ),
     "account_events": (
         ("seq", (int,)),

@@ -8,15 +8,16 @@ writes, commits and answers; the backend's batch writer (e.g.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
 from bank.answers import Answer
 from bank.ledger.backend import BatchWriter, OwnerLock
 from bank.ledger.pipeline import KeyReleaser, Pipeline, WriterStats, settle
-from bank.ledger.sequencer import Sequencer
+from bank.ledger.sequencer import GroupRow, Sequencer
 from bank.limits import COMMIT_BATCH_OPS_MAX
+from bank.records import Receipt
 
 __all__ = ["KeyReleaser", "LedgerWriter", "WriterStats", "settle"]
 
@@ -33,6 +34,24 @@ class LedgerWriter(Pipeline):
     stage_transfer: Callable[[str, int, int, int, str | None, Answer, int, int], None]
     stage_rejection: Callable[[Answer, BaseException, str | None], None]
     stage_account_event: Callable[[str, int, str, int, Future[Any]], None]
+    stage_two_phase: Callable[
+        [
+            str,
+            int,
+            int,
+            int,
+            str | None,
+            Answer,
+            int,
+            int,
+            int | None,
+            int | None,
+            int | None,
+            int | None,
+        ],
+        Receipt | None,
+    ]
+    stage_group: Callable[[Sequence[GroupRow], Answer], list[Receipt] | int]
     position: Callable[[], tuple[int, int]]
 
     def __init__(
@@ -47,9 +66,16 @@ class LedgerWriter(Pipeline):
         owner: OwnerLock | None = None,
         commit_ops_max: int = COMMIT_BATCH_OPS_MAX,
         on_exit: Callable[[], None] | None = None,
+        now_us: Callable[[], int] | None = None,
+        last_ts_us: int = 0,
     ) -> None:
         sequencer = Sequencer(
-            seq=seq, head_hash=head_hash, event_seq=event_seq, event_head_hash=event_head_hash
+            seq=seq,
+            head_hash=head_hash,
+            event_seq=event_seq,
+            event_head_hash=event_head_hash,
+            now_us=now_us,
+            last_ts_us=last_ts_us,
         )
         super().__init__(
             sequencer,
@@ -63,4 +89,6 @@ class LedgerWriter(Pipeline):
         self.stage_transfer = sequencer.stage_transfer
         self.stage_rejection = sequencer.stage_rejection
         self.stage_account_event = sequencer.stage_account_event
+        self.stage_two_phase = sequencer.stage_two_phase
+        self.stage_group = sequencer.stage_group
         self.position = sequencer.position

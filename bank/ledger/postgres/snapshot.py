@@ -45,6 +45,8 @@ _TRANSFER_COLUMNS: Final = (
 )
 #: The running balances (revision 0005), read as NULL from a ledger that lacks them.
 RUNNING_COLUMNS: Final = ("debit_balance", "credit_balance")
+#: Then the holds' and groups' columns (revision 0006), NULL from a ledger that lacks them.
+HOLD_COLUMNS: Final = ("hold_seq", "expires_us", "link_first", "link_count")
 #: Catalog types (`information_schema.columns.data_type`) that hold what the audit's
 #: column types (`COLUMN_TYPES`) name.
 _CATALOG_TYPES: Final = {
@@ -135,7 +137,9 @@ class _Rows:
                 "WHERE table_schema = current_schema() AND table_name = 'transfers'"
             )
         }
-        return "".join(f", {c}" if c in have else ", NULL" for c in RUNNING_COLUMNS)
+        return "".join(
+            f", {c}" if c in have else ", NULL" for c in (*RUNNING_COLUMNS, *HOLD_COLUMNS)
+        )
 
 
 class PostgresSnapshot(_Rows):

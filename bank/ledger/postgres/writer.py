@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 import psycopg
@@ -41,6 +43,11 @@ RECEIPT_COLUMNS = tuple(
 #: ... followed by its running balances (`WriteBatch.running`, revision 0005).
 RUNNING_COLUMNS = ("debit_balance", "credit_balance")
 ROW_COLUMNS = (*RECEIPT_COLUMNS, *RUNNING_COLUMNS)
+#: The columns of revision 0006, last in a receipt: left out (NULL) of a batch without
+#: holds or groups (`WriteBatch.extended` false).
+EXTENDED_COLUMNS = ("hold_seq", "expires_us", "link_first", "link_count")
+assert RECEIPT_COLUMNS[-len(EXTENDED_COLUMNS) :] == EXTENDED_COLUMNS, "Receipt drifted"
+_PLAIN = len(RECEIPT_COLUMNS) - len(EXTENDED_COLUMNS)
 assert sorted(ROW_COLUMNS) == sorted(c.name for c in transfers.c), "Receipt and model drifted"
 _KEY_INDEX = ROW_COLUMNS.index("key")
 #: `AccountEventRow` fields are `account_events` columns, in order.
@@ -97,6 +104,11 @@ def _quoted(value: str | None) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _nullable_ints(values: Any) -> str:
+    """An array literal of ints and NULLs (the 0006 columns)."""
+    return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
+
+
 def _texts(values: Any) -> str:
     """An array literal of any texts (keys): each quoted, backslash and quote escaped;
     None is NULL."""
@@ -104,12 +116,21 @@ def _texts(values: Any) -> str:
 
 
 #: How each transfers column becomes an array literal.
-_LITERAL = {"kind": _words, "hash": _words, "key": _texts}
+_LITERAL = {"kind": _words, "hash": _words, "key": _texts} | dict.fromkeys(
+    EXTENDED_COLUMNS, _nullable_ints
+)
 
 
-TRANSFERS_SQL = batch_sql(ROW_COLUMNS)
-#: Batches without keys leave the key column out (NULL): no text[] of NULLs to bind.
-KEYLESS_TRANSFERS_SQL = batch_sql(tuple(c for c in ROW_COLUMNS if c != "key"))
+def _transfers_sql(keyed: bool, extended: bool) -> str:
+    columns = ROW_COLUMNS if extended else (*RECEIPT_COLUMNS[:_PLAIN], *RUNNING_COLUMNS)
+    return batch_sql(columns if keyed else tuple(c for c in columns if c != "key"))
+
+
+#: By (keyed, extended): batches without keys leave the key column out (NULL), no text[]
+#: of NULLs to bind; batches without holds or groups leave the 0006 columns out.
+TRANSFERS_SQLS = {(k, e): _transfers_sql(k, e) for k in (False, True) for e in (False, True)}
+TRANSFERS_SQL = TRANSFERS_SQLS[True, False]
+KEYLESS_TRANSFERS_SQL = TRANSFERS_SQLS[False, False]
 BALANCES_SQL = unnest_update(accounts, accounts.c.id.name, accounts.c.balance.name)
 ACCOUNTS_SQL = unnest_insert(accounts, ACCOUNT_COLUMNS)
 EVENTS_SQL = unnest_insert(account_events, EVENT_COLUMNS)
@@ -195,17 +216,18 @@ class PostgresBatchWriter:
                     prepare=True,
                 )
             if batch.transfers:
+                columns: Iterator[tuple[Any, ...]] = zip(*batch.transfers, strict=True)
+                if not batch.extended:
+                    columns = islice(columns, _PLAIN)
                 literals = [
                     _LITERAL.get(name, _ints)(values)
-                    for name, values in zip(
-                        RECEIPT_COLUMNS, zip(*batch.transfers, strict=True), strict=True
-                    )
+                    for name, values in zip(RECEIPT_COLUMNS, columns, strict=False)
                 ]
                 literals += map(_ints, zip(*batch.running, strict=True))
                 if not batch.keyed:
                     del literals[_KEY_INDEX]
                 literals += (_ints(batch.balances.keys()), _ints(batch.balances.values()))
-                sql = TRANSFERS_SQL if batch.keyed else KEYLESS_TRANSFERS_SQL
+                sql = TRANSFERS_SQLS[batch.keyed, batch.extended]
                 cur.execute(sql, literals, prepare=True)
             elif batch.balances:
                 balances = ([*batch.balances.keys()], [*batch.balances.values()])

@@ -45,6 +45,8 @@ _TRANSFER_COLUMNS: Final = (
 )
 #: The running balances (revision 0005), read as NULL from a ledger that lacks them.
 RUNNING_COLUMNS: Final = ("debit_balance", "credit_balance")
+#: Then the holds' and groups' columns (revision 0006), NULL from a ledger that lacks them.
+HOLD_COLUMNS: Final = ("hold_seq", "expires_us", "link_first", "link_count")
 
 
 class _Located(Protocol):
@@ -124,7 +126,7 @@ def _stream(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) ->
 def _running_sql(conn: sqlite3.Connection) -> str:
     """`, debit_balance, credit_balance` as the table has them (NULL for a missing one)."""
     have = {str(r[0]) for r in conn.execute("SELECT name FROM pragma_table_info('transfers')")}
-    return "".join(f", {c}" if c in have else ", NULL" for c in RUNNING_COLUMNS)
+    return "".join(f", {c}" if c in have else ", NULL" for c in (*RUNNING_COLUMNS, *HOLD_COLUMNS))
 
 
 def _transfer_sql(

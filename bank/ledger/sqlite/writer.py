@@ -38,13 +38,19 @@ _RECEIPT_COLUMNS = (
     "ts_us",
     "hash",
 )
+#: A receipt's last fields (revision 0006): a batch without holds or groups
+#: (`WriteBatch.extended` false) leaves them out (NULL), as it leaves keys out.
+_EXTENDED_COLUMNS = ("hold_seq", "expires_us", "link_first", "link_count")
 #: A row: its receipt, then its running balances (`WriteBatch.running`, revision 0005).
-_ROW_COLUMNS = (*_RECEIPT_COLUMNS, "debit_balance", "credit_balance")
+_ROW_COLUMNS = (*_RECEIPT_COLUMNS, *_EXTENDED_COLUMNS, "debit_balance", "credit_balance")
+#: The row of a batch without holds or groups.
+_PLAIN_COLUMNS = tuple(c for c in _ROW_COLUMNS if c not in _EXTENDED_COLUMNS)
 #: Where the key sits in a row; a batch with no keys leaves the column out (NULL).
 _KEY_INDEX = _ROW_COLUMNS.index("key")
 #: The INSERT of a batch without keys. sqlite3 looks for an adapter for every None it
 #: binds (measured: a quarter of a 512-row page's cost), so those rows bind no key.
 _KEYLESS_COLUMNS = tuple(c for c in _ROW_COLUMNS if c != "key")
+_KEYLESS_PLAIN_COLUMNS = tuple(c for c in _PLAIN_COLUMNS if c != "key")
 #: `AccountEventRow` lists `account_events`' columns in order: a row is its fields.
 _EVENT_COLUMNS = tuple(f.name for f in fields(AccountEventRow))
 _event_values = attrgetter(*_EVENT_COLUMNS)
@@ -121,8 +127,8 @@ class SqliteBatchWriter:
             raise
         self._insert_page = largest_page(len(_ROW_COLUMNS), variables_max)
         self._update_page = largest_page(2, variables_max)
-        # Statement texts by page size, indexed by `keyed`: [without keys, with keys].
-        self._insert_sql: tuple[dict[int, str], dict[int, str]] = ({}, {})
+        # Statement texts by page size, by (keyed, extended).
+        self._insert_sql: dict[tuple[bool, bool], dict[int, str]] = {}
         self._update_sql: dict[int, str] = {}
 
     def begin(self) -> None:
@@ -144,7 +150,9 @@ class SqliteBatchWriter:
                 _SET_LIMIT_SQL, [(r.overdraft_limit, r.account_id) for r in batch.limits]
             )
         if batch.transfers:
-            self._insert_transfers(batch.transfers, batch.running, keyed=batch.keyed)
+            self._insert_transfers(
+                batch.transfers, batch.running, keyed=batch.keyed, extended=batch.extended
+            )
         if batch.balances:
             self._update_balances(batch.balances)
 
@@ -165,7 +173,12 @@ class SqliteBatchWriter:
             self._conn.close()
 
     def _insert_transfers(
-        self, rows: list[Receipt], running: list[tuple[int, int]], *, keyed: bool
+        self,
+        rows: list[Receipt],
+        running: list[tuple[int, int]],
+        *,
+        keyed: bool,
+        extended: bool,
     ) -> None:
         """Insert rows as multi-row INSERT pages (SQLAlchemy's "insertmanyvalues" technique).
 
@@ -173,11 +186,17 @@ class SqliteBatchWriter:
         steps and releases the GIL once per row; a page does that once per up to
         `ROWS_PER_STATEMENT_MAX` rows. Rows are the receipts themselves, each followed
         by its running balances, flattened in C (no per-row tuples or dicts). Without
-        keys in the batch (`keyed` false) the key column is left out.
+        keys in the batch (`keyed` false) the key column is left out, and without holds
+        or groups (`extended` false) the four columns of revision 0006.
         """
         cursor = self._cursor
-        columns = _ROW_COLUMNS if keyed else _KEYLESS_COLUMNS
-        texts = self._insert_sql[keyed]
+        if extended:
+            columns = _ROW_COLUMNS if keyed else _KEYLESS_COLUMNS
+        else:
+            columns = _PLAIN_COLUMNS if keyed else _KEYLESS_PLAIN_COLUMNS
+        texts = self._insert_sql.setdefault((keyed, extended), {})
+        width = len(_ROW_COLUMNS) if extended else len(_PLAIN_COLUMNS)
+        at = len(_RECEIPT_COLUMNS)
         start = 0
         for size in page_sizes(len(rows), self._insert_page):
             sql = texts.get(size)
@@ -190,8 +209,13 @@ class SqliteBatchWriter:
             stop = start + size
             pairs = zip(rows[start:stop], running[start:stop], strict=True)
             params = list(chain.from_iterable(chain.from_iterable(pairs)))
+            if not extended:  # the four 0006 fields (all NULL), one column at a time
+                del params[at :: len(_ROW_COLUMNS)]
+                del params[at :: len(_ROW_COLUMNS) - 1]
+                del params[at :: len(_ROW_COLUMNS) - 2]
+                del params[at :: len(_ROW_COLUMNS) - 3]
             if not keyed:
-                del params[_KEY_INDEX :: len(_ROW_COLUMNS)]
+                del params[_KEY_INDEX::width]
             cursor.execute(sql, params)
             start += size
 

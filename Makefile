@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(BIN)/bank simulate --db run-ledger.db --ops 20000 --tellers 16 --seed 1 --json run-result.json --plot run-result.png
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
+	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider -n 2 --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check bank tests scripts migrations

@@ -23,8 +23,8 @@ class Account:
         self.name = name
         self._overdraft_limit = overdraft_limit
         self._balance = balance
-        self._held = 0  # the sum of this account's pending holds as their source
         self._closed = False  # set once, by `Bank.close_account` (under the lock), never unset
+        self._held = 0  # the sum of this account's pending holds as their source
         self.lock = lockcheck.rlock("account", id)
 
     def __repr__(self) -> str:

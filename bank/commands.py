@@ -134,6 +134,8 @@ class ReadableModel(BaseModel, metaclass=_ReadableMeta):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
+        if not cls.model_fields:  # an abstract base (`_Validated`): nothing to list
+            return
         lines, parameters = [], []
         for name, field in cls.model_fields.items():
             shown = _type_name(field.annotation)

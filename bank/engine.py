@@ -41,7 +41,6 @@ from bank.clock import Clock, SystemClock
 from bank.commands import (
     AccountSpec,
     BankCommand,
-    Command,
     Deposit,
     Hold,
     LimitSpec,
@@ -180,8 +179,10 @@ def _first_refusal(batch: Sequence[object], where: str) -> InvalidCommand:
 def _checked_batch(commands: object, where: str) -> list[BankCommand]:
     """A batch for `submit_batch`: 1 to `BATCH_OPS_MAX` validated commands, else
     `InvalidCommand` (an iterator is read no further than one past the bound)."""
-    if isinstance(commands, Command | str | bytes | Mapping) or not isinstance(commands, Iterable):
-        one = ": use submit() for one" if isinstance(commands, Command) else ""
+    if isinstance(commands, BaseModel | str | bytes | Mapping) or not isinstance(
+        commands, Iterable
+    ):
+        one = ": use submit() for one" if isinstance(commands, BaseModel) else ""
         raise InvalidCommand(
             f"{where} takes a list (or any iterable) of commands "
             f"(got {type(commands).__name__}){one}"

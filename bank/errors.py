@@ -135,6 +135,22 @@ class ServerNotDurable(CannotOpenLedger):
     durable (it runs with `fsync=off`): refused before anything is written."""
 
 
+# -- reads as of a seq, account lifecycle (issue 11: history, balances, closing) ---------------
+
+
+class SeqBeyondHead(BankError, ValueError):
+    """A read as of a seq (`at_seq=`) past the ledger's last committed transfer: that
+    point of the ledger does not exist (yet)."""
+
+
+class AccountClosed(BankError):
+    """An operation names an account that `close_account` closed: nothing touches it again."""
+
+
+class AccountNotEmpty(BankError):
+    """`close_account` on an account whose balance is not 0 (an account closes only empty)."""
+
+
 # -- holds and atomic groups (issue 11) -------------------------------------------------
 
 
@@ -162,19 +178,3 @@ class LinkedCommandFailed(BankError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.index, self.error))
-
-
-# -- reads as of a seq, account lifecycle (issue 11: history, balances, closing) ---------------
-
-
-class SeqBeyondHead(BankError, ValueError):
-    """A read as of a seq (`at_seq=`) past the ledger's last committed transfer: that
-    point of the ledger does not exist (yet)."""
-
-
-class AccountClosed(BankError):
-    """An operation names an account that `close_account` closed: nothing touches it again."""
-
-
-class AccountNotEmpty(BankError):
-    """`close_account` on an account whose balance is not 0 (an account closes only empty)."""

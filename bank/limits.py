@@ -61,6 +61,18 @@ JOIN_WAIT_S_MAX: Final = 60.0
 KEY_WAIT_S_MAX: Final = 60.0
 #: Problems a `LedgerCorrupt` from `Bank.open` lists (the rest are counted).
 OPEN_PROBLEMS_SHOWN_MAX: Final = 5
+#: Most commands `Bank.submit_batch`/`execute` take at once (TigerBeetle's batch size; also
+#: a group's bound). One future carries the whole batch's list of outcomes, so the bound
+#: caps what one call holds in memory and how long one caller keeps the queue's room;
+#: more commands go in several batches.
+BATCH_OPS_MAX: Final = 8190
+#: Longest the ledger writer waits, after answering callers that block on their answer
+#: (deposit/withdraw/transfer), for them to stage their next operations so that one
+#: commit carries them all; never longer than the last commit took.
+GATHER_WAIT_S_MAX: Final = 0.001
+#: Receipts one `history` page may hold (`limit=`), and its default (h11read, issue 11).
+HISTORY_LIMIT_MAX: Final = 100_000
+HISTORY_LIMIT_DEFAULT: Final = 1000
 
 #: The longest a hold may wait for its post or void (`Hold.expires_s`): about 136 years,
 #: TigerBeetle's u32 seconds. Its deadline, in microseconds, then stays far inside 64 bits.
@@ -71,11 +83,3 @@ HOLD_TIMER_WAIT_S_MAX: Final = 5.0
 #: Commands in one atomic group (`Bank.submit_linked`), as in TigerBeetle (8190 events
 #: per request).
 GROUP_COMMANDS_MAX: Final = 8190
-#: Most commands `Bank.submit_batch`/`execute` take at once (TigerBeetle's batch size; also
-#: a group's bound). One future carries the whole batch's list of outcomes, so the bound
-#: caps what one call holds in memory and how long one caller keeps the queue's room;
-#: more commands go in several batches.
-BATCH_OPS_MAX: Final = 8190
-#: Receipts one `history` page may hold (`limit=`), and its default (h11read, issue 11).
-HISTORY_LIMIT_MAX: Final = 100_000
-HISTORY_LIMIT_DEFAULT: Final = 1000

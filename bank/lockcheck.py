@@ -8,8 +8,7 @@ it blocks) and records it in `violations()`, so a swallowed exception still fail
 test run. Two rules:
 
 1. The documented order (`bank.engine`'s docstring): `registry` -> `account` locks
-   (ascending id among themselves) -> `writer`; `claims`, `buffer`, `batch` and `holds` are
-   leaves
+   (ascending id among themselves) -> `writer`; `claims`, `buffer`, `batch` and `holds` are leaves
    (nothing is taken while one is held). A non-reentrant lock taken again by its
    holder is a self-deadlock.
 2. Any order observed before: every blocking acquisition of class B while holding

@@ -37,12 +37,12 @@ log = logging.getLogger(__name__)
 class Job:
     """Commands handed over in one piece, and where each one's answer goes.
 
-    `answers[i]` answers `commands[i]`: a `Future[Receipt]` (`submit`, `submit_many`)
-    or a slot of one batch's list (`submit_batch`, see `bank.answers`); an atomic
-    group is one `LinkedGroup` whose future gets the list of receipts.
+    `answers[i]` answers `commands[i]`: a `Future[Receipt]` (`submit`, `submit_many`),
+    a slot of one batch's list (`submit_batch`, see `bank.answers`), or, for an atomic
+    group (one `LinkedGroup`), the future that gets the group's list of receipts.
     """
 
-    commands: Sequence[BankCommand | LinkedGroup]  # a group: one `LinkedGroup`
+    commands: Sequence[BankCommand | LinkedGroup]
     answers: Sequence[Answer]
 
 

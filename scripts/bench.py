@@ -146,7 +146,7 @@ LABELS = {
     "s": "engine: 16 threads x window of 64 (submit_batch, one future per window)",
     "d": "raw sqlite3: executemany, 1,000 rows per transaction",
     "e": "(c) with durability=normal",
-    "f": "bank simulate --ops N at its defaults (8 tellers x window 8, mixed workload)",
+    "f": "bank simulate --ops N at its defaults (8 tellers x window 32, mixed workload)",
     "m": "bank simulate --ops N --tellers 16 --window 64 (the in-flight count of (s))",
     "g": "engine on PostgreSQL: 16 threads x window of 64 (submit_many)",
     "h": "raw psycopg ceiling: fastest batched durable insert+update, one transaction per batch",

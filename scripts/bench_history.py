@@ -40,6 +40,10 @@ from bank.limits import CASH_ACCOUNT_ID
 ACCOUNTS = 1000
 HOT = 1
 HOT_SHARE = 0.1  # of the rows: 100,000 of 1,000,000
+INSERT_ROW = (
+    "INSERT INTO transfers (seq, key, kind, debit_account_id, credit_account_id, amount, ts_us,"
+    " hash, debit_balance, credit_balance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 ROWS_PER_COMMIT = 50_000
 PAGE = 1000
 TARGET_MS = 10.0
@@ -87,16 +91,18 @@ def build(path: Path, transfers: int, seed: int) -> dict[int, int]:
         balances[debit] -= amount
         balances[credit] += amount
         ts_us += 3
-        prev = transfer_hash(prev, seq, kind, debit, credit, amount, ts_us, None)
+        prev = transfer_hash(
+            prev, seq, kind, debit, credit, amount, ts_us, None, balances[debit], balances[credit]
+        )
         rows.append(
             (seq, None, kind, debit, credit, amount, ts_us, prev, balances[debit], balances[credit])
         )
         if seq % 997 == 0:
             sample[seq] = balances[HOT]
         if len(rows) >= ROWS_PER_COMMIT:
-            db.executemany("INSERT INTO transfers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany(INSERT_ROW, rows)
             rows = []
-    db.executemany("INSERT INTO transfers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    db.executemany(INSERT_ROW, rows)
     db.executemany(
         "UPDATE accounts SET balance = ? WHERE id = ?", [(b, i) for i, b in enumerate(balances)]
     )

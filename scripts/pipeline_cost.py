@@ -9,13 +9,20 @@ file, pragmas and durability. Comparing its total with the CPU per operation of
 `scripts/bench.py` (c) shows what spreading the same work over threads adds.
 
     .venv/bin/python scripts/pipeline_cost.py
+    .venv/bin/python scripts/pipeline_cost.py --answers batch     # submit_batch's slots
     .venv/bin/python scripts/pipeline_cost.py --ops 100000 --batch 256 --json cost.json
+
+`--answers future` (default) gives every operation its own `EngineFuture`, as
+`submit_many` does; `batch` gives every window of 64 one `BatchAnswer` and each
+operation a slot of it, as `submit_batch` does. CPython's collector runs with its
+defaults (`--gc throughput` for `bank.simulate.tuning.throughput_gc`).
 
 The ledger is audited at the end, so a run also checks that this path writes
 what the threaded engine writes.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import random
@@ -32,6 +39,7 @@ from rich.table import Table
 
 from bank import Bank
 from bank.account import Account
+from bank.answers import Answer, BatchAnswer, EngineFuture
 from bank.buffer import BoundedBuffer
 from bank.commands import Transfer
 from bank.idempotency import KeyClaims
@@ -39,14 +47,13 @@ from bank.ledger import store
 from bank.ledger.audit import audit_ledger
 from bank.ledger.sqlite import Durability, SqliteBatchWriter, create_ledger_engine, ledger_url
 from bank.ledger.writer import LedgerWriter
-from bank.records import Receipt
 from bank.simulate.tuning import throughput_gc
 from bank.worker import Job, Worker
 
 JOB_OPS = 64  # operations per job, like one window of bench.py (c)
 STAGES = ("futures", "worker", "write", "commit", "answer", "result")
 LABELS = {
-    "futures": "callers create the futures",
+    "futures": "callers create the futures (or batch slots)",
     "worker": "worker: set running, apply under the locks, stage (seq, hash, receipt)",
     "write": "writer: BEGIN, INSERT transfers, UPDATE balances",
     "commit": "writer: COMMIT (WAL write and fsync at durability full)",
@@ -63,9 +70,17 @@ def fund_ledger(path: Path, accounts: int, durability: str) -> None:
 
 
 def measure(
-    path: Path, ops: int, batch: int, accounts: int, seed: int, durability: str
+    path: Path,
+    ops: int,
+    batch: int,
+    accounts: int,
+    seed: int,
+    durability: str,
+    answers: str = "future",
+    gc_mode: str = "default",
 ) -> tuple[float, float, dict[str, float]]:
-    """Run `ops` transfers through the stages, `batch` per commit.
+    """Run `ops` transfers through the stages, `batch` per commit, answered through
+    futures or batch slots (`answers`).
 
     Returns (wall seconds, process CPU seconds, seconds per stage).
     """
@@ -99,12 +114,20 @@ def measure(
         spent[stage] += now - since
         return now
 
-    with throughput_gc():
+    with throughput_gc() if gc_mode == "throughput" else contextlib.nullcontext():
         wall0, cpu0 = clock(), time.process_time()
         for start in range(0, ops, batch):
             chunk = commands[start : start + batch]
             t = clock()
-            futures: list[Future[Receipt]] = [Future() for _ in chunk]
+            futures: list[Answer]
+            batches: list[BatchAnswer] = []
+            if answers == "batch":
+                batches = [
+                    BatchAnswer(len(chunk[j : j + JOB_OPS])) for j in range(0, len(chunk), JOB_OPS)
+                ]
+                futures = [slot for b in batches for slot in b.slots()]
+            else:
+                futures = [EngineFuture() for _ in chunk]
             t = lap("futures", t)
             for j in range(0, len(chunk), JOB_OPS):
                 worker._run_job(list(chunk[j : j + JOB_OPS]), futures[j : j + JOB_OPS])
@@ -117,8 +140,13 @@ def measure(
             t = lap("commit", t)
             writer._answer(prepared)
             t = lap("answer", t)
-            for future in futures:
-                future.result()
+            if answers == "batch":
+                for answered in batches:
+                    answered.future.result()
+            else:
+                for future in futures:
+                    assert isinstance(future, Future)
+                    future.result()
             lap("result", t)
         wall, cpu = clock() - wall0, time.process_time() - cpu0
     batch_writer.close()
@@ -163,6 +191,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--accounts", type=int, default=1_000, help="accounts (default 1,000)")
     parser.add_argument("--seed", type=int, default=1, help="workload seed")
     parser.add_argument("--durability", choices=("full", "normal"), default="full")
+    parser.add_argument(
+        "--answers",
+        choices=("future", "batch"),
+        default="future",
+        help="a future per operation (submit_many) or a slot of a batch (submit_batch)",
+    )
+    parser.add_argument(
+        "--gc",
+        choices=("default", "throughput"),
+        default="default",
+        help="CPython's collector as it is (default) or under throughput_gc",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.ops < 1 or args.batch < 1 or args.accounts < 2:
@@ -173,7 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         fund_ledger(path, args.accounts, args.durability)
         gc.collect()
         wall, cpu, spent = measure(
-            path, args.ops, args.batch, args.accounts, args.seed, args.durability
+            path,
+            args.ops,
+            args.batch,
+            args.accounts,
+            args.seed,
+            args.durability,
+            args.answers,
+            args.gc,
         )
         audit = audit_ledger(path)
     figures = report(console, args.ops, wall, cpu, spent)

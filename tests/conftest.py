@@ -21,6 +21,7 @@ without one the PostgreSQL variants skip with the reason, or fail under
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 import tempfile
@@ -36,6 +37,17 @@ import pytest
 import bank
 from bank import lockcheck
 from tests import postgres
+
+# -- the suite's scratch files live in RAM -------------------------------------------------
+# tmp_path, tempfile's directories and the children the tests start (TMPDIR is inherited)
+# go to a tmpfs when the machine has one and TMPDIR does not name another place: a ledger
+# test then waits on no disk's fsync. No test can tell: every crash test kills processes,
+# never the machine, so the page cache holds what a disk would; failing fsync and write
+# come from the LD_PRELOAD shim (tests/faults.py), full and read-only disks from tmpfs
+# mounts of their own.
+if "TMPDIR" not in os.environ and postgres.ram_dir_usable():
+    os.environ["TMPDIR"] = str(postgres.RAM_DIR)
+    tempfile.tempdir = None  # forget a directory chosen before: the next use reads TMPDIR
 
 Backend = Literal["sqlite", "postgres"]
 BACKENDS: tuple[Backend, ...] = ("sqlite", "postgres")

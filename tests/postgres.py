@@ -92,9 +92,14 @@ def scratch_dir(prefix: str) -> Path:
     crash tests kill processes (the server's, the bank's), never the machine, and the
     page cache a SIGKILLed server leaves behind is all a disk would have kept too.
     """
-    if RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK | os.X_OK):
+    if ram_dir_usable():
         return Path(tempfile.mkdtemp(prefix=prefix, dir=RAM_DIR))
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def ram_dir_usable() -> bool:
+    """True when `RAM_DIR` exists and this process may create directories in it."""
+    return RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK | os.X_OK)
 
 
 def _free_port() -> int:

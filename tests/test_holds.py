@@ -268,7 +268,7 @@ def test_under_contention_available_never_goes_below_zero_and_no_hold_settles_tw
     settled: list[int] = []
 
     def holder(i: int) -> None:
-        for n in range(40):
+        for n in range(25):
             try:
                 r = b.hold(hot, shops[n % 3], 7 + i, expires_s=0.05 if n % 5 == 0 else None)
             except bank.InsufficientFunds:
@@ -277,7 +277,7 @@ def test_under_contention_available_never_goes_below_zero_and_no_hold_settles_tw
                 holds.append(r.seq)
 
     def settler(i: int) -> None:
-        for n in range(60):
+        for n in range(40):
             with holds_lock:
                 seq = holds.pop() if holds else None
             if seq is None:
@@ -291,7 +291,7 @@ def test_under_contention_available_never_goes_below_zero_and_no_hold_settles_tw
                     pass
 
     def spender() -> None:
-        for _ in range(60):
+        for _ in range(40):
             with contextlib.suppress(bank.InsufficientFunds):
                 b.withdraw(hot, 5)
 

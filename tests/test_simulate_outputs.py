@@ -13,12 +13,15 @@ from pathlib import Path
 
 import pytest
 
+import bank.simulate.outputs
 from bank.simulate.outputs import (
     OutputError,
     check_distinct,
     check_target,
     write_text,
 )
+
+OUTPUTS = Path(bank.simulate.outputs.__file__)
 
 
 def test_a_new_file_is_created_atomically_and_a_regular_file_replaced_keeping_its_mode(
@@ -119,9 +122,14 @@ def test_a_fifo_is_written_through_and_one_without_a_reader_is_refused(tmp_path:
 
 def test_dev_stdout_is_stdout_and_is_never_replaced(tmp_path: Path) -> None:
     """As root, a rename onto /dev/stdout would replace the symlink for everyone."""
+    # The module imports nothing of bank: load it alone (importing bank takes seconds
+    # on a loaded machine).
     script = (
-        "import sys\n"
-        "from bank.simulate.outputs import check_target, write_text\n"
+        "import sys, importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('outputs', {str(OUTPUTS)!r})\n"
+        "outputs = sys.modules['outputs'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(outputs)\n"
+        "check_target, write_text = outputs.check_target, outputs.write_text\n"
         "for path in sys.argv[1:]:\n"
         "    t = check_target('--json', path)\n"
         "    print(t.how, file=sys.stderr)\n"

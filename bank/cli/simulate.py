@@ -95,12 +95,15 @@ def register(sub: Subcommands) -> None:
         help="run a load simulation (tellers, mixes, hot accounts), then audit the ledger",
         description=(
             "Run a load simulation: TELLERS teller threads, each keeping up to WINDOW operations "
-            "in flight, submit a seeded mix of deposits, withdrawals and transfers; a live "
-            "progress bar shows ops/s, committed, rejected and queue depth; at the end a summary "
-            "(throughput, latency percentiles, rejects by reason, queue high-water) is printed "
-            "and the ledger is audited. Exit 0 only if the audit is clean; 1 if it is not; 130 "
-            "if Ctrl-C cut the run short (in-flight work is still finished and audited; a "
-            "second Ctrl-C aborts at once)."
+            "in flight, submit a seeded mix of deposits, withdrawals and transfers, as fast as "
+            "answers come (a closed loop) or on a schedule (--rate: an open model, latency "
+            "measured from each operation's intended start); a live progress bar shows ops/s, "
+            "committed, rejected and queue depth; at the end a summary (throughput, latency "
+            "percentiles, rejects by reason, late and dropped operations, queue high-water, "
+            "thresholds) is printed and the ledger is audited. Exit 0 if the audit is clean and "
+            "every --threshold held; 1 if the audit is not clean (this wins); 130 if Ctrl-C cut "
+            "the run short (in-flight work is still finished and audited; a second Ctrl-C "
+            "aborts at once); 3 if a threshold failed; 2 if the run could not start."
         ),
     )
     sim.add_argument(

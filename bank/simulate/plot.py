@@ -114,8 +114,10 @@ def render_plot(result: SimulationResult, fmt: str) -> bytes:
             color=color,
             linestyle=style,
             linewidth=width,
-            marker=symbol or marker,
-            markersize=3.5 if symbol else 6,
+            # Small dots always: an interval between two without answers is a lone
+            # point, which a line alone would not draw.
+            marker=symbol or marker or ".",
+            markersize=3.5 if symbol else (6 if marker else 3),
             label=name,
         )
     positive = [v for *_, values in series for v in values if v > 0]

@@ -29,6 +29,9 @@ from tests.conftest import LedgerDb
 
 CASH = bank.CASH_ACCOUNT_ID
 WAIT_S = 60.0
+#: Input checks and planning that no backend touches: run on SQLite only (a PostgreSQL
+#: `Bank.open` costs a second or more of the test-time budget).
+SQLITE_ONLY = pytest.mark.parametrize("ledger_db", ["sqlite"], indirect=True)
 
 
 @pytest.fixture
@@ -107,6 +110,7 @@ def test_refused_holds_posts_voids_groups_and_closes_change_nothing(
     assert b.audit().ok
 
 
+@SQLITE_ONLY
 def test_a_close_with_only_a_hold_left_is_refused(b: bank.Bank, ledger_db: LedgerDb) -> None:
     """`close_account` needs a zero balance and nothing held: an account with a limit
     holds money it does not have (balance 0, held 50) and must not close."""
@@ -122,6 +126,7 @@ def test_a_close_with_only_a_hold_left_is_refused(b: bank.Bank, ledger_db: Ledge
     assert b.close_account(alice).closed
 
 
+@SQLITE_ONLY
 def test_refusal_messages_say_what_settled_the_hold(b: bank.Bank) -> None:
     alice, shop, hold = _setup(b)
     posted = b.post(hold.seq, 100)
@@ -227,6 +232,7 @@ def _crafted(alice: int, shop: int, hold: int) -> list[Any]:
     ]
 
 
+@SQLITE_ONLY
 def test_crafted_commands_are_refused_everywhere(b: bank.Bank, ledger_db: LedgerDb) -> None:
     alice, shop, hold = _setup(b)
     before = _state(b, ledger_db)
@@ -281,6 +287,7 @@ def test_bad_post_and_void_fields_are_refused(fields: dict[str, Any]) -> None:
             bank.Void(**fields)
 
 
+@SQLITE_ONLY
 def test_blocking_calls_refuse_bad_arguments(b: bank.Bank, ledger_db: LedgerDb) -> None:
     alice, shop, hold = _setup(b)
     before = _state(b, ledger_db)
@@ -300,6 +307,7 @@ def test_blocking_calls_refuse_bad_arguments(b: bank.Bank, ledger_db: LedgerDb) 
     assert _state(b, ledger_db) == before
 
 
+@SQLITE_ONLY
 def test_group_sizes_and_shapes(b: bank.Bank, ledger_db: LedgerDb) -> None:
     """1 to 8,190 commands; an empty group, a 8,191st command, a non-command, a nested
     list, a string, a duplicate key: `InvalidCommand` at once, nothing queued."""
@@ -343,6 +351,7 @@ def test_the_largest_group_is_one_run_of_consecutive_seqs(tmp_path: Path) -> Non
         assert b.audit().ok
 
 
+@SQLITE_ONLY
 def test_nested_weirdness_in_a_group(b: bank.Bank, ledger_db: LedgerDb) -> None:
     """A hold and a post of it in one group (the post names a seq not yet a hold); a
     post and a void of one hold; two posts of it; a void then a new hold on the

@@ -298,14 +298,14 @@ def _apply_group(commands: Sequence[BankCommand], future: Answer, ctx: ApplyCont
             pair = accounts_of(command, ctx.holds, found)
             if pair is not None:
                 ids.update(pair)
-        involved = _accounts(ctx.accounts, sorted(ids))
-        if isinstance(involved, BankError):
-            index = _first_naming(commands, involved, ctx, found)
-            _refuse(writer, future, index, involved)
-            return False
+        # Only the accounts that exist are locked: a command naming one that does not
+        # is refused by the plan (`Tentative.account`), in command order, so an earlier
+        # command's refusal comes first.
+        involved = [ctx.accounts[i] for i in sorted(ids) if i in ctx.accounts]
         missing: HoldMissing | None = None
         with locked(involved):
-            plan = Tentative(ctx.accounts, ctx.holds, found)
+            # The locked accounts only: one opened meanwhile is not planned unlocked.
+            plan = Tentative({a.id: a for a in involved}, ctx.holds, found)
             rows = []
             try:
                 for index, command in enumerate(commands):
@@ -341,27 +341,6 @@ def _apply_group(commands: Sequence[BankCommand], future: Answer, ctx: ApplyCont
             return False
     _refuse(writer, future, 0, LedgerUnavailable("the group's holds kept changing"))
     return False
-
-
-def _first_naming(
-    commands: Sequence[BankCommand],
-    error: BankError,
-    ctx: ApplyContext,
-    found: Mapping[int, PendingHold | None],
-) -> int:
-    """The index of the first command that names the missing account of `error`."""
-    for index, command in enumerate(commands):
-        pair = (
-            None
-            if isinstance(command, Post | Void)
-            else (command.debit_account, command.credit_account)
-        )
-        if pair is None:
-            hold = found.get(command.hold)  # type: ignore[union-attr]
-            pair = None if hold is None else (hold.source, hold.target)
-        if pair is not None and any(ctx.accounts.get(a) is None for a in pair):
-            return index
-    return 0
 
 
 def _refuse(writer: LedgerWriter, future: Answer, index: int, error: BankError) -> None:

@@ -1,0 +1,336 @@
+"""Where separately built features meet: holds and groups inside submit_batch, closes
+against pending holds and groups, running balances and history of rows that move no
+money, `bank copy` of all of it, and the audit of the result (both backends)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import bank
+from bank.cli import main as cli_main
+from bank.clock import ManualClock
+from bank.ledger.audit import audit_ledger
+from bank.ledger.copy import copy_ledger
+from tests.conftest import LedgerDb, run_threads
+
+START_US = 1_700_000_000_000_000
+
+
+def _wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def _audit_ok(db: Path | str) -> None:
+    report = audit_ledger(db)
+    assert report.ok, report.problems[:5]
+
+
+# -- close vs pending holds ---------------------------------------------------------------
+
+
+def test_an_account_with_a_pending_hold_does_not_close_as_source_or_target(
+    make_ledger_bank: Callable[..., bank.Bank], ledger_db: LedgerDb
+) -> None:
+    """DESIGN: close_account needs a zero balance and nothing held, else AccountNotEmpty;
+    a hold's target that closed would be credited by the post after its close."""
+    b = make_ledger_bank()
+    src = b.open_account("src", overdraft_limit=100).id  # balance 0, holds on its overdraft
+    tgt = b.open_account("tgt").id  # balance 0, the target of a pending hold
+    h = b.hold(src, tgt, 30)
+    with pytest.raises(bank.AccountNotEmpty, match="held"):
+        b.close_account(src)
+    with pytest.raises(bank.AccountNotEmpty, match="pending hold"):
+        b.close_account(tgt)
+    assert not b.account(src).closed and not b.account(tgt).closed
+    b.void(h.seq)
+    assert b.close_account(src).closed and b.close_account(tgt).closed
+    b.close()
+    _audit_ok(ledger_db.db)
+
+
+def test_an_expiry_due_after_a_refused_close_lands_and_the_close_then_succeeds(
+    make_ledger_bank: Callable[..., bank.Bank], ledger_db: LedgerDb
+) -> None:
+    clock = ManualClock(start_us=START_US)
+    b = make_ledger_bank(clock=clock)
+    src = b.open_account("src").id
+    tgt = b.open_account("tgt").id
+    b.deposit(src, 50)
+    b.withdraw(src, 50)
+    b.deposit(src, 20)
+    h = b.hold(src, tgt, 20, expires_s=5)
+    with pytest.raises(bank.AccountNotEmpty):
+        b.close_account(tgt)
+    clock.advance(5)
+    _wait_until(lambda: b.account(src).held == 0)
+    b.close_account(tgt)  # the hold expired: nothing points at it any more
+    with pytest.raises(bank.HoldNotPending, match="expired"):
+        b.post(h.seq)
+    b.withdraw(src, 20)
+    b.close_account(src)
+    b.close()
+    _audit_ok(ledger_db.db)
+
+
+# -- closed accounts inside batches and groups ----------------------------------------------
+
+
+def test_holds_and_groups_touching_a_closed_account_are_refused(
+    make_ledger_bank: Callable[..., bank.Bank], ledger_db: LedgerDb
+) -> None:
+    """Every later operation on a closed account is refused with AccountClosed: a Hold
+    (single, in a batch) and each member of an atomic group too."""
+    b = make_ledger_bank()
+    a = b.open_account("a").id
+    gone = b.open_account("gone").id
+    b.deposit(a, 100)
+    b.close_account(gone)
+    out = b.execute(
+        [
+            bank.Hold(source=a, target=gone, amount=1),
+            bank.Deposit(account=gone, amount=1),
+            bank.Deposit(account=a, amount=1),
+        ]
+    )
+    assert isinstance(out[0], bank.AccountClosed), out[0]
+    assert isinstance(out[1], bank.AccountClosed), out[1]
+    assert isinstance(out[2], bank.Receipt)
+    with pytest.raises(bank.AccountClosed):
+        b.hold(a, gone, 1)
+    for members in (
+        [bank.Deposit(account=a, amount=1), bank.Transfer(source=a, target=gone, amount=1)],
+        [bank.Hold(source=a, target=gone, amount=1)],
+    ):
+        with pytest.raises(bank.LinkedCommandFailed) as failed:
+            b.transact(members)
+        assert isinstance(failed.value.error, bank.AccountClosed), failed.value.error
+    assert (b.balance(a), b.account(a).held, b.balance(gone)) == (101, 0, 0)
+    b.close()
+    _audit_ok(ledger_db.db)
+
+
+def test_batches_carry_holds_posts_voids_and_share_keys_with_single_submits(
+    make_ledger_bank: Callable[..., bank.Bank], ledger_db: LedgerDb
+) -> None:
+    b = make_ledger_bank()
+    a = b.open_account("a").id
+    t = b.open_account("t").id
+    b.deposit(a, 100)
+    hold = bank.Hold(source=a, target=t, amount=30, key="h1", expires_s=60)
+    out = b.execute([hold, hold, bank.Hold(source=a, target=t, amount=80, key="h2")])
+    assert isinstance(out[0], bank.Receipt) and out[1] == out[0]  # one key, one row
+    assert isinstance(out[2], bank.InsufficientFunds)  # 70 available
+    h1 = out[0].seq
+    assert b.hold(a, t, 30, key="h1", expires_s=60) == out[0]  # the single repeat: same
+    with pytest.raises(bank.IdempotencyConflict):
+        b.hold(a, t, 31, key="h1")
+    out = b.execute(
+        [
+            bank.Post(hold=h1, amount=10, key="p1"),
+            bank.Void(hold=h1, key="v1"),
+            bank.Post(hold=h1, amount=10, key="p1"),
+            bank.Post(hold=999_999),
+        ]
+    )
+    assert isinstance(out[0], bank.Receipt) and out[2] == out[0]
+    assert isinstance(out[1], bank.HoldNotPending)
+    assert isinstance(out[3], bank.HoldNotFound)
+    assert b.post(h1, 10, key="p1") == out[0]
+    with pytest.raises(bank.LinkedCommandFailed) as failed:  # p1's key, another command
+        b.transact([bank.Void(hold=h1, key="p1")])
+    assert isinstance(failed.value.error, bank.IdempotencyConflict | bank.HoldNotPending)
+    assert (b.balance(a), b.balance(t), b.account(a).held) == (90, 10, 0)
+    b.close()
+    _audit_ok(ledger_db.db)
+
+
+def test_groups_and_batches_race_a_close_on_the_same_accounts(
+    make_ledger_bank: Callable[..., bank.Bank], ledger_db: LedgerDb, fast_switching: None
+) -> None:
+    """Either the close wins (later holds refused) or a hold wins (the close refused,
+    until it is voided): never a hold on a closed account, and the audit stays clean."""
+    b = make_ledger_bank()
+    payer = b.open_account("payer").id
+    shops = [b.open_account(f"shop{i}").id for i in range(4)]
+    b.deposit(payer, 1_000)
+    closes: list[object] = []
+
+    def batcher() -> None:
+        for _ in range(10):
+            b.execute([bank.Hold(source=payer, target=s, amount=1) for s in shops])
+
+    def grouper() -> None:
+        for _ in range(10):
+            try:
+                b.transact([bank.Hold(source=payer, target=s, amount=1) for s in shops])
+            except bank.LinkedCommandFailed as exc:
+                assert isinstance(exc.error, bank.AccountClosed), exc.error
+
+    def closer() -> None:
+        for s in shops:
+            try:
+                closes.append(b.close_account(s))
+            except bank.AccountNotEmpty as exc:
+                closes.append(exc)
+
+    run_threads([batcher, grouper, closer], timeout_s=60)
+    for s in shops:
+        if b.account(s).closed:
+            continue
+        assert b.account(s).balance == 0
+    b.close()
+    _audit_ok(ledger_db.db)
+    again = bank.Bank.open(ledger_db.db)
+    try:
+        for s in shops:
+            if again.account(s).closed:
+                assert again.balance(s) == 0
+    finally:
+        again.close()
+
+
+# -- running balances, history pages, the CLI, over rows that move no money ------------------
+
+
+def _mixed_ledger(b: bank.Bank, clock: ManualClock) -> tuple[int, int, list[bank.Receipt]]:
+    a = b.open_account("a").id
+    t = b.open_account("t").id
+    rows = [b.deposit(a, 100)]
+    h1 = b.hold(a, t, 30, expires_s=5)
+    h2 = b.hold(a, t, 20)
+    h3 = b.hold(a, t, 10)
+    rows += [h1, h2, h3, b.post(h2.seq, 15), b.void(h3.seq)]
+    rows += b.transact(
+        [bank.Hold(source=a, target=t, amount=5), bank.Transfer(source=a, target=t, amount=5)]
+    )
+    clock.advance(5)
+    return a, t, rows
+
+
+def test_running_balances_pages_and_cli_output_of_hold_rows(
+    make_ledger_bank: Callable[..., bank.Bank],
+    ledger_db: LedgerDb,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    clock = ManualClock(start_us=START_US)
+    b = make_ledger_bank(clock=clock)
+    a, t, _ = _mixed_ledger(b, clock)
+    _wait_until(lambda: len(b.history(a, limit=100)) == 9)
+    history = b.history(a, limit=100)
+    kinds = [r.kind for r in history]
+    assert kinds == [
+        "deposit",
+        "hold",
+        "hold",
+        "hold",
+        "post",
+        "void",
+        "hold",
+        "transfer",
+        "expire",
+    ]
+    moved = {"deposit": 1, "transfer": -1, "post": -1}
+    expected, want = 0, []
+    for r in history:
+        expected += moved.get(r.kind, 0) * r.amount
+        want.append(expected)
+        assert b.balance(a, at_seq=r.seq) == expected, (r.kind, r.seq)
+    assert want[-1] == b.balance(a) == 80
+    # pages of two, ascending, reach every row exactly once
+    seen, after = [], 0
+    while page := b.history(a, after_seq=after, limit=2):
+        seen += page
+        after = page[-1].seq
+    assert seen == history
+    assert list(b.iter_history(t)) == b.history(t, limit=100)
+    head = history[-1].seq
+    b.close()
+    db = str(ledger_db.db)
+    for fmt in ("table", "json", "csv", "nl"):
+        assert cli_main(["history", "--db", db, "a", "--format", fmt]) == 0
+        out = capsys.readouterr().out
+        for kind in ("hold", "post", "void", "expire"):
+            assert kind in out, (fmt, kind)
+        if fmt == "json":
+            parsed = json.loads(out)
+            assert [p["kind"] for p in parsed] == kinds
+            assert [p["hold_seq"] for p in parsed][4:6] == [history[2].seq, history[3].seq]
+        elif fmt == "csv":
+            parsed_rows = list(csv.DictReader(io.StringIO(out)))
+            assert [p["kind"] for p in parsed_rows] == kinds
+    assert cli_main(["balance", "--db", db, "a"]) == 0
+    assert "0.80" in capsys.readouterr().out
+    assert cli_main(["balance", "--db", db, "a", "--at-seq", str(head - 1)]) == 0
+    assert "0.80" in capsys.readouterr().out  # the expire row moved nothing
+    _audit_ok(ledger_db.db)
+
+
+# -- copy, reopen, tamper --------------------------------------------------------------------
+
+
+def test_a_copy_keeps_pending_holds_their_deadlines_groups_and_closes(
+    make_ledger_bank: Callable[..., bank.Bank], ledger_db: LedgerDb, tmp_path: Path
+) -> None:
+    clock = ManualClock(start_us=START_US)
+    b = make_ledger_bank(clock=clock)
+    a = b.open_account("a").id
+    t = b.open_account("t").id
+    gone = b.open_account("gone").id
+    b.deposit(a, 100)
+    b.transact([bank.Deposit(account=gone, amount=3), bank.Withdrawal(account=gone, amount=3)])
+    b.close_account(gone)
+    soon = b.hold(a, t, 30, expires_s=10)
+    never = b.hold(a, t, 20)
+    b.close()
+    copy = tmp_path / "copy.db"
+    assert copy_ledger(ledger_db.db, copy).ok
+    _audit_ok(copy)
+    c = bank.Bank.open(copy, clock=clock)
+    try:
+        assert c.account(gone).closed and c.account(a).held == 50
+        with pytest.raises(bank.AccountClosed):
+            c.deposit(gone, 1)
+        with pytest.raises(bank.AccountNotEmpty):
+            c.close_account(t)  # still the target of two pending holds
+        clock.advance(10)
+        _wait_until(lambda: c.account(a).held == 20)
+        expired = c.history(a, limit=100)[-1]
+        assert (expired.kind, expired.hold_seq) == ("expire", soon.seq)
+        assert c.post(never.seq).amount == 20
+    finally:
+        c.close()
+    _audit_ok(copy)
+
+
+@pytest.mark.parametrize(
+    "column",
+    ["hold_seq", "link_count", "debit_balance", "expires_us"],
+)
+def test_the_audit_finds_a_tampered_hold_or_group_column(tmp_path: Path, column: str) -> None:
+    ledger = LedgerDb.sqlite(tmp_path / "ledger.db")
+    clock = ManualClock(start_us=START_US)
+    b = bank.Bank.open(ledger.db, clock=clock)
+    a = b.open_account("a").id
+    t = b.open_account("t").id
+    b.deposit(a, 100)
+    h = b.hold(a, t, 30, expires_s=60)
+    p = b.post(h.seq, 10)
+    g = b.transact(
+        [bank.Hold(source=a, target=t, amount=5), bank.Transfer(source=a, target=t, amount=5)]
+    )
+    b.close()
+    _audit_ok(ledger.db)
+    target = {"hold_seq": p.seq, "link_count": g[0].seq, "debit_balance": p.seq,
+              "expires_us": h.seq}[column]  # fmt: skip
+    ledger.execute(f"UPDATE transfers SET {column} = {column} + 1 WHERE seq = {target}")
+    assert not audit_ledger(ledger.db).ok

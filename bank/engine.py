@@ -105,10 +105,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _is_empty(account: Account) -> bool:
-    """Whether `account` may close: the one place that decides it (the caller holds its
-    lock). An account closes only with a balance of 0."""
-    return account.balance == 0
+def _not_empty(account: Account, holds: HoldBook) -> str | None:
+    """Why `account` may not close, or None: the one place that decides it (the caller
+    holds its lock, under which every hold naming it is added or settled). An account
+    closes only with a balance of 0 and no pending hold naming it, as source (`held`) or
+    as target (a post would credit it after its close)."""
+    if account._balance != 0:
+        return f"has a balance of {account._balance}"
+    if account._held != 0:
+        return f"has {account._held} held by its pending holds"
+    targeted = [h.seq for h in holds.pending() if h.target == account.id]
+    if targeted:
+        return f"is the target of pending hold(s) {', '.join(map(str, targeted))}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -762,7 +771,7 @@ class Bank:
     def close_account(self, account: int) -> Account:
         """Close a customer account; returns it (`.closed` True) once its closing is durable.
 
-        Only an empty account closes (`_is_empty`: a balance of 0). The closing is a chained
+        Only an empty account closes (`_not_empty`: a balance of 0, no pending hold naming it). The closing is a chained
         `account_events` row ('close'), staged under the account's lock: every transfer
         that touched it is before it in the ledger, and every later operation on it is
         refused with `AccountClosed` (a closed account stays in `accounts()`).
@@ -779,10 +788,10 @@ class Bank:
             refusal: BankError | None = None
             if found.closed:
                 refusal = AccountClosed(f"account {found.id} ({found.name!r}) is closed already")
-            elif not _is_empty(found):
+            elif (why := _not_empty(found, self._holds)) is not None:
                 refusal = AccountNotEmpty(
-                    f"account {found.id} ({found.name!r}) has a balance of {found.balance}: "
-                    "only an empty account closes"
+                    f"account {found.id} ({found.name!r}) {why}: only an empty account "
+                    "closes (void or post its pending holds first)"
                 )
             else:
                 self._writer.stage_account_event(

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from bank.account import Account
 from bank.commands import BankCommand, Deposit, Hold, Post, Transfer, Void, Withdrawal
 from bank.errors import (
+    AccountClosed,
     AccountNotFound,
     BalanceOverflow,
     HoldNotPending,
@@ -78,6 +79,8 @@ class Tentative:
         account = self._accounts.get(account_id)
         if account is None:
             raise AccountNotFound(f"account {account_id} does not exist")
+        if account._closed:  # read under its lock: a close cannot race the plan
+            raise AccountClosed(f"account {account.id} ({account.name!r}) is closed")
         return account
 
     def balance(self, account: Account) -> int:

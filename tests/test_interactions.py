@@ -7,8 +7,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,11 @@ import pytest
 import bank
 from bank.cli import main as cli_main
 from bank.clock import ManualClock
+from bank.commands import BankCommand
 from bank.ledger.audit import audit_ledger
 from bank.ledger.copy import copy_ledger
-from tests.conftest import LedgerDb, run_threads
+from tests.conftest import LEDGER_PARAMS, LedgerDb, new_ledger, run_threads
+from tests.ledger_templates import LedgerTemplate
 
 START_US = 1_700_000_000_000_000
 
@@ -28,6 +31,54 @@ def _wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
+
+
+@pytest.fixture(scope="module", params=LEDGER_PARAMS)
+def _template(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LedgerTemplate]:
+    """One migrated empty ledger per backend (migrations cost about a second a ledger)."""
+    base = new_ledger(request, tmp_path_factory.mktemp("interactions"))
+    template = LedgerTemplate(base)
+    yield template
+    template.drop()
+    if base.server is not None:
+        base.drop()
+
+
+@pytest.fixture
+def ledger_db(_template: LedgerTemplate) -> Iterator[LedgerDb]:
+    """A fresh migrated ledger on each backend in turn (a copy of the template)."""
+    ledger = _template.new()
+    yield ledger
+    ledger.drop()
+
+
+@pytest.fixture(scope="module")
+def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> LedgerTemplate:
+    return LedgerTemplate(LedgerDb.sqlite(tmp_path_factory.mktemp("interactions") / "l.db"))
+
+
+@pytest.fixture
+def sqlite_db(_sqlite_template: LedgerTemplate) -> LedgerDb:
+    """A fresh migrated SQLite ledger: for what the backend does not decide (the engine's
+    in-memory rules, the CLI, the copy), the PostgreSQL twin costs seconds and adds little."""
+    return _sqlite_template.new()
+
+
+@pytest.fixture
+def make_sqlite_bank(sqlite_db: LedgerDb) -> Iterator[Callable[..., bank.Bank]]:
+    """Open banks on `sqlite_db` (options passed through); all are closed at teardown."""
+    opened: list[bank.Bank] = []
+
+    def _make(**options: object) -> bank.Bank:
+        b = bank.Bank.open(sqlite_db.db, **options)  # type: ignore[arg-type]
+        opened.append(b)
+        return b
+
+    yield _make
+    for b in opened:
+        b.close()
 
 
 def _audit_ok(db: Path | str) -> None:
@@ -59,10 +110,10 @@ def test_an_account_with_a_pending_hold_does_not_close_as_source_or_target(
 
 
 def test_an_expiry_due_after_a_refused_close_lands_and_the_close_then_succeeds(
-    make_ledger_bank: Callable[..., bank.Bank], ledger_db: LedgerDb
+    make_sqlite_bank: Callable[..., bank.Bank], sqlite_db: LedgerDb
 ) -> None:
     clock = ManualClock(start_us=START_US)
-    b = make_ledger_bank(clock=clock)
+    b = make_sqlite_bank(clock=clock)
     src = b.open_account("src").id
     tgt = b.open_account("tgt").id
     b.deposit(src, 50)
@@ -79,7 +130,7 @@ def test_an_expiry_due_after_a_refused_close_lands_and_the_close_then_succeeds(
     b.withdraw(src, 20)
     b.close_account(src)
     b.close()
-    _audit_ok(ledger_db.db)
+    _audit_ok(sqlite_db.db)
 
 
 # -- closed accounts inside batches and groups ----------------------------------------------
@@ -107,10 +158,11 @@ def test_holds_and_groups_touching_a_closed_account_are_refused(
     assert isinstance(out[2], bank.Receipt)
     with pytest.raises(bank.AccountClosed):
         b.hold(a, gone, 1)
-    for members in (
+    groups: list[list[BankCommand]] = [
         [bank.Deposit(account=a, amount=1), bank.Transfer(source=a, target=gone, amount=1)],
         [bank.Hold(source=a, target=gone, amount=1)],
-    ):
+    ]
+    for members in groups:
         with pytest.raises(bank.LinkedCommandFailed) as failed:
             b.transact(members)
         assert isinstance(failed.value.error, bank.AccountClosed), failed.value.error
@@ -120,9 +172,9 @@ def test_holds_and_groups_touching_a_closed_account_are_refused(
 
 
 def test_batches_carry_holds_posts_voids_and_share_keys_with_single_submits(
-    make_ledger_bank: Callable[..., bank.Bank], ledger_db: LedgerDb
+    make_sqlite_bank: Callable[..., bank.Bank], sqlite_db: LedgerDb
 ) -> None:
-    b = make_ledger_bank()
+    b = make_sqlite_bank()
     a = b.open_account("a").id
     t = b.open_account("t").id
     b.deposit(a, 100)
@@ -151,15 +203,15 @@ def test_batches_carry_holds_posts_voids_and_share_keys_with_single_submits(
     assert isinstance(failed.value.error, bank.IdempotencyConflict | bank.HoldNotPending)
     assert (b.balance(a), b.balance(t), b.account(a).held) == (90, 10, 0)
     b.close()
-    _audit_ok(ledger_db.db)
+    _audit_ok(sqlite_db.db)
 
 
 def test_groups_and_batches_race_a_close_on_the_same_accounts(
-    make_ledger_bank: Callable[..., bank.Bank], ledger_db: LedgerDb, fast_switching: None
+    make_sqlite_bank: Callable[..., bank.Bank], sqlite_db: LedgerDb, fast_switching: None
 ) -> None:
     """Either the close wins (later holds refused) or a hold wins (the close refused,
     until it is voided): never a hold on a closed account, and the audit stays clean."""
-    b = make_ledger_bank()
+    b = make_sqlite_bank()
     payer = b.open_account("payer").id
     shops = [b.open_account(f"shop{i}").id for i in range(4)]
     b.deposit(payer, 1_000)
@@ -189,8 +241,8 @@ def test_groups_and_batches_race_a_close_on_the_same_accounts(
             continue
         assert b.account(s).balance == 0
     b.close()
-    _audit_ok(ledger_db.db)
-    again = bank.Bank.open(ledger_db.db)
+    _audit_ok(sqlite_db.db)
+    again = bank.Bank.open(sqlite_db.db)
     try:
         for s in shops:
             if again.account(s).closed:
@@ -218,12 +270,12 @@ def _mixed_ledger(b: bank.Bank, clock: ManualClock) -> tuple[int, int, list[bank
 
 
 def test_running_balances_pages_and_cli_output_of_hold_rows(
-    make_ledger_bank: Callable[..., bank.Bank],
-    ledger_db: LedgerDb,
+    make_sqlite_bank: Callable[..., bank.Bank],
+    sqlite_db: LedgerDb,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     clock = ManualClock(start_us=START_US)
-    b = make_ledger_bank(clock=clock)
+    b = make_sqlite_bank(clock=clock)
     a, t, _ = _mixed_ledger(b, clock)
     _wait_until(lambda: len(b.history(a, limit=100)) == 9)
     history = b.history(a, limit=100)
@@ -255,7 +307,7 @@ def test_running_balances_pages_and_cli_output_of_hold_rows(
     assert list(b.iter_history(t)) == b.history(t, limit=100)
     head = history[-1].seq
     b.close()
-    db = str(ledger_db.db)
+    db = str(sqlite_db.db)
     for fmt in ("table", "json", "csv", "nl"):
         assert cli_main(["history", "--db", db, "a", "--format", fmt]) == 0
         out = capsys.readouterr().out
@@ -272,17 +324,17 @@ def test_running_balances_pages_and_cli_output_of_hold_rows(
     assert "0.80" in capsys.readouterr().out
     assert cli_main(["balance", "--db", db, "a", "--at-seq", str(head - 1)]) == 0
     assert "0.80" in capsys.readouterr().out  # the expire row moved nothing
-    _audit_ok(ledger_db.db)
+    _audit_ok(sqlite_db.db)
 
 
 # -- copy, reopen, tamper --------------------------------------------------------------------
 
 
 def test_a_copy_keeps_pending_holds_their_deadlines_groups_and_closes(
-    make_ledger_bank: Callable[..., bank.Bank], ledger_db: LedgerDb, tmp_path: Path
+    make_sqlite_bank: Callable[..., bank.Bank], sqlite_db: LedgerDb, tmp_path: Path
 ) -> None:
     clock = ManualClock(start_us=START_US)
-    b = make_ledger_bank(clock=clock)
+    b = make_sqlite_bank(clock=clock)
     a = b.open_account("a").id
     t = b.open_account("t").id
     gone = b.open_account("gone").id
@@ -293,7 +345,7 @@ def test_a_copy_keeps_pending_holds_their_deadlines_groups_and_closes(
     never = b.hold(a, t, 20)
     b.close()
     copy = tmp_path / "copy.db"
-    assert copy_ledger(ledger_db.db, copy).ok
+    assert copy_ledger(sqlite_db.db, copy).ok
     _audit_ok(copy)
     c = bank.Bank.open(copy, clock=clock)
     try:
@@ -312,14 +364,11 @@ def test_a_copy_keeps_pending_holds_their_deadlines_groups_and_closes(
     _audit_ok(copy)
 
 
-@pytest.mark.parametrize(
-    "column",
-    ["hold_seq", "link_count", "debit_balance", "expires_us"],
-)
-def test_the_audit_finds_a_tampered_hold_or_group_column(tmp_path: Path, column: str) -> None:
-    ledger = LedgerDb.sqlite(tmp_path / "ledger.db")
+def test_the_audit_finds_a_tampered_hold_or_group_column(
+    make_sqlite_bank: Callable[..., bank.Bank], sqlite_db: LedgerDb, tmp_path: Path
+) -> None:
     clock = ManualClock(start_us=START_US)
-    b = bank.Bank.open(ledger.db, clock=clock)
+    b = make_sqlite_bank(clock=clock)
     a = b.open_account("a").id
     t = b.open_account("t").id
     b.deposit(a, 100)
@@ -329,8 +378,17 @@ def test_the_audit_finds_a_tampered_hold_or_group_column(tmp_path: Path, column:
         [bank.Hold(source=a, target=t, amount=5), bank.Transfer(source=a, target=t, amount=5)]
     )
     b.close()
-    _audit_ok(ledger.db)
-    target = {"hold_seq": p.seq, "link_count": g[0].seq, "debit_balance": p.seq,
-              "expires_us": h.seq}[column]  # fmt: skip
-    ledger.execute(f"UPDATE transfers SET {column} = {column} + 1 WHERE seq = {target}")
-    assert not audit_ledger(ledger.db).ok
+    _audit_ok(sqlite_db.db)
+    for column, seq in [
+        ("hold_seq", p.seq),
+        ("link_count", g[0].seq),
+        ("link_first", g[1].seq),
+        ("debit_balance", p.seq),
+        ("credit_balance", h.seq),  # a hold row's running balance: the unchanged one
+        ("expires_us", h.seq),
+    ]:
+        copy = tmp_path / f"{column}.db"
+        shutil.copyfile(sqlite_db.path, copy)
+        tampered = LedgerDb.sqlite(copy)
+        tampered.execute(f"UPDATE transfers SET {column} = {column} + 1 WHERE seq = {seq}")
+        assert not audit_ledger(copy).ok, column

@@ -392,3 +392,23 @@ def test_the_audit_finds_a_tampered_hold_or_group_column(
         tampered = LedgerDb.sqlite(copy)
         tampered.execute(f"UPDATE transfers SET {column} = {column} + 1 WHERE seq = {seq}")
         assert not audit_ledger(copy).ok, column
+
+
+def test_the_audit_finds_an_account_closed_with_a_pending_hold(
+    make_sqlite_bank: Callable[..., bank.Bank], sqlite_db: LedgerDb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ledger written by an engine that let such a close through (as this one did before
+    `_not_empty` looked at holds): the reopened bank has a closed account holding money,
+    and the expiry would later write a row touching it. The audit says so at the close."""
+    b = make_sqlite_bank()
+    src = b.open_account("src", overdraft_limit=100).id
+    tgt = b.open_account("tgt").id
+    h = b.hold(src, tgt, 30, expires_s=3600)
+    with monkeypatch.context() as patched:
+        patched.setattr(bank.engine, "_not_empty", lambda account, holds: None)
+        b.close_account(src)
+        b.close_account(tgt)
+    b.close()
+    found = [(p.kind, p.account) for p in audit_ledger(sqlite_db.db).problems]
+    assert found == [("close_not_empty", src), ("close_not_empty", tgt)], found
+    assert h.seq == 1

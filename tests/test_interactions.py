@@ -412,3 +412,30 @@ def test_the_audit_finds_an_account_closed_with_a_pending_hold(
     found = [(p.kind, p.account) for p in audit_ledger(sqlite_db.db).problems]
     assert found == [("close_not_empty", src), ("close_not_empty", tgt)], found
     assert h.seq == 1
+
+
+def test_a_cancelled_batch_of_holds_leaves_nothing_and_an_answered_one_everything(
+    make_sqlite_bank: Callable[..., bank.Bank],
+) -> None:
+    """`cancel()` on submit_batch's future: none of it applied (no hold, no held amount,
+    no key taken), else every member answered; the keys of a cancelled batch stay free."""
+    b = make_sqlite_bank()
+    a = b.open_account("a").id
+    t = b.open_account("t").id
+    b.deposit(a, 10_000)
+    held = 0
+    for i in range(20):
+        batch: list[BankCommand] = [
+            bank.Hold(source=a, target=t, amount=1, key=f"h{i}-{j}") for j in range(20)
+        ]
+        batch.append(bank.Transfer(source=a, target=t, amount=1, key=f"x{i}"))
+        future = b.submit_batch(batch)
+        if future.cancel():
+            assert all(b.find(c.key) is None for c in batch if c.key is not None), i
+            assert b.account(a).held == held
+            assert b.hold(a, t, 1, key=f"h{i}-0").kind == "hold"  # the key is free
+            held += 1
+        else:
+            assert all(isinstance(r, bank.Receipt) for r in future.result())
+            held += 20
+        assert b.account(a).held == held

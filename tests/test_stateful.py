@@ -79,10 +79,26 @@ def _v(value: object) -> str:
     return f"s{len(value.encode())}:{value}"
 
 
-def chain_hash(prev: str, r: bank.Receipt) -> str:
-    """The documented `transfers.hash` formula, format 2 (every row of a new ledger)."""
-    values = (prev, r.seq, r.kind, r.debit_account, r.credit_account, r.amount, r.ts_us, r.key)
-    text = "bank:transfers:2\n" + "".join(_v(v) for v in values)
+def chain_hash(prev: str, r: bank.Receipt, debit_balance: int, credit_balance: int) -> str:
+    """The documented `transfers.hash` formula, format 3 (every row of a new ledger): the
+    row's columns, the two running balances and the (here NULL) hold and group columns."""
+    values = (
+        prev,
+        r.seq,
+        r.kind,
+        r.debit_account,
+        r.credit_account,
+        r.amount,
+        r.ts_us,
+        r.key,
+        debit_balance,
+        credit_balance,
+        r.hold_seq,
+        r.expires_us,
+        r.link_first,
+        r.link_count,
+    )
+    text = "bank:transfers:3\n" + "".join(_v(v) for v in values)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -234,7 +250,10 @@ class BankMachine(RuleBasedStateMachine):
         assert receipt.amount == op.amount
         assert receipt.key == op.key
         assert type(receipt.ts_us) is int
-        assert receipt.hash == chain_hash(self.head, receipt), "receipt hash breaks the chain"
+        after = (self.balance_of(op.debit) - op.amount, self.balance_of(op.credit) + op.amount)
+        assert receipt.hash == chain_hash(self.head, receipt, *after), (
+            "receipt hash breaks the chain"
+        )
         self.head = receipt.hash
         self.receipts.append(receipt)
         if op.debit == CASH:

@@ -63,7 +63,8 @@ PROBLEM_KINDS: Final[dict[str, str]] = {
     "running_balance": "a transfer's debit_balance or credit_balance differs from the replayed "
     "balance of that account right after the row (revision 0005)",
     "closed_account": "a transfer touches an account after the event that closed it",
-    "close_not_empty": "an account was closed while its replayed balance was not 0",
+    "close_not_empty": "an account was closed while its replayed balance was not 0, or while "
+    "a pending hold named it",
 }
 
 Value = int | str | None

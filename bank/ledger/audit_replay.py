@@ -81,7 +81,7 @@ def replay_transfers(
             elif kind == "limit" and account in floors:
                 floors[account] = floor
             elif kind == "close" and account in floors and account != CASH_ACCOUNT_ID:
-                _close(problems, account, pending[0], balances.get(account, 0))
+                _close(problems, account, pending[0], balances.get(account, 0), holds)
                 del floors[account]  # a later row touching it goes to `_check_row`
                 closed[account] = pending[0]
             pending = next(events, None)
@@ -233,8 +233,11 @@ def _seq_problem(problems: Problems, seq: int, expected_seq: int) -> int:
     return seq + 1
 
 
-def _close(problems: Problems, account: int, transfer_seq: int, balance: int) -> None:
-    """Report an account closed while its replayed balance was not 0."""
+def _close(
+    problems: Problems, account: int, transfer_seq: int, balance: int, holds: HoldReplay
+) -> None:
+    """Report an account closed while its replayed balance was not 0, or while a pending
+    hold named it (as source or target: a post or expiry would touch it after its close)."""
     if balance != 0:
         problems.add(
             "close_not_empty",
@@ -243,6 +246,18 @@ def _close(problems: Problems, account: int, transfer_seq: int, balance: int) ->
             account=account,
             expected=0,
             found=balance,
+        )
+        return
+    naming = [s for s, h in holds.pending.items() if account in (h.source, h.target)]
+    if naming:
+        problems.add(
+            "close_not_empty",
+            f"account closed after transfer seq {transfer_seq} while pending hold(s) "
+            f"{', '.join(map(str, naming))} named it",
+            seq=transfer_seq,
+            account=account,
+            expected="no pending hold",
+            found=naming[0],
         )
 
 

@@ -97,9 +97,17 @@ def scratch_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 
 
+#: Free space `RAM_DIR` must have to be used: a container's default /dev/shm (64 MiB)
+#: would fill up with two clusters and the suite's ledgers, failing tests with ENOSPC.
+RAM_DIR_FREE_MIN_BYTES = 2 * 1024**3
+
+
 def ram_dir_usable() -> bool:
-    """True when `RAM_DIR` exists and this process may create directories in it."""
-    return RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK | os.X_OK)
+    """True when `RAM_DIR` exists, this process may create directories in it, and it has
+    room for the suite (`RAM_DIR_FREE_MIN_BYTES`); else the system's temp dir is used."""
+    if not (RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK | os.X_OK)):
+        return False
+    return shutil.disk_usage(RAM_DIR).free >= RAM_DIR_FREE_MIN_BYTES
 
 
 def _free_port() -> int:

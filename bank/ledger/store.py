@@ -10,9 +10,9 @@ merged; a point balance is the newer of two "last row <= N" look-ups. Nothing sc
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Final
+from typing import Any, Final
 
-from sqlalchemy import Connection, Select, func, select, text, union_all
+from sqlalchemy import ColumnElement, Connection, Select, Subquery, func, select, text, union_all
 
 from bank.errors import AccountNotFound, InvalidCommand, SeqBeyondHead
 from bank.ledger.chain import GENESIS
@@ -136,6 +136,20 @@ def _side_rows(
     return stmt.where(transfers.c.seq > after_seq)
 
 
+def _side_first(
+    stmt: Select[Any], column: ColumnElement[int], limit: int, *, descending: bool
+) -> Subquery:
+    """A side's first `limit` rows in the account's own index order, as a subquery.
+
+    Ordering by (account, seq) names the (account, seq) index's order, so both planners
+    walk that index and stop after `limit` rows; ordered by seq alone, PostgreSQL chose the
+    primary key with a filter for a busy account (65 ms a point balance on 1,000,000 rows,
+    against 2 ms). History pages keep the plain compound form: SQLite merges it from the
+    two indexes (2.8 ms a page), where this form costs it a sort of each side (11 ms)."""
+    order = (column.desc(), transfers.c.seq.desc()) if descending else (column, transfers.c.seq)
+    return stmt.order_by(*order).limit(limit).subquery()
+
+
 def history_page(
     conn: Connection, account_id: int, after_seq: int, limit: int, *, descending: bool = False
 ) -> list[Receipt]:
@@ -175,16 +189,21 @@ def balance_at(conn: Connection, account_id: int, seq: int) -> int:
     row at or before `seq` (the newer of one look-up in each index), 0 if it has none (not
     yet used or not yet opened). The caller checks `seq` against the head."""
     sides = [
-        select(transfers.c.seq, balance.label("balance")).where(
-            column == account_id, transfers.c.seq <= seq
+        _side_first(
+            select(transfers.c.seq, balance.label("balance")).where(
+                column == account_id, transfers.c.seq <= seq
+            ),
+            column,
+            1,
+            descending=True,
         )
         for column, balance in (
             (transfers.c.debit_account_id, transfers.c.debit_balance),
             (transfers.c.credit_account_id, transfers.c.credit_balance),
         )
     ]
-    both = union_all(*sides)
-    stmt = both.order_by(both.selected_columns.seq.desc()).limit(1)
+    both = union_all(*(select(*side.c) for side in sides)).subquery()
+    stmt = select(both.c.seq, both.c.balance).order_by(both.c.seq.desc()).limit(1)
     row = conn.execute(stmt).first()
     return int(row[1]) if row is not None else 0
 

@@ -3,6 +3,7 @@ prefix of the final ledger, named by the seq and head hash they report."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 import threading
@@ -47,7 +48,10 @@ def test_audits_during_a_load_are_clean_consistent_snapshots(tmp_path: Path) -> 
                     assert error is None or isinstance(error, InsufficientFunds), error
                 batch += 1
                 if batch % 3 == 0:
-                    b.set_overdraft_limit(rng.choice(ids), rng.choice((1_000, 5_000)))
+                    # Lowering a limit below an account's debt is refused (and changes
+                    # nothing): as legitimate an outcome under load as a refused transfer.
+                    with contextlib.suppress(InsufficientFunds):
+                        b.set_overdraft_limit(rng.choice(ids), rng.choice((1_000, 5_000)))
                 if batch == 2:
                     loaded.set()
 

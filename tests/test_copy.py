@@ -127,11 +127,23 @@ def test_a_copy_while_a_bank_writes_the_source_is_a_prefix(tmp_path: Path, pg_ur
     path = tmp_path / "busy.db"
     build_source(path)
     stop = threading.Event()
+    failures: list[BaseException] = []
     with bank.Bank.open(path) as b:
 
         def write() -> None:
+            try:
+                write_until_stopped()
+            except BaseException as exc:  # the test must see it, not a thread warning
+                failures.append(exc)
+
+        def write_until_stopped() -> None:
+            # There and back in each batch: however long the copy takes, nobody runs dry.
             while not stop.is_set():
-                commands = [bank.Transfer(source=SHOP, target=ALICE, amount=1) for _ in range(50)]
+                commands = [
+                    bank.Transfer(source=a, target=z, amount=1)
+                    for _ in range(25)
+                    for a, z in ((SHOP, ALICE), (ALICE, SHOP))
+                ]
                 for f in b.submit_many(commands):
                     f.result()
 
@@ -142,6 +154,7 @@ def test_a_copy_while_a_bank_writes_the_source_is_a_prefix(tmp_path: Path, pg_ur
         finally:
             stop.set()
             writer.join(60)
+    assert not writer.is_alive() and failures == []
     assert report.ok, report.audit.problems
     copied = report.rows["transfers"]
     source_rows = LedgerDb.sqlite(path).query("SELECT * FROM transfers ORDER BY seq")

@@ -12,7 +12,7 @@ import pytest
 
 from bank.simulate.histogram import Histogram, bucket_high, bucket_of
 from bank.simulate.metrics import SAMPLES_MIN, Metrics, Observer
-from bank.simulate.schedule import Rate, Schedule, parse_rate
+from bank.simulate.schedule import RATE_MAX, Arrival, Arrivals, Rate, Schedule, parse_rate
 from bank.simulate.thresholds import (
     FIGURES,
     InvalidThreshold,
@@ -93,6 +93,38 @@ def test_poisson_arrivals_are_seeded_and_keep_the_rate() -> None:
     assert gaps.std() == pytest.approx(gaps.mean(), rel=0.1)  # exponential: sd == mean
     with pytest.raises(InvalidWorkload):
         next(schedule.teller_times(4, 4, "fixed", 0))
+
+
+def _count_by_drawing(arrivals: Arrivals, cut_s: float) -> int:
+    count = 0
+    while next(arrivals) < cut_s:
+        count += 1
+    return count
+
+
+@pytest.mark.parametrize("arrival", ["fixed", "poisson"])
+@pytest.mark.parametrize("rate", [Rate(3000.0, 3000.0), Rate(500.0, 8000.0)])
+def test_what_is_due_before_a_cut_is_counted_as_drawing_it_would(
+    arrival: Arrival, rate: Rate
+) -> None:
+    # A stopped run counts its dropped operations with due_before instead of drawing them.
+    schedule = Schedule(rate, 2.0)
+    for teller in range(3):
+        for cut_s in (0.0, 0.01, 1.3, 2.0, 3.5):
+            counted, drawn = (schedule.teller_times(teller, 3, arrival, 11) for _ in range(2))
+            for _ in range(137):  # part-way through, as a run that stopped would be
+                assert next(counted) == next(drawn)
+            assert counted.due_before(cut_s) == _count_by_drawing(drawn, cut_s)
+
+
+def test_ten_million_a_second_for_a_minute_is_counted_without_drawing_it() -> None:
+    # 600 million arrivals: drawing them took minutes after the run had ended.
+    schedule = Schedule(Rate(RATE_MAX, RATE_MAX), 60.0)
+    for arrival in ("fixed", "poisson"):
+        arrivals = schedule.teller_times(0, 4, arrival, 0)
+        next(arrivals)
+        due = arrivals.due_before(60.0)
+        assert due == pytest.approx(RATE_MAX * 60 / 4, rel=1e-3)
 
 
 # -- histograms ----------------------------------------------------------------------------

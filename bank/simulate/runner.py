@@ -35,7 +35,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -54,7 +54,7 @@ from bank.records import Receipt
 from bank.simulate.history import HistoryRecorder, SnapshotReader, TellerLog
 from bank.simulate.metrics import INTERVAL_S_MIN, LatencySummary, Metrics, Observer, Sample, Totals
 from bank.simulate.progress import NoProgress, ProgressDisplay, Reading
-from bank.simulate.schedule import ARRIVALS, Rate, Schedule, parse_rate
+from bank.simulate.schedule import ARRIVALS, Arrivals, Rate, Schedule, parse_rate
 from bank.simulate.tuning import throughput_gc
 from bank.simulate.workload import (
     MIX_DEFAULT,
@@ -383,7 +383,7 @@ class Teller(threading.Thread):
         on_error: Callable[[str], None],
         keep_commands: bool = False,
         log: TellerLog | None = None,
-        times: Iterator[float] | None = None,
+        times: Arrivals | None = None,
         clock: RunClock | None = None,
         end_s: float | None = None,
     ) -> None:
@@ -622,7 +622,7 @@ class Teller(threading.Thread):
             if remaining is not None:
                 remaining -= n
 
-    def _serve_open(self, times: Iterator[float]) -> None:
+    def _serve_open(self, times: Arrivals) -> None:
         remaining = self._quota
         start_ns = self._clock.start_ns
         end_s = self._end_s
@@ -675,16 +675,13 @@ class Teller(threading.Thread):
                 remaining -= n
         self._count_dropped(next_s, times, remaining)
 
-    def _count_dropped(self, next_s: float, times: Iterator[float], remaining: int | None) -> None:
+    def _count_dropped(self, next_s: float, times: Arrivals, remaining: int | None) -> None:
         """Operations that were due before the run stopped but were never sent."""
         cut = (time.perf_counter_ns() - self._clock.start_ns) / 1e9
         if self._end_s is not None:
             cut = min(cut, self._end_s)
-        dropped = 0
-        while next_s < cut and (remaining is None or dropped < remaining):
-            dropped += 1
-            next_s = next(times)
-        self.dropped = dropped
+        dropped = 0 if next_s >= cut else 1 + times.due_before(cut)
+        self.dropped = dropped if remaining is None else min(dropped, remaining)
 
     def _answered(self, t0: int, n: int, outcomes: Sequence[Outcome]) -> None:
         """Batch callback (runs on whichever thread answered): record, then free the slots."""

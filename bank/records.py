@@ -77,3 +77,17 @@ class AccountInfo(NamedTuple):
     name: str
     overdraft_limit: int
     balance: int
+
+
+class AccountSummary(NamedTuple):
+    """An account as `bank accounts` lists it: what it holds, what its pending holds
+    reserve, what it may still spend, and whether it is closed. `available` is None
+    for `@cash`, which has no overdraft limit."""
+
+    id: int
+    name: str
+    balance: int
+    overdraft_limit: int
+    held: int
+    available: int | None
+    closed: bool

@@ -107,6 +107,48 @@ def test_accounts_lists_balances(small_ledger: Path, capsys: pytest.CaptureFixtu
     assert all(type(r["balance"]) is int for r in rows)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_accounts_show_what_holds_reserve_and_which_are_closed(
+    backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
+    db = (
+        str(tmp_path / "holds.db")
+        if backend == "sqlite"
+        else str(request.getfixturevalue("pg_url"))
+    )
+    with bank.Bank.open(db) as b:
+        alice = b.open_account("alice", 10_00).id
+        shop = b.open_account("shop").id
+        gone = b.open_account("gone").id
+        b.deposit(alice, 50_00)
+        b.hold(alice, shop, 20_00)
+        b.hold(alice, shop, 5_00)
+        posted = b.hold(alice, shop, 1_00)
+        b.post(posted.seq)  # settled: no longer held
+        b.close_account(gone)
+    assert main(["accounts", "--db", db, "--format", "json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["alice"] == {
+        "id": alice,
+        "name": "alice",
+        "balance": 49_00,
+        "overdraft_limit": 10_00,
+        "held": 25_00,
+        "available": 49_00 + 10_00 - 25_00,
+        "closed": False,
+    }
+    assert rows["gone"]["closed"] is True and rows["shop"]["closed"] is False
+    assert rows["@cash"]["available"] is None and rows["@cash"]["held"] == 0
+    assert main(["accounts", "--db", db, "--format", "table"]) == 0
+    out = capsys.readouterr().out
+    assert "held" in out and "available" in out and "34.00" in out and "25.00" in out
+    assert "3 customer account(s), 1 closed" in out
+    assert [line.split()[-1] for line in out.splitlines() if "gone" in line] == ["closed"]
+    assert main(["accounts", "--db", db, "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {r["name"]: (r["held"], r["closed"]) for r in table}["alice"] == ("2500", "False")
+
+
 def test_history_by_id_name_and_limit(
     small_ledger: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -40,14 +40,14 @@ from bank.ledger import store
 from bank.ledger.reader import LedgerReader
 from bank.limits import CASH_ACCOUNT_ID
 from bank.money import format_minor
-from bank.records import AccountInfo, Receipt
+from bank.records import AccountInfo, AccountSummary, Receipt
 
 #: Receipts `history` reads per page (one short read each; memory is about one page).
 HISTORY_PAGE: Final = 10_000
 #: The largest `--limit` (and `--after-seq`: a seq is a signed 64-bit integer).
 LIMIT_MAX: Final = 2**63 - 1
 
-ACCOUNT_FIELDS: Final = ("id", "name", "balance", "overdraft_limit")
+ACCOUNT_FIELDS: Final = AccountSummary._fields
 RECEIPT_FIELDS: Final = Receipt._fields
 
 _FORMAT_HELP = (
@@ -156,46 +156,60 @@ def run_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _account_rows(bank: Bank) -> list[AccountInfo]:
-    """Every account with a balance from one snapshot (a consistent set)."""
+def _account_rows(bank: Bank) -> list[AccountSummary]:
+    """Every account with a balance from one snapshot (a consistent set of balances)."""
     snapshot = bank.snapshot()
     accounts = [bank.account(CASH_ACCOUNT_ID), *bank.accounts()]
-    return [
-        AccountInfo(a.id, a.name, a.overdraft_limit, snapshot.balances.get(a.id, 0))
-        for a in accounts
-    ]
+    rows = []
+    for a in accounts:
+        balance = snapshot.balances.get(a.id, 0)
+        held = a.held
+        cash = a.id == CASH_ACCOUNT_ID
+        available = None if cash else balance + a.overdraft_limit - held
+        rows.append(
+            AccountSummary(a.id, a.name, balance, a.overdraft_limit, held, available, a.closed)
+        )
+    return rows
 
 
-def _print_accounts(rows: list[AccountInfo], out: TextIO) -> None:
+def _print_accounts(rows: list[AccountSummary], out: TextIO) -> None:
     columns = [
         Column("id", right=True),
         Column("name", flexible=True),
         Column("balance", right=True),
+        Column("held", right=True),
+        Column("available", right=True),
         Column("overdraft limit", right=True),
+        Column("status"),
     ]
     cells = (
         (
             str(a.id),
             a.name,
             format_minor(a.balance),
+            format_minor(a.held),
+            "-" if a.available is None else format_minor(a.available),
             "none" if a.id == CASH_ACCOUNT_ID else format_minor(a.overdraft_limit),
+            "closed" if a.closed else "open",
         )
         for a in rows
     )
     write_table(columns, cells, out, width=terminal_width(out))
-    out.write(f"{len(rows) - 1} customer account(s)\n")
+    closed = sum(a.closed for a in rows)
+    out.write(
+        f"{len(rows) - 1} customer account(s)" + (f", {closed} closed" if closed else "") + "\n"
+    )
 
 
 def run_accounts(args: argparse.Namespace) -> int:
     """List the accounts, read-only."""
     with LedgerReader(existing_ledger(args.db)) as reader:
-        rows = reader.accounts()
+        rows = reader.account_summaries()
     shown = choose_format(args.format, sys.stdout)
     if shown == "table":
         _print_accounts(rows, sys.stdout)
     else:
-        records = ((a.id, a.name, a.balance, a.overdraft_limit) for a in rows)
-        WRITERS[shown](ACCOUNT_FIELDS, records, sys.stdout)
+        WRITERS[shown](ACCOUNT_FIELDS, rows, sys.stdout)
     return EXIT_OK
 
 

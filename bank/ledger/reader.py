@@ -24,10 +24,12 @@ from bank.errors import LedgerVersionError, NotALedger, UnsupportedLedgerUrl
 from bank.ledger import migrate, store
 from bank.ledger.backends import PACKAGES, backend_module, ledger_url, unsupported
 from bank.limits import HISTORY_LIMIT_DEFAULT
-from bank.records import AccountInfo, Receipt
+from bank.records import AccountInfo, AccountSummary, Receipt
 
 #: The first revision whose rows carry their running balances (balances as of a seq).
 RUNNING_BALANCES_REVISION = "0005"
+#: The first revision with holds (the `open_holds` view).
+HOLDS_REVISION = "0006"
 
 T = TypeVar("T")
 
@@ -103,6 +105,18 @@ class LedgerReader:
     def accounts(self) -> list[AccountInfo]:
         """Every account, `@cash` first, from one committed snapshot."""
         return self.read(store.load_accounts)
+
+    def account_summaries(self) -> list[AccountSummary]:
+        """Every account, `@cash` first, with what its pending holds reserve, what it may
+        still spend and whether it is closed, from one committed snapshot (a ledger at an
+        older revision has no holds or closes: none are shown)."""
+        revisions = migrate.revisions_oldest_first()
+        at = revisions.index(self.revision)
+        holds = at >= revisions.index(HOLDS_REVISION)
+        closes = at >= revisions.index(RUNNING_BALANCES_REVISION)
+        return self.read(
+            lambda conn: store.load_account_summaries(conn, holds=holds, closes=closes)
+        )
 
     def history(
         self, account: int, *, after_seq: int = 0, limit: int = HISTORY_LIMIT_DEFAULT

@@ -17,8 +17,8 @@ from sqlalchemy import ColumnElement, Connection, Select, Subquery, func, select
 from bank.errors import AccountNotFound, InvalidCommand, SeqBeyondHead
 from bank.ledger.chain import GENESIS
 from bank.ledger.models import account_events, accounts, transfers
-from bank.limits import BALANCE_MAX, HISTORY_LIMIT_MAX
-from bank.records import AccountInfo, Receipt
+from bank.limits import BALANCE_MAX, CASH_ACCOUNT_ID, HISTORY_LIMIT_MAX
+from bank.records import AccountInfo, AccountSummary, Receipt
 
 #: Builds a `Receipt` from a row without the NamedTuple's Python-level `__new__`.
 _new = tuple.__new__
@@ -47,6 +47,31 @@ def load_accounts(conn: Connection) -> list[AccountInfo]:
         ).order_by(accounts.c.id)
     )
     return [AccountInfo(*row) for row in rows]
+
+
+def load_account_summaries(conn: Connection, *, holds: bool, closes: bool) -> list[AccountSummary]:
+    """Every account, `@cash` first, with its pending holds' total and its closed flag.
+
+    `holds`: the ledger has holds (revision 0006, the `open_holds` view); `closes`: it
+    has 'close' events (0005). The held amounts are summed here, in Python ints, so a
+    total is exact at any size on either backend."""
+    held: dict[int, int] = {}
+    if holds:
+        for source_id, amount in conn.execute(text("SELECT source_id, amount FROM open_holds")):
+            held[int(source_id)] = held.get(int(source_id), 0) + int(amount)
+    closed = closed_accounts(conn) if closes else set()
+    return [
+        AccountSummary(
+            a.id,
+            a.name,
+            a.balance,
+            a.overdraft_limit,
+            held.get(a.id, 0),
+            None if a.id == CASH_ACCOUNT_ID else a.balance + a.overdraft_limit - held.get(a.id, 0),
+            a.id in closed,
+        )
+        for a in load_accounts(conn)
+    ]
 
 
 def chain_heads(conn: Connection) -> tuple[int, str, int, str]:

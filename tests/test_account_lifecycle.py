@@ -92,6 +92,27 @@ def test_closing_only_an_empty_account_and_nothing_after_it(ledger_db: LedgerDb)
         _migrate(ledger_db, "downgrade", "0004")
 
 
+def test_a_ledger_at_0005_with_a_close_refuses_to_go_back_to_0004(ledger_db: LedgerDb) -> None:
+    """0005's own refusal, which a downgrade from the head never reaches (0006 refuses
+    first): a ledger made at 0005 whose events close an account cannot become 0004's."""
+    _migrate(ledger_db, "upgrade", "0005")
+    ledger_db.execute(
+        "INSERT INTO accounts VALUES (1, 'alice', 0, 0)",
+        "INSERT INTO account_events VALUES (90, 1, 'open', 'alice', 0, 0, 1, 'h90')",
+        "INSERT INTO account_events VALUES (91, 1, 'close', 'alice', 0, 0, 2, 'h91')",
+    )
+    events = ledger_db.query("SELECT * FROM account_events ORDER BY seq")
+    with pytest.raises(SchemaDowngradeRefused, match="1 account_events rows close an account"):
+        _migrate(ledger_db, "downgrade", "0004")
+    # Refused as a whole: still 0005, every row as it was.
+    assert ledger_db.query("SELECT version_num FROM alembic_version") == [("0005",)]
+    assert ledger_db.query("SELECT * FROM account_events ORDER BY seq") == events
+    ledger_db.execute("DELETE FROM account_events WHERE kind = 'close'")
+    _migrate(ledger_db, "downgrade", "0004")  # nothing 0004 cannot record: allowed
+    assert ledger_db.query("SELECT version_num FROM alembic_version") == [("0004",)]
+    assert ledger_db.query("SELECT * FROM account_events ORDER BY seq") == events[:-1]
+
+
 def _closed_ledger(tmp_path: Path) -> tuple[Path, int, int]:
     path = tmp_path / "ledger.db"
     with bank.Bank.open(path) as b:

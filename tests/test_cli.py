@@ -70,6 +70,29 @@ def test_python_dash_m_bank_works() -> None:
     assert "simulate" in done.stdout
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize(
+    "command",
+    [["accounts"], ["history", "alice", "--format", "csv"], ["audit", "--json"], ["balance", "1"]],
+)
+def test_a_full_standard_output_is_named_and_no_traceback(
+    small_ledger: Path, command: list[str]
+) -> None:
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "bank", *command, "--db", str(small_ledger)],
+            check=False,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"bank {command[0]}: cannot write to standard output: No space left on device"
+    )
+
+
 def test_init_creates_then_upgrades(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "new.db"
     assert main(["init", "--db", str(path)]) == 0

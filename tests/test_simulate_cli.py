@@ -95,7 +95,9 @@ def test_an_open_model_run_reports_its_schedule_and_a_failed_threshold_exits_3(
     assert schedule["submitted"] == doc["ops"]
     assert 0 <= schedule["late"] <= schedule["submitted"]
     assert schedule["latency_from"] == "intended start"
-    assert doc["interval_s"] == 0.1 and 5 <= len(doc["samples"]) <= 8
+    # One sample per 0.1 s of the run (its 0.6 s, then the drain, longer on a busy machine).
+    assert doc["interval_s"] == 0.1
+    assert 5 <= len(doc["samples"]) <= round(doc["duration_s"] / 0.1) + 2, doc["duration_s"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

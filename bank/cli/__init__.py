@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 from bank import __version__
 from bank.cli import audit, check_history, copy, ledger, simulate
@@ -90,6 +92,59 @@ def _register_simulate_missing(sub: Subcommands, exc: ModuleNotFoundError) -> No
     placeholder.set_defaults(run=run)
 
 
+#: How an error of a write to standard output names its file.
+STDOUT_NAME = "standard output"
+
+
+class _NamedStdout:
+    """Standard output whose write errors name it (`bank accounts > /dev/full` says
+    "standard output: ... No space left on device", not a bare errno); everything
+    else is the stream's own."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: Any) -> int:
+        try:
+            return int(self._stream.write(text))
+        except OSError as exc:
+            raise _named(exc) from None
+
+    @property
+    def buffer(self) -> _NamedStdout:
+        """The byte stream under it (`--json -` writes bytes), its errors named too."""
+        return _NamedStdout(self._stream.buffer)
+
+    def writelines(self, lines: Iterable[Any]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise _named(exc) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _named(exc: OSError) -> OSError:
+    if exc.filename is None and not isinstance(exc, BrokenPipeError):
+        exc.filename = STDOUT_NAME
+    return exc
+
+
+@contextmanager
+def _stdout_named() -> Iterator[None]:
+    real = sys.stdout
+    sys.stdout = _NamedStdout(real)
+    try:
+        yield
+    finally:
+        sys.stdout = real
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `bank` command line; returns the exit code (`bank.exit_codes`)."""
     parser = build_parser()
@@ -99,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return run(args)
+        with _stdout_named():
+            return run(args)
     except UsageError as exc:
         error(args.command, str(exc))
         return EXIT_USAGE
@@ -128,5 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if exc.filename is not None and str(exc.filename) not in str(exc)
             else ""
         )
+        if exc.filename == STDOUT_NAME:  # the interpreter's last flush would fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            error(args.command, f"cannot write to {STDOUT_NAME}: {exc.strerror or exc}")
+            return EXIT_USAGE
         error(args.command, f"{shown}{type(exc).__name__}: {exc}")
         return EXIT_USAGE

@@ -27,6 +27,14 @@ from sqlalchemy.engine import URL
 
 from bank.errors import CannotAudit, CannotOpenLedger
 from bank.ledger.audit_checks import COLUMN_TYPES
+from bank.ledger.audit_postings import (
+    FingerprintKeys,
+    PostingsDifferences,
+    PostingsSums,
+    extra_sql,
+    lost_sql,
+    postings_sums,
+)
 from bank.ledger.backend import SnapshotToken
 from bank.ledger.schema_ref import (
     Difference,
@@ -268,6 +276,24 @@ class PostgresSnapshot(_Rows):
     def transfer_count(self) -> int:
         row = self.one("SELECT count(*) FROM transfers")
         return 0 if row is None else int(row[0])
+
+    # -- postings (revision 0007) ---------------------------------------------------------
+
+    def postings_watermark_rows(self) -> list[tuple[object, object]]:
+        return [(r[0], r[1]) for r in self._conn.execute("SELECT id, seq FROM postings_upto")]
+
+    def postings_sums(self, watermark: int, keys: FingerprintKeys) -> PostingsSums:
+        """Two aggregate scans on the server, in this REPEATABLE READ transaction (typed
+        columns: no value of another type to count)."""
+        return postings_sums(self.one, watermark, keys, typeof=False)
+
+    def postings_differences(self, watermark: int, limit: int) -> PostingsDifferences:
+        def pairs(query: str) -> list[tuple[object, object]]:
+            return [(r[0], r[1]) for r in self._conn.execute(query)]
+
+        return PostingsDifferences(
+            pairs(lost_sql(watermark, limit)), pairs(extra_sql(watermark, limit))
+        )
 
     def export_token(self) -> SnapshotToken | None:
         return SnapshotToken(__name__, (self._info, self._snapshot_id))

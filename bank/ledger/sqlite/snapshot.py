@@ -23,6 +23,14 @@ from sqlalchemy.engine import URL
 
 from bank.errors import CannotAudit
 from bank.ledger.audit_checks import COLUMN_TYPES, ROW_KEYS
+from bank.ledger.audit_postings import (
+    FingerprintKeys,
+    PostingsDifferences,
+    PostingsSums,
+    extra_sql,
+    lost_sql,
+    postings_sums,
+)
 from bank.ledger.backend import SnapshotToken
 from bank.ledger.schema_ref import (
     Difference,
@@ -326,6 +334,26 @@ class SqliteSnapshot:
 
     def transfer_count(self) -> int:
         return int(self._conn.execute("SELECT count(*) FROM transfers").fetchone()[0])
+
+    # -- postings (revision 0007) ---------------------------------------------------------
+
+    def postings_watermark_rows(self) -> list[tuple[object, object]]:
+        return [(r[0], r[1]) for r in self._conn.execute("SELECT id, seq FROM postings_upto")]
+
+    def postings_sums(self, watermark: int, keys: FingerprintKeys) -> PostingsSums:
+        """Two aggregate scans inside SQLite on this read transaction (`typeof` counts
+        what a table rebuilt without STRICT could hold)."""
+        return postings_sums(
+            lambda sql: self._conn.execute(sql).fetchone(), watermark, keys, typeof=True
+        )
+
+    def postings_differences(self, watermark: int, limit: int) -> PostingsDifferences:
+        def pairs(sql: str) -> list[tuple[object, object]]:
+            return [(r[0], r[1]) for r in self._conn.execute(sql)]
+
+        return PostingsDifferences(
+            pairs(lost_sql(watermark, limit)), pairs(extra_sql(watermark, limit))
+        )
 
     def export_token(self) -> SnapshotToken | None:
         # Another connection sees the same rows up to `pinned_max_seq`: immutable, the

@@ -13,19 +13,20 @@ the reads rely on, and what this rule proves:
   so such a posting means W was set back or a posting was forged there).
 
 Proved by two aggregate scans inside the database, on the audit's own snapshot
-(`LedgerSnapshot.postings_sums`): over postings and over the transfers up to W,
-the number of (expected) postings, the sum of their seqs (in 32-bit halves: no
-sum overflows 64 bits) and the sum of a keyed fingerprint `F(account, seq)`. F is
-two rounds of a cube modulo a prime below 2**31 (each a bijection: p = 2 mod 3) of a
-line with random coefficients drawn anew for every audit: a forger who changes
-postings cannot make both sums agree without knowing the keys, not even with edits
-whose low moments cancel (the second round, modulo another prime, is no polynomial
-over the first's field), and every product stays below 2**62 on both backends.
+(`LedgerSnapshot.postings_sums`): over postings, and over the transfers up to W,
+the number of (expected) postings and the sum of a fingerprint `F(account, seq)`.
+F is keyed: its coefficients are drawn anew for every audit, so no edit can be
+made to cancel out in it beforehand. It is the product of two keyed lines modulo a
+prime below 2**31 (degree 2: an edit that moves a posting by +1 and another by -1
+changes it), then a keyed line modulo another prime (so that edits whose low moments
+cancel modulo the first still change the integer sums); every product stays below
+2**63 on both backends, and each sum too for up to 2**32 postings. Counting and
+summing cost about what reading the rows does (see README's audit figures).
 Only when a figure differs does the audit look for the postings that differ
 (`postings_differences`: anti-joins, each capped), to name them.
 
-Pure here (no database): the snapshot computes the figures, this module turns them
-into problems.
+Pure here (no database): the snapshot runs the SQL this module writes, and this
+module turns the figures into problems.
 """
 
 from __future__ import annotations
@@ -38,28 +39,27 @@ from typing import Any, Final
 
 from bank.ledger.audit_problems import Problems, is_int
 
-#: The moduli of F's two rounds: primes below 2**31 with p % 3 == 2 (cubing permutes).
+#: The moduli of F: primes below 2**31 (their products with a key stay below 2**62).
 FINGERPRINT_P: Final = 2_147_483_579
 FINGERPRINT_Q: Final = 2_147_483_549
-#: Postings named one by one when the figures differ (each of lost, extra, above W).
+#: Postings named one by one when the figures differ (each of lost and extra).
 LOCATED_MAX: Final = 50
 #: The tables and columns the rule reads (a ledger lacking one: the schema check says so).
 POSTINGS_COLUMNS: Final = {
     "postings": frozenset({"account_id", "seq"}),
     "postings_upto": frozenset({"id", "seq"}),
 }
-_HALF: Final = 32
 
 
 @dataclass(frozen=True, slots=True)
 class FingerprintKeys:
-    """The random coefficients of one audit's F (each in 1..p-1)."""
+    """The coefficients of one audit's F: `k1..k3` below p, `k4`, `k5` below q (all >= 1)."""
 
-    a1: int
-    s1: int
-    c1: int
-    a2: int
-    c2: int
+    k1: int
+    k2: int
+    k3: int
+    k4: int
+    k5: int
 
     @classmethod
     def draw(cls) -> FingerprintKeys:
@@ -73,45 +73,41 @@ class FingerprintKeys:
 
 
 def fingerprint_sql(account: str, seq: str, keys: FingerprintKeys) -> str:
-    """F(account, seq) as one integer SQL expression that SQLite and PostgreSQL both
-    evaluate the same (`%` truncates toward zero on both; bigint products below 2**62).
+    """F(account, seq) as one integer SQL expression that SQLite and PostgreSQL evaluate
+    alike (`%` truncates toward zero on both; no product reaches 2**63).
 
-    x = ((account % p) * a1 + (seq % p) * s1 + c1) % p, y = x**3 % p;
-    z = (y * a2 + c2) % q, F = z**3 % q. The keys are integers of this module,
-    inlined as literals (no parameter style to differ between drivers).
+    With a = account % p and s = seq % p (each below 2**31 in size):
+    F = (((a * k1 + s) % p) * ((s * k2 + a + k3) % p) % p * k4 + k5) % q.
+    No subexpression is written twice (SQLite would evaluate it twice); the keys are
+    integers, inlined as literals (no parameter style to differ between drivers).
     """
     p, q = FINGERPRINT_P, FINGERPRINT_Q
-    x = f"((({account}) % {p}) * {keys.a1} + (({seq}) % {p}) * {keys.s1} + {keys.c1}) % {p}"
-    y = f"((({x}) * ({x})) % {p}) * ({x}) % {p}"
-    z = f"(({y}) * {keys.a2} + {keys.c2}) % {q}"
-    return f"((({z}) * ({z})) % {q}) * ({z}) % {q}"
+    a, s = f"(({account}) % {p})", f"(({seq}) % {p})"
+    line1 = f"(({a} * {keys.k1} + {s}) % {p})"
+    line2 = f"(({s} * {keys.k2} + {a} + {keys.k3}) % {p})"
+    return f"(({line1} * {line2} % {p}) * {keys.k4} + {keys.k5}) % {q}"
 
 
 def fingerprint(account: int, seq: int, keys: FingerprintKeys) -> int:
-    """F in Python, as the SQL computes it (truncating `%`): for tests and auditors."""
+    """F in Python, exactly as the SQL computes it (truncating `%`): for tests and for
+    auditors who re-implement the rule."""
 
     def rem(n: int, m: int) -> int:
         r = abs(n) % m
         return -r if n < 0 else r
 
     p, q = FINGERPRINT_P, FINGERPRINT_Q
-    x = rem(rem(account, p) * keys.a1 + rem(seq, p) * keys.s1 + keys.c1, p)
-    y = rem(rem(x * x, p) * x, p)
-    z = rem(y * keys.a2 + keys.c2, q)
-    return rem(rem(z * z, q) * z, q)
-
-
-def seq_halves_sql(seq: str) -> tuple[str, str]:
-    """`seq >> 32` and `seq & 0xffffffff`: summed apart, no SUM can overflow 64 bits."""
-    return f"(({seq}) >> {_HALF})", f"(({seq}) & {(1 << _HALF) - 1})"
+    a, s = rem(account, p), rem(seq, p)
+    line1 = rem(a * keys.k1 + s, p)
+    line2 = rem(s * keys.k2 + a + keys.k3, p)
+    return rem(rem(line1 * line2, p) * keys.k4 + keys.k5, q)
 
 
 @dataclass(frozen=True, slots=True)
 class Sums:
-    """How many postings, their seqs' sum and their fingerprints' sum (exact ints)."""
+    """How many postings, and the sum of their fingerprints (exact ints)."""
 
     rows: int
-    seq_sum: int
     fingerprint_sum: int
 
 
@@ -119,10 +115,9 @@ class Sums:
 class PostingsSums:
     """The two aggregate scans of one snapshot, for a watermark W.
 
-    `postings`: over postings at seq <= W; `expected`: what the transfers at seq <= W
-    need (two per row); `above`: postings at seq > W, the lowest of them
-    (`first_above`, its account) if any; `bad_types`: postings values that are not
-    integers (SQLite only: a table rebuilt without STRICT).
+    `postings`: over the postings at seq <= W; `expected`: what the `transfers` rows
+    at seq <= W need (two postings each); `above`: how many postings lie above W, and
+    the lowest of them (`first_above`: seq, account) if any.
     """
 
     postings: Sums
@@ -130,14 +125,13 @@ class PostingsSums:
     transfers: int
     above: int
     first_above: tuple[int, int] | None = None
-    bad_types: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class PostingsDifferences:
-    """The postings that differ, each `(seq, account)` in (seq, account) order, capped at
-    `LOCATED_MAX`: `lost` (a transfer's side without its posting), `extra` (a posting at
-    seq <= W that no transfer at its seq names)."""
+    """The postings that differ, each `(seq, account)` in (seq, account) order, at most
+    `LOCATED_MAX` each: `lost` (a transfer's side without its posting), `extra` (a
+    posting at seq <= W that no transfer at its seq names)."""
 
     lost: Sequence[tuple[object, object]]
     extra: Sequence[tuple[object, object]]
@@ -153,11 +147,6 @@ def _int(value: object) -> int:
     if isinstance(value, Decimal) and value == value.to_integral_value():
         return int(value)
     raise TypeError(f"an aggregate of integers gave {value!r}")
-
-
-def halves(high: object, low: object) -> int:
-    """The exact sum from its two summed halves (None: an empty sum, 0)."""
-    return (_int(high) << _HALF) + _int(low)
 
 
 def check_watermark(
@@ -222,13 +211,6 @@ def check_postings(
     problems: Problems,
 ) -> None:
     """Turn the figures for W into problems; `differences` is called only when they differ."""
-    if sums.bad_types:
-        problems.add(
-            "bad_type",
-            f"postings holds {sums.bad_types} account_id/seq value(s) that are not INTEGER",
-            expected="integer",
-            found=f"{sums.bad_types} other value(s)",
-        )
     if sums.above:
         first_seq, first_account = sums.first_above or (None, None)
         problems.add(
@@ -266,9 +248,7 @@ def _what_differs(found: Sums, wanted: Sums, located: PostingsDifferences) -> st
     if found.rows != wanted.rows:
         # A transfer naming one account on both sides needs two postings that are one row.
         return "no single posting differs (a transfer names the same account twice?)"
-    if found.seq_sum != wanted.seq_sum:
-        return "the postings' seqs differ (a posting moved to another seq)"
-    return "the postings' accounts differ (a posting moved to another account)"
+    return "the same number, but other postings (moved to another account or seq)"
 
 
 def _runs(
@@ -373,31 +353,22 @@ def _name_differences(located: PostingsDifferences, problems: Problems) -> None:
 # -- the SQL both snapshots run (plain integer SQL: SQLite and PostgreSQL alike) ---------
 
 
-def _sums_columns(account: str, keys: FingerprintKeys) -> str:
-    high, low = seq_halves_sql("seq")
-    return f"count(*), sum({high}), sum({low}), sum({fingerprint_sql(account, 'seq', keys)})"
-
-
-def postings_sums_sql(watermark: int, keys: FingerprintKeys, *, typeof: bool) -> str:
-    """One scan of postings: `count, seq high half, seq low half, F sum` over every
-    posting, how many are above W, and (SQLite, `typeof`) how many hold a non-integer."""
+def postings_sums_sql(watermark: int, keys: FingerprintKeys) -> str:
+    """One scan of postings: how many, their F sum, and how many lie above W."""
     assert type(watermark) is int
-    wrong = (
-        ", sum(CASE WHEN typeof(account_id) = 'integer' AND typeof(seq) = 'integer' "
-        "THEN 0 ELSE 1 END)"
-        if typeof
-        else ", 0"
-    )
     return (
-        f"SELECT {_sums_columns('account_id', keys)}, "
-        f"sum(CASE WHEN seq > {watermark} THEN 1 ELSE 0 END){wrong} FROM postings"
+        f"SELECT count(*), sum({fingerprint_sql('account_id', 'seq', keys)}), "
+        f"sum(CASE WHEN seq > {watermark} THEN 1 ELSE 0 END) FROM postings"
     )
 
 
 def postings_above_sql(watermark: int, keys: FingerprintKeys) -> str:
-    """The same sums over the postings above W only (run only when there are some)."""
+    """The same sums over the postings above W alone (run only when there are some)."""
     assert type(watermark) is int
-    return f"SELECT {_sums_columns('account_id', keys)} FROM postings WHERE seq > {watermark}"
+    return (
+        f"SELECT count(*), sum({fingerprint_sql('account_id', 'seq', keys)}) "
+        f"FROM postings WHERE seq > {watermark}"
+    )
 
 
 def first_above_sql(watermark: int) -> str:
@@ -409,17 +380,13 @@ def first_above_sql(watermark: int) -> str:
 
 
 def expected_sums_sql(watermark: int, keys: FingerprintKeys) -> str:
-    """One range scan of transfers up to W: rows, seq halves, and both sides' F sum."""
+    """One range scan of transfers up to W: rows, and both sides' F sum."""
     assert type(watermark) is int
-    high, low = seq_halves_sql("seq")
     both = (
         f"{fingerprint_sql('debit_account_id', 'seq', keys)} + "
         f"{fingerprint_sql('credit_account_id', 'seq', keys)}"
     )
-    return (
-        f"SELECT count(*), sum({high}), sum({low}), sum({both}) FROM transfers "
-        f"WHERE seq <= {watermark}"
-    )
+    return f"SELECT count(*), sum({both}) FROM transfers WHERE seq <= {watermark}"
 
 
 def lost_sql(watermark: int, limit: int) -> str:
@@ -447,40 +414,22 @@ def extra_sql(watermark: int, limit: int) -> str:
     )
 
 
-def sums_of(row: Sequence[object] | None) -> Sums:
-    """`count, high, low, F` as a query above returns them (PostgreSQL: numeric sums)."""
-    if row is None:
-        return Sums(0, 0, 0)
-    rows, high, low, mixed = row[:4]
-    return Sums(_int(rows), halves(high, low), _int(mixed))
-
-
 def postings_sums(
-    one: Callable[[str], Sequence[object] | None],
-    watermark: int,
-    keys: FingerprintKeys,
-    *,
-    typeof: bool,
+    one: Callable[[str], Sequence[object] | None], watermark: int, keys: FingerprintKeys
 ) -> PostingsSums:
-    """The figures, by `one(sql)` (a snapshot's: the first row of a query on its own
-    transaction), with the SQL above: two scans, plus two small queries if postings lie
-    above W."""
-    top = one(postings_sums_sql(watermark, keys, typeof=typeof))
-    every = sums_of(top)
-    above = _int(top[4]) if top is not None else 0
-    bad_types = _int(top[5]) if top is not None else 0
-    first_above: tuple[int, int] | None = None
-    postings = every
+    """The figures, by `one(sql)` (a snapshot's: the first row of a query in its own
+    transaction): two scans, and two small queries if postings lie above W."""
+    top = one(postings_sums_sql(watermark, keys)) or (0, 0, 0)
+    every = Sums(_int(top[0]), _int(top[1]))
+    above = _int(top[2])
+    postings, first_above = every, None
     if above:
-        high = sums_of(one(postings_above_sql(watermark, keys)))
-        postings = Sums(
-            every.rows - high.rows,
-            every.seq_sum - high.seq_sum,
-            every.fingerprint_sum - high.fingerprint_sum,
-        )
+        high = one(postings_above_sql(watermark, keys)) or (0, 0)
+        postings = Sums(every.rows - _int(high[0]), every.fingerprint_sum - _int(high[1]))
         row = one(first_above_sql(watermark))
         if row is not None and is_int(row[0]) and is_int(row[1]):
             first_above = (_int(row[0]), _int(row[1]))
-    transfers = sums_of(one(expected_sums_sql(watermark, keys)))
-    expected = Sums(2 * transfers.rows, 2 * transfers.seq_sum, transfers.fingerprint_sum)
-    return PostingsSums(postings, expected, transfers.rows, above, first_above, bad_types)
+    sides = one(expected_sums_sql(watermark, keys)) or (0, 0)
+    transfers = _int(sides[0])
+    expected = Sums(2 * transfers, _int(sides[1]))
+    return PostingsSums(postings, expected, transfers, above, first_above)

@@ -283,9 +283,9 @@ class PostgresSnapshot(_Rows):
         return [(r[0], r[1]) for r in self._conn.execute("SELECT id, seq FROM postings_upto")]
 
     def postings_sums(self, watermark: int, keys: FingerprintKeys) -> PostingsSums:
-        """Two aggregate scans on the server, in this REPEATABLE READ transaction (typed
-        columns: no value of another type to count)."""
-        return postings_sums(self.one, watermark, keys, typeof=False)
+        """Two aggregate scans on the server, in this REPEATABLE READ transaction (no
+        parameters: psycopg would read the SQL's `%` operators as placeholders)."""
+        return postings_sums(lambda query: self._conn.execute(query).fetchone(), watermark, keys)
 
     def postings_differences(self, watermark: int, limit: int) -> PostingsDifferences:
         def pairs(query: str) -> list[tuple[object, object]]:

@@ -341,11 +341,8 @@ class SqliteSnapshot:
         return [(r[0], r[1]) for r in self._conn.execute("SELECT id, seq FROM postings_upto")]
 
     def postings_sums(self, watermark: int, keys: FingerprintKeys) -> PostingsSums:
-        """Two aggregate scans inside SQLite on this read transaction (`typeof` counts
-        what a table rebuilt without STRICT could hold)."""
-        return postings_sums(
-            lambda sql: self._conn.execute(sql).fetchone(), watermark, keys, typeof=True
-        )
+        """Two aggregate scans inside SQLite, on this read transaction."""
+        return postings_sums(lambda sql: self._conn.execute(sql).fetchone(), watermark, keys)
 
     def postings_differences(self, watermark: int, limit: int) -> PostingsDifferences:
         def pairs(sql: str) -> list[tuple[object, object]]:

@@ -230,7 +230,25 @@ def kinds(report: AuditReport) -> set[str]:
 
 # -- the same ledger on PostgreSQL --------------------------------------------------------
 
-_TABLES_IN_ORDER = ("accounts", "account_events", "transfers", "chain_formats", "alembic_version")
+_TABLES_IN_ORDER = (
+    "accounts",
+    "account_events",
+    "transfers",
+    "chain_formats",
+    "postings",  # revision 0007: the history index and its watermark, as the file has them
+    "postings_upto",
+    "alembic_version",
+)
+
+
+def _tables(source: Path) -> list[str]:
+    """The tables of `_TABLES_IN_ORDER` the SQLite ledger `source` has (its revision's)."""
+    conn = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    try:
+        have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        conn.close()
+    return [table for table in _TABLES_IN_ORDER if table in have]
 
 
 def copy_to_postgres(source: Path, url: str) -> None:
@@ -245,7 +263,7 @@ def copy_to_postgres(source: Path, url: str) -> None:
     try:
         upgrade_to_head(engine)
         with engine.begin() as conn:
-            for table in reversed(_TABLES_IN_ORDER):
+            for table in reversed(_tables(source)):
                 conn.execute(text(f"DELETE FROM {table}"))
     finally:
         engine.dispose()
@@ -253,7 +271,7 @@ def copy_to_postgres(source: Path, url: str) -> None:
     info = url.replace("postgresql+psycopg://", "postgresql://")
     try:
         with psycopg.connect(info) as dst, dst.cursor() as cur:
-            for table in _TABLES_IN_ORDER:
+            for table in _tables(source):
                 columns = [row[1] for row in src.execute(f"PRAGMA table_info({table})")]
                 names = ", ".join(columns)
                 with cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:

@@ -35,7 +35,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Final
+from typing import Final
 
 from bank.ledger.audit_problems import Problems, is_int
 
@@ -251,11 +251,17 @@ def _what_differs(found: Sums, wanted: Sums, located: PostingsDifferences) -> st
     return "the same number, but other postings (moved to another account or seq)"
 
 
-def _runs(
-    lost: list[tuple[object, object]],
-) -> list[tuple[object, object, Any]]:
-    """The lost postings as runs: `(first, last, n)` for consecutive transfers that lost
-    both postings (first < last), else `(seq, seq, [(seq, account), ...])` for one seq.
+@dataclass(frozen=True, slots=True)
+class _LostRun:
+    """Consecutive transfers `first..last` that lost both their postings."""
+
+    first: int
+    last: int
+
+
+def _runs(lost: list[tuple[object, object]]) -> list[_LostRun | tuple[object, object]]:
+    """The lost postings in order, consecutive transfers that lost both postings joined
+    into one `_LostRun` (of two or more seqs), the others as they are.
 
     A watermark moved beyond the head loses every posting above the real one: one
     problem says so, not one per posting.
@@ -263,14 +269,14 @@ def _runs(
     by_seq: dict[object, list[tuple[object, object]]] = {}
     for item in lost:
         by_seq.setdefault(item[0], []).append(item)
-    out: list[tuple[object, object, Any]] = []
+    out: list[_LostRun | tuple[object, object]] = []
     run: list[int] = []
 
     def flush() -> None:
         if len(run) > 1:
-            out.append((run[0], run[-1], 2 * len(run)))
+            out.append(_LostRun(run[0], run[-1]))
         elif run:
-            out.append((run[0], run[0], by_seq[run[0]]))
+            out.extend(by_seq[run[0]])
         run.clear()
 
     for seq, items in by_seq.items():  # in seq order, as the query returns them
@@ -280,7 +286,7 @@ def _runs(
             run.append(seq)
             continue
         flush()
-        out.append((seq, seq, items))
+        out.extend(items)
     flush()
     return out
 
@@ -319,26 +325,28 @@ def _name_differences(located: PostingsDifferences, problems: Problems) -> None:
             expected=f"({account}, {seq})",
             found=f"({to_account}, {to_seq})",
         )
-    for first, last, sides in _runs(lost):
-        if first != last:
+    for item in _runs(lost):
+        if isinstance(item, _LostRun):
+            first, last = item.first, item.last
             problems.add(
                 "postings",
-                f"both postings of each transfer {first}..{last} are lost ({sides} postings): "
-                "those rows are missing from their accounts' histories and balance look-ups",
-                **_located(first, None),
+                f"both postings of each transfer {first}..{last} are lost "
+                f"({2 * (last - first + 1)} postings): those rows are missing from their "
+                "accounts' histories and balance look-ups",
+                seq=first,
                 expected=f"2 postings per transfer {first}..{last}",
                 found=None,
             )
             continue
-        for seq, account in sides:
-            problems.add(
-                "postings",
-                f"posting ({account}, {seq}) is lost: transfer {seq} names account {account}, "
-                "so its history and balance look-ups miss the row",
-                **_located(seq, account),
-                expected=f"({account}, {seq})",
-                found=None,
-            )
+        seq, account = item
+        problems.add(
+            "postings",
+            f"posting ({account}, {seq}) is lost: transfer {seq} names account {account}, "
+            "so its history and balance look-ups miss the row",
+            **_located(seq, account),
+            expected=f"({account}, {seq})",
+            found=None,
+        )
     for seq, account in extra:
         problems.add(
             "postings",

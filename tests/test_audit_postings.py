@@ -178,7 +178,7 @@ def test_the_fingerprint_is_the_same_in_sql_on_both_and_in_python(
 
 def test_the_fingerprint_sees_a_posting_moved_by_one_either_way() -> None:
     """Moving one posting up a seq and another down keeps every count and seq sum: the
-    product of two lines does not."""
+    square of a keyed line does not."""
     keys = FingerprintKeys.draw()
     before = fingerprint(5, 100, keys) + fingerprint(5, 200, keys)
     after = fingerprint(5, 101, keys) + fingerprint(5, 199, keys)

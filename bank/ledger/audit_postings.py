@@ -15,13 +15,13 @@ the reads rely on, and what this rule proves:
 Proved by two aggregate scans inside the database, on the audit's own snapshot
 (`LedgerSnapshot.postings_sums`): over postings, and over the transfers up to W,
 the number of (expected) postings and the sum of a fingerprint `F(account, seq)`.
-F is keyed: its coefficients are drawn anew for every audit, so no edit can be
-made to cancel out in it beforehand. It is the product of two keyed lines modulo a
-prime below 2**31 (degree 2: an edit that moves a posting by +1 and another by -1
-changes it), then a keyed line modulo another prime (so that edits whose low moments
-cancel modulo the first still change the integer sums); every product stays below
-2**63 on both backends, and each sum too for up to 2**32 postings. Counting and
-summing cost about what reading the rows does (see README's audit figures).
+F is keyed: its coefficients are drawn anew for every audit, so no edit can be made
+to cancel out in it beforehand. It squares a keyed line of (account, seq) modulo a
+prime below 2**31 (degree 2: an edit that moves one posting up a seq and another
+down changes it), then takes a keyed line of that modulo another prime (so that
+edits whose low moments cancel modulo the first still change the integer sums).
+Every product stays below 2**63 on both backends, each sum too for up to 2**32
+postings; each line is computed once per row (a subquery the planner keeps, `FENCES`).
 Only when a figure differs does the audit look for the postings that differ
 (`postings_differences`: anti-joins, each capped), to name them.
 
@@ -72,20 +72,24 @@ class FingerprintKeys:
         return cls(key(p), key(p), key(p), key(q), key(q))
 
 
-def fingerprint_sql(account: str, seq: str, keys: FingerprintKeys) -> str:
-    """F(account, seq) as one integer SQL expression that SQLite and PostgreSQL evaluate
-    alike (`%` truncates toward zero on both; no product reaches 2**63).
+def line_sql(account: str, seq: str, keys: FingerprintKeys) -> str:
+    """x = ((account % p) * k1 + (seq % p) * k2 + k3) % p, in integer SQL that SQLite and
+    PostgreSQL evaluate alike (`%` truncates toward zero on both; no product reaches
+    2**63, whatever 64-bit values a forger stored). The keys are ints of this module,
+    inlined as literals (no parameter style to differ between drivers)."""
+    p = FINGERPRINT_P
+    return f"((({account}) % {p}) * {keys.k1} + (({seq}) % {p}) * {keys.k2} + {keys.k3}) % {p}"
 
-    With a = account % p and s = seq % p (each below 2**31 in size):
-    F = (((a * k1 + s) % p) * ((s * k2 + a + k3) % p) % p * k4 + k5) % q.
-    No subexpression is written twice (SQLite would evaluate it twice); the keys are
-    integers, inlined as literals (no parameter style to differ between drivers).
-    """
-    p, q = FINGERPRINT_P, FINGERPRINT_Q
-    a, s = f"(({account}) % {p})", f"(({seq}) % {p})"
-    line1 = f"(({a} * {keys.k1} + {s}) % {p})"
-    line2 = f"(({s} * {keys.k2} + {a} + {keys.k3}) % {p})"
-    return f"(({line1} * {line2} % {p}) * {keys.k4} + {keys.k5}) % {q}"
+
+def mix_sql(x: str, keys: FingerprintKeys) -> str:
+    """F from the line x: ((x * x % p) * k4 + k5) % q. `x` is a column of a subquery the
+    database does not flatten (`fence`): written twice here, it is computed once."""
+    return f"((({x}) * ({x}) % {FINGERPRINT_P}) * {keys.k4} + {keys.k5}) % {FINGERPRINT_Q}"
+
+
+def fingerprint_sql(account: str, seq: str, keys: FingerprintKeys) -> str:
+    """F(account, seq) as one expression (its line written twice: for tests, not scans)."""
+    return mix_sql(line_sql(account, seq, keys), keys)
 
 
 def fingerprint(account: int, seq: int, keys: FingerprintKeys) -> int:
@@ -97,10 +101,8 @@ def fingerprint(account: int, seq: int, keys: FingerprintKeys) -> int:
         return -r if n < 0 else r
 
     p, q = FINGERPRINT_P, FINGERPRINT_Q
-    a, s = rem(account, p), rem(seq, p)
-    line1 = rem(a * keys.k1 + s, p)
-    line2 = rem(s * keys.k2 + a + keys.k3, p)
-    return rem(rem(line1 * line2, p) * keys.k4 + keys.k5, q)
+    x = rem(rem(account, p) * keys.k1 + rem(seq, p) * keys.k2 + keys.k3, p)
+    return rem(rem(x * x, p) * keys.k4 + keys.k5, q)
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,21 +363,29 @@ def _name_differences(located: PostingsDifferences, problems: Problems) -> None:
 # -- the SQL both snapshots run (plain integer SQL: SQLite and PostgreSQL alike) ---------
 
 
-def postings_sums_sql(watermark: int, keys: FingerprintKeys) -> str:
+#: What keeps each backend from flattening a subquery into its aggregate (which would
+#: compute each line twice): SQLite runs a subquery with a LIMIT as a co-routine,
+#: PostgreSQL does not pull up one with an OFFSET.
+FENCES: Final = {"sqlite": " LIMIT -1", "postgresql": " OFFSET 0"}
+
+
+def postings_sums_sql(watermark: int, keys: FingerprintKeys, fence: str) -> str:
     """One scan of postings: how many, their F sum, and how many lie above W."""
-    assert type(watermark) is int
+    assert type(watermark) is int and fence in FENCES.values()
     return (
-        f"SELECT count(*), sum({fingerprint_sql('account_id', 'seq', keys)}), "
-        f"sum(CASE WHEN seq > {watermark} THEN 1 ELSE 0 END) FROM postings"
+        f"SELECT count(*), sum({mix_sql('x', keys)}), "
+        f"sum(CASE WHEN seq > {watermark} THEN 1 ELSE 0 END) FROM ("
+        f"SELECT {line_sql('account_id', 'seq', keys)} AS x, seq FROM postings{fence}) AS lines"
     )
 
 
-def postings_above_sql(watermark: int, keys: FingerprintKeys) -> str:
+def postings_above_sql(watermark: int, keys: FingerprintKeys, fence: str) -> str:
     """The same sums over the postings above W alone (run only when there are some)."""
-    assert type(watermark) is int
+    assert type(watermark) is int and fence in FENCES.values()
     return (
-        f"SELECT count(*), sum({fingerprint_sql('account_id', 'seq', keys)}) "
-        f"FROM postings WHERE seq > {watermark}"
+        f"SELECT count(*), sum({mix_sql('x', keys)}) FROM ("
+        f"SELECT {line_sql('account_id', 'seq', keys)} AS x FROM postings "
+        f"WHERE seq > {watermark}{fence}) AS lines"
     )
 
 
@@ -387,14 +397,15 @@ def first_above_sql(watermark: int) -> str:
     )
 
 
-def expected_sums_sql(watermark: int, keys: FingerprintKeys) -> str:
+def expected_sums_sql(watermark: int, keys: FingerprintKeys, fence: str) -> str:
     """One range scan of transfers up to W: rows, and both sides' F sum."""
-    assert type(watermark) is int
-    both = (
-        f"{fingerprint_sql('debit_account_id', 'seq', keys)} + "
-        f"{fingerprint_sql('credit_account_id', 'seq', keys)}"
+    assert type(watermark) is int and fence in FENCES.values()
+    return (
+        f"SELECT count(*), sum({mix_sql('x', keys)} + {mix_sql('y', keys)}) FROM ("
+        f"SELECT {line_sql('debit_account_id', 'seq', keys)} AS x, "
+        f"{line_sql('credit_account_id', 'seq', keys)} AS y FROM transfers "
+        f"WHERE seq <= {watermark}{fence}) AS lines"
     )
-    return f"SELECT count(*), sum({both}) FROM transfers WHERE seq <= {watermark}"
 
 
 def lost_sql(watermark: int, limit: int) -> str:
@@ -423,21 +434,25 @@ def extra_sql(watermark: int, limit: int) -> str:
 
 
 def postings_sums(
-    one: Callable[[str], Sequence[object] | None], watermark: int, keys: FingerprintKeys
+    one: Callable[[str], Sequence[object] | None],
+    watermark: int,
+    keys: FingerprintKeys,
+    fence: str,
 ) -> PostingsSums:
     """The figures, by `one(sql)` (a snapshot's: the first row of a query in its own
-    transaction): two scans, and two small queries if postings lie above W."""
-    top = one(postings_sums_sql(watermark, keys)) or (0, 0, 0)
+    transaction; `fence` its backend's, of `FENCES`): two scans, and two small queries
+    if postings lie above W."""
+    top = one(postings_sums_sql(watermark, keys, fence)) or (0, 0, 0)
     every = Sums(_int(top[0]), _int(top[1]))
     above = _int(top[2])
     postings, first_above = every, None
     if above:
-        high = one(postings_above_sql(watermark, keys)) or (0, 0)
+        high = one(postings_above_sql(watermark, keys, fence)) or (0, 0)
         postings = Sums(every.rows - _int(high[0]), every.fingerprint_sum - _int(high[1]))
         row = one(first_above_sql(watermark))
         if row is not None and is_int(row[0]) and is_int(row[1]):
             first_above = (_int(row[0]), _int(row[1]))
-    sides = one(expected_sums_sql(watermark, keys)) or (0, 0)
+    sides = one(expected_sums_sql(watermark, keys, fence)) or (0, 0)
     transfers = _int(sides[0])
     expected = Sums(2 * transfers, _int(sides[1]))
     return PostingsSums(postings, expected, transfers, above, first_above)

@@ -28,6 +28,7 @@ from sqlalchemy.engine import URL
 from bank.errors import CannotAudit, CannotOpenLedger
 from bank.ledger.audit_checks import COLUMN_TYPES
 from bank.ledger.audit_postings import (
+    FENCES,
     FingerprintKeys,
     PostingsDifferences,
     PostingsSums,
@@ -285,7 +286,12 @@ class PostgresSnapshot(_Rows):
     def postings_sums(self, watermark: int, keys: FingerprintKeys) -> PostingsSums:
         """Two aggregate scans on the server, in this REPEATABLE READ transaction (no
         parameters: psycopg would read the SQL's `%` operators as placeholders)."""
-        return postings_sums(lambda query: self._conn.execute(query).fetchone(), watermark, keys)
+        return postings_sums(
+            lambda query: self._conn.execute(query).fetchone(),
+            watermark,
+            keys,
+            FENCES["postgresql"],
+        )
 
     def postings_differences(self, watermark: int, limit: int) -> PostingsDifferences:
         def pairs(query: str) -> list[tuple[object, object]]:

@@ -24,6 +24,7 @@ from sqlalchemy.engine import URL
 from bank.errors import CannotAudit
 from bank.ledger.audit_checks import COLUMN_TYPES, ROW_KEYS
 from bank.ledger.audit_postings import (
+    FENCES,
     FingerprintKeys,
     PostingsDifferences,
     PostingsSums,
@@ -342,7 +343,9 @@ class SqliteSnapshot:
 
     def postings_sums(self, watermark: int, keys: FingerprintKeys) -> PostingsSums:
         """Two aggregate scans inside SQLite, on this read transaction."""
-        return postings_sums(lambda sql: self._conn.execute(sql).fetchone(), watermark, keys)
+        return postings_sums(
+            lambda sql: self._conn.execute(sql).fetchone(), watermark, keys, FENCES["sqlite"]
+        )
 
     def postings_differences(self, watermark: int, limit: int) -> PostingsDifferences:
         def pairs(sql: str) -> list[tuple[object, object]]:

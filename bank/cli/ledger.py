@@ -222,7 +222,9 @@ def _receipts(
 
     def page_after(after: int) -> list[Receipt]:
         return reader.read(
-            lambda conn: store.history_page(conn, account_id, after, size, descending=reverse)
+            lambda conn: store.history_page(
+                conn, account_id, after, size, descending=reverse, postings=reader.postings
+            )
         )
 
     while True:

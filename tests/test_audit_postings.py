@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 
 import bank
 from bank.cli import main
+from bank.ledger import postings as postings_module
 from bank.ledger.audit_postings import (
     LOCATED_MAX,
     FingerprintKeys,
@@ -195,12 +196,7 @@ def _build(ledger: LedgerDb) -> None:
     """Write a ledger through the engine: 20 accounts, commits of varied size."""
     rng = random.Random(11)
     with pytest.MonkeyPatch.context() as mp:
-        try:  # DEV-FALLBACK
-            from bank.ledger import postings as postings_module
-
-            mp.setattr(postings_module, "POSTINGS_RUN_ROWS", RUN_ROWS)
-        except ImportError:  # DEV-FALLBACK
-            postings_module = None  # DEV-FALLBACK
+        mp.setattr(postings_module, "POSTINGS_RUN_ROWS", RUN_ROWS)
         with bank.Bank.open(ledger.db) as b:
             ids = [b.open_account(f"acct-{i:02d}", overdraft_limit=1_000).id for i in range(20)]
             for f in b.submit_many([bank.Deposit(account=i, amount=50_000) for i in ids]):
@@ -212,14 +208,6 @@ def _build(ledger: LedgerDb) -> None:
                     commands.append(bank.Transfer(source=a, target=c, amount=rng.randint(1, 90)))
                 for f in b.submit_many(commands):
                     f.result()
-                if postings_module is None:  # DEV-FALLBACK
-                    ((w,),) = ledger.query("SELECT seq FROM postings_upto")  # DEV-FALLBACK
-                    ((h,),) = ledger.query("SELECT max(seq) FROM transfers")  # DEV-FALLBACK
-                    if h - w >= RUN_ROWS:  # DEV-FALLBACK
-                        ledger.execute(
-                            f"INSERT INTO postings SELECT account_id, seq FROM (SELECT debit_account_id AS account_id, seq FROM transfers WHERE seq > {w} UNION ALL SELECT credit_account_id, seq FROM transfers WHERE seq > {w}) AS x ORDER BY 1, 2",
-                            f"UPDATE postings_upto SET seq = {h}",
-                        )  # DEV-FALLBACK
             # A tail above W, whatever batch the last run ended with.
             while _tail(ledger) == 0:
                 b.transfer(ids[0], ids[1], 1)

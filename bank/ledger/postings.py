@@ -13,8 +13,8 @@ key is (account_id, seq), and it is written rarely and in order:
   keep W in memory (read when they open). Once a batch brings the head to W +
   `POSTINGS_RUN_ROWS` or more, the same transaction, before its COMMIT, adds the
   postings of every row in (W, head] as ONE `INSERT ... SELECT ... ORDER BY
-  account_id, seq` (`FLUSH_SQL`: each touched leaf page written once, in key order)
-  and moves W to the head (`ADVANCE_SQL`, which also checks that W is what the
+  account_id, seq` (`flush_sql`: each touched leaf page written once, in key order)
+  and moves W to the head (`advance_sql`, which also checks that W is what the
   writer thinks). A rollback or a crash loses both or neither.
 - Readers (`bank.ledger.store`) take an account's rows up to W from a range of the
   postings key joined to `transfers` by seq, and the rows above W (the tail: about
@@ -25,9 +25,10 @@ key is (account_id, seq), and it is written rarely and in order:
   says so: such a page comes out one row short, a point balance steps past it); the
   audit reports postings that disagree with `transfers`.
 
-The SQL texts here are backend-independent. The flush's placeholders are named by
-the caller (SQLite's `?1`, psycopg's `%(w)s`); the reads are SQLAlchemy `text()`
-with `:name` parameters.
+The SQL texts here are plain SQL that both backends run. The flush's placeholders
+are named by the caller (SQLite's `?1`, psycopg's `%(upto)b`); the reads are
+SQLAlchemy `text()` with `:name` parameters. History pages come in two forms, both
+correct anywhere, each chosen for how one planner runs it (`history_sql`).
 """
 
 from __future__ import annotations

@@ -154,9 +154,9 @@ SELECT {_RECEIPT_NAMES} FROM (
 ORDER BY seq DESC LIMIT :limit
 """
 
-#: The same pages as one plain compound, for SQLite: each arm is delivered in seq order
-#: (the postings arm selects `p.seq`, in the key's order for one account; the tail arm is
-#: a range of the rowid), so SQLite merges them as it reads (`MERGE (UNION ALL)`) and
+#: The same pages as one plain compound (SQLite's: `bank.ledger.sqlite.reads`): each
+#: arm is delivered in seq order (the postings arm selects `p.seq`, in the key's order
+#: for one account; the tail arm is a range of the rowid), so SQLite merges them as it reads (`MERGE (UNION ALL)`) and
 #: stops after :limit rows, with no sort and without reading the rest of the tail
 #: (measured on 1,000,000 rows, a 1,000-row page of an account with 100,000: 4.0 ms
 #: against 11.9 ms for the form above, on a loaded machine). PostgreSQL must not get
@@ -180,13 +180,12 @@ SELECT {RECEIPT_SELECT} FROM transfers AS t
 WHERE t.seq > {_W} AND t.seq <= :upper AND {_NAMES}
 ORDER BY seq DESC LIMIT :limit
 """
-#: The dialects whose planner merges a compound's ordered arms lazily (the MERGED_ form).
-MERGING_DIALECTS: Final = frozenset({"sqlite"})
 
 
-def history_sql(dialect: str, *, descending: bool) -> str:
-    """The page statement for a database of `dialect` (see the two forms above)."""
-    if dialect in MERGING_DIALECTS:
+def history_sql(*, merged: bool, descending: bool) -> str:
+    """The page statement: the MERGED_ form for a planner that merges a compound's ordered
+    arms as it reads (each backend's `reads.MERGES_ORDERED_ARMS`), else the cut form."""
+    if merged:
         return MERGED_HISTORY_DESC_SQL if descending else MERGED_HISTORY_ASC_SQL
     return HISTORY_DESC_SQL if descending else HISTORY_ASC_SQL
 

@@ -44,11 +44,12 @@ from rich.console import Console
 from rich.table import Table
 
 from bank.engine import Bank
-from bank.ledger import verify
+from bank.ledger import models, verify
 from bank.ledger.audit import audit
 from bank.ledger.audit_parallel import processes_default
 from bank.ledger.chain import GENESIS, account_event_hash, transfer_hash
-from bank.ledger.migrate import upgrade_to_head
+from bank.ledger.migrate import head_revision, upgrade_to_head
+from bank.ledger.postings import POSTINGS_RUN_ROWS
 from bank.ledger.sqlite import Durability, create_ledger_engine, ledger_url
 from bank.limits import CASH_ACCOUNT_ID
 
@@ -118,6 +119,24 @@ def _generate(
     return balances
 
 
+#: Postings as the batch writer leaves them (revision 0007): every run of
+#: POSTINGS_RUN_ROWS rows flushed, the rest of the rows a tail above the watermark W.
+_POSTINGS_SQL = (
+    "INSERT INTO postings (account_id, seq) SELECT account_id, seq FROM ("
+    "SELECT debit_account_id AS account_id, seq FROM transfers WHERE seq <= {w} UNION ALL "
+    "SELECT credit_account_id AS account_id, seq FROM transfers WHERE seq <= {w}"
+    ") AS sides ORDER BY account_id, seq"
+)
+
+
+def _postings_statements(transfers: int) -> list[str]:
+    """The SQL that gives a ledger of `transfers` rows its postings and W (none before 0007)."""
+    if "postings" not in models.Base.metadata.tables:
+        return []
+    w = transfers - transfers % POSTINGS_RUN_ROWS
+    return [_POSTINGS_SQL.format(w=w), f"UPDATE postings_upto SET seq = {w}"]
+
+
 def build_ledger(path: Path, transfers: int, accounts: int = 1000, seed: int = 1) -> None:
     """Write a valid SQLite ledger of `transfers` rows over `accounts` customer accounts."""
     engine = create_ledger_engine(ledger_url(path), Durability.NORMAL)
@@ -149,6 +168,8 @@ def build_ledger(path: Path, transfers: int, accounts: int = 1000, seed: int = 1
     db.executemany(
         "UPDATE accounts SET balance = ? WHERE id = ?", [(b, i) for i, b in enumerate(balances)]
     )
+    for statement in _postings_statements(transfers):
+        db.execute(statement)
     db.execute("COMMIT")
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
@@ -224,13 +245,15 @@ def build_postgres_ledger(url: str, transfers: int, accounts: int = 1000, seed: 
             "UPDATE accounts SET balance = %s WHERE id = %s",
             [(b, i) for i, b in enumerate(balances)],
         )
+        for statement in _postings_statements(transfers):
+            cur.execute(statement)
     with psycopg.connect(info, autocommit=True) as pg:
         pg.execute("VACUUM ANALYZE")
 
 
 def cached_ledger(cache: Path, transfers: int) -> Path:
     """The ledger of that size in `cache`, built on first use."""
-    path = cache / f"bench-audit-{transfers}.db"
+    path = cache / f"bench-audit-r{head_revision()}-{transfers}.db"  # a revision of its own
     if not path.exists():
         partial = path.with_suffix(".partial")
         for stale in cache.glob(partial.name + "*"):
@@ -294,7 +317,7 @@ def cached_postgres_ledger(server: str, transfers: int) -> str:
     built with COPY on first use (drop it with `DROP DATABASE` when done)."""
     import psycopg
 
-    name = f"audit_bench_{transfers}"
+    name = f"audit_bench_{transfers}_r{head_revision()}"
     base, _, _ = server.rpartition("/")
     url = f"{base}/{name}"
     admin = server.replace("postgresql+psycopg://", "postgresql://", 1)

@@ -67,6 +67,8 @@ CHILD_LIFETIME_S_MAX = 120.0
 STARTUP_WINDOW_S = 0.15
 #: How long the parent waits for the child's first acknowledgements.
 STARTUP_WAIT_S_MAX = 60.0
+#: The child's postings run size: small, so that every round writes several runs.
+POSTINGS_RUN_ROWS_DEFAULT = 32
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -76,7 +78,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def child_main(args: argparse.Namespace) -> int:
     """Open the bank and run keyed load from `args.threads` tellers until killed."""
     import bank
+    from bank.ledger import postings
 
+    # Postings flushed every few commits (revision 0007), so kills land before, inside
+    # and after a flush's transaction too; the audit checks them against the rows.
+    setattr(postings, "POSTINGS_RUN_ROWS", args.postings_run_rows)  # noqa: B010 (a Final)
     b = bank.Bank.open(args.db, workers=args.workers, durability=args.durability)
     rng = random.Random(args.seed)
     ids = [
@@ -501,6 +507,7 @@ def run_once(
     workers: int = 3,
     server: ForkServer | None = None,
     db: str | None = None,
+    postings_run_rows: int = POSTINGS_RUN_ROWS_DEFAULT,
 ) -> Outcome:
     """One iteration in `workdir` (which must be empty); raises `CrashCheckFailed`.
 
@@ -543,6 +550,8 @@ def run_once(
         str(accounts),
         "--workers",
         str(workers),
+        "--postings-run-rows",
+        str(postings_run_rows),
     ]
     child = _Child(command, stderr_path, env, server)
     try:
@@ -637,6 +646,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accounts", type=int, default=6, help="customer accounts in the child")
     parser.add_argument("--workers", type=int, default=3, help="bank worker threads in the child")
     parser.add_argument(
+        "--postings-run-rows",
+        type=int,
+        default=POSTINGS_RUN_ROWS_DEFAULT,
+        help="the child's postings run size (revision 0007; default "
+        f"{POSTINGS_RUN_ROWS_DEFAULT}: a flush every few commits, not every 8,192 rows)",
+    )
+    parser.add_argument(
         "--dir", type=Path, default=None, help="where to work (default: a temp dir)"
     )
     parser.add_argument("--keep", action="store_true", help="keep every iteration's directory")
@@ -654,8 +670,8 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(args)
     if args.iterations < 1:
         parser.error("--iterations must be at least 1")
-    if args.threads < 1 or args.accounts < 2 or args.workers < 1:
-        parser.error("--threads and --workers must be >= 1, --accounts >= 2")
+    if args.threads < 1 or args.accounts < 2 or args.workers < 1 or args.postings_run_rows < 1:
+        parser.error("--threads, --workers and --postings-run-rows must be >= 1, --accounts >= 2")
     seed = args.seed if args.seed is not None else random.randrange(1, 2**31)
     root = Path(tempfile.mkdtemp(prefix="bank-crash-", dir=args.dir))
     modes = ["full", "normal"] if args.durability == "both" else [args.durability]
@@ -675,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
                     accounts=args.accounts,
                     workers=args.workers,
                     server=server,
+                    postings_run_rows=args.postings_run_rows,
                 )
             except CrashCheckFailed as exc:
                 print(f"iteration {i + 1}/{args.iterations} FAILED (seed {seed + i}): {exc}")

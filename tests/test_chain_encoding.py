@@ -526,7 +526,14 @@ def test_a_0002_ledger_upgrades_keeps_its_hashes_and_chains_on_in_format_2(
         ("transfers", 1, 1),
         ("transfers", 4, 3),  # 0003 made it format 2; no row had it when 0006 made it 3
     ]
-    assert {n for (n,) in strict} == {"accounts", "transfers", "account_events", "chain_formats"}
+    assert {n for (n,) in strict} == {
+        "accounts",
+        "transfers",
+        "account_events",
+        "chain_formats",
+        "postings",  # revision 0007
+        "postings_upto",
+    }
     assert "WHERE key IS NOT NULL" in index[0] and "UNIQUE" in index[0]
     # The new rows are format 3, chained to the last format-1 row.
     seq, kind, debit, credit, amount, ts_us, key, digest = rows_after["transfers"][3]

@@ -48,6 +48,10 @@ INTEGER_COLUMNS = {
     ("transfers", "link_count"),
     ("transfers", "debit_balance"),
     ("transfers", "credit_balance"),
+    ("postings", "account_id"),  # revision 0007
+    ("postings", "seq"),
+    ("postings_upto", "id"),
+    ("postings_upto", "seq"),
 }
 #: The columns of `transfers` before revision 0005 (what the hash chain covers).
 CHAINED = "seq, key, kind, debit_account_id, credit_account_id, amount, ts_us, hash"

@@ -253,3 +253,45 @@ def test_bench_audit_open_runs_on_a_generated_ledger(tmp_path: Path) -> None:
     spec.loader.exec_module(module)
     argv = ["--open", "--sizes", "3000", "--cache", str(tmp_path), "--json"]
     assert module.main(argv) == 0
+
+
+# -- the postings watermark (revision 0007) ----------------------------------------------
+
+_BACKFILL = (
+    "INSERT INTO postings (account_id, seq) SELECT account_id, seq FROM ("
+    "SELECT debit_account_id AS account_id, seq FROM transfers UNION ALL "
+    "SELECT credit_account_id, seq FROM transfers) ORDER BY account_id, seq"
+)
+
+
+@pytest.fixture
+def indexed(ledger: Path) -> Path:
+    """The ledger with every row in postings and W at the head, as an upgrade leaves it."""
+    with edit(ledger) as conn:
+        conn.execute("DELETE FROM postings")
+        conn.execute(_BACKFILL)
+        conn.execute("UPDATE postings_upto SET seq = (SELECT max(seq) FROM transfers)")
+    assert audit_ledger(ledger).ok
+    bank.Bank.open(ledger).close()
+    return ledger
+
+
+@pytest.mark.parametrize(
+    ("sql", "words"),
+    [
+        ("UPDATE postings_upto SET seq = seq + 1", ("postings watermark", "not a seq from 0")),
+        ("UPDATE postings_upto SET seq = seq - 1", ("postings holds", "need")),
+        (
+            "DELETE FROM postings WHERE seq = (SELECT min(seq) FROM postings) "
+            "AND account_id = (SELECT min(account_id) FROM postings)",
+            ("postings holds", "deleted or added"),
+        ),
+        ("DELETE FROM postings_upto", ("postings_upto holds 0 rows",)),
+    ],
+)
+def test_a_forged_postings_watermark_or_count_is_refused(
+    indexed: Path, sql: str, words: tuple[str, ...]
+) -> None:
+    with edit(indexed) as conn:
+        conn.execute(sql)
+    _refused(indexed, *words)

@@ -114,7 +114,7 @@ def register(sub: Subcommands) -> None:
         "balance",
         help="one account's balance, now or as of a seq",
         description="Print ACCOUNT's committed balance, or with --at-seq N its balance right "
-        "after transfer N (index look-ups, read-only: safe beside a running bank). Exit 1 if "
+        "after transfer N (key look-ups, read-only: safe beside a running bank). Exit 1 if "
         "the account does not exist or N is past the last committed transfer.",
     )
     bal.add_argument("account", metavar="ACCOUNT", help="account id, or account name")
@@ -236,7 +236,9 @@ def _receipts(
 
     def page_after(after: int) -> list[Receipt]:
         return reader.read(
-            lambda conn: store.history_page(conn, account_id, after, size, descending=reverse)
+            lambda conn: store.history_page(
+                conn, account_id, after, size, descending=reverse, postings=reader.postings
+            )
         )
 
     while True:

@@ -34,6 +34,13 @@ from bank.ledger.audit_chain import Formats, check_chain_formats
 from bank.ledger.audit_checks import check_accounts, check_head, check_keys, check_types
 from bank.ledger.audit_events import check_events, usable_limit_events
 from bank.ledger.audit_parallel import PARALLEL_ROWS_MIN, RangeJobs, processes_default
+from bank.ledger.audit_postings import (
+    LOCATED_MAX,
+    POSTINGS_COLUMNS,
+    FingerprintKeys,
+    check_postings,
+    check_watermark,
+)
 from bank.ledger.audit_problems import (
     PROBLEM_KINDS,
     PROBLEMS_KEPT_MAX,
@@ -241,6 +248,7 @@ class _Run:
         fast: Replay | None = None
         try:
             _check_integrity(snap.integrity_problems(), problems)
+            _check_postings(snap, tables, problems)  # two scans in SQL, beside the workers
             if jobs is not None:
                 fast = self._join(snap, jobs.finish(snap))
                 jobs = None
@@ -384,6 +392,25 @@ def _check_schema(snap: LedgerSnapshot, problems: Problems) -> str:
                 f"{where}: table {table!r} lacks column(s) {', '.join(missing)}" + first
             )
     return revision
+
+
+def _check_postings(snap: LedgerSnapshot, tables: set[str], problems: Problems) -> None:
+    """Revision 0007's postings agree with transfers (`bank.ledger.audit_postings`).
+
+    Checked wherever the ledger has both tables with their columns, whatever its
+    revision says; a table or column missing is the schema check's problem (the rule
+    then has nothing to read). The fingerprint's keys are drawn anew for each audit.
+    """
+    for table, columns in POSTINGS_COLUMNS.items():
+        if table not in tables or not snap.columns(table) >= columns:
+            return
+    watermark = check_watermark(snap.postings_watermark_rows(), snap.pinned_max_seq, problems)
+    if watermark is None:
+        return
+    sums = snap.postings_sums(watermark, FingerprintKeys.draw())
+    check_postings(
+        watermark, sums, lambda: snap.postings_differences(watermark, LOCATED_MAX), problems
+    )
 
 
 #: Findings of the store's integrity check kept as problems (the rest are counted in one).

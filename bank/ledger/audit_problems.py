@@ -65,6 +65,11 @@ PROBLEM_KINDS: Final[dict[str, str]] = {
     "closed_account": "a transfer touches an account after the event that closed it",
     "close_not_empty": "an account was closed while its replayed balance was not 0, or while "
     "a pending hold named it",
+    # postings, the history index (revision 0007)
+    "postings": "postings disagree with the transfers up to the watermark W "
+    "(postings_upto.seq): a posting lost, extra, or moved to another account or seq",
+    "postings_watermark": "the watermark W (postings_upto.seq) is below 0 or beyond the last "
+    "transfer, or postings lie above it",
 }
 
 Value = int | str | None

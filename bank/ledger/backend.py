@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
 from bank.errors import BankError
+from bank.ledger.audit_postings import FingerprintKeys, PostingsDifferences, PostingsSums
 from bank.records import Receipt
 
 
@@ -222,6 +223,21 @@ class LedgerSnapshot(Protocol):
         ...
 
     def transfer_count(self) -> int: ...
+
+    # -- added for revision 0007's postings (`bank.ledger.audit_postings`) --
+    def postings_watermark_rows(self) -> list[tuple[object, object]]:
+        """Every `(id, seq)` row of postings_upto (a sound ledger has exactly one)."""
+        ...
+
+    def postings_sums(self, watermark: int, keys: FingerprintKeys) -> PostingsSums:
+        """The postings' and the transfers' figures for `watermark`, computed by the
+        database on this snapshot (`bank.ledger.audit_postings.postings_sums`)."""
+        ...
+
+    def postings_differences(self, watermark: int, limit: int) -> PostingsDifferences:
+        """The postings that differ from the transfers up to `watermark`, at most `limit`
+        lost and `limit` extra (only asked for when the figures differ)."""
+        ...
 
     def hash_before(self, seq: int) -> object:
         """As `RangeReader.hash_before`: the snapshot checks a range itself too."""

@@ -14,6 +14,9 @@ audit of the copy says so (the same rules run on the same rows).
   audit, so no bank writes it meanwhile; the schema is created and every row
   inserted in ONE transaction, so an interrupted or failed copy leaves it empty
   (a file this copy created is removed).
+- `postings` and its watermark are derived data: not copied but rebuilt on the
+  destination from its rows, in the same transaction (one sorted INSERT; W = the
+  copy's head), so the copy's postings are right whatever the source's W was.
 - Rows go in through SQLAlchemy Core (`insert(table)`, executemany in chunks), unless
   the destination's backend has a faster way of its own: a `bulk` module in its
   folder (`bank.ledger.<backend>.bulk.insert_rows`, e.g. PostgreSQL's COPY).
@@ -49,6 +52,7 @@ from bank.ledger.backends import PACKAGES, backend_for, backend_module, ledger_u
 from bank.ledger.chain import GENESIS
 from bank.ledger.head import Head, parse_head
 from bank.ledger.models import account_events, accounts, chain_formats, transfers
+from bank.ledger.postings import rebuild_postings
 from bank.limits import COPY_CHUNK_ROWS
 
 __all__ = ["CopyReport", "copy_ledger"]
@@ -303,6 +307,7 @@ def _copy_into(target: Backend, lock: OwnerLock, snap: LedgerSnapshot) -> _Copie
                 for table in reversed(TABLES):
                     conn.execute(delete(table))
                 copied = _insert_all(conn, snap, bulk)
+                rebuild_postings(conn, copied.head.seq)
                 if snap.stale():
                     trans.rollback()
                     keep = True

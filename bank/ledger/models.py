@@ -83,8 +83,8 @@ class TransferRow(Base):
     """One accepted operation: `amount` moves from the debit to the credit account.
 
     `debit_balance` and `credit_balance` (revision 0005) are the two accounts' balances
-    right after the row: a balance as of any seq is one index look-up (the
-    `(account, seq)` indexes), never a scan. The chain hash does not cover them; the
+    right after the row: a balance as of any seq is one look-up of the account's last
+    row at or before it (`postings`, revision 0007), never a scan. The chain hash does not cover them; the
     audit checks every one by replay.
     """
 
@@ -131,9 +131,8 @@ class TransferRow(Base):
             sqlite_where=text("key IS NOT NULL"),
             postgresql_where=text("key IS NOT NULL"),
         ),
-        # An account's rows in seq order: history pages and balances as of a seq (0005).
-        Index("ix_transfers_debit_account_id_seq", "debit_account_id", "seq"),
-        Index("ix_transfers_credit_account_id_seq", "credit_account_id", "seq"),
+        # (An account's rows in seq order are in `postings` since revision 0007: revision
+        # 0005's two (account, seq) indexes cost every commit a random page per account.)
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("debit_account_id != credit_account_id", name="accounts_differ"),
         CheckConstraint(
@@ -191,7 +190,43 @@ class ChainFormatRow(Base):
     )
 
 
+class PostingRow(Base):
+    """One side of a transfer at or below the watermark: the account it names, and its seq
+    (revision 0007). Two per transfer row; the primary key is an account's rows in seq
+    order, so a history page or a balance as of a seq is one range of it.
+
+    Derived from `transfers`, written in sorted runs by the batch writers
+    (`bank.ledger.postings`): no foreign keys (the audit checks that the two agree).
+    WITHOUT ROWID on SQLite: the key is the row, stored once.
+    """
+
+    __tablename__ = "postings"
+
+    account_id: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=False)
+
+    __table_args__ = ({"sqlite_strict": True, "sqlite_with_rowid": False},)
+
+
+class PostingsUptoRow(Base):
+    """The watermark W, one row (id 1; revision 0007): every transfer with seq <= W has
+    its two postings, none above W has any."""
+
+    __tablename__ = "postings_upto"
+
+    id: Mapped[int] = mapped_column(BIGINT, primary_key=True, autoincrement=False)
+    seq: Mapped[Int64]
+
+    __table_args__ = (
+        CheckConstraint("id = 1", name="single_row"),
+        CheckConstraint("seq >= 0", name="seq_non_negative"),
+        TABLE_OPTIONS,
+    )
+
+
 accounts = cast(Table, AccountRow.__table__)
 transfers = cast(Table, TransferRow.__table__)
 account_events = cast(Table, AccountEventRow.__table__)
 chain_formats = cast(Table, ChainFormatRow.__table__)
+postings = cast(Table, PostingRow.__table__)
+postings_upto = cast(Table, PostingsUptoRow.__table__)

@@ -23,6 +23,7 @@ from sqlalchemy.exc import ArgumentError
 from bank.errors import LedgerVersionError, NotALedger, UnsupportedLedgerUrl
 from bank.ledger import migrate, store
 from bank.ledger.backends import PACKAGES, backend_module, ledger_url, unsupported
+from bank.ledger.postings import POSTINGS_REVISION
 from bank.limits import HISTORY_LIMIT_DEFAULT
 from bank.records import AccountInfo, AccountSummary, Receipt
 
@@ -82,6 +83,12 @@ class LedgerReader:
             raise NotALedger(f"{self.where} is an empty database, not a ledger")
         self.revision = revision
         self._has_running_balances = False  # known True after the first check
+        revisions = migrate.revisions_oldest_first()
+        #: Whether the ledger has `postings` (revision 0007): else it is read with the
+        #: queries of revision 0005 (`store.history_page(..., postings=False)`).
+        self.postings = revision in revisions and revisions.index(revision) >= revisions.index(
+            POSTINGS_REVISION
+        )
 
     def __enter__(self) -> LedgerReader:
         return self
@@ -146,13 +153,17 @@ class LedgerReader:
         self.read(lambda conn: store.account_balance(conn, account_id))  # exists, or raise
 
         def read_page(after: int, limit: int) -> list[Receipt]:
-            return self.read(lambda conn: store.history_page(conn, account_id, after, limit))
+            return self.read(
+                lambda conn: store.history_page(
+                    conn, account_id, after, limit, postings=self.postings
+                )
+            )
 
         return store.iter_history(read_page, after, size)
 
     def balance(self, account: int, *, at_seq: int | None = None) -> int:
         """The account's committed balance, or with `at_seq` its balance right after
-        transfer `at_seq` (as `Bank.balance`: index look-ups, 0 before its first row).
+        transfer `at_seq` (as `Bank.balance`: key look-ups, 0 before its first row).
 
         Raises `AccountNotFound`, `InvalidCommand` (an `at_seq` out of range),
         `SeqBeyondHead` (past the snapshot's last transfer), `LedgerVersionError` (a
@@ -166,7 +177,9 @@ class LedgerReader:
 
         def read(conn: Connection) -> int:
             store.account_balance(conn, account_id)  # exists, or AccountNotFound
-            return store.committed_balance_at(conn, account_id, seq, self.where)
+            return store.committed_balance_at(
+                conn, account_id, seq, self.where, postings=self.postings
+            )
 
         return self.read(read)
 
@@ -178,14 +191,14 @@ class LedgerReader:
         self._need_running_balances()
 
         def read(conn: Connection) -> dict[int, int]:
-            store.committed_balance_at(conn, 0, at, self.where)  # the head check
-            return store.balances_at(conn, at)
+            store.committed_balance_at(conn, 0, at, self.where, postings=self.postings)
+            return store.balances_at(conn, at, postings=self.postings)
 
         return self.read(read)
 
     def _page(self, conn: Connection, account_id: int, after: int, size: int) -> list[Receipt]:
         store.account_balance(conn, account_id)  # exists, or AccountNotFound
-        return store.history_page(conn, account_id, after, size)
+        return store.history_page(conn, account_id, after, size, postings=self.postings)
 
     def _need_running_balances(self) -> None:
         if self._has_running_balances:

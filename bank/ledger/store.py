@@ -1,22 +1,40 @@
 """Reads of the ledger that the engine and the CLI share (never on the hot write path).
 
-History pages and balances as of a seq are index look-ups (revision 0005): an
-account's rows on either side are in seq order in `ix_transfers_debit_account_id_seq`
-and `ix_transfers_credit_account_id_seq`, and every row carries both accounts'
-balances right after it. A page is two index range scans of at most `limit` rows,
-merged; a point balance is the newer of two "last row <= N" look-ups. Nothing scans.
+History pages and balances as of a seq are key look-ups (revision 0007): an account's
+rows in seq order are the range of `postings`' primary key (account_id, seq) up to
+the watermark W, plus the few rows above W (the tail), a range of `transfers` by seq
+(`bank.ledger.postings` explains the layout). Every row carries both accounts'
+balances right after it. Each read is ONE statement, so W, the postings and the tail
+come from one snapshot. Nothing scans more than the tail.
+
+A ledger read without being upgraded (`bank.ledger.reader`, revisions before 0007)
+has no postings: it is read with the queries of revision 0005 (`postings=False`),
+which use its two (account, seq) indexes where it has them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import cache
 from typing import Any, Final
 
-from sqlalchemy import ColumnElement, Connection, Select, Subquery, func, select, text, union_all
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    Subquery,
+    TextClause,
+    func,
+    select,
+    text,
+    union_all,
+)
 
 from bank.errors import AccountNotFound, InvalidCommand, SeqBeyondHead
+from bank.ledger.backends import backend_module
 from bank.ledger.chain import GENESIS
 from bank.ledger.models import account_events, accounts, transfers
+from bank.ledger.postings import BALANCE_AT_SQL, history_sql
 from bank.limits import BALANCE_MAX, CASH_ACCOUNT_ID, HISTORY_LIMIT_MAX
 from bank.records import AccountInfo, AccountSummary, Receipt
 
@@ -150,50 +168,44 @@ def account_balance(conn: Connection, account_id: int) -> int:
     return int(value)
 
 
-def _side_rows(
-    account_id: int, after_seq: int, *, debit: bool, descending: bool
-) -> Select[tuple[int]]:
-    """The rows past the cursor with the account on one side (a range of its index)."""
-    column = transfers.c.debit_account_id if debit else transfers.c.credit_account_id
-    stmt = select(*_RECEIPT_COLUMNS).where(column == account_id)
-    if descending:
-        return stmt.where(transfers.c.seq < after_seq) if after_seq else stmt
-    return stmt.where(transfers.c.seq > after_seq)
-
-
-def _side_first(
-    stmt: Select[Any], column: ColumnElement[int], limit: int, *, descending: bool
-) -> Subquery:
-    """A side's first `limit` rows in the account's own index order, as a subquery.
-
-    Ordering by (account, seq) names the (account, seq) index's order, so both planners
-    walk that index and stop after `limit` rows; ordered by seq alone, PostgreSQL chose the
-    primary key with a filter for a busy account (65 ms a point balance on 1,000,000 rows,
-    against 2 ms). History pages keep the plain compound form: SQLite merges it from the
-    two indexes (2.8 ms a page), where this form costs it a sort of each side (11 ms)."""
-    order = (column.desc(), transfers.c.seq.desc()) if descending else (column, transfers.c.seq)
-    return stmt.order_by(*order).limit(limit).subquery()
-
-
 def history_page(
-    conn: Connection, account_id: int, after_seq: int, limit: int, *, descending: bool = False
+    conn: Connection,
+    account_id: int,
+    after_seq: int,
+    limit: int,
+    *,
+    descending: bool = False,
+    postings: bool = True,
 ) -> list[Receipt]:
     """Up to `limit` of the account's committed transfers past the cursor `after_seq`: seq
     greater than it, ascending; or with `descending`, newest first, seq less than it (0: from
     the newest). Pass the last one's seq for the next page (rows are never changed or
     inserted below the head, so pages never skip or repeat a row).
 
-    One compound SELECT ordered as a whole: SQLite merges the two index ranges as it reads
-    them (`MERGE (UNION ALL)`) and PostgreSQL appends them merged, so a page reads about
-    `limit` rows, not `limit` from each side and a sort (measured on SQLite, 1,000 rows of
-    an account with 100,000: 1.7 ms of CPU against 3.6-5.1 ms)."""
-    both = union_all(
-        _side_rows(account_id, after_seq, debit=True, descending=descending),
-        _side_rows(account_id, after_seq, debit=False, descending=descending),
-    )
-    seq = both.selected_columns.seq
-    stmt = both.order_by(seq.desc() if descending else seq).limit(limit)
-    return [_new(Receipt, row) for row in conn.execute(stmt)]
+    One statement (`bank.ledger.postings.history_sql`): the account's range of the
+    postings key and the tail above W, ordered and cut at `limit` as a whole (SQLite
+    merges the two as it reads them, PostgreSQL cuts each at `limit` first: each backend's
+    `reads` module). `postings` false: a ledger before revision 0007
+    (read, not upgraded), read as revision 0005 read it."""
+    if not postings:
+        return _indexed_history_page(conn, account_id, after_seq, limit, descending=descending)
+    if descending:
+        upper = after_seq - 1 if after_seq else BALANCE_MAX
+        params = {"account": account_id, "upper": upper, "limit": limit}
+    else:
+        params = {"account": account_id, "after": after_seq, "limit": limit}
+    rows = conn.execute(_history_statement(conn.dialect.name, descending), params)
+    return [_new(Receipt, row) for row in rows]
+
+
+@cache
+def _history_statement(dialect: str, descending: bool) -> TextClause:
+    """The page statement of the backend of `dialect` (its `reads` module says which)."""
+    merged = bool(backend_module(dialect, "reads").MERGES_ORDERED_ARMS)
+    return text(history_sql(merged=merged, descending=descending))
+
+
+_BALANCE_AT = text(BALANCE_AT_SQL)
 
 
 def iter_history(
@@ -209,10 +221,118 @@ def iter_history(
         after_seq = rows[-1].seq
 
 
-def balance_at(conn: Connection, account_id: int, seq: int) -> int:
+def balance_at(conn: Connection, account_id: int, seq: int, *, postings: bool = True) -> int:
     """The account's balance right after transfer `seq`: the running balance of its last
-    row at or before `seq` (the newer of one look-up in each index), 0 if it has none (not
-    yet used or not yet opened). The caller checks `seq` against the head."""
+    row at or before `seq`, 0 if it has none (not yet used or not yet opened). One
+    statement (`bank.ledger.postings.BALANCE_AT_SQL`: the tail above W, else one step of
+    the postings key). The caller checks `seq` against the head. `postings` false: a
+    ledger before revision 0007, read as revision 0005 read it."""
+    if not postings:
+        return _indexed_balance_at(conn, account_id, seq)
+    value = conn.execute(_BALANCE_AT, {"account": account_id, "seq": seq}).scalar()
+    return int(value) if value is not None else 0
+
+
+def committed_balance_at(
+    conn: Connection, account_id: int, seq: int, where: str, *, postings: bool = True
+) -> int:
+    """`balance_at` after checking, in the same read, that `seq` is committed (else
+    `SeqBeyondHead`, naming the ledger `where` and its head)."""
+    head = last_seq(conn)
+    if seq > head:
+        raise SeqBeyondHead(
+            f"at_seq {seq} is beyond the last committed transfer of {where} (seq {head})"
+        )
+    return balance_at(conn, account_id, seq, postings=postings)
+
+
+#: Every account open at seq `:seq`, with its balance right after that transfer: that of
+#: its newest row at or before `:seq`, 0 if it has none. The newest row is the account's
+#: newest in the tail (W, :seq] if it has one there (the tail's rows grouped by account
+#: once, not searched per account), else its newest posting at or before min(:seq, W)
+#: (one step of the postings key per account). W is `postings_upto.seq`. Exact on both
+#: backends (stored balances, no sums). Documented in the README's schema section for
+#: auditors; `balances_at` runs it.
+BALANCES_AT_SQL: Final = """
+SELECT a.id AS account_id, a.name AS name,
+    CASE
+        WHEN t.seq IS NULL THEN 0
+        WHEN t.debit_account_id = a.id THEN t.debit_balance
+        ELSE t.credit_balance
+    END AS balance
+FROM accounts AS a
+JOIN (
+    SELECT account_id, MIN(transfer_seq) AS opened FROM account_events
+    WHERE kind = 'open' GROUP BY account_id
+) AS o ON o.account_id = a.id AND o.opened <= :seq
+LEFT JOIN (
+    SELECT account_id, MAX(seq) AS seq FROM (
+        SELECT debit_account_id AS account_id, seq FROM transfers
+        WHERE seq > (SELECT seq FROM postings_upto) AND seq <= :seq
+        UNION ALL
+        SELECT credit_account_id AS account_id, seq FROM transfers
+        WHERE seq > (SELECT seq FROM postings_upto) AND seq <= :seq
+    ) AS tail_sides GROUP BY account_id
+) AS tail ON tail.account_id = a.id
+LEFT JOIN transfers AS t ON t.seq = COALESCE(
+    tail.seq,
+    (
+        SELECT MAX(p.seq) FROM postings AS p WHERE p.account_id = a.id AND p.seq <= (
+            SELECT CASE WHEN u.seq < :seq THEN u.seq ELSE :seq END FROM postings_upto AS u
+        )
+    )
+) AND (t.debit_account_id = a.id OR t.credit_account_id = a.id)
+ORDER BY a.id
+"""
+
+
+def balances_at(conn: Connection, seq: int, *, postings: bool = True) -> dict[int, int]:
+    """Every account open at `seq` -> its balance right after that transfer
+    (`BALANCES_AT_SQL`; the caller checks `seq` against the head). `postings` false: a
+    ledger before revision 0007, read with revision 0005's query."""
+    sql = BALANCES_AT_SQL if postings else INDEXED_BALANCES_AT_SQL
+    rows = conn.execute(text(sql), {"seq": seq})
+    return {int(account): int(balance) for account, _name, balance in rows}
+
+
+# -- ledgers before revision 0007 (read by `bank.ledger.reader` without an upgrade) ---------
+
+
+def _side_rows(
+    account_id: int, after_seq: int, *, debit: bool, descending: bool
+) -> Select[tuple[int]]:
+    """The rows past the cursor with the account on one side (a range of its index)."""
+    column = transfers.c.debit_account_id if debit else transfers.c.credit_account_id
+    stmt = select(*_RECEIPT_COLUMNS).where(column == account_id)
+    if descending:
+        return stmt.where(transfers.c.seq < after_seq) if after_seq else stmt
+    return stmt.where(transfers.c.seq > after_seq)
+
+
+def _side_first(
+    stmt: Select[Any], column: ColumnElement[int], limit: int, *, descending: bool
+) -> Subquery:
+    """A side's first `limit` rows in the account's own index order, as a subquery
+    (ordered by (account, seq), so that PostgreSQL walks the (account, seq) index)."""
+    order = (column.desc(), transfers.c.seq.desc()) if descending else (column, transfers.c.seq)
+    return stmt.order_by(*order).limit(limit).subquery()
+
+
+def _indexed_history_page(
+    conn: Connection, account_id: int, after_seq: int, limit: int, *, descending: bool
+) -> list[Receipt]:
+    """`history_page` of revisions 0005-0006: one compound SELECT of the two sides."""
+    both = union_all(
+        _side_rows(account_id, after_seq, debit=True, descending=descending),
+        _side_rows(account_id, after_seq, debit=False, descending=descending),
+    )
+    seq = both.selected_columns.seq
+    stmt = both.order_by(seq.desc() if descending else seq).limit(limit)
+    return [_new(Receipt, row) for row in conn.execute(stmt)]
+
+
+def _indexed_balance_at(conn: Connection, account_id: int, seq: int) -> int:
+    """`balance_at` of revisions 0005-0006: the newer of one look-up in each index."""
     sides = [
         _side_first(
             select(transfers.c.seq, balance.label("balance")).where(
@@ -233,22 +353,9 @@ def balance_at(conn: Connection, account_id: int, seq: int) -> int:
     return int(row[1]) if row is not None else 0
 
 
-def committed_balance_at(conn: Connection, account_id: int, seq: int, where: str) -> int:
-    """`balance_at` after checking, in the same read, that `seq` is committed (else
-    `SeqBeyondHead`, naming the ledger `where` and its head)."""
-    head = last_seq(conn)
-    if seq > head:
-        raise SeqBeyondHead(
-            f"at_seq {seq} is beyond the last committed transfer of {where} (seq {head})"
-        )
-    return balance_at(conn, account_id, seq)
-
-
-#: Every account open at seq `:seq`, with its balance right after that transfer: the
-#: newer of its last debit and last credit row at or before `:seq` (two index look-ups
-#: per account), 0 if it has none. Exact on both backends (stored balances, no sums).
-#: Documented in the README's schema section for auditors; `balances_at` runs it.
-BALANCES_AT_SQL: Final = """
+#: `BALANCES_AT_SQL` of revisions 0005-0006 (no postings): the newer of each account's last
+#: debit and last credit row at or before `:seq`.
+INDEXED_BALANCES_AT_SQL: Final = """
 SELECT a.id AS account_id, a.name AS name,
     CASE
         WHEN d.seq IS NULL AND c.seq IS NULL THEN 0
@@ -268,10 +375,3 @@ LEFT JOIN transfers AS c ON c.seq = (
 )
 ORDER BY a.id
 """
-
-
-def balances_at(conn: Connection, seq: int) -> dict[int, int]:
-    """Every account open at `seq` -> its balance right after that transfer
-    (`BALANCES_AT_SQL`; the caller checks `seq` against the head)."""
-    rows = conn.execute(text(BALANCES_AT_SQL), {"seq": seq})
-    return {int(account): int(balance) for account, _name, balance in rows}

@@ -15,6 +15,8 @@ enough to run on every open and that covers what the engine relies on:
   `accounts` row has an opening event and every event an `accounts` row;
 - every table, index, view and trigger is the newest revision's, token by token
   (no trigger the migrations did not make can swallow or rewrite the writer's rows);
+- the postings watermark (revision 0007) is one row within 0..the last seq, and
+  postings hold two rows per transfer up to it (a count; the audit proves which);
 - both chains are contiguous (count, first and last seq) and the newest row of
   each hashes, with `bank.ledger.chain`, to its stored hash from its
   predecessor's: an edit of the rows the writer chains onto is caught here;
@@ -344,7 +346,43 @@ def verify_ledger(conn: Connection) -> OpenReport:
         )
     _check_tail(conn, report, "transfers")
     _check_tail(conn, report, "account_events")
+    _check_postings_watermark(conn, report, transfers, last_seq)
     return report
+
+
+def _check_postings_watermark(
+    conn: Connection, report: OpenReport, transfers: int, last_seq: int
+) -> None:
+    """The watermark the writer goes on from (revision 0007): one row, 0 <= W <= the last
+    seq, and two postings per transfer up to W by count.
+
+    The writer adds the rows above W at its next flush: a W set beyond the head would
+    leave every row up to it out of the history index for good, a W set back would
+    add postings twice (refused by the primary key: no write would succeed). The count
+    is one walk of the postings b-tree (SQLite) or scan (PostgreSQL); which postings
+    they are is the audit's to prove.
+    """
+    if not inspect(conn).has_table("postings_upto"):
+        return  # the schema check reports a missing table
+    rows = conn.exec_driver_sql("SELECT seq FROM postings_upto").all()
+    if len(rows) != 1:
+        report.add(f"postings_upto holds {len(rows)} rows, not one: the postings watermark is lost")
+        return
+    (watermark,) = rows[0]
+    if not _is_int(watermark) or not 0 <= watermark <= last_seq:
+        report.add(
+            f"postings_upto.seq (the postings watermark) is {_shown(watermark)}, not a seq "
+            f"from 0 to the last transfer ({last_seq})"
+        )
+        return
+    if transfers != last_seq:
+        return  # rows deleted or inserted: reported by the contiguity check
+    (postings,) = conn.exec_driver_sql("SELECT COUNT(*) FROM postings").one()
+    if postings != 2 * watermark:
+        report.add(
+            f"postings holds {postings} rows, but the {watermark} transfers up to the "
+            f"watermark need {2 * watermark}: postings were deleted or added"
+        )
 
 
 def describe(report: OpenReport, where: str, shown_max: int) -> str:

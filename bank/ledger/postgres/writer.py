@@ -8,7 +8,9 @@ hot statement travel as text literals built by `str.join` in C (1.8 us of client
 CPU per row), not as psycopg's binary lists, which dump element by element in
 Python (7.1 us per row): the writer thread is the bank's one serial stage. BEGIN,
 the lease check and the statements of a batch travel in one pipeline (one round
-trip), COMMIT in another. Account events are rare and bind binary arrays.
+trip), COMMIT in another. Account events are rare and bind binary arrays. Every
+`POSTINGS_RUN_ROWS` rows, the batch's pipeline also carries the statement that writes
+the postings of the rows above the watermark and moves it (`bank.ledger.postings`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from psycopg.types.numeric import Int8BinaryDumper
 from sqlalchemy import Column, Engine, Table
 from sqlalchemy.dialects import postgresql
 
-from bank.errors import LedgerUnavailable
+from bank.errors import LedgerCorrupt, LedgerUnavailable
+from bank.ledger import postings
 from bank.ledger.backend import AccountEventRow, WriteBatch
 from bank.ledger.models import account_events, accounts, transfers
 from bank.ledger.postgres.lease import FENCE_KEY, LEASE_KEY, Lease, key_match_sql
@@ -135,6 +138,17 @@ BALANCES_SQL = unnest_update(accounts, accounts.c.id.name, accounts.c.balance.na
 ACCOUNTS_SQL = unnest_insert(accounts, ACCOUNT_COLUMNS)
 EVENTS_SQL = unnest_insert(account_events, EVENT_COLUMNS)
 LIMITS_SQL = unnest_update(accounts, accounts.c.id.name, accounts.c.overdraft_limit.name)
+#: The postings of the rows in (W, head] and W's move, one statement (the INSERT as a
+#: data-modifying CTE: it runs whether or not the UPDATE reads it). The UPDATE changes
+#: one row only if W is what the writer read (`bank.ledger.postings`).
+FLUSH_SQL = (
+    f"WITH flushed AS ({postings.flush_sql('%(upto)b', '%(head)b')}) "
+    f"{postings.advance_sql('%(upto)b', '%(head)b')}"
+)
+#: Whether the ledger has postings (revision 0007; on the session's search path), and W.
+HAS_POSTINGS_SQL = "SELECT to_regclass('postings_upto') IS NOT NULL"
+UPTO_SQL = "SELECT seq FROM postings_upto"
+
 #: The lease check: keeps a new holder's fence waiting until this transaction ends,
 #: and is false unless the lease session (its pid bound) still holds the lease.
 FENCE_SQL = (
@@ -159,28 +173,63 @@ class PostgresBatchWriter:
         self._conn = conn
         self._cur = conn.cursor()
         self._fence = conn.cursor()
-        for cursor in (self._cur, self._fence):
+        self._flush = conn.cursor()
+        for cursor in (self._cur, self._fence, self._flush):
             # Every int as int8 (binary): one statement type per text, no int2/int4 guesses.
             cursor.adapters.register_dumper(int, Int8BinaryDumper)
         self._begun = False
         self._pid = os.getpid()  # a forked child must not speak on the parent's session
+        try:
+            self._upto = self._read_upto()
+        except BaseException:
+            self.close()
+            raise
+        #: W once the open transaction commits (None: this batch writes no postings).
+        self._next_upto: int | None = None
+
+    def _read_upto(self) -> int | None:
+        """The watermark W (None: no postings, an older revision), read once at open: only
+        the writer moves it. A `postings_upto` without exactly one row is damage."""
+        row = self._cur.execute(HAS_POSTINGS_SQL).fetchone()
+        if row is None or not row[0]:
+            return None
+        rows = self._cur.execute(UPTO_SQL).fetchall()
+        if len(rows) != 1:
+            raise LedgerCorrupt(
+                f"{self._where}: postings_upto has {len(rows)} rows, not one (the watermark): "
+                "the ledger was edited; run `bank audit`"
+            )
+        upto: int = rows[0][0]
+        return upto
 
     def begin(self) -> None:
         """Start a transaction (sent with the batch's first statements, in one round trip)."""
         assert not self._begun, "begin twice"
         self._begun = True
+        self._next_upto = None
 
     def write(self, batch: WriteBatch) -> None:
         """Send the batch's statements (and BEGIN, and the lease check) in one pipeline."""
         assert self._begun, "write outside a transaction"
+        upto = self._upto if self._next_upto is None else self._next_upto
+        head = batch.transfers[-1].seq if batch.transfers else None
+        flush = upto is not None and head is not None and postings.flush_due(upto, head)
         try:
-            self._send(batch)
+            self._send(batch, (upto, head) if flush else None)
         except psycopg.Error:
             self._check_lease()  # a writer without the lease: that is the news, not the rows
             raise
         self._check_lease()
+        if flush:
+            if self._flush.rowcount != 1:
+                raise LedgerCorrupt(
+                    f"{self._where}: postings_upto is not the watermark {upto} this writer "
+                    "read: the table was edited under a running bank; nothing of this batch "
+                    "was committed (run `bank audit`)"
+                )
+            self._next_upto = head
 
-    def _send(self, batch: WriteBatch) -> None:
+    def _send(self, batch: WriteBatch, flush: tuple[int | None, int | None] | None) -> None:
         cur = self._cur
         with self._conn.pipeline():
             if self._conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
@@ -232,6 +281,9 @@ class PostgresBatchWriter:
             elif batch.balances:
                 balances = ([*batch.balances.keys()], [*batch.balances.values()])
                 cur.execute(BALANCES_SQL, balances, prepare=True)
+            if flush is not None:
+                upto, head = flush
+                self._flush.execute(FLUSH_SQL, {"upto": upto, "head": head}, prepare=True)
 
     def _check_lease(self) -> None:
         if self._lease is not None:
@@ -251,10 +303,13 @@ class PostgresBatchWriter:
         self._begun = False
         if self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             self._cur.execute("COMMIT")
+        if self._next_upto is not None:
+            self._upto, self._next_upto = self._next_upto, None
 
     def rollback(self) -> None:
         """Roll back whatever is open; never raises."""
         self._begun = False
+        self._next_upto = None
         if self._pid != os.getpid():
             return
         try:
@@ -277,6 +332,7 @@ class PostgresBatchWriter:
             with contextlib.suppress(psycopg.Error):
                 self._cur.close()
                 self._fence.close()
+                self._flush.close()
             self._raw.close()
         except Exception:
             log.warning("closing the writer's connection failed", exc_info=True)

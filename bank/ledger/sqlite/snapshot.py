@@ -23,6 +23,14 @@ from sqlalchemy.engine import URL
 
 from bank.errors import CannotAudit
 from bank.ledger.audit_checks import COLUMN_TYPES, ROW_KEYS
+from bank.ledger.audit_postings import (
+    FingerprintKeys,
+    PostingsDifferences,
+    PostingsSums,
+    extra_sql,
+    lost_sql,
+    postings_sums,
+)
 from bank.ledger.backend import SnapshotToken
 from bank.ledger.schema_ref import (
     Difference,
@@ -47,6 +55,10 @@ _TRANSFER_COLUMNS: Final = (
 RUNNING_COLUMNS: Final = ("debit_balance", "credit_balance")
 #: Then the holds' and groups' columns (revision 0006), NULL from a ledger that lacks them.
 HOLD_COLUMNS: Final = ("hold_seq", "expires_us", "link_first", "link_count")
+
+#: SQLite runs a subquery with a LIMIT as a co-routine instead of
+#: flattening it into the aggregate (which would compute each fingerprint line twice).
+_POSTINGS_FENCE: Final = " LIMIT -1"
 
 
 class _Located(Protocol):
@@ -326,6 +338,25 @@ class SqliteSnapshot:
 
     def transfer_count(self) -> int:
         return int(self._conn.execute("SELECT count(*) FROM transfers").fetchone()[0])
+
+    # -- postings (revision 0007) ---------------------------------------------------------
+
+    def postings_watermark_rows(self) -> list[tuple[object, object]]:
+        return [(r[0], r[1]) for r in self._conn.execute("SELECT id, seq FROM postings_upto")]
+
+    def postings_sums(self, watermark: int, keys: FingerprintKeys) -> PostingsSums:
+        """Two aggregate scans inside SQLite, on this read transaction."""
+        return postings_sums(
+            lambda sql: self._conn.execute(sql).fetchone(), watermark, keys, _POSTINGS_FENCE
+        )
+
+    def postings_differences(self, watermark: int, limit: int) -> PostingsDifferences:
+        def pairs(sql: str) -> list[tuple[object, object]]:
+            return [(r[0], r[1]) for r in self._conn.execute(sql)]
+
+        return PostingsDifferences(
+            pairs(lost_sql(watermark, limit)), pairs(extra_sql(watermark, limit))
+        )
 
     def export_token(self) -> SnapshotToken | None:
         # Another connection sees the same rows up to `pinned_max_seq`: immutable, the

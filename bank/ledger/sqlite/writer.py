@@ -5,7 +5,9 @@ thread. A batch is a handful of statements whose texts are derived once from the
 tables: SQLAlchemy's per-statement work (about 7 us each) would be most of a small
 commit's Python time. Transfers go in as multi-row INSERT pages and balances as
 `UPDATE ... FROM (VALUES ...)` pages, both of power-of-two sizes so that every text
-stays in sqlite3's statement cache.
+stays in sqlite3's statement cache. Every `POSTINGS_RUN_ROWS` rows, a batch also
+writes the postings of the rows above the watermark, before its COMMIT
+(`bank.ledger.postings`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any, Final
 
 from sqlalchemy import Engine
 
+from bank.errors import LedgerCorrupt
+from bank.ledger import postings
 from bank.ledger.backend import AccountEventRow, WriteBatch
 from bank.ledger.models import account_events, accounts, transfers
 from bank.limits import ROWS_PER_STATEMENT_MAX
@@ -55,13 +59,14 @@ _KEYLESS_PLAIN_COLUMNS = tuple(c for c in _PLAIN_COLUMNS if c != "key")
 _EVENT_COLUMNS = tuple(f.name for f in fields(AccountEventRow))
 _event_values = attrgetter(*_EVENT_COLUMNS)
 
-#: The writer connection's own settings, for revision 0005's two (account, seq) indexes:
-#: each commit dirties the last index page of every account it touches, so (1) a page
+#: The writer connection's own settings, chosen for revision 0005's two (account, seq)
+#: indexes (each commit dirtied the last index page of every account it touched) and kept
+#: for the hot pages that remain (accounts, the key index, each postings run): (1) a page
 #: cache that holds them as the ledger grows (SQLite's default is 2 MiB; the cache fills
 #: only as pages are used), and (2) checkpoints every 10,000 WAL pages instead of 1,000,
 #: so that a hot page rewritten by many commits is copied back once per checkpoint, not
-#: once per few commits. Measured with scripts/pipeline_cost.py (100 accounts): writer
-#: statements 30.6 -> 20.6 us and COMMIT 37.6 -> 13.2 us per operation.
+#: once per few commits. Measured with scripts/pipeline_cost.py (100 accounts, with the
+#: 0005 indexes): writer statements 30.6 -> 20.6 us and COMMIT 37.6 -> 13.2 us per operation.
 WRITER_PRAGMAS: Final = ("cache_size = -65536", "wal_autocheckpoint = 10000")
 
 #: How a group commit starts: the write lock at once (this bank is the file's one
@@ -76,6 +81,14 @@ _ADD_EVENT_SQL = (
     f"INSERT INTO {account_events.name} ({', '.join(_EVENT_COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in _EVENT_COLUMNS)})"
 )
+#: The postings of the rows in (W, head] and W's move (`bank.ledger.postings`).
+_FLUSH_SQL = postings.flush_sql("?1", "?2")
+_ADVANCE_SQL = postings.advance_sql("?1", "?2")
+_HAS_POSTINGS_SQL = (
+    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'postings_upto'"
+)
+_UPTO_SQL = "SELECT seq FROM postings_upto"
+
 _SET_LIMIT_SQL = (
     f"UPDATE {accounts.name} SET {accounts.c.overdraft_limit.name} = ? "
     f"WHERE {accounts.c.id.name} = ?"
@@ -102,6 +115,22 @@ def page_sizes(rows: int, largest: int) -> Iterator[int]:
         rows -= size
 
 
+def read_upto(cursor: sqlite3.Cursor, where: str) -> int | None:
+    """The watermark W of a ledger with postings (revision 0007), None without them (an
+    older revision: its batches write no postings). Read once, when the writer opens: only
+    the writer moves W. A `postings_upto` without exactly one row is a damaged ledger."""
+    if not cursor.execute(_HAS_POSTINGS_SQL).fetchone()[0]:
+        return None
+    rows = cursor.execute(_UPTO_SQL).fetchall()
+    if len(rows) != 1:
+        raise LedgerCorrupt(
+            f"{where}: postings_upto has {len(rows)} rows, not one (the watermark): the "
+            "ledger was edited; run `bank audit`"
+        )
+    upto: int = rows[0][0]
+    return upto
+
+
 def largest_page(columns: int, variables_max: int) -> int:
     """The largest power-of-two page of `columns`-wide rows that fits in one statement."""
     fits = min(ROWS_PER_STATEMENT_MAX, variables_max // columns)
@@ -122,9 +151,12 @@ class SqliteBatchWriter:
             variables_max = bound_variables_max(driver)
             for pragma in WRITER_PRAGMAS:
                 self._cursor.execute(f"PRAGMA {pragma}")
+            self._upto = read_upto(self._cursor, engine.url.database or "the ledger")
         except BaseException:
             self._conn.close()
             raise
+        #: W once the open transaction commits (None: this batch writes no postings).
+        self._next_upto: int | None = None
         self._insert_page = largest_page(len(_ROW_COLUMNS), variables_max)
         self._update_page = largest_page(2, variables_max)
         # Statement texts by page size, by (keyed, extended).
@@ -132,6 +164,7 @@ class SqliteBatchWriter:
         self._update_sql: dict[int, str] = {}
 
     def begin(self) -> None:
+        self._next_upto = None
         self._cursor.execute(BEGIN_WRITE_SQL)
 
     def write(self, batch: WriteBatch) -> None:
@@ -155,11 +188,33 @@ class SqliteBatchWriter:
             )
         if batch.balances:
             self._update_balances(batch.balances)
+        upto = self._upto if self._next_upto is None else self._next_upto
+        if batch.transfers and upto is not None:
+            head = batch.transfers[-1].seq
+            if postings.flush_due(upto, head):
+                self._flush(upto, head)
+
+    def _flush(self, upto: int, head: int) -> None:
+        """The postings of the rows in (W, head], one sorted INSERT, and W = head: in the
+        batch's transaction, so they commit (or not) with it."""
+        cursor = self._cursor
+        cursor.execute(_FLUSH_SQL, (upto, head))
+        cursor.execute(_ADVANCE_SQL, (upto, head))
+        if cursor.rowcount != 1:
+            raise LedgerCorrupt(
+                f"postings_upto is not the watermark {upto} this writer read: the table was "
+                "edited under a running bank; nothing of this batch was committed "
+                "(run `bank audit`)"
+            )
+        self._next_upto = head
 
     def commit(self) -> None:
         self._cursor.execute("COMMIT")
+        if self._next_upto is not None:
+            self._upto, self._next_upto = self._next_upto, None
 
     def rollback(self) -> None:
+        self._next_upto = None
         try:
             if self._cursor.connection.in_transaction:
                 self._cursor.execute("ROLLBACK")

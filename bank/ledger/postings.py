@@ -153,6 +153,43 @@ SELECT {_RECEIPT_NAMES} FROM (
 ORDER BY seq DESC LIMIT :limit
 """
 
+#: The same pages as one plain compound, for SQLite: each arm is delivered in seq order
+#: (the postings arm selects `p.seq`, in the key's order for one account; the tail arm is
+#: a range of the rowid), so SQLite merges them as it reads (`MERGE (UNION ALL)`) and
+#: stops after :limit rows, with no sort and without reading the rest of the tail
+#: (measured on 1,000,000 rows, a 1,000-row page of an account with 100,000: 4.0 ms
+#: against 11.9 ms for the form above, on a loaded machine). PostgreSQL must not get
+#: this form: it expects the filtered join to yield fewer than :limit rows and sorts
+#: the account's whole range (225 ms).
+MERGED_HISTORY_ASC_SQL: Final = f"""
+SELECT p.seq AS seq, {RECEIPT_SELECT.removeprefix("t.seq, ")}
+FROM postings AS p JOIN transfers AS t ON t.seq = p.seq
+WHERE p.account_id = :account AND p.seq > :after AND p.seq <= {_W} AND {_NAMES}
+UNION ALL
+SELECT {RECEIPT_SELECT} FROM transfers AS t
+WHERE t.seq > {_greatest_w(":after")} AND {_NAMES}
+ORDER BY seq LIMIT :limit
+"""
+MERGED_HISTORY_DESC_SQL: Final = f"""
+SELECT p.seq AS seq, {RECEIPT_SELECT.removeprefix("t.seq, ")}
+FROM postings AS p JOIN transfers AS t ON t.seq = p.seq
+WHERE p.account_id = :account AND p.seq <= {_least_w(":upper")} AND {_NAMES}
+UNION ALL
+SELECT {RECEIPT_SELECT} FROM transfers AS t
+WHERE t.seq > {_W} AND t.seq <= :upper AND {_NAMES}
+ORDER BY seq DESC LIMIT :limit
+"""
+#: The dialects whose planner merges a compound's ordered arms lazily (the MERGED_ form).
+MERGING_DIALECTS: Final = frozenset({"sqlite"})
+
+
+def history_sql(dialect: str, *, descending: bool) -> str:
+    """The page statement for a database of `dialect` (see the two forms above)."""
+    if dialect in MERGING_DIALECTS:
+        return MERGED_HISTORY_DESC_SQL if descending else MERGED_HISTORY_ASC_SQL
+    return HISTORY_DESC_SQL if descending else HISTORY_ASC_SQL
+
+
 #: The account's balance right after transfer :seq: the running balance, on the account's
 #: side, of its newest row at or before :seq: from the tail if it has one in (W, :seq],
 #: else its newest posting at or before min(:seq, W) (one backward step of the key). No

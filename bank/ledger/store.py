@@ -15,14 +15,25 @@ which use its two (account, seq) indexes where it has them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import cache
 from typing import Any, Final
 
-from sqlalchemy import ColumnElement, Connection, Select, Subquery, func, select, text, union_all
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    Subquery,
+    TextClause,
+    func,
+    select,
+    text,
+    union_all,
+)
 
 from bank.errors import AccountNotFound, InvalidCommand, SeqBeyondHead
 from bank.ledger.chain import GENESIS
 from bank.ledger.models import account_events, accounts, transfers
-from bank.ledger.postings import BALANCE_AT_SQL, HISTORY_ASC_SQL, HISTORY_DESC_SQL
+from bank.ledger.postings import BALANCE_AT_SQL, history_sql
 from bank.limits import BALANCE_MAX, HISTORY_LIMIT_MAX
 from bank.records import AccountInfo, Receipt
 
@@ -145,24 +156,26 @@ def history_page(
     the newest). Pass the last one's seq for the next page (rows are never changed or
     inserted below the head, so pages never skip or repeat a row).
 
-    One statement (`bank.ledger.postings.HISTORY_ASC_SQL` / `HISTORY_DESC_SQL`): up to
-    `limit` rows from the account's range of the postings key, up to `limit` from the tail
-    above W, ordered and cut as a whole. `postings` false: a ledger before revision 0007
+    One statement (`bank.ledger.postings.history_sql`): the account's range of the
+    postings key and the tail above W, ordered and cut at `limit` as a whole (SQLite
+    merges the two as it reads them; elsewhere each is cut at `limit` first). `postings` false: a ledger before revision 0007
     (read, not upgraded), read as revision 0005 read it."""
     if not postings:
         return _indexed_history_page(conn, account_id, after_seq, limit, descending=descending)
     if descending:
         upper = after_seq - 1 if after_seq else BALANCE_MAX
         params = {"account": account_id, "upper": upper, "limit": limit}
-        rows = conn.execute(_HISTORY_DESC, params)
     else:
         params = {"account": account_id, "after": after_seq, "limit": limit}
-        rows = conn.execute(_HISTORY_ASC, params)
+    rows = conn.execute(_history_statement(conn.dialect.name, descending), params)
     return [_new(Receipt, row) for row in rows]
 
 
-_HISTORY_ASC = text(HISTORY_ASC_SQL)
-_HISTORY_DESC = text(HISTORY_DESC_SQL)
+@cache
+def _history_statement(dialect: str, descending: bool) -> TextClause:
+    return text(history_sql(dialect, descending=descending))
+
+
 _BALANCE_AT = text(BALANCE_AT_SQL)
 
 

@@ -604,3 +604,226 @@ def test_sigkill_at_the_nth_write_or_fsync_of_the_ledger_keeps_every_promise(
             ) == [(1,)]:
                 check_after_crash(ledger, all_answers, f"seed {seed} round {i}")
     assert working >= 6, f"seed {seed}: only {working} of 12 rounds were killed under load"
+
+
+# -- 2, 3. readers in other processes (and a LedgerReader) beside a bank that moves W ---------
+
+#: A reader process: plain sqlite3 (autocommit: each statement its own read transaction) or
+#: psycopg (autocommit: each statement its own READ COMMITTED snapshot). It runs the store's
+#: statements as they are (postings.history_sql, BALANCE_AT_SQL) with random cursors and
+#: limits until the stop file appears, and logs each read with the head it knew before it.
+READER_SCRIPT = r"""
+import json, os, random, re, sys
+from bank.ledger import postings
+dialect, where, stop, out, accounts = sys.argv[1:6]
+accounts = [int(a) for a in accounts.split(",")]
+rng = random.Random(int(sys.argv[6]))
+if dialect == "sqlite":
+    import sqlite3
+    conn = sqlite3.connect(f"file:{where}?mode=ro", uri=True, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    def run(sql, params):
+        return conn.execute(sql, params).fetchall()
+else:
+    import psycopg
+    conn = psycopg.connect(where, autocommit=True)
+    def run(sql, params):
+        return conn.execute(re.sub(r":(\w+)", r"%(\1)s", sql), params).fetchall()
+asc = postings.history_sql(dialect, descending=False)
+desc = postings.history_sql(dialect, descending=True)
+with open(out, "w") as log:
+    n = 0
+    while not os.path.exists(stop) or n < 50:
+        n += 1
+        ((head,),) = run("SELECT coalesce(max(seq), 0) FROM transfers", {})
+        ((w,),) = run("SELECT seq FROM postings_upto", {})
+        account = rng.choice(accounts)
+        what = rng.random()
+        if what < 0.15:
+            seq = rng.randint(0, head)
+            got = run(postings.BALANCE_AT_SQL, {"account": account, "seq": seq})
+            record = {"op": "balance", "seq": seq, "value": got[0][0] if got else 0}
+        else:
+            after = rng.choice([0, max(0, head - rng.randint(0, 12)), rng.randint(0, head + 1), w, w + 1])
+            limit = rng.choice([1, 2, 3, 5, 8])
+            descending = what > 0.6
+            if descending:
+                upper = after - 1 if after else 2**63 - 1
+                rows = run(desc, {"account": account, "upper": upper, "limit": limit})
+            else:
+                rows = run(asc, {"account": account, "after": after, "limit": limit})
+            record = {"op": "page", "after": after, "limit": limit, "desc": descending,
+                      "seqs": [r[0] for r in rows],
+                      "sides": [[r[4], r[5]] for r in rows]}
+        record.update(account=account, head=head, w=w)
+        log.write(json.dumps(record) + "\n")
+"""
+
+
+def check_read(replay: Replay, record: dict[str, Any]) -> None:
+    """A read made at some snapshot at or after the head it knew (`head`): rows are
+    append-only, so it is a piece of the final ledger's history, exactly determined up to
+    that head. Raises AssertionError naming the read."""
+    account, head = record["account"], record["head"]
+    if record["op"] == "balance":
+        assert record["value"] == replay.balance(account, record["seq"]), record
+        return
+    seqs, after, limit = record["seqs"], record["after"], record["limit"]
+    mine = [r.seq for r in replay.mine(account)]
+    for debit, credit in record.get("sides", []):
+        assert account in (debit, credit), record  # never a row of other accounts
+    if record["desc"]:
+        bound = after if after else (seqs[0] + 1 if seqs else 0)
+        if after == 0:  # from the newest: at least everything up to the head it knew
+            assert not seqs or seqs[0] >= max([s for s in mine if s <= head], default=0), record
+            if not seqs:
+                assert not [s for s in mine if s <= head], record
+        want = [s for s in reversed(mine) if s < bound][:limit]
+        assert seqs == want, (record, want)
+        return
+    want = [s for s in mine if s > after]
+    assert seqs == want[: len(seqs)], (record, want[:limit])  # no skip, no repeat, in order
+    known = [s for s in want if s <= head]
+    assert len(seqs) >= min(limit, len(known)), (record, known[:limit])  # nothing cut short
+
+
+def _writer(b: bank.Bank, ids: list[int], stop: threading.Event, seed: int) -> None:
+    rng = random.Random(seed)
+    while not stop.is_set():
+        commands: list[Any] = []
+        for _ in range(rng.choice((1, 1, 2, 3, 6, 11))):
+            if rng.random() < 0.25:
+                commands.append(bank.Deposit(account=rng.choice(ids), amount=rng.randint(1, 99)))
+            else:
+                s, t = rng.sample(ids, 2)
+                commands.append(bank.Transfer(source=s, target=t, amount=rng.randint(1, 40)))
+        for f in b.submit_many(commands):
+            f.result()
+
+
+def _reader_thread(
+    reader: LedgerReader, ids: list[int], stop: threading.Event, records: list[Any], seed: int
+) -> None:
+    """The same reads through `LedgerReader` (its own snapshot per read)."""
+    rng = random.Random(seed)
+    while not stop.is_set() or len(records) < 50:
+        head = reader.read(store.last_seq)
+        account = rng.choice(ids)
+        if rng.random() < 0.2:
+            seq = rng.randint(0, head)
+            value = reader.balance(account, at_seq=seq)
+            records.append(
+                {"op": "balance", "seq": seq, "value": value, "account": account, "head": head}
+            )
+            continue
+        after = rng.choice([0, max(0, head - rng.randint(0, 12)), rng.randint(0, head + 1)])
+        limit = rng.choice([1, 2, 3, 5, 8])
+        descending = rng.random() < 0.4
+        if descending:
+            rows = _read_page(reader, account, after, limit, descending=True)
+        else:
+            rows = reader.history(account, after_seq=after, limit=limit)
+        records.append(
+            {
+                "op": "page",
+                "after": after,
+                "limit": limit,
+                "desc": descending,
+                "seqs": [r.seq for r in rows],
+                "sides": [[r.debit_account, r.credit_account] for r in rows],
+                "account": account,
+                "head": head,
+            }
+        )
+
+
+@pytest.mark.timeout(120)
+def test_readers_in_other_processes_see_exact_pages_while_flushes_move_w(
+    ledger_db: LedgerDb, tmp_path: Path
+) -> None:
+    """A bank writes (a run every 5 rows: W moves every few commits) for a few seconds while
+    two reader processes (plain sqlite3 / psycopg at READ COMMITTED, the store's own
+    statements) and a LedgerReader thread read pages and balances as of a seq; afterwards
+    every read is checked against the replay of the final ledger."""
+    seed = random.randrange(2**31)
+    stop_file = tmp_path / "stop"
+    with bank.Bank.open(ledger_db.db) as b:
+        ids = [b.open_account(f"r{i}", overdraft_limit=1_000_000).id for i in range(4)]
+        for f in b.submit_many([bank.Deposit(account=a, amount=1_000) for a in ids]):
+            f.result()
+        where = str(ledger_db.path) if ledger_db.backend == "sqlite" else (
+            postgres.libpq_conninfo(ledger_db.url)
+        )
+        accounts = ",".join(map(str, [0, *ids]))
+        procs = []
+        for k in range(2):
+            out = tmp_path / f"reader{k}.jsonl"
+            procs.append(
+                (
+                    out,
+                    subprocess.Popen(
+                        [sys.executable, "-c", READER_SCRIPT, ledger_db.backend, where]
+                        + [str(stop_file), str(out), accounts, str(seed + k)],
+                        env=faults.child_env(),
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    ),
+                )
+            )
+        stop = threading.Event()
+        records: list[Any] = []
+        errors: list[BaseException] = []
+
+        def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    fn()
+                except BaseException as exc:
+                    errors.append(exc)
+                    stop.set()
+
+            return run
+
+        with LedgerReader(ledger_db.db) as reader:
+            threads = [
+                threading.Thread(target=guarded(lambda: _writer(b, ids, stop, seed)), daemon=True),
+                threading.Thread(
+                    target=guarded(lambda: _reader_thread(reader, [0, *ids], stop, records, seed)),
+                    daemon=True,
+                ),
+            ]
+            for t in threads:
+                t.start()
+            time.sleep(4.0)
+            stop.set()
+            stop_file.touch()
+            for t in threads:
+                t.join(60)
+                assert not t.is_alive(), "watchdog: a thread hung"
+        for _, proc in procs:
+            try:
+                _, stderr = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+            assert proc.returncode == 0, stderr[-3000:]
+    assert not errors, errors
+    w, head = assert_postings_agree(ledger_db)
+    replay = Replay.of(ledger_db)
+    seen_w: set[int] = set()
+    reads = list(records)
+    for out, _ in procs:
+        for line in out.read_text().splitlines():
+            record = json.loads(line)
+            seen_w.add(record["w"])
+            reads.append(record)
+    for record in reads:
+        check_read(replay, record)
+    # The check has teeth: a page with a row taken out, or one row too many, is refused.
+    sample = next(r for r in reads if r["op"] == "page" and len(r["seqs"]) >= 3)
+    for seqs in (sample["seqs"][:1] + sample["seqs"][2:], [*sample["seqs"], sample["seqs"][-1]]):
+        with pytest.raises(AssertionError):
+            check_read(replay, {**sample, "seqs": seqs, "sides": []})
+    print(f"{len(reads)} reads, W took {len(seen_w)} values, final W {w} head {head}")
+    assert len(seen_w) >= 20, f"W moved only {len(seen_w)} times under the readers"
+    assert len(reads) >= 300, len(reads)

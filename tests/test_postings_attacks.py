@@ -827,3 +827,91 @@ def test_readers_in_other_processes_see_exact_pages_while_flushes_move_w(
     print(f"{len(reads)} reads, W took {len(seen_w)} values, final W {w} head {head}")
     assert len(seen_w) >= 20, f"W moved only {len(seen_w)} times under the readers"
     assert len(reads) >= 300, len(reads)
+
+
+# -- 4. faults during the flushes' commits -----------------------------------------------------
+
+
+def _settle(server: faults.ForkServer, pid: int, log: Path, err: Path) -> faults.Answers:
+    """The child ends by itself after its failure (no hang); what it was told."""
+    code = server.wait(pid, timeout_s=60.0)
+    assert code in (0, 2), (code, err.read_text()[-2000:])
+    return faults.parse_answers(faults.read_lines(log))
+
+
+def _promises_kept(ledger: LedgerDb, answers: faults.Answers, where: str) -> None:
+    problems = faults.specific_error_problems(answers)
+    problems += faults.stopped_after_first_unknown(answers)
+    assert not problems, (where, problems[:5])
+    with bank.Bank.open(ledger.db) as b:  # recovery, then the chain goes on (a flush or not)
+        for key, seq in answers.acked.items():
+            found = b.find(key)
+            assert found is not None and found.seq == seq, (where, key, seq, found)
+        head = b.snapshot().seq
+        for k in range(RUN):
+            assert b.deposit(1, 1).seq == head + 1 + k, where
+    check_after_crash(ledger, answers, where)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(
+    ("ops", "error"),
+    [("fsync", errno.EIO), ("write", errno.EIO), ("write", errno.ENOSPC)],
+    ids=["fsync-EIO", "write-EIO", "write-ENOSPC"],
+)
+def test_a_failing_fsync_or_write_at_a_random_call_loses_nothing_and_keeps_w(
+    tmp_path: Path, shim: Path, ops: str, error: int
+) -> None:
+    """Rounds on one ledger: the shim fails the child's Nth fsync or write of the ledger's
+    files (N random, so about every other failure hits a commit that carries a flush); the
+    bank answers LedgerUnavailable and stops; reopened, nothing acknowledged is lost,
+    nothing refused is there, W and the postings agree and every read is the replay's."""
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    ledger = LedgerDb.sqlite(tmp_path / "db" / "ledger.db")
+    ledger.path.parent.mkdir()
+    script = _child_script(tmp_path)
+    unknown = 0
+    with faults.ForkServer({"LD_PRELOAD": str(shim)}) as server:
+        for i in range(4):
+            log, err = tmp_path / f"f{i}.log", tmp_path / f"f{i}.err"
+            env = {
+                "ATTACK_RUN_ROWS": str(RUN),
+                "BANK_FAULT_OPS": ops,
+                "BANK_FAULT_ERRNO": str(error),
+                "BANK_FAULT_AFTER": str(rng.randint(40, 400)),
+                "BANK_FAULT_PATH": str(ledger.path.parent),
+            }
+            pid = server.spawn(script, _child_args(ledger.path, f"f{i}-", seed + i), log, err, env)
+            answers = _settle(server, pid, log, err)
+            unknown += bool(answers.unknown)
+            if answers.opened:
+                _promises_kept(ledger, answers, f"seed {seed} round {i}")
+    assert unknown >= 2, f"seed {seed}: the fault hit a running bank in {unknown} of 4 rounds"
+
+
+@pytest.mark.timeout(150)
+def test_a_disk_that_fills_while_runs_are_flushed_loses_nothing_and_keeps_w(tmp_path: Path) -> None:
+    """A 320 KiB tmpfs fills under a child that flushes every 5 rows (a flush's commit is the
+    largest, so the disk tends to fill on one); freed, the ledger reopens with its promises
+    kept; filled again and freed again, twice."""
+    try:
+        fs = faults.mount_tmpfs(tmp_path / "fs", "320k")
+    except faults.FaultUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        ledger = LedgerDb.sqlite(fs.path / "ledger.db")
+        script = _child_script(tmp_path)
+        with faults.ForkServer() as server:
+            for i in range(2):
+                log, err = tmp_path / f"d{i}.log", tmp_path / f"d{i}.err"
+                env = {"ATTACK_RUN_ROWS": str(RUN)}
+                pid = server.spawn(script, _child_args(ledger.path, f"d{i}-", i), log, err, env)
+                answers = _settle(server, pid, log, err)
+                assert answers.opened and answers.unknown, (i, faults.read_lines(log)[-5:])
+                fs.resize("64m")
+                _promises_kept(ledger, answers, f"round {i}")
+                used = os.statvfs(fs.path)
+                fs.resize(f"{(used.f_blocks - used.f_bfree) * used.f_frsize // 1024 + 160}k")
+    finally:
+        fs.unmount()

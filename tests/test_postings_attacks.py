@@ -995,3 +995,96 @@ def test_a_forged_posting_never_zeroes_balances_as_of_a_seq(
             want = replay.balance(account, seq)
             assert reader.balance(account, at_seq=seq) == want, seq
             assert reader.balances_at(seq).get(account) == want, (ledger.backend, seq, want)
+
+
+# -- SIGKILL inside the upgrade's backfill ----------------------------------------------------
+
+UPGRADE_SCRIPT = """
+import sys
+import bank
+print("OPENING", flush=True)
+bank.Bank.open(sys.argv[1]).close()
+print("UPGRADED", flush=True)
+"""
+OLD_INDEXES = {"ix_transfers_debit_account_id_seq", "ix_transfers_credit_account_id_seq"}
+
+
+def _migrate(ledger: LedgerDb, verb: str, revision: str) -> None:
+    from alembic import command
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    from bank.ledger.migrate import ALEMBIC_LOCK, alembic_config
+
+    engine = create_engine(ledger.url, poolclass=NullPool)
+    try:
+        with ALEMBIC_LOCK, engine.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            getattr(command, verb)(cfg, revision)
+    finally:
+        engine.dispose()
+
+
+def _schema_state(ledger: LedgerDb) -> tuple[str, set[str], set[str]]:
+    ((revision,),) = ledger.query("SELECT version_num FROM alembic_version")
+    names = {str(n) for (n,) in ledger.query("SELECT name FROM sqlite_master")}
+    return str(revision), names & OLD_INDEXES, names & {"postings", "postings_upto"}
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_inside_the_upgrade_leaves_0006_or_a_whole_0007(
+    tmp_path: Path, shim: Path
+) -> None:
+    """A 0006 ledger (3,000 rows, the two account indexes) upgraded by a child's Bank.open,
+    killed by the shim at its Nth write or fsync of the ledger (N random over the whole
+    upgrade): the file is at 0006 as it was or at 0007 with every posting and W = head,
+    never between; the next Bank.open upgrades (or goes on) and every read is the replay's."""
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    template = LedgerDb.sqlite(tmp_path / "template" / "ledger.db")
+    template.path.parent.mkdir()
+    with bank.Bank.open(template.db) as b:
+        _fill(b, random.Random(seed), 3_000)
+    _migrate(template, "downgrade", "0006")
+    assert _schema_state(template) == ("0006", OLD_INDEXES, set())
+    replay = Replay.of(template)
+    script = tmp_path / "upgrade.py"
+    script.write_text(UPGRADE_SCRIPT)
+    outcomes: set[str] = set()
+    with faults.ForkServer({"LD_PRELOAD": str(shim)}) as server:
+        for i in range(8):
+            ledger = LedgerDb.sqlite(tmp_path / f"u{i}" / "ledger.db")
+            ledger.path.parent.mkdir()
+            import shutil
+
+            shutil.copyfile(template.path, ledger.path)
+            out, err = tmp_path / f"u{i}.out", tmp_path / f"u{i}.err"
+            env = {
+                "BANK_FAULT_OPS": "fsync,write",
+                "BANK_FAULT_AFTER": str(i * 16 + rng.randint(0, 15) if i else 10**6),
+                "BANK_FAULT_ACTION": "kill",
+                "BANK_FAULT_PATH": str(ledger.path.parent),
+            }
+            pid = server.spawn(script, [str(ledger.path)], out, err, env)
+            code = server.wait(pid, timeout_s=60.0)
+            assert code in (0, -signal.SIGKILL), (seed, i, code, err.read_text()[-2000:])
+            state = _schema_state(ledger)
+            if state[0] == "0006":
+                assert state[1:] == (OLD_INDEXES, set()), (seed, i, state)
+                outcomes.add("0006")
+            else:
+                assert state == ("0007", set(), {"postings", "postings_upto"}), (seed, i, state)
+                assert assert_postings_agree(ledger) == (replay.head, replay.head), (seed, i)
+                outcomes.add("0007")
+            with bank.Bank.open(ledger.db):
+                pass
+            assert assert_postings_agree(ledger) == (replay.head, replay.head), (seed, i)
+            assert Replay.of(ledger).rows == replay.rows
+            report = audit_ledger(ledger.db)
+            assert report.ok, (seed, i, [p.message for p in report.problems[:3]])
+            with LedgerReader(ledger.db) as reader:
+                for account in sorted(replay.by_account)[:3]:
+                    got = list(reader.iter_history(account, page=50))
+                    assert got == replay.mine(account), (seed, i, account)
+    assert "0007" in outcomes, outcomes  # the unharmed round upgraded

@@ -22,9 +22,11 @@ and in child processes by a `sitecustomize` module on their PYTHONPATH (`_run_ro
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
 import bank
 from bank.cli import main
@@ -46,7 +49,7 @@ from bank.ledger.reader import LedgerReader
 from bank.limits import HISTORY_LIMIT_MAX
 from bank.records import Receipt
 from tests import faults, postgres
-from tests.conftest import LedgerDb
+from tests.conftest import LEDGER_PARAMS, LedgerDb, new_ledger
 
 #: The run size of every bank in this file (flushes every few rows).
 RUN = 5
@@ -153,18 +156,52 @@ def _fill(b: bank.Bank, rng: random.Random, rows: int) -> list[int]:
     return ids
 
 
+_copies = itertools.count()
+
+
+@pytest.fixture(scope="module", params=LEDGER_PARAMS)
+def filled_template(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LedgerDb, list[int]]]:
+    """A ledger of about 120 rows written by the engine (a run every 5 rows), with a tail
+    above W; built once per backend, copied for each test."""
+    ledger = new_ledger(request, tmp_path_factory.mktemp("filled"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(postings, "POSTINGS_RUN_ROWS", RUN)
+        with bank.Bank.open(ledger.db) as b:
+            ids = _fill(b, random.Random(7), 120)
+            while True:
+                w, head = assert_postings_agree(ledger)
+                if head > w:
+                    break
+                b.deposit(ids[0], 1)
+    yield ledger, ids
+    if ledger.server is not None:
+        ledger.drop()
+
+
 @pytest.fixture
-def filled(ledger_db: LedgerDb) -> Iterator[tuple[LedgerDb, list[int]]]:
-    """A ledger of about 120 rows written by the engine, with a tail above W."""
-    rng = random.Random(7)
-    with bank.Bank.open(ledger_db.db) as b:
-        ids = _fill(b, rng, 120)
-        while True:
-            w, head = assert_postings_agree(ledger_db)
-            if head > w:
-                break
-            b.deposit(ids[0], 1)
-    yield ledger_db, ids
+def filled(
+    filled_template: tuple[LedgerDb, list[int]], tmp_path: Path
+) -> Iterator[tuple[LedgerDb, list[int]]]:
+    """A copy of the template ledger (its file, or a database made from it)."""
+    template, ids = filled_template
+    if template.server is None:
+        target = tmp_path / f"copy-{next(_copies)}" / "ledger.db"
+        target.parent.mkdir()
+        shutil.copyfile(template.path, target)
+        yield LedgerDb.sqlite(target), ids
+        return
+    import psycopg
+
+    source = make_url(template.url).database
+    name = f"{source}_a{os.getpid()}_{next(_copies)}"
+    with psycopg.connect(postgres.libpq_conninfo(template.server.url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
+    url = make_url(template.url).set(database=name).render_as_string(hide_password=False)
+    copy = LedgerDb("postgres", url, url, template.server)
+    yield copy, ids
+    copy.drop()
 
 
 # -- 5. forgeries the audit must find -----------------------------------------------------------
@@ -443,9 +480,9 @@ def test_cursors_and_seqs_around_w_and_the_head(filled: tuple[LedgerDb, list[int
         with pytest.raises(bank.AccountNotFound):
             b.balance(999_999, at_seq=w)
         for seq in (0, w - 1, w, w + 1, head):
-            want = {a: replay.balance(a, seq) for a in (0, *ids)}
-            got = reader.balances_at(seq)
-            assert {a: got.get(a, 0) for a in want} == want, seq
+            wanted = {a: replay.balance(a, seq) for a in (0, *ids)}
+            at = reader.balances_at(seq)
+            assert {a: at.get(a, 0) for a in wanted} == wanted, seq
 
 
 # -- 1. SIGKILL a child bank while it flushes ---------------------------------------------------
@@ -476,8 +513,9 @@ def _child_script(directory: Path) -> Path:
 
 
 def _child_args(db: Path | str, prefix: str, seed: int, *, batch: int = 8) -> list[str]:
-    return ["--db", str(db), "--tellers", "2", "--batch", str(batch), "--prefix", prefix]+[
-        "--seed", str(seed)
+    return [
+        *("--db", str(db), "--tellers", "2", "--batch", str(batch)),
+        *("--prefix", prefix, "--seed", str(seed)),
     ]
 
 
@@ -527,9 +565,10 @@ def check_after_crash(ledger: LedgerDb, answers: faults.Answers, where: str) -> 
             assert streamed == replay.mine(account), (where, account)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("rounds", [3, pytest.param(25, marks=pytest.mark.slow)])
 def test_sigkill_at_random_instants_while_flushing_keeps_every_promise(
-    ledger_db: LedgerDb, tmp_path: Path
+    ledger_db: LedgerDb, tmp_path: Path, rounds: int
 ) -> None:
     """Rounds of a child bank (two tellers, batches of up to 8, a run every 5 rows) killed
     with SIGKILL after a random number of acknowledgements and a random delay; the next
@@ -537,7 +576,6 @@ def test_sigkill_at_random_instants_while_flushing_keeps_every_promise(
     seed = random.randrange(2**31)
     rng = random.Random(seed)
     script = _child_script(tmp_path)
-    rounds = 10 if ledger_db.backend == "sqlite" else 5
     all_answers = faults.Answers()
     flushed: set[int] = set()
     with faults.ForkServer() as server:
@@ -551,8 +589,12 @@ def test_sigkill_at_random_instants_while_flushing_keeps_every_promise(
                 env={"ATTACK_RUN_ROWS": str(RUN)},
             )
             try:
-                want = rng.randint(2, 40)
-                _wait_lines(log, lambda ls, n=want: _acks(ls) >= n, 60.0)
+                acks = rng.randint(2, 40)
+
+                def enough(lines: list[str], n: int = acks) -> bool:
+                    return _acks(lines) >= n
+
+                _wait_lines(log, enough, 60.0)
                 time.sleep(rng.random() * 0.02)
             finally:
                 os.kill(pid, signal.SIGKILL)
@@ -564,12 +606,13 @@ def test_sigkill_at_random_instants_while_flushing_keeps_every_promise(
             all_answers.raw_errors += answers.raw_errors
             check_after_crash(ledger_db, all_answers, f"seed {seed} round {i}")
             flushed.add(watermark(ledger_db))
-    assert len(flushed) >= rounds // 2, flushed  # W moved between kills
+    assert len(flushed) >= 2, flushed  # W moved between kills
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("rounds", [6, pytest.param(40, marks=pytest.mark.slow)])
 def test_sigkill_at_the_nth_write_or_fsync_of_the_ledger_keeps_every_promise(
-    tmp_path: Path, shim: Path
+    tmp_path: Path, shim: Path, rounds: int
 ) -> None:
     """The LD_PRELOAD shim SIGKILLs the child exactly at its Nth write or fsync of the ledger's
     files (N random): kills land inside commits, among them the flushes' (a run is written
@@ -582,7 +625,7 @@ def test_sigkill_at_the_nth_write_or_fsync_of_the_ledger_keeps_every_promise(
     all_answers = faults.Answers()
     working = 0  # rounds killed after some acknowledgements (not inside Bank.open)
     with faults.ForkServer({"LD_PRELOAD": str(shim)}) as server:
-        for i in range(12):
+        for i in range(rounds):
             log, err = tmp_path / f"r{i}.log", tmp_path / f"r{i}.err"
             env = {
                 "ATTACK_RUN_ROWS": str(RUN),
@@ -603,7 +646,7 @@ def test_sigkill_at_the_nth_write_or_fsync_of_the_ledger_keeps_every_promise(
                 "SELECT count(*) FROM sqlite_master WHERE name = 'postings_upto'"
             ) == [(1,)]:
                 check_after_crash(ledger, all_answers, f"seed {seed} round {i}")
-    assert working >= 6, f"seed {seed}: only {working} of 12 rounds were killed under load"
+    assert working >= rounds // 2, f"seed {seed}: {working} of {rounds} rounds killed under load"
 
 
 # -- 2, 3. readers in other processes (and a LedgerReader) beside a bank that moves W ---------
@@ -754,8 +797,10 @@ def test_readers_in_other_processes_see_exact_pages_while_flushes_move_w(
         ids = [b.open_account(f"r{i}", overdraft_limit=1_000_000).id for i in range(4)]
         for f in b.submit_many([bank.Deposit(account=a, amount=1_000) for a in ids]):
             f.result()
-        where = str(ledger_db.path) if ledger_db.backend == "sqlite" else (
-            postgres.libpq_conninfo(ledger_db.url)
+        where = (
+            str(ledger_db.path)
+            if ledger_db.backend == "sqlite"
+            else (postgres.libpq_conninfo(ledger_db.url))
         )
         accounts = ",".join(map(str, [0, *ids]))
         procs = []
@@ -765,8 +810,10 @@ def test_readers_in_other_processes_see_exact_pages_while_flushes_move_w(
                 (
                     out,
                     subprocess.Popen(
-                        [sys.executable, "-c", READER_SCRIPT, ledger_db.backend, where]
-                        + [str(stop_file), str(out), accounts, str(seed + k)],
+                        [
+                            *(sys.executable, "-c", READER_SCRIPT, ledger_db.backend, where),
+                            *(str(stop_file), str(out), accounts, str(seed + k)),
+                        ],
                         env=faults.child_env(),
                         stderr=subprocess.PIPE,
                         text=True,
@@ -797,7 +844,15 @@ def test_readers_in_other_processes_see_exact_pages_while_flushes_move_w(
             ]
             for t in threads:
                 t.start()
-            time.sleep(4.0)
+            # Until each reader process has made 200 reads (they start slowly on a busy
+            # machine) and for 2 s at least, while the bank writes.
+            started, deadline = time.monotonic(), time.monotonic() + 60.0
+            while time.monotonic() < started + 2.0 or any(
+                len(faults.read_lines(out)) < 200 for out, _ in procs
+            ):
+                assert time.monotonic() < deadline and not errors, ("watchdog", errors)
+                assert all(proc.poll() is None for _, proc in procs), "a reader died"
+                time.sleep(0.05)
             stop.set()
             stop_file.touch()
             for t in threads:
@@ -828,7 +883,7 @@ def test_readers_in_other_processes_see_exact_pages_while_flushes_move_w(
         with pytest.raises(AssertionError):
             check_read(replay, {**sample, "seqs": seqs, "sides": []})
     print(f"{len(reads)} reads, W took {len(seen_w)} values, final W {w} head {head}")
-    assert len(seen_w) >= 20, f"W moved only {len(seen_w)} times under the readers"
+    assert len(seen_w) >= 10, f"W moved only {len(seen_w)} times under the readers"
     assert len(reads) >= 300, len(reads)
 
 
@@ -859,7 +914,11 @@ def _promises_kept(ledger: LedgerDb, answers: faults.Answers, where: str) -> Non
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize(
     ("ops", "error"),
-    [("fsync", errno.EIO), ("write", errno.EIO), ("write", errno.ENOSPC)],
+    [
+        ("fsync", errno.EIO),
+        pytest.param("write", errno.EIO, marks=pytest.mark.slow),
+        ("write", errno.ENOSPC),
+    ],
     ids=["fsync-EIO", "write-EIO", "write-ENOSPC"],
 )
 def test_a_failing_fsync_or_write_at_a_random_call_loses_nothing_and_keeps_w(
@@ -876,7 +935,7 @@ def test_a_failing_fsync_or_write_at_a_random_call_loses_nothing_and_keeps_w(
     script = _child_script(tmp_path)
     unknown = 0
     with faults.ForkServer({"LD_PRELOAD": str(shim)}) as server:
-        for i in range(4):
+        for i in range(2):
             log, err = tmp_path / f"f{i}.log", tmp_path / f"f{i}.err"
             env = {
                 "ATTACK_RUN_ROWS": str(RUN),
@@ -890,7 +949,7 @@ def test_a_failing_fsync_or_write_at_a_random_call_loses_nothing_and_keeps_w(
             unknown += bool(answers.unknown)
             if answers.opened:
                 _promises_kept(ledger, answers, f"seed {seed} round {i}")
-    assert unknown >= 2, f"seed {seed}: the fault hit a running bank in {unknown} of 4 rounds"
+    assert unknown >= 1, f"seed {seed}: the fault never hit a running bank"
 
 
 @pytest.mark.timeout(150)
@@ -945,10 +1004,10 @@ def test_audits_beside_a_bank_that_flushes_every_few_rows_are_clean(
         writer = threading.Thread(target=write, daemon=True)
         writer.start()
         try:
-            reports = []
-            cli_runs = []
-            deadline = time.monotonic() + 3.0
-            while time.monotonic() < deadline or len(reports) < 3:
+            reports: list[Any] = []
+            cli_runs: list[tuple[int, str, str]] = []
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline or len(cli_runs) < 2:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "bank", "audit", "--db", str(ledger_db.db), "--json"],
                     env=faults.child_env(),
@@ -956,10 +1015,11 @@ def test_audits_beside_a_bank_that_flushes_every_few_rows_are_clean(
                     stderr=subprocess.PIPE,
                     text=True,
                 )
-                reports.append(audit_ledger(ledger_db.db))
+                while proc.poll() is None or not reports:
+                    reports.append(audit_ledger(ledger_db.db))
+                    assert not errors, errors
                 out, err = proc.communicate(timeout=60)
                 cli_runs.append((proc.returncode, out, err))
-                assert not errors, errors
         finally:
             stop.set()
             writer.join(60)
@@ -1033,10 +1093,8 @@ def _schema_state(ledger: LedgerDb) -> tuple[str, set[str], set[str]]:
 
 
 @pytest.mark.timeout(120)
-def test_sigkill_inside_the_upgrade_leaves_0006_or_a_whole_0007(
-    tmp_path: Path, shim: Path
-) -> None:
-    """A 0006 ledger (3,000 rows, the two account indexes) upgraded by a child's Bank.open,
+def test_sigkill_inside_the_upgrade_leaves_0006_or_a_whole_0007(tmp_path: Path, shim: Path) -> None:
+    """A 0006 ledger (1,500 rows, the two account indexes) upgraded by a child's Bank.open,
     killed by the shim at its Nth write or fsync of the ledger (N random over the whole
     upgrade): the file is at 0006 as it was or at 0007 with every posting and W = head,
     never between; the next Bank.open upgrades (or goes on) and every read is the replay's."""
@@ -1045,7 +1103,7 @@ def test_sigkill_inside_the_upgrade_leaves_0006_or_a_whole_0007(
     template = LedgerDb.sqlite(tmp_path / "template" / "ledger.db")
     template.path.parent.mkdir()
     with bank.Bank.open(template.db) as b:
-        _fill(b, random.Random(seed), 3_000)
+        _fill(b, random.Random(seed), 1_500)
     _migrate(template, "downgrade", "0006")
     assert _schema_state(template) == ("0006", OLD_INDEXES, set())
     replay = Replay.of(template)
@@ -1053,16 +1111,14 @@ def test_sigkill_inside_the_upgrade_leaves_0006_or_a_whole_0007(
     script.write_text(UPGRADE_SCRIPT)
     outcomes: set[str] = set()
     with faults.ForkServer({"LD_PRELOAD": str(shim)}) as server:
-        for i in range(8):
+        for i in range(6):
             ledger = LedgerDb.sqlite(tmp_path / f"u{i}" / "ledger.db")
             ledger.path.parent.mkdir()
-            import shutil
-
             shutil.copyfile(template.path, ledger.path)
             out, err = tmp_path / f"u{i}.out", tmp_path / f"u{i}.err"
             env = {
                 "BANK_FAULT_OPS": "fsync,write",
-                "BANK_FAULT_AFTER": str(i * 16 + rng.randint(0, 15) if i else 10**6),
+                "BANK_FAULT_AFTER": str(i * 20 + rng.randint(0, 19) if i else 10**6),
                 "BANK_FAULT_ACTION": "kill",
                 "BANK_FAULT_PATH": str(ledger.path.parent),
             }

@@ -1144,3 +1144,61 @@ def test_sigkill_inside_the_upgrade_leaves_0006_or_a_whole_0007(tmp_path: Path, 
                     got = list(reader.iter_history(account, page=50))
                     assert got == replay.mine(account), (seed, i, account)
     assert "0007" in outcomes, outcomes  # the unharmed round upgraded
+
+
+# -- bank copy of a ledger that a bank is writing -------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.postgres
+def test_a_copy_taken_while_the_source_flushes_has_its_own_right_w(
+    ledger_db: LedgerDb, postgres_server: postgres.Server, tmp_path: Path
+) -> None:
+    """`bank copy` from a ledger a bank is writing (W moving every few commits) to the other
+    backend: the copy audits clean against the source snapshot's head, its postings are
+    both sides of every row it has, W its head; a bank on the copy goes on flushing."""
+    from bank.ledger.copy import copy_ledger
+
+    other = (
+        LedgerDb("postgres", url := postgres_server.create_database(), url, postgres_server)
+        if ledger_db.backend == "sqlite"
+        else LedgerDb.sqlite(tmp_path / "copy" / "ledger.db")
+    )
+    if other.server is None:
+        other.path.parent.mkdir()
+    seed = random.randrange(2**31)
+    try:
+        with bank.Bank.open(ledger_db.db) as b:
+            ids = [b.open_account(f"k{i}", overdraft_limit=1_000_000).id for i in range(4)]
+            stop = threading.Event()
+            errors: list[BaseException] = []
+
+            def write() -> None:
+                try:
+                    _writer(b, ids, stop, seed, pace_s=0.002)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            writer = threading.Thread(target=write, daemon=True)
+            writer.start()
+            try:
+                time.sleep(0.5)
+                report = copy_ledger(ledger_db.db, other.db)
+            finally:
+                stop.set()
+                writer.join(60)
+                assert not writer.is_alive(), "watchdog: the writer hung"
+        assert not errors, errors
+        assert report.ok, [p.message for p in report.audit.problems[:5]]
+        w, head = assert_postings_agree(other)
+        assert w == head and head > 20 * RUN, (w, head)
+        assert Replay.of(other).rows == Replay.of(ledger_db).rows[:head]
+        with bank.Bank.open(other.db) as b:
+            for _ in range(RUN):
+                b.deposit(ids[0], 1)
+        w2, head2 = assert_postings_agree(other)
+        assert head2 == head + RUN and w2 == head2, (w2, head2)
+        assert audit_ledger(other.db).ok
+    finally:
+        if other.server is not None:
+            other.drop()

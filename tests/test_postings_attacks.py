@@ -783,6 +783,39 @@ def _reader_thread(
         )
 
 
+def _bank_reader_thread(
+    b: bank.Bank, ids: list[int], stop: threading.Event, records: list[Any], seed: int
+) -> None:
+    """The writing bank's own reads (`Bank.history`, `Bank.balance(at_seq=)`), the head it
+    knew being its durable snapshot's."""
+    rng = random.Random(seed)
+    while not stop.is_set() or len(records) < 50:
+        head = b.snapshot().seq
+        account = rng.choice(ids)
+        if rng.random() < 0.25:
+            seq = rng.randint(0, head)
+            value = b.balance(account, at_seq=seq)
+            records.append(
+                {"op": "balance", "seq": seq, "value": value, "account": account, "head": head}
+            )
+            continue
+        after = rng.choice([0, max(0, head - rng.randint(0, 12)), rng.randint(0, head + 1)])
+        limit = rng.choice([1, 2, 3, 5, 8])
+        rows = b.history(account, after_seq=after, limit=limit)
+        records.append(
+            {
+                "op": "page",
+                "after": after,
+                "limit": limit,
+                "desc": False,
+                "seqs": [r.seq for r in rows],
+                "sides": [[r.debit_account, r.credit_account] for r in rows],
+                "account": account,
+                "head": head,
+            }
+        )
+
+
 @pytest.mark.timeout(120)
 def test_readers_in_other_processes_see_exact_pages_while_flushes_move_w(
     ledger_db: LedgerDb, tmp_path: Path
@@ -822,6 +855,7 @@ def test_readers_in_other_processes_see_exact_pages_while_flushes_move_w(
             )
         stop = threading.Event()
         records: list[Any] = []
+        bank_records: list[Any] = []
         errors: list[BaseException] = []
 
         def guarded(fn: Callable[[], None]) -> Callable[[], None]:
@@ -839,6 +873,12 @@ def test_readers_in_other_processes_see_exact_pages_while_flushes_move_w(
                 threading.Thread(target=guarded(lambda: _writer(b, ids, stop, seed)), daemon=True),
                 threading.Thread(
                     target=guarded(lambda: _reader_thread(reader, [0, *ids], stop, records, seed)),
+                    daemon=True,
+                ),
+                threading.Thread(
+                    target=guarded(
+                        lambda: _bank_reader_thread(b, [0, *ids], stop, bank_records, seed + 9)
+                    ),
                     daemon=True,
                 ),
             ]
@@ -869,7 +909,8 @@ def test_readers_in_other_processes_see_exact_pages_while_flushes_move_w(
     w, head = assert_postings_agree(ledger_db)
     replay = Replay.of(ledger_db)
     seen_w: set[int] = set()
-    reads = list(records)
+    reads = records + bank_records
+    assert len(bank_records) >= 50 and len(records) >= 50
     for out, _ in procs:
         for line in out.read_text().splitlines():
             record = json.loads(line)

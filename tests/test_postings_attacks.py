@@ -1296,3 +1296,57 @@ def test_a_watermark_row_with_another_id_is_refused_at_open(
     with pytest.raises(bank.LedgerCorrupt, match="postings_upto"), bank.Bank.open(ledger.db) as b:
         for _ in range(RUN):
             b.deposit(ids[0], 1)
+
+
+# -- every kind of row goes through the runs ------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_holds_expiries_groups_and_events_keep_the_tail_below_a_run(ledger_db: LedgerDb) -> None:
+    """Holds (posted, voided, and expired by the engine's own timer), linked groups, limit
+    changes and an account closed: after every step the tail above W is shorter than a run
+    (whoever wrote the rows: a teller's batch or the expiry timer), the postings agree, and
+    every page and balance as of a seq is the replay's."""
+    rng = random.Random(5)
+    with bank.Bank.open(ledger_db.db) as b:
+        ids = [b.open_account(f"h{i}", overdraft_limit=500).id for i in range(4)]
+        for a in ids:
+            b.deposit(a, 1_000)
+        for step in range(6):
+            held = [b.hold(ids[i % 4], ids[(i + 1) % 4], 7 + i) for i in range(3)]
+            b.post(held[0].seq, 3)
+            b.void(held[1].seq)
+            for i in range(rng.randint(1, 7)):
+                b.hold(ids[i % 4], ids[(i + 2) % 4], 1 + i, expires_s=0.02)
+            b.submit_linked(
+                [
+                    bank.Transfer(source=ids[0], target=ids[1], amount=2),
+                    bank.Deposit(account=ids[2], amount=3),
+                    bank.Withdrawal(account=ids[3], amount=1),
+                ]
+            ).result()
+            b.set_overdraft_limit(ids[step % 4], 400 + step)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                ((pending,),) = ledger_db.query(
+                    "SELECT count(*) FROM transfers AS h WHERE h.kind = 'hold' AND NOT EXISTS "
+                    "(SELECT 1 FROM transfers AS s WHERE s.hold_seq = h.seq)"
+                )
+                if pending == 1:  # only held[2]: the timer expired the others on its own
+                    break
+                time.sleep(0.02)
+            else:
+                raise AssertionError("watchdog: the holds did not expire")
+            b.void(held[2].seq)
+            w, head = assert_postings_agree(ledger_db)
+            assert head - w < RUN, (step, w, head)
+        closing = b.open_account("closing").id
+        b.deposit(closing, 5)
+        b.withdraw(closing, 5)
+        b.close_account(closing)
+        w, head = assert_postings_agree(ledger_db)
+        assert head - w < RUN and w > 10 * RUN, (w, head)
+    replay = Replay.of(ledger_db)
+    kinds = {r.kind for r in replay.rows}
+    assert {"hold", "post", "void", "expire", "transfer", "deposit", "withdrawal"} <= kinds, kinds
+    check_after_crash(ledger_db, faults.Answers(), "holds")

@@ -21,6 +21,7 @@ and in child processes by a `sitecustomize` module on their PYTHONPATH (`_run_ro
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -1350,3 +1351,67 @@ def test_holds_expiries_groups_and_events_keep_the_tail_below_a_run(ledger_db: L
     kinds = {r.kind for r in replay.rows}
     assert {"hold", "post", "void", "expire", "transfer", "deposit", "withdrawal"} <= kinds, kinds
     check_after_crash(ledger_db, faults.Answers(), "holds")
+
+
+# -- the PostgreSQL server crashes while runs are flushed ------------------------------------
+
+
+@pytest.fixture
+def crash_cluster() -> Iterator[Any]:
+    """A private PostgreSQL cluster (fsync on) that a test may SIGKILL and restart."""
+    from tests.test_postgres_attacks import _Cluster
+
+    root = postgres.scratch_dir("bank-postings-attack-")
+    c = _Cluster(root)
+    try:
+        c.init()
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(180)
+def test_the_server_crashing_while_runs_are_flushed_keeps_every_promise(
+    crash_cluster: Any, tmp_path: Path
+) -> None:
+    """Twice: a child bank (a run every 5 rows) under keyed load, every server process
+    SIGKILLed at a random moment (WAL replay at restart), the child told LedgerUnavailable;
+    restarted, the acknowledged keys are there once, W and the postings agree, the audit is
+    clean and every read is the replay's; the next child goes on from there."""
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    url = crash_cluster.url()
+    ledger = LedgerDb("postgres", url, url, None)
+    script = _child_script(tmp_path)
+    all_answers = faults.Answers()
+    with faults.ForkServer() as server:
+        for i in range(2):
+            log, err = tmp_path / f"c{i}.log", tmp_path / f"c{i}.err"
+            env = {"ATTACK_RUN_ROWS": str(RUN)}
+            pid = server.spawn(script, _child_args(url, f"c{i}-", seed + i), log, err, env)
+            acks = rng.randint(20, 150)
+
+            def enough(lines: list[str], n: int = acks) -> bool:
+                return _acks(lines) >= n
+
+            code: int | None = None
+            try:
+                _wait_lines(log, enough, 60.0)
+                time.sleep(rng.random() * 0.05)
+                crash_cluster.crash()
+                code = server.wait(pid, timeout_s=60.0)
+            finally:
+                if code is None:  # not reaped yet: never leave the child behind
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    server.wait(pid)
+            assert code in (0, 2), (seed, i, code, err.read_text()[-2000:])
+            answers = faults.parse_answers(faults.read_lines(log))
+            assert answers.unknown, (seed, i, "nobody was told the server went away")
+            all_answers.acked.update(answers.acked)
+            all_answers.refused.update(answers.refused)
+            all_answers.raw_errors += answers.raw_errors
+            crash_cluster.start()
+            check_after_crash(ledger, all_answers, f"seed {seed} crash {i}")

@@ -1415,3 +1415,26 @@ def test_the_server_crashing_while_runs_are_flushed_keeps_every_promise(
             all_answers.raw_errors += answers.raw_errors
             crash_cluster.start()
             check_after_crash(ledger, all_answers, f"seed {seed} crash {i}")
+
+
+def test_a_reader_opened_before_the_upgrade_reads_right_after_it(ledger_db: LedgerDb) -> None:
+    """A LedgerReader opened on a 0006 ledger (it reads with 0005's queries); a bank then
+    upgrades the ledger (indexes dropped, postings backfilled) and writes more runs: the
+    old reader's pages and balances are still exactly the replay's."""
+    with bank.Bank.open(ledger_db.db) as b:
+        ids = _fill(b, random.Random(3), 60)
+    _migrate(ledger_db, "downgrade", "0006")
+    with LedgerReader(ledger_db.db) as reader:
+        assert not reader.postings
+        with bank.Bank.open(ledger_db.db) as b:  # the upgrade, then more rows and flushes
+            for i in range(3 * RUN + 2):
+                b.transfer(ids[i % 5], ids[(i + 1) % 5], 1)
+        w, head = assert_postings_agree(ledger_db)
+        assert 60 < w <= head
+        replay = Replay.of(ledger_db)
+        for account in (0, *ids):
+            assert list(reader.iter_history(account, page=3)) == replay.mine(account)
+            for seq in (0, w - 1, w, head):
+                assert reader.balance(account, at_seq=seq) == replay.balance(account, seq)
+            got = _read_page(reader, account, 0, 4, descending=True)
+            assert got == replay.page(account, 0, 4, descending=True)

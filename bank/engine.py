@@ -1113,7 +1113,8 @@ class Bank:
     def balance(self, account: int, *, at_seq: int | None = None) -> int:
         """The account's balance once everything it reflects is durable; with `at_seq`,
         its balance right after transfer `at_seq` (0 before its first row), read from the
-        ledger by index look-ups (the running balance of its last row at or before it).
+        ledger by key look-ups (the running balance of its last row at or before it:
+        `postings`, revision 0007, and the few rows above its watermark).
 
         Raises `AccountNotFound`, `InvalidCommand` (an `at_seq` that is not an int from 0
         to 2**63 - 1), `SeqBeyondHead` (an `at_seq` past the last committed transfer).

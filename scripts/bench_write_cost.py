@@ -43,7 +43,9 @@ def export_tree(revision: str, into: Path) -> Path:
     return into
 
 
-def run_bench(tree: Path, variant: str, ops: int, pg_url: str | None, out: Path) -> float:
+def run_bench(
+    tree: Path, variant: str, ops: int, pg_url: str | None, out: Path, accounts: int | None = None
+) -> float:
     """One round of one variant of `tree`'s bench.py; its transfers/s."""
     command = [
         sys.executable,
@@ -59,6 +61,8 @@ def run_bench(tree: Path, variant: str, ops: int, pg_url: str | None, out: Path)
     ]
     if pg_url is not None:
         command += ["--pg-url", pg_url]
+    if accounts is not None:
+        command += ["--accounts", str(accounts)]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     subprocess.run(command, check=True, cwd=tree, env=env, stdout=subprocess.DEVNULL)
     document = json.loads(out.read_text())
@@ -77,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ops", type=int, help="operations per run (default c=200000, g=100000)")
     parser.add_argument("--pg-url", help="PostgreSQL server for (g) (an SQLAlchemy URL)")
+    parser.add_argument(
+        "--accounts",
+        type=int,
+        help="accounts, passed to both trees' bench.py (default: each tree's own default, "
+        "which differ: 100 before commit 2b21434, 1,000 since)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.only.split(",") if v.strip()]
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Alternate which goes first, so neither always meets a warmer machine.
                 order = [("base", base), ("0005", new)]
                 for name, tree in order if i % 2 == 0 else order[::-1]:
-                    rate = run_bench(tree, variant, ops, args.pg_url, out)
+                    rate = run_bench(tree, variant, ops, args.pg_url, out, args.accounts)
                     runs[name].append(rate)
                     print(f"({variant}) round {i + 1} {name}: {rate:,.0f} transfers/s", flush=True)
             figures[variant] = runs

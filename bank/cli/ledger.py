@@ -114,7 +114,7 @@ def register(sub: Subcommands) -> None:
         "balance",
         help="one account's balance, now or as of a seq",
         description="Print ACCOUNT's committed balance, or with --at-seq N its balance right "
-        "after transfer N (index look-ups, read-only: safe beside a running bank). Exit 1 if "
+        "after transfer N (key look-ups, read-only: safe beside a running bank). Exit 1 if "
         "the account does not exist or N is past the last committed transfer.",
     )
     bal.add_argument("account", metavar="ACCOUNT", help="account id, or account name")

@@ -13,8 +13,8 @@ key is (account_id, seq), and it is written rarely and in order:
   keep W in memory (read when they open). Once a batch brings the head to W +
   `POSTINGS_RUN_ROWS` or more, the same transaction, before its COMMIT, adds the
   postings of every row in (W, head] as ONE `INSERT ... SELECT ... ORDER BY
-  account_id, seq` (`FLUSH_SQL`: each touched leaf page written once, in key order)
-  and moves W to the head (`ADVANCE_SQL`, which also checks that W is what the
+  account_id, seq` (`flush_sql`: each touched leaf page written once, in key order)
+  and moves W to the head (`advance_sql`, which also checks that W is what the
   writer thinks). A rollback or a crash loses both or neither.
 - Readers (`bank.ledger.store`) take an account's rows up to W from a range of the
   postings key joined to `transfers` by seq, and the rows above W (the tail: about
@@ -25,9 +25,10 @@ key is (account_id, seq), and it is written rarely and in order:
   says so: such a page comes out one row short, a point balance steps past it); the
   audit reports postings that disagree with `transfers`.
 
-The SQL texts here are backend-independent. The flush's placeholders are named by
-the caller (SQLite's `?1`, psycopg's `%(w)s`); the reads are SQLAlchemy `text()`
-with `:name` parameters.
+The SQL texts here are plain SQL that both backends run. The flush's placeholders
+are named by the caller (SQLite's `?1`, psycopg's `%(upto)b`); the reads are
+SQLAlchemy `text()` with `:name` parameters. History pages come in two forms, both
+correct anywhere, each chosen for how one planner runs it (`history_sql`).
 """
 
 from __future__ import annotations
@@ -153,9 +154,9 @@ SELECT {_RECEIPT_NAMES} FROM (
 ORDER BY seq DESC LIMIT :limit
 """
 
-#: The same pages as one plain compound, for SQLite: each arm is delivered in seq order
-#: (the postings arm selects `p.seq`, in the key's order for one account; the tail arm is
-#: a range of the rowid), so SQLite merges them as it reads (`MERGE (UNION ALL)`) and
+#: The same pages as one plain compound (SQLite's: `bank.ledger.sqlite.reads`): each
+#: arm is delivered in seq order (the postings arm selects `p.seq`, in the key's order
+#: for one account; the tail arm is a range of the rowid), so SQLite merges them as it reads (`MERGE (UNION ALL)`) and
 #: stops after :limit rows, with no sort and without reading the rest of the tail
 #: (measured on 1,000,000 rows, a 1,000-row page of an account with 100,000: 4.0 ms
 #: against 11.9 ms for the form above, on a loaded machine). PostgreSQL must not get
@@ -179,13 +180,12 @@ SELECT {RECEIPT_SELECT} FROM transfers AS t
 WHERE t.seq > {_W} AND t.seq <= :upper AND {_NAMES}
 ORDER BY seq DESC LIMIT :limit
 """
-#: The dialects whose planner merges a compound's ordered arms lazily (the MERGED_ form).
-MERGING_DIALECTS: Final = frozenset({"sqlite"})
 
 
-def history_sql(dialect: str, *, descending: bool) -> str:
-    """The page statement for a database of `dialect` (see the two forms above)."""
-    if dialect in MERGING_DIALECTS:
+def history_sql(*, merged: bool, descending: bool) -> str:
+    """The page statement: the MERGED_ form for a planner that merges a compound's ordered
+    arms as it reads (each backend's `reads.MERGES_ORDERED_ARMS`), else the cut form."""
+    if merged:
         return MERGED_HISTORY_DESC_SQL if descending else MERGED_HISTORY_ASC_SQL
     return HISTORY_DESC_SQL if descending else HISTORY_ASC_SQL
 

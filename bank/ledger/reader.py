@@ -149,7 +149,7 @@ class LedgerReader:
 
     def balance(self, account: int, *, at_seq: int | None = None) -> int:
         """The account's committed balance, or with `at_seq` its balance right after
-        transfer `at_seq` (as `Bank.balance`: index look-ups, 0 before its first row).
+        transfer `at_seq` (as `Bank.balance`: key look-ups, 0 before its first row).
 
         Raises `AccountNotFound`, `InvalidCommand` (an `at_seq` out of range),
         `SeqBeyondHead` (past the snapshot's last transfer), `LedgerVersionError` (a

@@ -31,6 +31,7 @@ from sqlalchemy import (
 )
 
 from bank.errors import AccountNotFound, InvalidCommand, SeqBeyondHead
+from bank.ledger.backends import backend_module
 from bank.ledger.chain import GENESIS
 from bank.ledger.models import account_events, accounts, transfers
 from bank.ledger.postings import BALANCE_AT_SQL, history_sql
@@ -158,7 +159,8 @@ def history_page(
 
     One statement (`bank.ledger.postings.history_sql`): the account's range of the
     postings key and the tail above W, ordered and cut at `limit` as a whole (SQLite
-    merges the two as it reads them; elsewhere each is cut at `limit` first). `postings` false: a ledger before revision 0007
+    merges the two as it reads them, PostgreSQL cuts each at `limit` first: each backend's
+    `reads` module). `postings` false: a ledger before revision 0007
     (read, not upgraded), read as revision 0005 read it."""
     if not postings:
         return _indexed_history_page(conn, account_id, after_seq, limit, descending=descending)
@@ -173,7 +175,9 @@ def history_page(
 
 @cache
 def _history_statement(dialect: str, descending: bool) -> TextClause:
-    return text(history_sql(dialect, descending=descending))
+    """The page statement of the backend of `dialect` (its `reads` module says which)."""
+    merged = bool(backend_module(dialect, "reads").MERGES_ORDERED_ARMS)
+    return text(history_sql(merged=merged, descending=descending))
 
 
 _BALANCE_AT = text(BALANCE_AT_SQL)

@@ -54,6 +54,25 @@ ORDER BY account_id, seq
 """
 
 
+def _views_of(module_file: str) -> dict[str, str]:
+    """The views an earlier revision froze, from its own module (its text, not today's)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).with_name(module_file)
+    spec = importlib.util.spec_from_file_location(f"bank_migration_{module_file[:4]}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    views: dict[str, str] = module.VIEWS
+    return views
+
+
+#: The views a SQLite ledger has at this revision: 0006's, unchanged (none reads an index
+#: this revision drops: `open_holds` finds settlements through `uq_transfers_hold_seq`).
+VIEWS: dict[str, str] = _views_of("0006_holds_groups_chain_v3.py")
+
+
 def _int64() -> sa.types.TypeEngine[int]:
     """BIGINT, or INTEGER on SQLite (STRICT knows no BIGINT)."""
     return sa.BigInteger().with_variant(sa.Integer(), "sqlite")

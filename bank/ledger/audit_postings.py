@@ -16,8 +16,9 @@ Proved by two aggregate scans inside the database, on the audit's own snapshot
 (`LedgerSnapshot.postings_sums`): over postings, and over the transfers up to W,
 the number of (expected) postings and the sum of a fingerprint `F(account, seq)`.
 F is keyed: its coefficients are drawn anew for every audit, so no edit can be made
-to cancel out in it beforehand. It squares a keyed line of (account, seq) modulo a
-prime below 2**31 (degree 2: an edit that moves one posting up a seq and another
+to cancel out in it beforehand. It squares a keyed line of (account, seq), each
+value taken whole (in three parts below p, each with its own key), modulo
+a prime below 2**31 (degree 2: an edit that moves one posting up a seq and another
 down changes it), then takes a keyed line of that modulo another prime (so that
 edits whose low moments cancel modulo the first still change the integer sums).
 Every product stays below 2**63 on both backends, each sum too for up to 2**32
@@ -54,13 +55,19 @@ POSTINGS_COLUMNS: Final = {
 
 @dataclass(frozen=True, slots=True)
 class FingerprintKeys:
-    """The coefficients of one audit's F: `k1..k3` below p, `k4`, `k5` below q (all >= 1)."""
+    """The coefficients of one audit's F: `k1..k3` and `k6..k9` below p, `k4`, `k5` below
+    q (all >= 1). `k1`, `k6`, `k8` weigh an account's three parts (`PART`), `k2`, `k7`,
+    `k9` a seq's."""
 
     k1: int
     k2: int
     k3: int
     k4: int
     k5: int
+    k6: int = 1
+    k7: int = 1
+    k8: int = 1
+    k9: int = 1
 
     @classmethod
     def draw(cls) -> FingerprintKeys:
@@ -70,16 +77,36 @@ class FingerprintKeys:
             return 1 + secrets.randbelow(modulus - 1)
 
         p, q = FINGERPRINT_P, FINGERPRINT_Q
-        return cls(key(p), key(p), key(p), key(q), key(q))
+        return cls(key(p), key(p), key(p), key(q), key(q), key(p), key(p), key(p), key(p))
+
+
+#: A value is taken in three parts of base 2**30 (below p): v % B, (v / B) % B and v / B**2
+#: (truncated toward zero, as `%` and `/` on integers are in SQLite and PostgreSQL). Each
+#: part is below p and together they are the whole 64-bit value, so two different values
+#: differ in some part by less than p: a keyed line tells them apart but for a 1-in-p
+#: chance. Reducing the value itself mod p let a posting moved by a multiple of p go
+#: unseen (attack finding 1).
+PART: Final = 2**30
 
 
 def line_sql(account: str, seq: str, keys: FingerprintKeys) -> str:
-    """x = ((account % p) * k1 + (seq % p) * k2 + k3) % p, in integer SQL that SQLite and
-    PostgreSQL evaluate alike (`%` truncates toward zero on both; no product reaches
-    2**63, whatever 64-bit values a forger stored). The keys are ints of this module,
-    inlined as literals (no parameter style to differ between drivers)."""
-    p = FINGERPRINT_P
-    return f"((({account}) % {p}) * {keys.k1} + (({seq}) % {p}) * {keys.k2} + {keys.k3}) % {p}"
+    """x = (the keyed parts of the account + the keyed parts of the seq + k3) % p (`PART`),
+    every term reduced mod p first, in integer SQL that SQLite and PostgreSQL evaluate
+    alike (`%` and `/` truncate toward zero on both; no product or sum reaches 2**63,
+    whatever 64-bit values a forger stored). The keys are ints of this module, inlined as
+    literals (no parameter style to differ between drivers)."""
+    p, b = FINGERPRINT_P, PART
+
+    def parts(value: str, low: int, mid: int, high: int) -> str:
+        return (
+            f"(({value}) % {b}) * {low} % {p} + ((({value}) / {b}) % {b}) * {mid} % {p}"
+            f" + (({value}) / {b * b}) * {high} % {p}"
+        )
+
+    return (
+        f"({parts(account, keys.k1, keys.k6, keys.k8)} + "
+        f"{parts(seq, keys.k2, keys.k7, keys.k9)} + {keys.k3}) % {p}"
+    )
 
 
 def mix_sql(x: str, keys: FingerprintKeys) -> str:
@@ -94,15 +121,30 @@ def fingerprint_sql(account: str, seq: str, keys: FingerprintKeys) -> str:
 
 
 def fingerprint(account: int, seq: int, keys: FingerprintKeys) -> int:
-    """F in Python, exactly as the SQL computes it (truncating `%`): for tests and for
-    auditors who re-implement the rule."""
+    """F in Python, exactly as the SQL computes it (truncating `%` and `/`): for tests and
+    for auditors who re-implement the rule."""
 
     def rem(n: int, m: int) -> int:
         r = abs(n) % m
         return -r if n < 0 else r
 
-    p, q = FINGERPRINT_P, FINGERPRINT_Q
-    x = rem(rem(account, p) * keys.k1 + rem(seq, p) * keys.k2 + keys.k3, p)
+    def quot(n: int, m: int) -> int:
+        q = abs(n) // m
+        return -q if n < 0 else q
+
+    p, q, b = FINGERPRINT_P, FINGERPRINT_Q, PART
+
+    def parts(value: int, low: int, mid: int, high: int) -> int:
+        return (
+            rem(rem(value, b) * low, p)
+            + rem(rem(quot(value, b), b) * mid, p)
+            + rem(quot(value, b * b) * high, p)
+        )
+
+    x = rem(
+        parts(account, keys.k1, keys.k6, keys.k8) + parts(seq, keys.k2, keys.k7, keys.k9) + keys.k3,
+        p,
+    )
     return rem(rem(x * x, p) * keys.k4 + keys.k5, q)
 
 

@@ -419,15 +419,6 @@ def test_a_forged_posting_never_makes_a_page_skip_a_real_row(
     `limit` before the join's filter would be one short and filled from the tail, skipping
     the rows between)."""
     ledger, ids = filled
-    if ledger.backend == "postgres":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="finding 2: PostgreSQL's page form cuts the postings arm at :limit "
-                "before the join's filter, and the tail fills the page (postings.py "
-                "HISTORY_ASC_SQL/HISTORY_DESC_SQL)",
-            )
-        )
     replay = Replay.of(ledger)
     account = ids[0]
     w = watermark(ledger)
@@ -1093,11 +1084,6 @@ def test_audits_beside_a_bank_that_flushes_every_few_rows_are_clean(
     assert watermark(ledger_db) > 20 * RUN, "the bank hardly wrote beside the audits"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 3: BALANCES_AT_SQL takes MAX(p.seq) before the join's 'names the "
-    "account' condition, so a forged posting gives the account 0 (bank/ledger/store.py)",
-)
 def test_a_forged_posting_never_zeroes_balances_as_of_a_seq(
     filled: tuple[LedgerDb, list[int]],
 ) -> None:
@@ -1272,14 +1258,6 @@ def test_a_watermark_row_with_another_id_is_refused_at_open(
     """W's one row moved to id 2 (past the CHECK): the audit says so; a bank must refuse to
     open, not open and then stop at its first flush saying the table was edited under it."""
     ledger, ids = filled
-    if ledger.backend == "sqlite":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="finding 4: SQLite's open-time verification never checks the W row's "
-                "id, while the flush updates `WHERE id = 1` (bank/ledger/verify.py)",
-            )
-        )
     if ledger.backend == "sqlite":
         conn = sqlite3.connect(ledger.path, isolation_level=None)
         try:

@@ -277,9 +277,11 @@ LEFT JOIN (
 LEFT JOIN transfers AS t ON t.seq = COALESCE(
     tail.seq,
     (
-        SELECT MAX(p.seq) FROM postings AS p WHERE p.account_id = a.id AND p.seq <= (
+        SELECT p.seq FROM postings AS p JOIN transfers AS n ON n.seq = p.seq
+        WHERE p.account_id = a.id AND p.seq <= (
             SELECT CASE WHEN u.seq < :seq THEN u.seq ELSE :seq END FROM postings_upto AS u
-        )
+        ) AND (n.debit_account_id = a.id OR n.credit_account_id = a.id)
+        ORDER BY p.seq DESC LIMIT 1
     )
 ) AND (t.debit_account_id = a.id OR t.credit_account_id = a.id)
 ORDER BY a.id

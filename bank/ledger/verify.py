@@ -364,11 +364,14 @@ def _check_postings_watermark(
     """
     if not inspect(conn).has_table("postings_upto"):
         return  # the schema check reports a missing table
-    rows = conn.exec_driver_sql("SELECT seq FROM postings_upto").all()
+    rows = conn.exec_driver_sql("SELECT id, seq FROM postings_upto").all()
     if len(rows) != 1:
         report.add(f"postings_upto holds {len(rows)} rows, not one: the postings watermark is lost")
         return
-    (watermark,) = rows[0]
+    row_id, watermark = rows[0]
+    if row_id != 1:  # the writer moves W by `WHERE id = 1`: it would fail at its first flush
+        report.add(f"postings_upto's one row has id {_shown(row_id)}, not 1")
+        return
     if not _is_int(watermark) or not 0 <= watermark <= last_seq:
         report.add(
             f"postings_upto.seq (the postings watermark) is {_shown(watermark)}, not a seq "

@@ -147,7 +147,7 @@ FLUSH_SQL = (
 )
 #: Whether the ledger has postings (revision 0007; on the session's search path), and W.
 HAS_POSTINGS_SQL = "SELECT to_regclass('postings_upto') IS NOT NULL"
-UPTO_SQL = "SELECT seq FROM postings_upto"
+UPTO_SQL = "SELECT seq FROM postings_upto WHERE id = 1"
 
 #: The lease check: keeps a new holder's fence waiting until this transaction ends,
 #: and is false unless the lease session (its pid bound) still holds the lease.

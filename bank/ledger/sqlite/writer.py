@@ -87,7 +87,7 @@ _ADVANCE_SQL = postings.advance_sql("?1", "?2")
 _HAS_POSTINGS_SQL = (
     "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'postings_upto'"
 )
-_UPTO_SQL = "SELECT seq FROM postings_upto"
+_UPTO_SQL = "SELECT seq FROM postings_upto WHERE id = 1"
 
 _SET_LIMIT_SQL = (
     f"UPDATE {accounts.name} SET {accounts.c.overdraft_limit.name} = ? "

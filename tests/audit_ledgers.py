@@ -230,25 +230,10 @@ def kinds(report: AuditReport) -> set[str]:
 
 # -- the same ledger on PostgreSQL --------------------------------------------------------
 
-_TABLES_IN_ORDER = (
-    "accounts",
-    "account_events",
-    "transfers",
-    "chain_formats",
-    "postings",  # revision 0007: the history index and its watermark, as the file has them
-    "postings_upto",
-    "alembic_version",
-)
-
-
-def _tables(source: Path) -> list[str]:
-    """The tables of `_TABLES_IN_ORDER` the SQLite ledger `source` has (its revision's)."""
-    conn = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
-    try:
-        have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    finally:
-        conn.close()
-    return [table for table in _TABLES_IN_ORDER if table in have]
+_TABLES_IN_ORDER = ("accounts", "account_events", "transfers", "chain_formats", "alembic_version")
+#: Copied too when the source has them (revision 0007): the same W and postings; a source
+#: without them leaves the destination's own (W = 0, no postings: every row in the tail).
+_POSTINGS_TABLES = ("postings", "postings_upto")
 
 
 def copy_to_postgres(source: Path, url: str) -> None:
@@ -259,11 +244,17 @@ def copy_to_postgres(source: Path, url: str) -> None:
 
     from bank.ledger.migrate import upgrade_to_head
 
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    try:
+        present = {name for (name,) in src.execute("SELECT name FROM sqlite_master")}
+    finally:
+        src.close()
+    tables = _TABLES_IN_ORDER + tuple(t for t in _POSTINGS_TABLES if t in present)
     engine = create_engine(url)
     try:
         upgrade_to_head(engine)
         with engine.begin() as conn:
-            for table in reversed(_tables(source)):
+            for table in reversed(tables):
                 conn.execute(text(f"DELETE FROM {table}"))
     finally:
         engine.dispose()
@@ -271,7 +262,7 @@ def copy_to_postgres(source: Path, url: str) -> None:
     info = url.replace("postgresql+psycopg://", "postgresql://")
     try:
         with psycopg.connect(info) as dst, dst.cursor() as cur:
-            for table in _tables(source):
+            for table in tables:
                 columns = [row[1] for row in src.execute(f"PRAGMA table_info({table})")]
                 names = ", ".join(columns)
                 with cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:

@@ -21,7 +21,8 @@ prime below 2**31 (degree 2: an edit that moves one posting up a seq and another
 down changes it), then takes a keyed line of that modulo another prime (so that
 edits whose low moments cancel modulo the first still change the integer sums).
 Every product stays below 2**63 on both backends, each sum too for up to 2**32
-postings; each line is computed once per row (a subquery the planner keeps, `FENCES`).
+postings; each line is computed once per row (in a subquery that the backend's `fence`, a
+LIMIT or OFFSET clause, keeps its planner from flattening).
 Only when a figure differs does the audit look for the postings that differ
 (`postings_differences`: anti-joins, each capped), to name them.
 
@@ -83,7 +84,7 @@ def line_sql(account: str, seq: str, keys: FingerprintKeys) -> str:
 
 def mix_sql(x: str, keys: FingerprintKeys) -> str:
     """F from the line x: ((x * x % p) * k4 + k5) % q. `x` is a column of a subquery the
-    database does not flatten (`fence`): written twice here, it is computed once."""
+    database does not flatten (the snapshot's fence): written twice, computed once."""
     return f"((({x}) * ({x}) % {FINGERPRINT_P}) * {keys.k4} + {keys.k5}) % {FINGERPRINT_Q}"
 
 
@@ -363,15 +364,9 @@ def _name_differences(located: PostingsDifferences, problems: Problems) -> None:
 # -- the SQL both snapshots run (plain integer SQL: SQLite and PostgreSQL alike) ---------
 
 
-#: What keeps each backend from flattening a subquery into its aggregate (which would
-#: compute each line twice): SQLite runs a subquery with a LIMIT as a co-routine,
-#: PostgreSQL does not pull up one with an OFFSET.
-FENCES: Final = {"sqlite": " LIMIT -1", "postgresql": " OFFSET 0"}
-
-
 def postings_sums_sql(watermark: int, keys: FingerprintKeys, fence: str) -> str:
     """One scan of postings: how many, their F sum, and how many lie above W."""
-    assert type(watermark) is int and fence in FENCES.values()
+    assert type(watermark) is int
     return (
         f"SELECT count(*), sum({mix_sql('x', keys)}), "
         f"sum(CASE WHEN seq > {watermark} THEN 1 ELSE 0 END) FROM ("
@@ -381,7 +376,7 @@ def postings_sums_sql(watermark: int, keys: FingerprintKeys, fence: str) -> str:
 
 def postings_above_sql(watermark: int, keys: FingerprintKeys, fence: str) -> str:
     """The same sums over the postings above W alone (run only when there are some)."""
-    assert type(watermark) is int and fence in FENCES.values()
+    assert type(watermark) is int
     return (
         f"SELECT count(*), sum({mix_sql('x', keys)}) FROM ("
         f"SELECT {line_sql('account_id', 'seq', keys)} AS x FROM postings "
@@ -399,7 +394,7 @@ def first_above_sql(watermark: int) -> str:
 
 def expected_sums_sql(watermark: int, keys: FingerprintKeys, fence: str) -> str:
     """One range scan of transfers up to W: rows, and both sides' F sum."""
-    assert type(watermark) is int and fence in FENCES.values()
+    assert type(watermark) is int
     return (
         f"SELECT count(*), sum({mix_sql('x', keys)} + {mix_sql('y', keys)}) FROM ("
         f"SELECT {line_sql('debit_account_id', 'seq', keys)} AS x, "
@@ -440,8 +435,9 @@ def postings_sums(
     fence: str,
 ) -> PostingsSums:
     """The figures, by `one(sql)` (a snapshot's: the first row of a query in its own
-    transaction; `fence` its backend's, of `FENCES`): two scans, and two small queries
-    if postings lie above W."""
+    transaction; `fence` the clause that keeps its planner from flattening a subquery
+    into the aggregate, which would compute each line twice): two scans, and two small
+    queries if postings lie above W."""
     top = one(postings_sums_sql(watermark, keys, fence)) or (0, 0, 0)
     every = Sums(_int(top[0]), _int(top[1]))
     above = _int(top[2])

@@ -195,5 +195,6 @@ def test_memory_stays_flat_on_a_longer_ledger(
     assert report.ok, report.problems[:3]
     assert report.transfers_checked == 60_000
     # 60,000 rows of ~10 Python objects (revision 0005's running balances included) would
-    # be > 40 MiB held at once; a stream holds a batch or two.
-    assert peak < 20 * 2**20, peak
+    # be > 40 MiB held at once; a stream holds a batch or two (seen at 17-21 MiB: the
+    # driver's buffers and the other threads' allocations are traced too).
+    assert peak < 28 * 2**20, peak

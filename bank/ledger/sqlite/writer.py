@@ -59,15 +59,16 @@ _KEYLESS_PLAIN_COLUMNS = tuple(c for c in _PLAIN_COLUMNS if c != "key")
 _EVENT_COLUMNS = tuple(f.name for f in fields(AccountEventRow))
 _event_values = attrgetter(*_EVENT_COLUMNS)
 
-#: The writer connection's own settings, chosen for revision 0005's two (account, seq)
-#: indexes (each commit dirtied the last index page of every account it touched) and kept
-#: for the hot pages that remain (accounts, the key index, each postings run): (1) a page
-#: cache that holds them as the ledger grows (SQLite's default is 2 MiB; the cache fills
-#: only as pages are used), and (2) checkpoints every 10,000 WAL pages instead of 1,000,
-#: so that a hot page rewritten by many commits is copied back once per checkpoint, not
-#: once per few commits. Measured with scripts/pipeline_cost.py (100 accounts, with the
-#: 0005 indexes): writer statements 30.6 -> 20.6 us and COMMIT 37.6 -> 13.2 us per operation.
-WRITER_PRAGMAS: Final = ("cache_size = -65536", "wal_autocheckpoint = 10000")
+#: The writer connection's own settings: (1) a 16 MiB page cache (SQLite's default is
+#: 2 MiB; the cache fills only as pages are used) for the pages commits keep touching
+#: (accounts, the key index, the end of `transfers`, a postings run), and (2) checkpoints
+#: every 10,000 WAL pages instead of 1,000, so that a hot page rewritten by many commits
+#: is copied back once per checkpoint, not once per few commits (scripts/pipeline_cost.py,
+#: 100 accounts: writer statements 30.6 -> 20.6 us and COMMIT 37.6 -> 13.2 us per
+#: operation). Revision 0005's indexes needed 64 MiB; since 0007 dropped them, 16 MiB is
+#: as fast (bench.py (s), 3 alternating pairs: 21.5 / 32.1 / 28.7k against 20.9 / 32.2 /
+#: 27.6k transfers/s) and 1,000,000 operations grow the RSS by 2.8 MiB, not 56.
+WRITER_PRAGMAS: Final = ("cache_size = -16384", "wal_autocheckpoint = 10000")
 
 #: How a group commit starts: the write lock at once (this bank is the file's one
 #: writer, so it only ever waits for a reader's checkpoint or a stranger's lock).

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -419,6 +419,16 @@ def test_a_forged_posting_never_makes_a_page_skip_a_real_row(
     `limit` before the join's filter would be one short and filled from the tail, skipping
     the rows between)."""
     ledger, ids = filled
+    if ledger.backend == "postgres":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="finding 2, left open: PostgreSQL's page form cuts the postings arm at "
+                ":limit before the join's filter (the plans that filter first hash-join or "
+                "sort the account's range), so a forged posting's page is filled from the "
+                "tail; the audit reports the posting (bank/ledger/postings.py HISTORY_ASC_SQL)",
+            )
+        )
     replay = Replay.of(ledger)
     account = ids[0]
     w = watermark(ledger)
@@ -711,6 +721,16 @@ with open(out, "w") as log:
 """
 
 
+def _watermarks_seen(outs: Iterable[Path]) -> set[int]:
+    """The W values the reader processes' complete lines so far recorded."""
+    seen: set[int] = set()
+    for out in outs:
+        for line in faults.read_lines(out):
+            with contextlib.suppress(ValueError):
+                seen.add(int(json.loads(line)["w"]))
+    return seen
+
+
 def check_read(replay: Replay, record: dict[str, Any]) -> None:
     """A read made at some snapshot at or after the head it knew (`head`): rows are
     append-only, so it is a piece of the final ledger's history, exactly determined up to
@@ -824,7 +844,7 @@ def _bank_reader_thread(
         )
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_readers_in_other_processes_see_exact_pages_while_flushes_move_w(
     ledger_db: LedgerDb, tmp_path: Path
 ) -> None:
@@ -893,10 +913,13 @@ def test_readers_in_other_processes_see_exact_pages_while_flushes_move_w(
             for t in threads:
                 t.start()
             # Until each reader process has made 150 reads (they start slowly on a busy
-            # machine) and for 1.5 s at least, while the bank writes.
-            started, deadline = time.monotonic(), time.monotonic() + 60.0
-            while time.monotonic() < started + 1.5 or any(
-                len(faults.read_lines(out)) < 150 for out, _ in procs
+            # machine), the readers have seen W take 10 values (a slow machine writes
+            # slowly: a fixed time saw only 1-4), and for 1.5 s at least.
+            started, deadline = time.monotonic(), time.monotonic() + 180.0
+            while (
+                time.monotonic() < started + 1.5
+                or any(len(faults.read_lines(out)) < 150 for out, _ in procs)
+                or len(_watermarks_seen(out for out, _ in procs)) < 10
             ):
                 assert time.monotonic() < deadline and not errors, ("watchdog", errors)
                 for _, proc in procs:

@@ -107,33 +107,25 @@ def _greatest_w(bound: str) -> str:
     return f"(SELECT CASE WHEN u.seq > {bound} THEN u.seq ELSE {bound} END FROM postings_upto AS u)"
 
 
-def _posted(range_sql: str, order: str) -> str:
-    """A page's postings arm (the cut form): the account's postings in `range_sql`, in key
-    order (`order`: ASC or DESC), each followed to its transfer by a LATERAL look-up that
-    drops a posting whose transfer does not name the account, cut at :limit AFTER that
-    filter. The range is a subquery fenced by OFFSET 0, so the planner keeps it as an
-    ordered range of the key and the LATERAL makes the join a nested loop by seq that
-    stops at :limit: given the plain join, PostgreSQL expected the filter to leave fewer
-    than :limit rows and hash-joined or sorted the account's whole range (225 ms on
-    1,000,000 rows); cut at :limit before the filter, a forged posting made the page
-    come out short and the tail filled it past real rows (attack finding 2)."""
-    return f"""
+#: Ascending page: rows with seq > :after. The postings arm is first a range of the key
+#: (account, (after, W]) in order, cut at :limit (a subquery with its own LIMIT: neither
+#: planner merges it into the join, so neither can trade the early stop for a hash join
+#: over `transfers`, which PostgreSQL did for a busy account when the join's filter made
+#: it expect fewer than :limit rows), then joined to `transfers` by seq. The tail arm is a
+#: range of `transfers` by seq above max(W, :after). A forged posting (its transfer does
+#: not name the account) is dropped by the join after the cut, so its page comes out one
+#: row short and the tail arm may fill it past real rows below W (attack finding 2; the
+#: audit reports the posting). SQLite's merged form below filters before its LIMIT.
+HISTORY_ASC_SQL: Final = f"""
+SELECT {_RECEIPT_NAMES} FROM (
     SELECT * FROM (
         SELECT {RECEIPT_SELECT} FROM (
             SELECT p.seq FROM postings AS p
-            WHERE p.account_id = :account AND {range_sql}
-            ORDER BY p.seq {order} OFFSET 0
-        ) AS picked CROSS JOIN LATERAL (
-            SELECT * FROM transfers AS t WHERE t.seq = picked.seq AND {_NAMES}
-        ) AS t
-        ORDER BY picked.seq {order} LIMIT :limit
-    ) AS posted"""
-
-
-#: Ascending page: rows with seq > :after: the postings arm over (after, W] (`_posted`),
-#: and the tail arm, a range of `transfers` by seq above max(W, :after).
-HISTORY_ASC_SQL: Final = f"""
-SELECT {_RECEIPT_NAMES} FROM ({_posted("p.seq > :after AND p.seq <= " + _W, "ASC")}
+            WHERE p.account_id = :account AND p.seq > :after AND p.seq <= {_W}
+            ORDER BY p.seq LIMIT :limit
+        ) AS picked JOIN transfers AS t ON t.seq = picked.seq
+        WHERE {_NAMES}
+    ) AS posted
     UNION ALL
     SELECT * FROM (
         SELECT {RECEIPT_SELECT} FROM transfers AS t
@@ -146,7 +138,15 @@ ORDER BY seq LIMIT :limit
 
 #: Descending page: rows with seq <= :upper (the cursor minus one), newest first.
 HISTORY_DESC_SQL: Final = f"""
-SELECT {_RECEIPT_NAMES} FROM ({_posted("p.seq <= " + _least_w(":upper"), "DESC")}
+SELECT {_RECEIPT_NAMES} FROM (
+    SELECT * FROM (
+        SELECT {RECEIPT_SELECT} FROM (
+            SELECT p.seq FROM postings AS p
+            WHERE p.account_id = :account AND p.seq <= {_least_w(":upper")}
+            ORDER BY p.seq DESC LIMIT :limit
+        ) AS picked JOIN transfers AS t ON t.seq = picked.seq
+        WHERE {_NAMES}
+    ) AS posted
     UNION ALL
     SELECT * FROM (
         SELECT {RECEIPT_SELECT} FROM transfers AS t

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bank.answers import Answer
+from bank.answers import Answer, Reply
 from bank.errors import BankClosed, BankError, LedgerUnavailable
 from bank.ledger.backend import AccountEventRow, BatchWriter, OwnerLock, WriteBatch
 from bank.ledger.sequencer import Sequencer, Staged, StagedGroup, StagedRejection
@@ -248,8 +248,16 @@ class Pipeline(threading.Thread):
                 writer.close()
 
     def _callers_wait_for(self, committed: _Prepared) -> bool:
-        """True when fewer operations are staged than `committed` is about to answer:
-        its callers are then (likely) the ones who will stage the next ones."""
+        """True when `committed` answers blocking calls (its last record's answer is a
+        `Reply`) and fewer operations are staged than it is about to answer: its callers
+        are then (likely) the ones who will stage the next ones.
+
+        Only blocking calls: pipelined callers (`submit_many`, `submit_batch`) keep
+        operations in flight, and gathering for them made the writer wait where it
+        should write (bench.py (c), 16 x 64 in flight: 110 of 180 commits gathered).
+        """
+        if type(committed.batch[-1][0]) is not Reply:
+            return False
         with self._lock:
             return len(self._sequencer.pending) < len(committed.batch)
 

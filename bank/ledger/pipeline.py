@@ -256,7 +256,7 @@ class Pipeline(threading.Thread):
         operations in flight, and gathering for them made the writer wait where it
         should write (bench.py (c), 16 x 64 in flight: 110 of 180 commits gathered).
         """
-        if type(committed.batch[-1][0]) is not Reply:
+        if not committed.batch or type(committed.batch[-1][0]) is not Reply:
             return False
         with self._lock:
             return len(self._sequencer.pending) < len(committed.batch)

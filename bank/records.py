@@ -91,3 +91,12 @@ class AccountSummary(NamedTuple):
     held: int
     available: int | None
     closed: bool
+
+    @classmethod
+    def of(
+        cls, account_id: int, name: str, balance: int, overdraft_limit: int, held: int, closed: bool
+    ) -> AccountSummary:
+        """The summary, with `available` derived as the engine computes it
+        (`balance + overdraft_limit - held`; None for `@cash`)."""
+        available = None if account_id == CASH_ACCOUNT_ID else balance + overdraft_limit - held
+        return cls(account_id, name, balance, overdraft_limit, held, available, closed)

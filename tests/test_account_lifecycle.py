@@ -16,6 +16,8 @@ import pytest
 import bank
 from bank import lockcheck
 from bank.errors import SchemaDowngradeRefused
+from bank.ledger.reader import LedgerReader
+from bank.records import AccountSummary
 from tests.audit_ledgers import edit, rechain, recompute_running
 from tests.conftest import LedgerDb
 from tests.test_running_balances import _migrate
@@ -102,6 +104,11 @@ def test_a_ledger_at_0005_with_a_close_refuses_to_go_back_to_0004(ledger_db: Led
         "INSERT INTO account_events VALUES (91, 1, 'close', 'alice', 0, 0, 2, 'h91')",
     )
     events = ledger_db.query("SELECT * FROM account_events ORDER BY seq")
+    # A reader of this older ledger (no holds before 0006) shows the close and nothing held.
+    with LedgerReader(ledger_db.db) as reader:
+        summaries = {a.name: a for a in reader.account_summaries()}
+    assert summaries["alice"] == AccountSummary(1, "alice", 0, 0, 0, 0, True)
+    assert summaries["@cash"].available is None and not summaries["@cash"].closed
     with pytest.raises(SchemaDowngradeRefused, match="1 account_events rows close an account"):
         _migrate(ledger_db, "downgrade", "0004")
     # Refused as a whole: still 0005, every row as it was.

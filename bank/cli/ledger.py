@@ -160,16 +160,12 @@ def _account_rows(bank: Bank) -> list[AccountSummary]:
     """Every account with a balance from one snapshot (a consistent set of balances)."""
     snapshot = bank.snapshot()
     accounts = [bank.account(CASH_ACCOUNT_ID), *bank.accounts()]
-    rows = []
-    for a in accounts:
-        balance = snapshot.balances.get(a.id, 0)
-        held = a.held
-        cash = a.id == CASH_ACCOUNT_ID
-        available = None if cash else balance + a.overdraft_limit - held
-        rows.append(
-            AccountSummary(a.id, a.name, balance, a.overdraft_limit, held, available, a.closed)
+    return [
+        AccountSummary.of(
+            a.id, a.name, snapshot.balances.get(a.id, 0), a.overdraft_limit, a.held, a.closed
         )
-    return rows
+        for a in accounts
+    ]
 
 
 def _print_accounts(rows: list[AccountSummary], out: TextIO) -> None:

@@ -82,12 +82,18 @@ class LedgerReader:
             self.close()
             raise NotALedger(f"{self.where} is an empty database, not a ledger")
         self.revision = revision
-        self._has_running_balances = False  # known True after the first check
+        #: What the ledger's revision has: running balances and 'close' events (0005),
+        #: holds (0006), `postings` (0007; else it is read with revision 0005's queries,
+        #: `store.history_page(..., postings=False)`).
+        self._running = self._reaches(RUNNING_BALANCES_REVISION)
+        self._holds = self._reaches(HOLDS_REVISION)
+        self.postings = self._reaches(POSTINGS_REVISION)
+
+    def _reaches(self, revision: str) -> bool:
+        """Whether the ledger's revision is `revision` or newer."""
         revisions = migrate.revisions_oldest_first()
-        #: Whether the ledger has `postings` (revision 0007): else it is read with the
-        #: queries of revision 0005 (`store.history_page(..., postings=False)`).
-        self.postings = revision in revisions and revisions.index(revision) >= revisions.index(
-            POSTINGS_REVISION
+        return self.revision in revisions and revisions.index(self.revision) >= revisions.index(
+            revision
         )
 
     def __enter__(self) -> LedgerReader:
@@ -117,10 +123,7 @@ class LedgerReader:
         """Every account, `@cash` first, with what its pending holds reserve, what it may
         still spend and whether it is closed, from one committed snapshot (a ledger at an
         older revision has no holds or closes: none are shown)."""
-        revisions = migrate.revisions_oldest_first()
-        at = revisions.index(self.revision)
-        holds = at >= revisions.index(HOLDS_REVISION)
-        closes = at >= revisions.index(RUNNING_BALANCES_REVISION)
+        holds, closes = self._holds, self._running
         return self.read(
             lambda conn: store.load_account_summaries(conn, holds=holds, closes=closes)
         )
@@ -201,12 +204,7 @@ class LedgerReader:
         return store.history_page(conn, account_id, after, size, postings=self.postings)
 
     def _need_running_balances(self) -> None:
-        if self._has_running_balances:
-            return
-        revisions = migrate.revisions_oldest_first()
-        if revisions.index(self.revision) >= revisions.index(RUNNING_BALANCES_REVISION):
-            self._has_running_balances = True
-        else:
+        if not self._running:
             raise LedgerVersionError(
                 f"{self.where} is at schema revision {self.revision}, whose rows carry no "
                 f"running balances (revision {RUNNING_BALANCES_REVISION}): balances as of a "

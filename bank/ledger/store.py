@@ -35,7 +35,7 @@ from bank.ledger.backends import backend_module
 from bank.ledger.chain import GENESIS
 from bank.ledger.models import account_events, accounts, transfers
 from bank.ledger.postings import BALANCE_AT_SQL, history_sql
-from bank.limits import BALANCE_MAX, CASH_ACCOUNT_ID, HISTORY_LIMIT_MAX
+from bank.limits import BALANCE_MAX, HISTORY_LIMIT_MAX
 from bank.records import AccountInfo, AccountSummary, Receipt
 
 #: Builds a `Receipt` from a row without the NamedTuple's Python-level `__new__`.
@@ -79,14 +79,8 @@ def load_account_summaries(conn: Connection, *, holds: bool, closes: bool) -> li
             held[int(source_id)] = held.get(int(source_id), 0) + int(amount)
     closed = closed_accounts(conn) if closes else set()
     return [
-        AccountSummary(
-            a.id,
-            a.name,
-            a.balance,
-            a.overdraft_limit,
-            held.get(a.id, 0),
-            None if a.id == CASH_ACCOUNT_ID else a.balance + a.overdraft_limit - held.get(a.id, 0),
-            a.id in closed,
+        AccountSummary.of(
+            a.id, a.name, a.balance, a.overdraft_limit, held.get(a.id, 0), a.id in closed
         )
         for a in load_accounts(conn)
     ]

@@ -26,6 +26,7 @@ import sqlite3
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -54,8 +55,17 @@ BACKENDS: tuple[Backend, ...] = ("sqlite", "postgres")
 
 #: Test modules that run with the lock-order checker on (and fast thread switching).
 _LOCK_CHECKED = frozenset(
-    {"tests.test_contention", "tests.test_stateful", "tests.test_hangs", "tests.test_outcomes"}
+    {
+        "tests.test_contention",
+        "tests.test_stateful",
+        "tests.test_hangs",
+        "tests.test_outcomes",
+        "tests.test_batch",
+        "tests.test_holds_contention",
+    }
 )
+#: The switch interval of a lock-checked module, unless it sets `SWITCH_INTERVAL_S`.
+SWITCH_INTERVAL_S = 1e-5
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +80,7 @@ def _lock_order_checked(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     lockcheck.reset()
     old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
+    sys.setswitchinterval(getattr(request.module, "SWITCH_INTERVAL_S", SWITCH_INTERVAL_S))
     try:
         with lockcheck.enabled(True):
             yield
@@ -79,6 +89,16 @@ def _lock_order_checked(request: pytest.FixtureRequest) -> Iterator[None]:
     found = lockcheck.violations()
     lockcheck.reset()
     assert not found, f"lock-order violations: {found}"
+
+
+def wait_until(
+    predicate: Callable[[], bool], what: str = "the condition", timeout_s: float = 10.0
+) -> None:
+    """Poll `predicate` until it holds; a watchdog failure naming `what` instead of a hang."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"watchdog: {what} within {timeout_s} s"
+        time.sleep(0.002)
 
 
 @pytest.fixture

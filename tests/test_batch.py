@@ -5,45 +5,19 @@ from __future__ import annotations
 
 import functools
 import random
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any
 
 import pytest
 
 import bank
-from bank import lockcheck
 from bank.ledger.writer import LedgerWriter
 from bank.limits import BATCH_OPS_MAX
-from tests.conftest import LedgerDb, run_threads
+from tests.conftest import LedgerDb, run_threads, wait_until
 
 Cmd = bank.Deposit | bank.Withdrawal | bank.Transfer
-
-
-@pytest.fixture(autouse=True)
-def _lock_order_checked() -> Iterator[None]:
-    """Every lock made here is order-checked, with fast thread switching."""
-    lockcheck.reset()
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        with lockcheck.enabled(True):
-            yield
-    finally:
-        sys.setswitchinterval(old)
-    found = lockcheck.violations()
-    lockcheck.reset()
-    assert not found, f"lock-order violations: {found}"
-
-
-def _wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"watchdog: {what} within {timeout_s} s"
-        time.sleep(0.002)
 
 
 @pytest.mark.timeout(60)
@@ -151,7 +125,7 @@ def test_timeout_bounds_the_whole_call_and_later_chunks_get_queue_full(
     held = b.account(a)
     with held.lock:  # the one worker blocks on `a`, so the queue fills and stays full
         blocker = b.submit(bank.Deposit(account=a, amount=1))
-        _wait_until(lambda: b.stats().queue_depth == 0, "the worker takes the blocker")
+        wait_until(lambda: b.stats().queue_depth == 0, "the worker takes the blocker")
         future = b.submit_batch(
             [bank.Deposit(account=a, amount=1) for _ in range(100)], timeout=0.2
         )
@@ -178,7 +152,7 @@ def test_cancel_before_a_worker_starts_it_applies_nothing(
     a = b.open_account("a").id
     with b.account(a).lock:
         blocker = b.submit(bank.Deposit(account=a, amount=1))
-        _wait_until(lambda: b.stats().queue_depth == 0, "the worker takes the blocker")
+        wait_until(lambda: b.stats().queue_depth == 0, "the worker takes the blocker")
         future = b.submit_batch([bank.Deposit(account=a, amount=7, key=f"c{i}") for i in range(3)])
         assert future.cancel()
     blocker.result(timeout=20)
@@ -187,13 +161,13 @@ def test_cancel_before_a_worker_starts_it_applies_nothing(
     assert b.balance(a) == 1
     # The worker still passes over the cancelled batch (claiming and releasing its keys
     # as it goes) after the future says cancelled: wait for it, never for a fixed time.
-    _wait_until(lambda: b.stats().keys_in_flight == 0, "the worker passes the cancelled batch")
+    wait_until(lambda: b.stats().keys_in_flight == 0, "the worker passes the cancelled batch")
     assert b.find("c0") is None
     assert isinstance(b.execute([bank.Deposit(account=a, amount=7, key="c0")])[0], bank.Receipt)
     # Once a worker has started a batch it runs to the end: cancel() says so.
     with b.account(a).lock:
         running = b.submit_batch([bank.Deposit(account=a, amount=1) for _ in range(3)])
-        _wait_until(running.running, "the worker starts the batch")
+        wait_until(running.running, "the worker starts the batch")
         assert not running.cancel()
     assert all(isinstance(o, bank.Receipt) for o in running.result(timeout=20))
     assert b.balance(a) == 1 + 7 + 3
@@ -213,7 +187,7 @@ def test_close_during_a_batch_commits_what_was_accepted_and_refuses_the_rest(
 
     thread = threading.Thread(target=caller, daemon=True)
     thread.start()
-    _wait_until(lambda: b.stats().accepted > 40, "the batch gets going", 30)
+    wait_until(lambda: b.stats().accepted > 40, "the batch gets going", 30)
     b.close()
     thread.join(30)
     assert not thread.is_alive() and got
@@ -315,7 +289,7 @@ def test_callbacks_run_once_per_batch_and_execute_refuses_on_a_bank_thread(
     future = b.submit_batch([bank.Deposit(account=a, amount=1) for _ in range(10)])
     future.add_done_callback(callback)
     future.result(timeout=20)
-    _wait_until(lambda: len(seen) == 3, "the callback ran")
+    wait_until(lambda: len(seen) == 3, "the callback ran")
     assert seen[:2] == [10, "WaitOnBankThread"] and seen[2].startswith("bank-")
     assert b.balance(a) == 10
 

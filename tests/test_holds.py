@@ -15,14 +15,7 @@ import bank
 from bank.clock import ManualClock
 from bank.ledger.audit import audit_ledger
 from bank.limits import BALANCE_MAX
-from tests.conftest import LedgerDb, run_threads
-
-
-def _wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
+from tests.conftest import LedgerDb, run_threads, wait_until
 
 
 def _rows(ledger_db: LedgerDb, where: str = "") -> list[tuple[Any, ...]]:
@@ -129,7 +122,7 @@ def test_expiry_is_exact_by_the_banks_clock(
     # Refused on the post's own stamp, or found expired by the timer first: either way.
     with pytest.raises(bank.HoldNotPending, match=f"hold {late.seq} (was already )?expired at seq"):
         b.post(late.seq)
-    _wait_until(lambda: b.account(alice).held == 0)
+    wait_until(lambda: b.account(alice).held == 0)
     expired = _rows(ledger_db, "WHERE kind = 'expire'")
     assert [r[1:6] for r in expired] == [("expire", alice, shop, 10_00, late.seq)]
     assert b.balance(alice) == 99_00
@@ -148,11 +141,11 @@ def test_the_timer_expires_holds_and_a_reopened_bank_expires_what_expired_while_
     later = b.hold(alice, shop, 20_00, expires_s=60, key="h-later")
     never = b.hold(alice, shop, 30_00)
     clock.advance(1)
-    _wait_until(lambda: b.account(alice).held == 50_00)  # the timer wrote soon's expire
+    wait_until(lambda: b.account(alice).held == 50_00)  # the timer wrote soon's expire
     b.close()
     clock.advance(3600)
     b = make_ledger_bank(clock=clock)
-    _wait_until(lambda: b.account(alice).held == 30_00)  # later expired while closed
+    wait_until(lambda: b.account(alice).held == 30_00)  # later expired while closed
     a = b.account(alice)
     assert (a.balance, a.available) == (100_00, 70_00)
     b.snapshot()  # durable
@@ -320,7 +313,7 @@ def test_under_contention_available_never_goes_below_zero_and_no_hold_settles_tw
         "HAVING COUNT(*) > 1"
     )
     assert settle_rows == []
-    _wait_until(lambda: b.account(hot).held == sum(h.amount for h in _pending(ledger_db, hot)))
+    wait_until(lambda: b.account(hot).held == sum(h.amount for h in _pending(ledger_db, hot)))
     assert b.snapshot().total == 0
     b.close()
     _audit_ok(ledger_db)

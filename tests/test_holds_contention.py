@@ -10,16 +10,14 @@ expiry racing a post: exactly one of them); a refused group leaves nothing.
 from __future__ import annotations
 
 import random
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 import bank
-from bank import lockcheck
 from bank.clock import ManualClock
 from bank.ledger.audit import audit_ledger
 from tests.conftest import LedgerDb, run_threads
@@ -29,6 +27,8 @@ TELLERS = 16
 OPS = {"sqlite": 60, "postgres": 30}
 WAIT_S = 60.0  # every future's answer, at most
 WATCHDOG_S = 120.0  # every thread's end, at most
+#: The lock-order checker is on (tests/conftest.py), switching every 1 us.
+SWITCH_INTERVAL_S = 1e-6
 
 #: What a teller may be told, besides a receipt, in the mixed race.
 REFUSALS = (
@@ -38,22 +38,6 @@ REFUSALS = (
     bank.PostExceedsHold,
     bank.LinkedCommandFailed,
 )
-
-
-@pytest.fixture(autouse=True)
-def _racing() -> Iterator[None]:
-    """The lock-order checker on (any violation fails the test), switching every 1 us."""
-    lockcheck.reset()
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        with lockcheck.enabled(True):
-            yield
-    finally:
-        sys.setswitchinterval(old)
-    found = lockcheck.violations()
-    lockcheck.reset()
-    assert not found, f"lock-order violations: {found}"
 
 
 def _audit_clean(ledger_db: LedgerDb) -> None:

@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,17 +19,10 @@ from bank.clock import ManualClock
 from bank.commands import BankCommand
 from bank.ledger.audit import audit_ledger
 from bank.ledger.copy import copy_ledger
-from tests.conftest import LEDGER_PARAMS, LedgerDb, new_ledger, run_threads
+from tests.conftest import LEDGER_PARAMS, LedgerDb, new_ledger, run_threads, wait_until
 from tests.ledger_templates import LedgerTemplate
 
 START_US = 1_700_000_000_000_000
-
-
-def _wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 @pytest.fixture(scope="module", params=LEDGER_PARAMS)
@@ -123,7 +115,7 @@ def test_an_expiry_due_after_a_refused_close_lands_and_the_close_then_succeeds(
     with pytest.raises(bank.AccountNotEmpty):
         b.close_account(tgt)
     clock.advance(5)
-    _wait_until(lambda: b.account(src).held == 0)
+    wait_until(lambda: b.account(src).held == 0)
     b.close_account(tgt)  # the hold expired: nothing points at it any more
     with pytest.raises(bank.HoldNotPending, match="expired"):
         b.post(h.seq)
@@ -277,7 +269,7 @@ def test_running_balances_pages_and_cli_output_of_hold_rows(
     clock = ManualClock(start_us=START_US)
     b = make_sqlite_bank(clock=clock)
     a, t, _ = _mixed_ledger(b, clock)
-    _wait_until(lambda: len(b.history(a, limit=100)) == 9)
+    wait_until(lambda: len(b.history(a, limit=100)) == 9)
     history = b.history(a, limit=100)
     kinds = [r.kind for r in history]
     assert kinds == [
@@ -355,7 +347,7 @@ def test_a_copy_keeps_pending_holds_their_deadlines_groups_and_closes(
         with pytest.raises(bank.AccountNotEmpty):
             c.close_account(t)  # still the target of two pending holds
         clock.advance(10)
-        _wait_until(lambda: c.account(a).held == 20)
+        wait_until(lambda: c.account(a).held == 20)
         expired = c.history(a, limit=100)[-1]
         assert (expired.kind, expired.hold_seq) == ("expire", soon.seq)
         assert c.post(never.seq).amount == 20

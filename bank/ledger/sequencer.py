@@ -129,6 +129,12 @@ class Sequencer:
 
     # -- staging (called by workers with the accounts' locks held; never raises) ----
 
+    def _stamp(self) -> int:
+        """The next row's timestamp: now, or the last one if the clock went back (the
+        caller holds `lock`; timestamps never decrease along the chain)."""
+        ts_us = self._now_us()
+        return ts_us if ts_us >= self.ts_us else self.ts_us
+
     def stage_transfer(
         self,
         kind: str,
@@ -143,9 +149,7 @@ class Sequencer:
         """Queue an applied operation for the next commit, with its seq, time and hash."""
         with self.lock:
             seq = self.seq + 1
-            ts_us = self._now_us()
-            if ts_us < self.ts_us:  # noqa: PLR1730 (a compare is cheaper than max())
-                ts_us = self.ts_us
+            ts_us = self._stamp()
             self.ts_us = ts_us
             head = transfer_hash(
                 self.head_hash,
@@ -194,9 +198,7 @@ class Sequencer:
         `expires_after_us`.
         """
         with self.lock:
-            ts_us = self._now_us()
-            if ts_us < self.ts_us:  # noqa: PLR1730 (a compare is cheaper than max())
-                ts_us = self.ts_us
+            ts_us = self._stamp()
             if (before_us is not None and ts_us >= before_us) or (
                 not_before_us is not None and ts_us < not_before_us
             ):
@@ -234,9 +236,7 @@ class Sequencer:
         timestamp; returns the receipts, or the index of the first post or void whose
         hold's deadline that timestamp misses (nothing staged)."""
         with self.lock:
-            ts_us = self._now_us()
-            if ts_us < self.ts_us:  # noqa: PLR1730 (a compare is cheaper than max())
-                ts_us = self.ts_us
+            ts_us = self._stamp()
             for index, row in enumerate(rows):
                 if row.before_us is not None and ts_us >= row.before_us:
                     return index

@@ -11,18 +11,21 @@ transfers, many ways on SQLite and two on PostgreSQL, beside pgbench.
   with `submit_many` (a future per operation);
 - (s) the same with `submit_batch` (one future per window of 64);
 - (d) raw stdlib `sqlite3` inserting the rows the engine writes (same
-  `transfers` table, precomputed chain hashes), 1,000 rows per transaction:
-  the ceiling of the ledger itself;
+  `transfers` table, precomputed chain hashes), 1,000 rows per transaction,
+  and their postings (revision 0007) in the engine's sorted runs of
+  `POSTINGS_RUN_ROWS`: the ceiling of the ledger itself;
 - (e) (c) again with `durability="normal"`, for the trade-off table;
 - (f) `bank simulate` at its defaults (what `make run` shows), the figure a user sees;
 - (m) `bank simulate --tellers 16 --window 64`: the in-flight count of (s), its reference;
 - (o) `bank simulate --rate R` at 80% of the maximum rate an open flood measured just
   before: p99 latency from each operation's intended start (target <= 10 ms);
 - (g) (c) on PostgreSQL: the engine's pipelined path through `Bank.open(url)`;
+- (p) (s) on PostgreSQL: the same through `submit_batch`, the engine's fast path;
 - (h) the raw psycopg ceiling: the same rows (chain hashes precomputed) and each
   batch's final balances, written by one connection with nothing else, one
   durable transaction (`synchronous_commit=on`) per batch, on the ledger's own
-  tables (`bank.ledger.models`, both foreign keys of `transfers` included); each
+  tables (`bank.ledger.models`, both foreign keys of `transfers` included), the
+  postings written in the engine's sorted runs as (d) writes them; each
   round measures every candidate writer of `--pg-raw` at every `--pg-raw-batch`
   size and the fastest is the ceiling;
 - (i) pgbench's TPC-B-like script, `-c 8 -j 2`, durable, on its own database:
@@ -111,6 +114,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_sessio
 from bank import Bank
 from bank.commands import Deposit, Transfer
 from bank.errors import InsufficientFunds
+from bank.ledger import postings
 from bank.ledger.chain import transfer_hash
 from bank.ledger.models import transfers
 from bank.limits import BUSY_TIMEOUT_MS
@@ -122,9 +126,9 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_pg
 
-VARIANTS = ("a", "n", "b", "c", "s", "d", "e", "f", "m", "o", "g", "h", "i")
+VARIANTS = ("a", "n", "b", "c", "s", "d", "e", "f", "m", "o", "g", "p", "h", "i")
 #: The variants that need a PostgreSQL server.
-PG_VARIANTS = ("g", "h", "i")
+PG_VARIANTS = ("g", "p", "h", "i")
 # Sized for a run of about a minute on 2 cores, each timed region several seconds long.
 OPS_DEFAULT = {
     "a": 10_000,
@@ -138,6 +142,7 @@ OPS_DEFAULT = {
     "m": 200_000,
     "o": 100_000,  # the run at 80% of the maximum rate (after a flood of OPEN_FLOOD_S)
     "g": 200_000,
+    "p": 200_000,
     "h": 100_000,  # per candidate writer and batch size
 }
 PGBENCH_SECONDS_DEFAULT = 10  # (i) runs for a time (-T), not a number of operations
@@ -153,6 +158,7 @@ LABELS = {
     "m": "bank simulate --ops N --tellers 16 --window 64 (the in-flight count of (s))",
     "o": "bank simulate --rate R --ops N at its defaults, R = 80% of the maximum rate",
     "g": "engine on PostgreSQL: 16 threads x window of 64 (submit_many)",
+    "p": "engine on PostgreSQL: 16 threads x window of 64 (submit_batch, as (s))",
     "h": "raw psycopg ceiling: fastest batched durable insert+update, one transaction per batch",
     "i": "pgbench TPC-B -c 8 -j 2 -T N, synchronous_commit=on (TPS)",
 }
@@ -168,6 +174,7 @@ SHORT = {
     "m": "(m) simulate 16x64",
     "o": "(o) open, 80% of max",
     "g": "(g) engine on PG",
+    "p": "(p) submit_batch on PG",
     "h": "(h) raw psycopg",
     "i": "(i) pgbench TPS",
 }
@@ -180,6 +187,7 @@ TARGETS: dict[str, list[tuple[str, float]]] = {
     "m": [("s", 0.8)],
     "f": [("n", 30.0)],
     "g": [("h", 0.5), ("i", 5.0)],
+    "p": [("h", 0.5), ("i", 5.0)],
 }
 #: variant -> (figure in its `extra`, highest value): targets on a figure, not a ratio.
 FIGURE_TARGETS: dict[str, tuple[str, float]] = {"o": ("p99_ms", 10.0)}
@@ -888,7 +896,8 @@ def bench_raw(
 
     The schema and the funded accounts come from `Bank.open` (then closed); the rows,
     chained from the ledger's head hash, are built before the clock starts. Timed:
-    `executemany` of 1,000 rows per transaction. The accounts' final balances are
+    `executemany` of 1,000 rows per transaction, and the postings every
+    `POSTINGS_RUN_ROWS` rows as the engine writes them. The accounts' final balances are
     written once after the clock stops (the engine updates them per commit, so this
     makes the ceiling a little higher, never lower), then the ledger is reopened
     with `Bank.open` and verified like the engine's.
@@ -920,10 +929,23 @@ def bench_raw(
         db.execute(f"PRAGMA synchronous = {durability.upper()}")
         db.execute("PRAGMA foreign_keys = ON")
 
+        # The ledger the engine writes has its postings (revision 0007): every
+        # POSTINGS_RUN_ROWS rows, the same sorted INSERT and watermark move before a COMMIT.
+        (upto,) = db.execute("SELECT seq FROM postings_upto WHERE id = 1").fetchone()
+        runs = [upto]
+
+        def flush_postings(head: int) -> None:
+            if postings.flush_due(runs[0], head):
+                db.execute(postings.flush_sql("?1", "?2"), (runs[0], head))
+                if db.execute(postings.advance_sql("?1", "?2"), (runs[0], head)).rowcount != 1:
+                    raise RuntimeError("postings_upto moved under the ceiling")
+                runs[0] = head
+
         def writer_executemany(_i: int) -> tuple[int, int]:
             for batch in batches:
                 db.execute("BEGIN")
                 db.executemany(_INSERT_TRANSFER, batch)
+                flush_postings(batch[-1][0])
                 db.execute("COMMIT")
             return len(moves), 0
 
@@ -945,16 +967,20 @@ def bench_raw(
             )
 
         def writer_values(_i: int) -> tuple[int, int]:
-            for pages in paged:
+            for pages, batch in zip(paged, batches, strict=True):
                 db.execute("BEGIN")
                 for sql, params in pages:
                     db.execute(sql, params)
+                flush_postings(batch[-1][0])
                 db.execute("COMMIT")
             return len(moves), 0
 
         writer = writer_values if how == "values" else writer_executemany
 
         seconds, cpu, accepted, refused = run_threads(1, writer, gc_mode)
+        upto, posted = db.execute(
+            "SELECT (SELECT seq FROM postings_upto WHERE id = 1), (SELECT count(*) FROM postings)"
+        ).fetchone()
         expected = expected_balances(moves, accounts)
         db.execute("BEGIN")
         db.executemany(
@@ -969,6 +995,10 @@ def bench_raw(
         db.close()
     result = Result("d", len(moves), seconds, cpu, accepted, refused)
     result.extra["insert"] = how
+    if seq - upto >= postings.POSTINGS_RUN_ROWS + RAW_BATCH_ROWS or posted != 2 * upto:
+        result.problems.append(f"postings: {posted} up to the watermark {upto}, head {seq}")
+    else:
+        result.checks.append(f"postings up to {upto}")
     with Bank.open(path, durability=durability) as bank:
         result.checks.append("reopened by Bank.open")
         verify_bank(bank, result, moves, accounts)
@@ -1001,20 +1031,23 @@ class PgRun:
 
 
 def bench_pg_engine(
+    variant: str,
     pg: PgRun,
     moves: list[Move],
     accounts: int,
     durability: str,
     gc_mode: str,
     wait: str,
+    how: str,
 ) -> Result:
-    """(g): (c)'s workload through `Bank.open(url)` on a fresh PostgreSQL database."""
+    """(g)/(p): (c)'s and (s)'s workloads through `Bank.open(url)` on a fresh PostgreSQL
+    database (`how`: "many" or "batch", as `bench_window` takes it)."""
     url = pg.database("engine")
     try:
         bank = open_bank(url, accounts, durability)
     except Exception as exc:  # an engine without a PostgreSQL backend: the run goes on
         raise Unavailable(f"engine on PostgreSQL: unavailable ({one_line(exc)})") from exc
-    return bench_window("g", bank, moves, accounts, durability, gc_mode, wait)
+    return bench_window(variant, bank, moves, accounts, durability, gc_mode, wait, how)
 
 
 def one_line(exc: BaseException) -> str:
@@ -1534,8 +1567,11 @@ def run_variant(
     if variant in PG_VARIANTS:
         if pg is None:
             raise Unavailable("no PostgreSQL server")
-        if variant == "g":
-            return bench_pg_engine(pg, moves, args.accounts, args.durability, args.gc, args.wait)
+        if variant in ("g", "p"):
+            how = "batch" if variant == "p" else "many"
+            return bench_pg_engine(
+                variant, pg, moves, args.accounts, args.durability, args.gc, args.wait, how
+            )
         if variant == "h":
             return bench_pg_raw(pg, moves, args.accounts, args.gc, args.pg_raw, args.pg_raw_batch)
         return bench_pgbench(pg, ops, args.pgbench_scale)
@@ -1632,9 +1668,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(
                 f"[bold]postgresql[/]: {server_note}"
                 + (
-                    "; synchronous_commit=on for (g)-(i)"
+                    "; synchronous_commit=on for (g), (p), (h), (i)"
                     if pg is not None
-                    else "; (g), (h), (i) skipped"
+                    else "; (g), (p), (h), (i) skipped"
                 )
             )
             if pg is None:

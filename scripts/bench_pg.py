@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, make_url
 
+from bank.ledger import postings
 from bank.ledger.chain import GENESIS, transfer_hash
 
 Move = tuple[int, int, int]  # (source, target, amount), as in bench.py
@@ -270,8 +271,9 @@ def create_ledger_tables(url: URL, accounts: int, opening: int) -> None:
     try:
         upgrade_to_head(engine)
         with engine.begin() as emptied:
-            for table in ("transfers", "account_events", "accounts"):
+            for table in ("postings", "transfers", "account_events", "accounts"):
                 emptied.exec_driver_sql(f"DELETE FROM {table}")
+            emptied.exec_driver_sql("UPDATE postings_upto SET seq = 0")
     finally:
         engine.dispose()
     with psycopg.connect(conninfo(url)) as conn, conn.cursor() as cur:
@@ -333,6 +335,30 @@ def connect_durable(url: URL) -> Any:
     return conn
 
 
+#: The engine's postings flush (revision 0007), as its PostgreSQL writer sends it.
+_FLUSH_SQL = (
+    f"WITH flushed AS ({postings.flush_sql('%(upto)s', '%(head)s')}) "
+    f"{postings.advance_sql('%(upto)s', '%(head)s')}"
+)
+
+
+class PostingsRuns:
+    """The ceiling writes the ledger the engine writes: every `POSTINGS_RUN_ROWS` rows,
+    the batch's transaction also adds their postings in one sorted INSERT and moves the
+    watermark (`bank.ledger.postings`), before its COMMIT."""
+
+    def __init__(self) -> None:
+        self.upto = 0
+
+    def flush(self, cur: Any, head: int) -> None:
+        """Before the COMMIT of a batch whose last seq is `head`."""
+        if postings.flush_due(self.upto, head):
+            cur.execute(_FLUSH_SQL, {"upto": self.upto, "head": head})
+            if cur.rowcount != 1:
+                raise RuntimeError(f"postings_upto was not {self.upto}")
+            self.upto = head
+
+
 def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], None]:
     """The timed body of one candidate: every batch in its own transaction, committed.
 
@@ -345,10 +371,13 @@ def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], Non
       (VALUES ...)` (texts vary with the row count);
     - copy: binary `COPY transfers FROM STDIN`, then the unnest UPDATE;
     - pipeline: `executemany` of one-row INSERTs and UPDATEs in pipeline mode.
+    Every candidate also writes the postings as the engine does (`PostingsRuns`).
     Statements and parameters are built here, before the clock (as bench.py's (d) does).
     """
     cur = conn.cursor(binary=True)
     batches = list(zip(work.rows, work.balances, strict=True))
+    runs = PostingsRuns()
+    heads = [rows[-1][0] for rows in work.rows]
     if method == "unnest":
         params = [
             [list(col) for col in zip(*rows, strict=True)]
@@ -357,8 +386,9 @@ def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], Non
         ]
 
         def write() -> None:
-            for p in params:
+            for p, head in zip(params, heads, strict=True):
                 cur.execute(_UNNEST_SQL, p)
+                runs.flush(cur, head)
                 conn.commit()
 
         return write
@@ -369,11 +399,12 @@ def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], Non
 
         def write() -> None:
             # The literals are built inside the clock, as psycopg dumps the lists of "unnest".
-            for cols, bal_cols in columns:
+            for (cols, bal_cols), head in zip(columns, heads, strict=True):
                 cur.execute(
                     _UNNEST_TEXT_SQL,
                     ["{" + ",".join(map(str, col)) + "}" for col in (*cols, *bal_cols)],
                 )
+                runs.flush(cur, head)
                 conn.commit()
 
         return write
@@ -389,9 +420,10 @@ def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], Non
         ]
 
         def write() -> None:
-            for ins, ins_params, upd, upd_params in statements:
+            for (ins, ins_params, upd, upd_params), head in zip(statements, heads, strict=True):
                 cur.execute(ins, ins_params)
                 cur.execute(upd, upd_params)
+                runs.flush(cur, head)
                 conn.commit()
 
         return write
@@ -417,6 +449,7 @@ def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], Non
                     for row in rows:
                         copy.write_row(row)
                 cur.execute(_UPDATE_UNNEST_SQL, upd)
+                runs.flush(cur, rows[-1][0])
                 conn.commit()
 
         return write
@@ -428,6 +461,7 @@ def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], Non
                 with conn.pipeline():
                     cur.executemany(_INSERT_ONE_SQL, rows)
                     cur.executemany(_UPDATE_ONE_SQL, upd)
+                runs.flush(cur, rows[-1][0])
                 conn.commit()
 
         return write
@@ -448,6 +482,15 @@ def check_ceiling(url: URL, work: RawBatches, accounts: int, opening: int) -> li
             conn.execute("SELECT id, balance FROM accounts WHERE id > 0").fetchall()
         )
         total = conn.execute("SELECT sum(balance)::int8 FROM accounts WHERE id > 0").fetchone()
+        upto, posted = conn.execute(
+            "SELECT (SELECT seq FROM postings_upto WHERE id = 1), (SELECT count(*) FROM postings)"
+        ).fetchone() or (None, None)
+    if upto is None or expected_rows - upto >= postings.POSTINGS_RUN_ROWS + max(
+        (len(r) for r in work.rows), default=0
+    ):
+        problems.append(f"the postings watermark is {upto}: the postings were not written")
+    elif posted != 2 * upto:
+        problems.append(f"{posted} postings up to {upto}, expected {2 * upto}")
     if count != expected_rows:
         problems.append(f"{count} transfer rows committed, expected {expected_rows}")
     if expected_rows and last != work.head:

@@ -183,9 +183,13 @@ class _Validated(ReadableModel):
     kind: ClassVar[CommandKind]
 
     def __init__(self, /, **data: Any) -> None:
-        """Validate the fields; raises `InvalidCommand` (never pydantic's `ValidationError`)."""
+        """Validate the fields; raises `InvalidCommand` (never pydantic's `ValidationError`).
+
+        Calls the validator as `BaseModel.__init__` does, without its frame and a second
+        packing of the fields (a command is built per operation: 0.9 of its 4 us here).
+        """
         try:
-            super().__init__(**data)
+            self.__pydantic_validator__.validate_python(data, self_instance=self)
         except ValidationError as exc:
             raise _invalid(type(self).__name__, exc) from None
         # Only here, after validation passed: model_construct and model_copy never

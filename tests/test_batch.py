@@ -62,6 +62,33 @@ def test_mixed_good_and_refused_commands_each_get_their_outcome_in_order(
 
 
 @pytest.mark.timeout(60)
+def test_a_refusal_does_not_pin_the_frames_that_refused_it(
+    make_ledger_bank: Callable[..., bank.Bank],
+) -> None:
+    """A refusal held by its caller keeps no worker frames (and their locals) alive; raised
+    by `result()`, it carries the caller's traceback."""
+    b = make_ledger_bank()
+    a = b.open_account("a").id
+    (refused,) = b.execute([bank.Withdrawal(account=a, amount=1)])
+    assert isinstance(refused, bank.InsufficientFunds) and refused.__traceback__ is None
+    future = b.submit(bank.Transfer(source=a, target=424242, amount=1))
+    error = future.exception(timeout=20)
+    assert isinstance(error, bank.AccountNotFound) and error.__traceback__ is None
+    with pytest.raises(bank.AccountNotFound) as raised:
+        future.result()
+    names = []
+    tb = raised.value.__traceback__
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert "test_a_refusal_does_not_pin_the_frames_that_refused_it" in names
+    assert not {"move", "check_debit", "_apply"} & set(names), names
+    with pytest.raises(bank.InsufficientFunds) as blocking:
+        b.withdraw(a, 1)
+    assert blocking.value.__traceback__ is not None
+
+
+@pytest.mark.timeout(60)
 def test_keys_repeated_inside_and_across_batches_apply_once(
     make_ledger_bank: Callable[..., bank.Bank], ledger_db: LedgerDb
 ) -> None:

@@ -146,7 +146,21 @@ def test_same_counts_other_postings_without_a_located_one() -> None:
 
 # -- the fingerprint on both databases -------------------------------------------------------
 
-_EXTREMES = [0, 1, -1, 7, 2**31 - 1, 2**31, -(2**31), 2**62, 2**63 - 1, -(2**63)]
+_EXTREMES = [
+    0,
+    1,
+    -1,
+    7,
+    2**30 - 1,
+    2**30,
+    -(2**30),
+    2**31 - 1,
+    2**31,
+    -(2**31),
+    2**62,
+    2**63 - 1,
+    -(2**63),
+]
 
 
 @pytest.fixture(params=LEDGER_PARAMS)

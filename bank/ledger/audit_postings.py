@@ -98,9 +98,12 @@ def line_sql(account: str, seq: str, keys: FingerprintKeys) -> str:
     p, b = FINGERPRINT_P, PART
 
     def parts(value: str, low: int, mid: int, high: int) -> str:
+        # A value in 0..B-1 (every real id and seq below 2**30) has parts (v, 0, 0): the
+        # same sum from one product, and half the scan's arithmetic in the database's VM.
         return (
-            f"(({value}) % {b}) * {low} % {p} + ((({value}) / {b}) % {b}) * {mid} % {p}"
-            f" + (({value}) / {b * b}) * {high} % {p}"
+            f"(CASE WHEN ({value}) >= 0 AND ({value}) < {b} THEN ({value}) * {low} % {p} "
+            f"ELSE (({value}) % {b}) * {low} % {p} + ((({value}) / {b}) % {b}) * {mid} % {p}"
+            f" + (({value}) / {b * b}) * {high} % {p} END)"
         )
 
     return (

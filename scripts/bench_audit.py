@@ -17,6 +17,12 @@ across processes, `bank.ledger.audit_parallel`); each result also gives the CPU
 seconds spent (parent and workers) and the load average, because on a shared
 machine the wall-clock figure says as much about the neighbours as about the audit.
 
+With `--floor` it measures what no audit can skip, one step at a time in one process:
+reading a transfer's row from sqlite3, building its chain message, SHA-256 and the
+compare. Their sum per row, over the cores, bounds the audit from above:
+
+    .venv/bin/python scripts/bench_audit.py --floor --sizes 1000000
+
 With `--open` it measures `Bank.open` instead (the open-time verification of
 `bank.ledger.verify` plus migration check, recovery and thread start, then
 close), on the same ledgers; the target is at most 3 s for 1,000,000 transfers:
@@ -393,6 +399,79 @@ def main_open(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+#: The columns the fast path reads of every transfer (`bank.ledger.audit_ranges`).
+FLOOR_COLUMNS = (
+    "seq, key, kind, debit_account_id, credit_account_id, amount, ts_us, hash, "
+    "debit_balance, credit_balance, hold_seq, expires_us, link_first, link_count"
+)
+
+
+def measure_floor(path: Path, rows: int) -> dict[str, Any]:
+    """What one transfer costs at the least, in one process, for the steps no audit can
+    skip: read its row from sqlite3, build its chain message, SHA-256 it and compare.
+    Each step is timed alone over the first `rows` transfers (format-3 messages, every
+    one checked against its stored hash); their sum per row, over the cores, bounds the
+    audit's transfers/s from above, before any other check (postings, integrity, replay)."""
+    import gc
+    from hashlib import sha256
+
+    from bank.ledger.audit_chain import KIND_CODES
+    from bank.ledger.audit_ranges import _V3_KEY, _V3_NO_KEY
+
+    db = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    gc.disable()  # as in the audit's worker processes (this script is the application)
+    try:
+        query = f"SELECT {FLOOR_COLUMNS} FROM transfers WHERE seq <= ?"
+        fetched = db.execute(query, (rows,)).fetchall()  # warms the page cache, untimed
+        started = time.perf_counter()
+        for _ in db.execute(query, (rows,)):
+            pass
+        read_s = time.perf_counter() - started
+    finally:
+        db.close()
+        gc.enable()
+    accounts = {i: f"i{i};" for r in fetched for i in (r[3], r[4])}
+    gc.disable()
+    started = time.perf_counter()
+    prev = GENESIS
+    texts = []
+    for r in fetched:  # each message chained to the stored hash before it
+        code, debit, credit = KIND_CODES[r[2]], accounts[r[3]], accounts[r[4]]
+        if r[1] is None:
+            texts.append(_V3_NO_KEY % (prev, r[0], code, debit, credit, r[5], r[6], r[8], r[9]))
+        else:
+            size = len(r[1].encode())
+            texts.append(
+                _V3_KEY % (prev, r[0], code, debit, credit, r[5], r[6], size, r[1], r[8], r[9])
+            )
+        prev = r[7]
+    format_s = time.perf_counter() - started
+    stored = [r[7] for r in fetched]
+    started = time.perf_counter()
+    same = sum(map(str.__eq__, (sha256(t.encode()).hexdigest() for t in texts), stored))
+    hash_s = time.perf_counter() - started
+    gc.enable()
+    n = len(fetched)
+    if same != n:  # the floor is only a floor if it did the real check
+        raise SystemExit(f"the floor's messages hashed to {same} of {n} stored hashes")
+    per_row_us = {
+        "read": 1e6 * read_s / n,
+        "format": 1e6 * format_s / n,
+        "sha256": 1e6 * hash_s / n,
+    }
+    total_us = sum(per_row_us.values())
+    cores = processes_default()
+    return {
+        "rows": n,
+        "hashes_verified": same,
+        "us_per_row": {k: round(v, 3) for k, v in per_row_us.items()},
+        "us_per_row_total": round(total_us, 3),
+        "cores": cores,
+        "ceiling_transfers_per_s": round(cores * 1e6 / total_us),
+        "load": round(os.getloadavg()[0], 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -422,10 +501,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--open", action="store_true", help="measure Bank.open (its verification) instead"
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="measure the per-row floor of the hash check (read, format, SHA-256) instead",
+    )
     args = parser.parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.open:
         return main_open(args)
+    if args.floor:
+        floors = [measure_floor(cached_ledger(args.cache, n), min(n, 500_000)) for n in args.sizes]
+        for floor in floors:
+            print(json.dumps(floor) if args.json else floor)
+        return 0
     if args.db is not None:
         results = [measure(cached_postgres_ledger(args.db, n), args.processes) for n in args.sizes]
     else:

@@ -253,6 +253,12 @@ def test_bench_audit_open_runs_on_a_generated_ledger(tmp_path: Path) -> None:
     spec.loader.exec_module(module)
     argv = ["--open", "--sizes", "3000", "--cache", str(tmp_path), "--json"]
     assert module.main(argv) == 0
+    # --floor re-hashes every row of the same ledger (each message must give its stored
+    # hash, or it exits) and reports each step's cost and the ceiling they set.
+    floor = module.measure_floor(module.cached_ledger(tmp_path, 3000), 3000)
+    assert floor["rows"] == floor["hashes_verified"] == 3000
+    assert set(floor["us_per_row"]) == {"read", "format", "sha256"}
+    assert floor["ceiling_transfers_per_s"] > 0
 
 
 # -- the postings watermark (revision 0007) ----------------------------------------------

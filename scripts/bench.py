@@ -931,15 +931,12 @@ def bench_raw(
 
         # The ledger the engine writes has its postings (revision 0007): every
         # POSTINGS_RUN_ROWS rows, the same sorted INSERT and watermark move before a COMMIT.
-        (upto,) = db.execute("SELECT seq FROM postings_upto WHERE id = 1").fetchone()
-        runs = [upto]
+        def advance(upto: int, head: int) -> int:
+            db.execute(postings.flush_sql("?1", "?2"), (upto, head))
+            return db.execute(postings.advance_sql("?1", "?2"), (upto, head)).rowcount
 
-        def flush_postings(head: int) -> None:
-            if postings.flush_due(runs[0], head):
-                db.execute(postings.flush_sql("?1", "?2"), (runs[0], head))
-                if db.execute(postings.advance_sql("?1", "?2"), (runs[0], head)).rowcount != 1:
-                    raise RuntimeError("postings_upto moved under the ceiling")
-                runs[0] = head
+        (upto,) = db.execute("SELECT seq FROM postings_upto WHERE id = 1").fetchone()
+        flush_postings = bench_pg.PostingsRuns(upto, advance).flush
 
         def writer_executemany(_i: int) -> tuple[int, int]:
             for batch in batches:

@@ -335,26 +335,20 @@ def connect_durable(url: URL) -> Any:
     return conn
 
 
-#: The engine's postings flush (revision 0007), as its PostgreSQL writer sends it.
-_FLUSH_SQL = (
-    f"WITH flushed AS ({postings.flush_sql('%(upto)s', '%(head)s')}) "
-    f"{postings.advance_sql('%(upto)s', '%(head)s')}"
-)
-
-
 class PostingsRuns:
-    """The ceiling writes the ledger the engine writes: every `POSTINGS_RUN_ROWS` rows,
-    the batch's transaction also adds their postings in one sorted INSERT and moves the
-    watermark (`bank.ledger.postings`), before its COMMIT."""
+    """A ceiling writes the ledger the engine writes: every `POSTINGS_RUN_ROWS` rows, the
+    batch's transaction also adds their postings in one sorted INSERT and moves the
+    watermark (`bank.ledger.postings`), before its COMMIT. `advance(upto, head)` runs the
+    backend's statements and returns how many watermark rows moved (1, or W was not upto)."""
 
-    def __init__(self) -> None:
-        self.upto = 0
+    def __init__(self, upto: int, advance: Callable[[int, int], int]) -> None:
+        self.upto = upto
+        self._advance = advance
 
-    def flush(self, cur: Any, head: int) -> None:
+    def flush(self, head: int) -> None:
         """Before the COMMIT of a batch whose last seq is `head`."""
         if postings.flush_due(self.upto, head):
-            cur.execute(_FLUSH_SQL, {"upto": self.upto, "head": head})
-            if cur.rowcount != 1:
+            if self._advance(self.upto, head) != 1:
                 raise RuntimeError(f"postings_upto was not {self.upto}")
             self.upto = head
 
@@ -376,7 +370,13 @@ def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], Non
     """
     cur = conn.cursor(binary=True)
     batches = list(zip(work.rows, work.balances, strict=True))
-    runs = PostingsRuns()
+    from bank.ledger.postgres.writer import FLUSH_SQL  # the engine's own statement
+
+    def advance(upto: int, head: int) -> int:
+        cur.execute(FLUSH_SQL, {"upto": upto, "head": head})
+        return int(cur.rowcount)
+
+    runs = PostingsRuns(0, advance)
     heads = [rows[-1][0] for rows in work.rows]
     if method == "unnest":
         params = [
@@ -388,7 +388,7 @@ def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], Non
         def write() -> None:
             for p, head in zip(params, heads, strict=True):
                 cur.execute(_UNNEST_SQL, p)
-                runs.flush(cur, head)
+                runs.flush(head)
                 conn.commit()
 
         return write
@@ -404,7 +404,7 @@ def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], Non
                     _UNNEST_TEXT_SQL,
                     ["{" + ",".join(map(str, col)) + "}" for col in (*cols, *bal_cols)],
                 )
-                runs.flush(cur, head)
+                runs.flush(head)
                 conn.commit()
 
         return write
@@ -423,7 +423,7 @@ def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], Non
             for (ins, ins_params, upd, upd_params), head in zip(statements, heads, strict=True):
                 cur.execute(ins, ins_params)
                 cur.execute(upd, upd_params)
-                runs.flush(cur, head)
+                runs.flush(head)
                 conn.commit()
 
         return write
@@ -449,7 +449,7 @@ def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], Non
                     for row in rows:
                         copy.write_row(row)
                 cur.execute(_UPDATE_UNNEST_SQL, upd)
-                runs.flush(cur, rows[-1][0])
+                runs.flush(rows[-1][0])
                 conn.commit()
 
         return write
@@ -461,7 +461,7 @@ def prepare_writer(method: str, conn: Any, work: RawBatches) -> Callable[[], Non
                 with conn.pipeline():
                     cur.executemany(_INSERT_ONE_SQL, rows)
                     cur.executemany(_UPDATE_ONE_SQL, upd)
-                runs.flush(cur, rows[-1][0])
+                runs.flush(rows[-1][0])
                 conn.commit()
 
         return write

@@ -14,8 +14,13 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from concurrent.futures._base import PENDING
-from typing import Any, Protocol, TypeVar
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    PENDING,
+)
+from typing import Any, Final, Protocol, TypeVar
 
 from bank import lockcheck
 from bank.errors import BankError
@@ -38,17 +43,27 @@ T = TypeVar("T")
 
 
 class _FutureCondition(threading.Condition):
-    """A `threading.Condition` over an RLock, minus its five per-instance bound methods.
+    """A `threading.Condition` over an RLock that makes objects only when someone waits.
 
     `Condition.__init__` copies the lock's `acquire`, `release`, `_release_save`,
-    `_acquire_restore` and `_is_owned` onto each instance: five more objects for the
-    collector per future. Here they are methods of the class, delegating to the lock;
-    everything else (`wait`, `notify`, `with`) is `Condition`'s own code.
+    `_acquire_restore` and `_is_owned` onto each instance, and makes the deque of
+    waiters: six more objects for the collector per future. Here the five are methods
+    of the class, delegating to the lock, and the deque is made by the first `wait`
+    (under the lock, as `Condition.wait` holds it); a `notify` with nobody waiting
+    makes nothing. Everything else (`wait`, `with`) is `Condition`'s own code.
     """
+
+    _queue: deque[Any] | None = None  # made by the first wait
 
     def __init__(self) -> None:  # no super().__init__(): it would bind the five
         self._lock: Any = threading.RLock()
-        self._waiters: deque[Any] = deque()
+
+    @property  # Condition's attribute, made on first use
+    def _waiters(self) -> deque[Any]:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        return queue
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         return bool(self._lock.acquire(blocking, timeout))
@@ -65,26 +80,92 @@ class _FutureCondition(threading.Condition):
     def _is_owned(self) -> bool:
         return bool(self._lock._is_owned())
 
+    def notify(self, n: int = 1) -> None:
+        if self._queue is None:  # nobody ever waited: nothing to wake
+            if not self._lock._is_owned():
+                raise RuntimeError("cannot notify on un-acquired lock")
+            return
+        super().notify(n)
+
+    def notify_all(self) -> None:
+        self.notify(0 if self._queue is None else len(self._queue))
+
 
 class EngineFuture(Future[T]):
-    """A `concurrent.futures.Future`, made with half the objects (and half the time).
+    """A `concurrent.futures.Future`, made with three objects the collector tracks (itself,
+    its Condition and that one's RLock) instead of eleven.
 
-    The engine makes one per operation of `submit`/`submit_many`: a plain `Future`
-    is 11 objects the cyclic collector tracks (its Condition alone is 7), and those of
-    the operations in flight live long enough to be promoted to the oldest
-    generation, whose full collections then walk the whole heap. This one is 5. It is
-    a `Future` in every respect (`result`, callbacks, `cancel`, `wait`,
-    `as_completed`, `asyncio.wrap_future`): only `__init__` differs, setting the same
-    fields as `Future.__init__` with the lighter Condition.
+    The engine makes one per operation of `submit`/`submit_many`, and those of the
+    operations in flight live long enough to be promoted to the oldest generation,
+    whose full collections then walk the whole heap: with a plain `Future` the
+    collector took a quarter of `submit_many`'s time. A `Future` is its Condition
+    (seven objects: see `_FutureCondition`), its list of `wait`/`as_completed`
+    waiters and its list of done-callbacks; here the Condition is two objects and
+    each list is made by the first that uses it (`concurrent.futures` touches
+    `_waiters` and `_done_callbacks` only under the Condition's lock). It is a
+    `Future` in every respect (`result`, callbacks, `cancel`, `wait`,
+    `as_completed`, `asyncio.wrap_future`): `set_result` and `set_exception` are
+    `Future`'s, reading the waiters only if some were installed.
     """
+
+    _waiter_list: list[Any] | None = None  # made by the first wait()/as_completed()
+    _callback_list: list[Callable[[Future[T]], object]] | None = None  # by the first callback
 
     def __init__(self) -> None:  # no super().__init__(): it would make a full Condition
         self._condition = _FutureCondition()
         self._state = PENDING
         self._result = None
         self._exception = None
-        self._waiters = []
-        self._done_callbacks: list[Callable[[Future[T]], object]] = []
+
+    @property  # Future's attribute, made on first use
+    def _waiters(self) -> list[Any]:
+        waiters = self._waiter_list
+        if waiters is None:
+            waiters = self._waiter_list = []
+        return waiters
+
+    @_waiters.setter
+    def _waiters(self, waiters: list[Any]) -> None:  # an attribute of Future's, so settable
+        self._waiter_list = waiters
+
+    @property
+    def _done_callbacks(self) -> list[Callable[[Future[T]], object]]:
+        callbacks = self._callback_list
+        if callbacks is None:
+            callbacks = self._callback_list = []
+        return callbacks
+
+    def _invoke_callbacks(self) -> None:
+        if self._callback_list is not None:
+            super()._invoke_callbacks()  # type: ignore[misc]
+
+    def set_result(self, result: T) -> None:
+        with self._condition:
+            if self._state in _SETTLED:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._state = FINISHED
+            if self._waiter_list is not None:
+                for waiter in self._waiter_list:
+                    waiter.add_result(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        with self._condition:
+            if self._state in _SETTLED:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._exception = exception
+            self._state = FINISHED
+            if self._waiter_list is not None:
+                for waiter in self._waiter_list:
+                    waiter.add_exception(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()
+
+
+#: The states in which a future may not be answered again (`Future.set_result`'s test).
+_SETTLED: Final = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
 
 
 class Reply:

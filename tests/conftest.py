@@ -256,6 +256,30 @@ class LedgerDb:
         with psycopg.connect(postgres.libpq_conninfo(self.url), autocommit=True) as pg:
             return [tuple(_plain(v) for v in row) for row in pg.execute(sql).fetchall()]
 
+    def settle(self, timeout_s: float = 10.0) -> None:
+        """Wait until no other session is on this ledger (PostgreSQL; SQLite: nothing to do).
+
+        A SIGKILLed client's backend goes on with what the client had already sent, a
+        COMMIT included, until it reads the closed socket: a check that reads the ledger
+        before then can see it change between two of its queries.
+        """
+        if self.server is None:
+            return
+        import psycopg
+
+        deadline = time.monotonic() + timeout_s
+        with psycopg.connect(postgres.libpq_conninfo(self.url), autocommit=True) as pg:
+            while True:
+                others = pg.execute(
+                    "SELECT pid, state, query FROM pg_stat_activity WHERE datname = "
+                    "current_database() AND pid <> pg_backend_pid() "
+                    "AND backend_type = 'client backend'"
+                ).fetchall()
+                if not others:
+                    return
+                assert time.monotonic() < deadline, f"sessions still on the ledger: {others}"
+                time.sleep(0.01)
+
     def execute(self, *statements: str) -> None:
         """Run `statements` in one transaction on the ledger, behind the engine's back."""
         if self.backend == "sqlite":

@@ -62,8 +62,17 @@ class _FutureCondition(threading.Condition):
     def _waiters(self) -> deque[Any]:
         queue = self._queue
         if queue is None:
-            queue = self._queue = deque()
+            # One atomic step: `Condition.__repr__` reads this without the lock, and two
+            # threads making a queue each must not leave a waiter in the one that lost.
+            queue = self.__dict__.setdefault("_queue", deque())
         return queue
+
+    @_waiters.setter
+    def _waiters(self, queue: deque[Any]) -> None:  # settable as Condition's
+        self._queue = queue
+
+    def __repr__(self) -> str:  # Condition's, minus making the queue to count it
+        return f"<Condition({self._lock}, {len(self._queue or ())})>"
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         return bool(self._lock.acquire(blocking, timeout))
@@ -120,8 +129,8 @@ class EngineFuture(Future[T]):
     @property  # Future's attribute, made on first use
     def _waiters(self) -> list[Any]:
         waiters = self._waiter_list
-        if waiters is None:
-            waiters = self._waiter_list = []
+        if waiters is None:  # under the Condition in concurrent.futures; atomic anyway
+            waiters = self.__dict__.setdefault("_waiter_list", [])
         return waiters
 
     @_waiters.setter
@@ -132,8 +141,12 @@ class EngineFuture(Future[T]):
     def _done_callbacks(self) -> list[Callable[[Future[T]], object]]:
         callbacks = self._callback_list
         if callbacks is None:
-            callbacks = self._callback_list = []
+            callbacks = self.__dict__.setdefault("_callback_list", [])
         return callbacks
+
+    @_done_callbacks.setter
+    def _done_callbacks(self, callbacks: list[Callable[[Future[T]], object]]) -> None:
+        self._callback_list = callbacks  # settable as Future's (`Future.__init__` sets it)
 
     def _invoke_callbacks(self) -> None:
         if self._callback_list is not None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import threading
 import time
@@ -182,3 +183,73 @@ def test_an_engine_future_wakes_every_kind_of_waiter_made_before_its_answer() ->
         h.set_result(1)
     with pytest.raises(RuntimeError, match="un-acquired"):
         h._condition.notify_all()  # the Condition's own rule: notify only under its lock
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("reader", ["repr", "unlocked access"])
+def test_a_queue_made_beside_a_waiter_never_loses_its_wake_up(
+    reader: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Condition.__repr__` reads the waiter queue without the lock. If another thread
+    makes the lazy queue while a waiter is in `wait()`, the waiter's lock must end up in
+    the one queue that `notify_all` reads (found by an independent review: the waiter
+    slept through its answer). The other thread is held inside `deque()` for 0.3 s,
+    standing in for a thread switch at that point."""
+    from bank import answers
+
+    f: EngineFuture[int] = EngineFuture()
+    inside = threading.Event()
+    real_deque = collections.deque
+
+    def slow_deque(*args: Any) -> Any:
+        if threading.current_thread().name == "reader":
+            inside.set()
+            time.sleep(0.3)
+        return real_deque(*args)
+
+    monkeypatch.setattr(answers, "deque", slow_deque)
+    condition: Any = f._condition
+
+    def read() -> None:
+        if reader == "repr":
+            repr(condition)
+        else:
+            len(condition._waiters)
+
+    other = threading.Thread(target=read, name="reader")
+    other.start()
+    if reader != "repr":  # repr makes no queue at all now: nothing to wait for
+        assert inside.wait(5)
+    woke: list[float] = []
+
+    def wait_for_it() -> None:
+        t0 = time.monotonic()
+        assert f.result(timeout=5) == 42
+        woke.append(time.monotonic() - t0)
+
+    waiter = threading.Thread(target=wait_for_it)
+    waiter.start()
+    time.sleep(0.1)  # the waiter is inside Condition.wait
+    other.join(5)
+    f.set_result(42)
+    waiter.join(10)
+    assert woke and woke[0] < 2, woke  # woken by the answer, not by its 5-s timeout
+
+
+def test_the_lazy_attributes_stay_settable_as_the_standard_ones() -> None:
+    """A subclass that runs `Future.__init__` (and so sets `_waiters`, `_done_callbacks`)
+    still works, and a Condition's queue can be replaced as `Condition`'s can."""
+
+    class Plain(EngineFuture[int]):
+        def __init__(self) -> None:
+            Future.__init__(self)
+
+    f = Plain()
+    seen: list[int] = []
+    f.add_done_callback(lambda g: seen.append(g.result()))
+    assert wait([f], timeout=0.01).not_done == {f}
+    f.set_result(3)
+    assert seen == [3] and f.result() == 3
+    condition: Any = EngineFuture()._condition
+    condition._waiters = collections.deque()
+    assert condition._waiters is condition._queue

@@ -20,7 +20,7 @@ from concurrent.futures._base import (
     FINISHED,
     PENDING,
 )
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from bank import lockcheck
 from bank.errors import BankError
@@ -42,34 +42,48 @@ class Answer(Protocol):
 T = TypeVar("T")
 
 
+V = TypeVar("V")
+
+
+class _MadeOnFirstUse(Generic[V]):
+    """An attribute whose value `make()` is made by its first read.
+
+    The value lives in the instance attribute `held` (None, a class default, until
+    then), which code that must not make it reads instead. It is made in one atomic
+    step (`dict.setdefault`): two threads reading at once get the same object, so
+    nothing put into it by one is lost with the other's.
+    """
+
+    def __init__(self, held: str, make: Callable[[], V]) -> None:
+        self._held = held
+        self._make = make
+
+    def __get__(self, obj: object, owner: type | None = None) -> V:
+        value: V | None = getattr(obj, self._held)
+        if value is None:
+            value = obj.__dict__.setdefault(self._held, self._make())
+        return value
+
+    def __set__(self, obj: object, value: V) -> None:  # settable, as the attribute it stands for
+        setattr(obj, self._held, value)
+
+
 class _FutureCondition(threading.Condition):
     """A `threading.Condition` over an RLock that makes objects only when someone waits.
 
     `Condition.__init__` copies the lock's `acquire`, `release`, `_release_save`,
     `_acquire_restore` and `_is_owned` onto each instance, and makes the deque of
     waiters: six more objects for the collector per future. Here the five are methods
-    of the class, delegating to the lock, and the deque is made by the first `wait`
-    (under the lock, as `Condition.wait` holds it); a `notify` with nobody waiting
-    makes nothing. Everything else (`wait`, `with`) is `Condition`'s own code.
+    of the class, delegating to the lock, and the deque is made by the first `wait`;
+    a `notify` with nobody waiting makes nothing. Everything else (`wait`, `with`) is
+    `Condition`'s own code.
     """
 
-    _queue: deque[Any] | None = None  # made by the first wait
+    _queue: deque[Any] | None = None
+    _waiters = _MadeOnFirstUse[deque[Any]]("_queue", deque)
 
     def __init__(self) -> None:  # no super().__init__(): it would bind the five
         self._lock: Any = threading.RLock()
-
-    @property  # Condition's attribute, made on first use
-    def _waiters(self) -> deque[Any]:
-        queue = self._queue
-        if queue is None:
-            # One atomic step: `Condition.__repr__` reads this without the lock, and two
-            # threads making a queue each must not leave a waiter in the one that lost.
-            queue = self.__dict__.setdefault("_queue", deque())
-        return queue
-
-    @_waiters.setter
-    def _waiters(self, queue: deque[Any]) -> None:  # settable as Condition's
-        self._queue = queue
 
     def __repr__(self) -> str:  # Condition's, minus making the queue to count it
         return f"<Condition({self._lock}, {len(self._queue or ())})>"
@@ -110,15 +124,16 @@ class EngineFuture(Future[T]):
     collector took a quarter of `submit_many`'s time. A `Future` is its Condition
     (seven objects: see `_FutureCondition`), its list of `wait`/`as_completed`
     waiters and its list of done-callbacks; here the Condition is two objects and
-    each list is made by the first that uses it (`concurrent.futures` touches
-    `_waiters` and `_done_callbacks` only under the Condition's lock). It is a
-    `Future` in every respect (`result`, callbacks, `cancel`, `wait`,
-    `as_completed`, `asyncio.wrap_future`): `set_result` and `set_exception` are
-    `Future`'s, reading the waiters only if some were installed.
+    each list is made by the first that uses it. It is a `Future` in every respect
+    (`result`, callbacks, `cancel`, `wait`, `as_completed`, `asyncio.wrap_future`):
+    `set_result` and `set_exception` are `Future`'s, reading the waiters only if some
+    were installed.
     """
 
-    _waiter_list: list[Any] | None = None  # made by the first wait()/as_completed()
-    _callback_list: list[Callable[[Future[T]], object]] | None = None  # by the first callback
+    _waiter_list: list[Any] | None = None
+    _callback_list: list[Callable[[Future[T]], object]] | None = None
+    _waiters = _MadeOnFirstUse[list[Any]]("_waiter_list", list)
+    _done_callbacks = _MadeOnFirstUse[list[Callable[[Future[T]], object]]]("_callback_list", list)
 
     def __init__(self) -> None:  # no super().__init__(): it would make a full Condition
         self._condition = _FutureCondition()
@@ -126,53 +141,27 @@ class EngineFuture(Future[T]):
         self._result = None
         self._exception = None
 
-    @property  # Future's attribute, made on first use
-    def _waiters(self) -> list[Any]:
-        waiters = self._waiter_list
-        if waiters is None:  # under the Condition in concurrent.futures; atomic anyway
-            waiters = self.__dict__.setdefault("_waiter_list", [])
-        return waiters
-
-    @_waiters.setter
-    def _waiters(self, waiters: list[Any]) -> None:  # an attribute of Future's, so settable
-        self._waiter_list = waiters
-
-    @property
-    def _done_callbacks(self) -> list[Callable[[Future[T]], object]]:
-        callbacks = self._callback_list
-        if callbacks is None:
-            callbacks = self.__dict__.setdefault("_callback_list", [])
-        return callbacks
-
-    @_done_callbacks.setter
-    def _done_callbacks(self, callbacks: list[Callable[[Future[T]], object]]) -> None:
-        self._callback_list = callbacks  # settable as Future's (`Future.__init__` sets it)
-
     def _invoke_callbacks(self) -> None:
         if self._callback_list is not None:
             super()._invoke_callbacks()  # type: ignore[misc]
 
     def set_result(self, result: T) -> None:
+        self._finish(result, None, "add_result")
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._finish(None, exception, "add_exception")
+
+    def _finish(self, result: T | None, exception: BaseException | None, tell: str) -> None:
+        """`Future.set_result`/`set_exception` (`tell`: the waiters' method to call)."""
         with self._condition:
             if self._state in _SETTLED:
                 raise InvalidStateError(f"{self._state}: {self!r}")
             self._result = result
-            self._state = FINISHED
-            if self._waiter_list is not None:
-                for waiter in self._waiter_list:
-                    waiter.add_result(self)
-            self._condition.notify_all()
-        self._invoke_callbacks()
-
-    def set_exception(self, exception: BaseException | None) -> None:
-        with self._condition:
-            if self._state in _SETTLED:
-                raise InvalidStateError(f"{self._state}: {self!r}")
             self._exception = exception
             self._state = FINISHED
             if self._waiter_list is not None:
                 for waiter in self._waiter_list:
-                    waiter.add_exception(self)
+                    getattr(waiter, tell)(self)
             self._condition.notify_all()
         self._invoke_callbacks()
 

@@ -207,7 +207,8 @@ def test_a_queue_made_beside_a_waiter_never_loses_its_wake_up(
             time.sleep(0.3)
         return real_deque(*args)
 
-    monkeypatch.setattr(answers, "deque", slow_deque)
+    # The Condition makes its queue with `deque`: held open there in the reader thread.
+    monkeypatch.setattr(vars(answers._FutureCondition)["_waiters"], "_make", slow_deque)
     condition: Any = f._condition
 
     def read() -> None:

@@ -90,6 +90,14 @@ class BoundedBuffer(Generic[T]):
             self._not_empty.notify()
             self._wake_next_producer()
 
+    def has_room(self) -> bool:
+        """True if a `put` of one operation would go in now without waiting: open, nobody
+        queued for room, and room. A blocking call that applies its command on its own
+        thread asks this first, so that a full queue holds it back as it holds back a
+        `put` (back-pressure, and `QueueFull` after its `timeout`)."""
+        with self._mutex:
+            return not self._closed and not self._put_waiters and self._depth < self._capacity
+
     def _wait_for_room(self, weight: int, timeout: float | None) -> None:
         """Queue up behind earlier producers until this one is first and fits. Lock held."""
         me = threading.Condition(self._mutex)

@@ -66,10 +66,6 @@ OPEN_PROBLEMS_SHOWN_MAX: Final = 5
 #: caps what one call holds in memory and how long one caller keeps the queue's room;
 #: more commands go in several batches.
 BATCH_OPS_MAX: Final = 8190
-#: Longest the ledger writer waits, after answering callers that block on their answer
-#: (deposit/withdraw/transfer), for them to stage their next operations so that one
-#: commit carries them all; never longer than the last commit took.
-GATHER_WAIT_S_MAX: Final = 0.001
 #: Receipts one `history` page may hold (`limit=`), and its default (h11read, issue 11).
 HISTORY_LIMIT_MAX: Final = 100_000
 HISTORY_LIMIT_DEFAULT: Final = 1000

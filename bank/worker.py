@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import Final
 
 from sqlalchemy import Connection, Engine
 
@@ -48,6 +49,9 @@ class Job:
 
 _key_of = attrgetter("key")
 
+#: The commands `apply_move` applies: one debit, one credit, no hold.
+MOVES: Final = (Transfer, Deposit, Withdrawal)
+
 
 def answer_duplicate(command: BankCommand, receipt: Receipt, future: Answer) -> None:
     """Answer a repeated key from the ledger: the original receipt, or a conflict."""
@@ -68,6 +72,54 @@ def key_conflict(command: BankCommand, receipt: Receipt) -> IdempotencyConflict:
         f"key {command.key!r} was used at seq {receipt.seq} for {what}; this "
         f"{command.describe()} is a different command"
     )
+
+
+def apply_move(
+    command: Transfer | Deposit | Withdrawal,
+    future: Answer,
+    accounts: Mapping[int, Account],
+    writer: LedgerWriter,
+) -> None:
+    """Apply a deposit, withdrawal or transfer and stage its row (or its refusal).
+
+    Run by the workers, and by a blocking call's own thread for a command without a
+    key (`Bank._call`): it needs no connection and no key claim, only the accounts'
+    locks, so the caller applies it where it stands instead of waking a worker.
+    """
+    if isinstance(command, Transfer):
+        debit_id, credit_id = command.source, command.target
+    elif isinstance(command, Deposit):
+        debit_id, credit_id = CASH_ACCOUNT_ID, command.account
+    else:
+        debit_id, credit_id = command.account, CASH_ACCOUNT_ID
+    # The registry only ever grows, under the bank's registry lock; a lookup is a
+    # single dict read, which is atomic in free-threaded CPython as well.
+    source = accounts.get(debit_id)
+    target = accounts.get(credit_id)
+    if source is None or target is None:
+        missing = debit_id if source is None else credit_id
+        writer.stage_rejection(
+            future, AccountNotFound(f"account {missing} does not exist"), command.key
+        )
+        return
+    first, second = (source, target) if debit_id < credit_id else (target, source)
+    with first.lock, second.lock:
+        try:
+            debit_balance, credit_balance = move(source, target, command.amount)
+        except BankError as exc:
+            # Staged under the locks: answered only after what it was judged on is durable.
+            writer.stage_rejection(future, exc, command.key)
+            return
+        writer.stage_transfer(
+            command.kind,
+            debit_id,
+            credit_id,
+            command.amount,
+            command.key,
+            future,
+            debit_balance,
+            credit_balance,
+        )
 
 
 class Worker(threading.Thread):
@@ -216,48 +268,12 @@ class Worker(threading.Thread):
     # -- applying --------------------------------------------------------------------
 
     def _apply(self, command: BankCommand | LinkedGroup, future: Answer) -> None:
-        kind = command.kind
-        if isinstance(command, Transfer):
-            debit_id, credit_id = command.source, command.target
-        elif isinstance(command, Deposit):
-            debit_id, credit_id = CASH_ACCOUNT_ID, command.account
-        elif isinstance(command, Withdrawal):
-            debit_id, credit_id = command.account, CASH_ACCOUNT_ID
+        if isinstance(command, MOVES):
+            apply_move(command, future, self._accounts, self._writer)
         elif isinstance(command, LinkedGroup):
             apply_group(command, future, self._context())
-            return
         else:  # Hold, Post, Void
             apply_two_phase(command, future, self._context())
-            return
-        amount = command.amount
-        # The registry only ever grows, under the bank's registry lock; a lookup is a
-        # single dict read, which is atomic in free-threaded CPython as well.
-        source = self._accounts.get(debit_id)
-        target = self._accounts.get(credit_id)
-        if source is None or target is None:
-            missing = debit_id if source is None else credit_id
-            self._writer.stage_rejection(
-                future, AccountNotFound(f"account {missing} does not exist"), command.key
-            )
-            return
-        first, second = (source, target) if debit_id < credit_id else (target, source)
-        with first.lock, second.lock:
-            try:
-                debit_balance, credit_balance = move(source, target, amount)
-            except BankError as exc:
-                # Staged under the locks: answered only after what it was judged on is durable.
-                self._writer.stage_rejection(future, exc, command.key)
-                return
-            self._writer.stage_transfer(
-                kind,
-                debit_id,
-                credit_id,
-                amount,
-                command.key,
-                future,
-                debit_balance,
-                credit_balance,
-            )
 
     def _context(self) -> ApplyContext:
         """What the two-phase and group application need of this worker."""

@@ -62,6 +62,7 @@ _LOCK_CHECKED = frozenset(
         "tests.test_outcomes",
         "tests.test_batch",
         "tests.test_holds_contention",
+        "tests.test_blocking_calls",
     }
 )
 #: The switch interval of a lock-checked module, unless it sets `SWITCH_INTERVAL_S`.

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bank.answers import Answer, Reply
+from bank.answers import Answer
 from bank.errors import BankClosed, BankError, LedgerUnavailable
 from bank.ledger.backend import AccountEventRow, BatchWriter, OwnerLock, WriteBatch
 from bank.ledger.sequencer import Sequencer, Staged, StagedGroup, StagedRejection
-from bank.limits import COMMIT_BATCH_OPS_MAX, GATHER_WAIT_S_MAX
+from bank.limits import COMMIT_BATCH_OPS_MAX
 from bank.records import Receipt
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,6 @@ class Pipeline(threading.Thread):
         #: Set once the failure is: callers check it without taking the writer's lock.
         self.broken = threading.Event()
         self._committed_seq = sequencer.seq
-        self._commit_s = 0.0  # how long the last COMMIT took (bounds `_gather`)
         self._commits = 0
         self._rows = 0
         self._rejected = 0
@@ -206,23 +205,7 @@ class Pipeline(threading.Thread):
             finally:
                 self.ready.set()
             while True:
-                answered = 0
-                if committed is not None and self._callers_wait_for(committed):
-                    # Closed-loop callers (blocking calls): answer them now, before taking
-                    # the next batch, and give them a moment (no longer than a commit
-                    # takes) to stage again, so that they share the next commit instead
-                    # of splitting into two groups that alternate commits.
-                    answered = len(committed.batch)
-                    try:
-                        self._answer(committed)
-                    except BaseException as exc:  # a bug: the batch is durable, answer it
-                        broken = self._broke(exc)
-                        self._answer_left(committed)
-                        self._fail([], broken, answered=answered)
-                    committed = None
                 with self._lock:
-                    if answered:
-                        self._gather(answered)
                     while not s.pending and not s.stopping and committed is None:
                         s.idle = True
                         s.wake.wait()
@@ -246,34 +229,6 @@ class Pipeline(threading.Thread):
         finally:
             if writer is not None:
                 writer.close()
-
-    def _callers_wait_for(self, committed: _Prepared) -> bool:
-        """True when `committed` answers blocking calls (its last record's answer is a
-        `Reply`) and fewer operations are staged than it is about to answer: its callers
-        are then (likely) the ones who will stage the next ones.
-
-        Only blocking calls: pipelined callers (`submit_many`, `submit_batch`) keep
-        operations in flight, and gathering for them made the writer wait where it
-        should write (bench.py (c), 16 x 64 in flight: 110 of 180 commits gathered).
-        """
-        if not committed.batch or type(committed.batch[-1][0]) is not Reply:
-            return False
-        with self._lock:
-            return len(self._sequencer.pending) < len(committed.batch)
-
-    def _gather(self, answered: int) -> None:
-        """Wait (lock held) until `answered` records are staged again, at most as long
-        as the last commit took (and `GATHER_WAIT_S_MAX`): a wait shorter than an fsync
-        that lets one commit carry what two would."""
-        s = self._sequencer
-        deadline = time.monotonic() + min(self._commit_s, GATHER_WAIT_S_MAX)
-        while len(s.pending) < answered and not s.stopping and s.failure is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            s.idle = True
-            s.wake.wait(remaining)
-            s.idle = False
 
     def _cycle(
         self,
@@ -302,9 +257,7 @@ class Pipeline(threading.Thread):
                 broken = self._sequencer.failure
             else:
                 try:
-                    started = time.monotonic()
                     writer.commit()
-                    self._commit_s = time.monotonic() - started
                 except Exception as exc:
                     broken = self._broke(exc)
                     writer.rollback()

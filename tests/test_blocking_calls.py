@@ -15,12 +15,15 @@ import random
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 
 import bank
 from bank.ledger.audit import audit_ledger
 from tests.conftest import LedgerDb, run_threads, wait_until
+
+T = TypeVar("T")
 
 
 def _inside(thread: threading.Thread, function: str) -> bool:
@@ -33,16 +36,42 @@ def _inside(thread: threading.Thread, function: str) -> bool:
     return False
 
 
+def _off_main(call: Callable[[], T], timeout_s: float = 10.0) -> T:
+    """`call()` on a thread other than the main one (where the bank applies a keyless
+    call itself); its result, or what it raised. A watchdog failure instead of a hang."""
+    outcome: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name="test-caller", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"watchdog: the call did not end within {timeout_s} s"
+    if error:
+        raise error[0]
+    return outcome[0]
+
+
 @contextlib.contextmanager
-def _lock_held(b: bank.Bank, account: int) -> Iterator[None]:
+def _lock_held(
+    b: bank.Bank, account: int, *, hold_s: float = 30.0, released: threading.Event | None = None
+) -> Iterator[None]:
     """Inside, `account`'s lock is held by a thread of the test's (so that the caller's
-    own calls hold no lock)."""
+    own calls hold no lock), until the block ends or `hold_s` passes; `released` is set
+    just before the lock is let go."""
     taken, release = threading.Event(), threading.Event()
 
     def hold() -> None:
         with b.account(account).lock:
             taken.set()
-            release.wait(30)
+            release.wait(hold_s)
+            if released is not None:
+                released.set()
 
     holder = threading.Thread(target=hold, name="test-lock-holder", daemon=True)
     holder.start()
@@ -55,14 +84,21 @@ def _lock_held(b: bank.Bank, account: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _stuck_worker(b: bank.Bank, account: int, peer: int) -> Iterator[None]:
+def _stuck_worker(
+    b: bank.Bank,
+    account: int,
+    peer: int,
+    *,
+    hold_s: float = 30.0,
+    released: threading.Event | None = None,
+) -> Iterator[None]:
     """Inside, the bank's only worker is blocked on `account`'s lock (held by a thread of
     the test's, so that the caller's own calls hold no lock) and the queue is empty.
 
     Its job is a transfer of 1 from `peer` to `account`, whose id is the lower: the
     worker waits on its first lock and holds none (a deposit would hold `@cash`'s)."""
     assert account < peer
-    with _lock_held(b, account):
+    with _lock_held(b, account, hold_s=hold_s, released=released):
         b.submit(bank.Transfer(source=peer, target=account, amount=1))
         wait_until(lambda: b.stats().queue_depth == 0, "the worker to take the transfer")
         yield
@@ -81,9 +117,9 @@ def test_a_keyless_call_needs_no_worker_and_a_keyed_one_waits_for_it(
     b.deposit(a, 100)
     keyed_done = threading.Event()
     with _stuck_worker(b, stuck, peer):
-        receipt = b.transfer(a, c, 30)
+        receipt = _off_main(lambda: b.transfer(a, c, 30))
         assert (receipt.kind, receipt.debit_account, receipt.credit_account) == ("transfer", a, c)
-        assert b.withdraw(c, 5).amount == 5
+        assert _off_main(lambda: b.withdraw(c, 5)).amount == 5
 
         def keyed() -> None:
             b.transfer(a, c, 1, key="k-1")
@@ -112,9 +148,9 @@ def test_a_full_queue_holds_a_keyless_call_back_and_its_timeout_changes_nothing(
         queued = [b.submit(bank.Deposit(account=stuck, amount=1)) for _ in range(2)]
         assert b.stats().queue_depth == 2
         with pytest.raises(bank.QueueFull, match="stayed full"):
-            b.transfer(a, c, 10, timeout=0.05)
+            _off_main(lambda: b.transfer(a, c, 10, timeout=0.05))
         with pytest.raises(bank.QueueFull):
-            b.deposit(c, 10, timeout=0)
+            _off_main(lambda: b.deposit(c, 10, timeout=0))
 
         def transfer() -> None:
             b.transfer(a, c, 10)
@@ -276,7 +312,26 @@ def test_a_call_on_a_broken_ledger_is_refused_and_moves_nothing(
     b._writer.lose("the test took the lease away")  # what a lost lease or failed commit does
     wait_until(b._writer.broken.is_set, "the writer to break")
     with pytest.raises(bank.LedgerUnavailable, match="lost its hold"):
-        b.transfer(a.id, c.id, 10)
+        _off_main(lambda: b.transfer(a.id, c.id, 10))
     with pytest.raises(bank.LedgerUnavailable):
-        b.deposit(c.id, 10)
+        _off_main(lambda: b.deposit(c.id, 10))
     assert (a.balance, c.balance) == (100, 0)
+
+
+@pytest.mark.timeout(60)
+def test_on_the_main_thread_a_keyless_call_is_queued_for_a_worker(
+    make_ledger_bank: Callable[..., bank.Bank],
+) -> None:
+    """Signal handlers run on the main thread, so a Ctrl-C there must never land between
+    a move and its staged row: the main thread's keyless call goes through a worker (with
+    the only worker stuck, it is answered only after the worker is let go)."""
+    b = make_ledger_bank(workers=1)
+    stuck, peer, a, c = (b.open_account(name).id for name in ("stuck", "peer", "a", "c"))
+    b.deposit(peer, 10)
+    b.deposit(a, 100)
+    released = threading.Event()
+    with _stuck_worker(b, stuck, peer, hold_s=0.3, released=released):
+        receipt = b.transfer(a, c, 30)
+        assert released.is_set(), "the main thread's call was applied without the worker"
+    assert receipt.amount == 30
+    assert [b.balance(x) for x in (a, c, stuck, peer)] == [70, 30, 1, 9]

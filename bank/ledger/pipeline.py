@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bank.answers import Answer
+from bank.answers import Answer, Reply
 from bank.errors import BankClosed, BankError, LedgerUnavailable
 from bank.ledger.backend import AccountEventRow, BatchWriter, OwnerLock, WriteBatch
 from bank.ledger.sequencer import Sequencer, Staged, StagedGroup, StagedRejection
-from bank.limits import COMMIT_BATCH_OPS_MAX
+from bank.limits import COMMIT_BATCH_OPS_MAX, GATHER_WAIT_S_MAX, GATHER_WRITE_S_MIN
 from bank.records import Receipt
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ class Pipeline(threading.Thread):
         #: Set once the failure is: callers check it without taking the writer's lock.
         self.broken = threading.Event()
         self._committed_seq = sequencer.seq
+        self._commit_s = 0.0  # how long a COMMIT takes, smoothed (bounds `_gather`)
+        self._write_s = 0.0  # a batch's statements and COMMIT, smoothed (see `_gather`)
         self._commits = 0
         self._rows = 0
         self._rejected = 0
@@ -205,7 +207,23 @@ class Pipeline(threading.Thread):
             finally:
                 self.ready.set()
             while True:
+                answered = 0
+                if committed is not None and self._callers_wait_for(committed):
+                    # Closed-loop callers (blocking calls): answer them now, before taking
+                    # the next batch, and give them a moment (no longer than a commit
+                    # takes) to stage again, so that they share the next commit instead
+                    # of splitting into two groups that alternate commits.
+                    answered = len(committed.batch)
+                    try:
+                        self._answer(committed)
+                    except BaseException as exc:  # a bug: the batch is durable, answer it
+                        broken = self._broke(exc)
+                        self._answer_left(committed)
+                        self._fail([], broken, answered=answered)
+                    committed = None
                 with self._lock:
+                    if answered:
+                        self._gather(answered)
                     while not s.pending and not s.stopping and committed is None:
                         s.idle = True
                         s.wake.wait()
@@ -230,6 +248,44 @@ class Pipeline(threading.Thread):
             if writer is not None:
                 writer.close()
 
+    def _callers_wait_for(self, committed: _Prepared) -> bool:
+        """True when `committed` answers blocking calls (its last record's answer is a
+        `Reply`) and fewer operations are staged than it is about to answer: its callers
+        are then (likely) the ones who will stage the next ones.
+
+        Only blocking calls: pipelined callers (`submit_many`, `submit_batch`) keep
+        operations in flight, and gathering for them made the writer wait where it
+        should write (bench.py (c), 16 x 64 in flight: 110 of 180 commits gathered).
+        And only where writing a batch is slow (`GATHER_WRITE_S_MIN`, a smoothed
+        figure): 8 blocking callers on SQLite (0.08 ms of statements and a 0.3 ms
+        COMMIT here) made 7.8-10.2k calls/s without gathering against 6.0-7.2k with
+        it; on PostgreSQL (0.85 ms and 0.55 ms, two round trips) 2.3-2.8k without
+        against 3.0-3.4k with it.
+        """
+        if not committed.batch or type(committed.batch[-1][0]) is not Reply:
+            return False
+        if self._write_s < GATHER_WRITE_S_MIN:
+            # Writing a batch takes less than the callers' way back (wake-up, GIL, the
+            # next call): waiting for them costs more than two groups taking turns, one
+            # making its next calls while the other's batch is written.
+            return False
+        with self._lock:
+            return len(self._sequencer.pending) < len(committed.batch)
+
+    def _gather(self, answered: int) -> None:
+        """Wait (lock held) until `answered` records are staged again, at most as long
+        as a commit takes (and `GATHER_WAIT_S_MAX`): a wait shorter than a commit that
+        lets one commit carry what two would."""
+        s = self._sequencer
+        deadline = time.monotonic() + min(self._commit_s, GATHER_WAIT_S_MAX)
+        while len(s.pending) < answered and not s.stopping and s.failure is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            s.idle = True
+            s.wake.wait(remaining)
+            s.idle = False
+
     def _cycle(
         self,
         writer: BatchWriter | None,
@@ -240,10 +296,13 @@ class Pipeline(threading.Thread):
         """One turn of `run`; returns the batch now durable and waiting to be answered."""
         prepared: _Prepared | None = None
         broken = failure
+        preparing = 0.0
         if batch and failure is None:
             assert writer is not None, "no failure, so the batch writer opened"
             try:
+                started = time.monotonic()
                 prepared = self._prepare(writer, batch)
+                preparing = time.monotonic() - started
             except Exception as exc:
                 broken = self._broke(exc)
         if committed is not None:
@@ -257,7 +316,12 @@ class Pipeline(threading.Thread):
                 broken = self._sequencer.failure
             else:
                 try:
+                    started = time.monotonic()
                     writer.commit()
+                    took = time.monotonic() - started
+                    # Smoothed: one slow fsync must not switch gathering on and off.
+                    self._commit_s += (took - self._commit_s) / 8
+                    self._write_s += (preparing + took - self._write_s) / 8
                 except Exception as exc:
                     broken = self._broke(exc)
                     writer.rollback()

@@ -126,9 +126,9 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_pg
 
-VARIANTS = ("a", "n", "b", "c", "s", "d", "e", "f", "m", "o", "g", "p", "h", "i")
+VARIANTS = ("a", "n", "b", "c", "s", "d", "e", "f", "m", "o", "g", "p", "q", "h", "i")
 #: The variants that need a PostgreSQL server.
-PG_VARIANTS = ("g", "p", "h", "i")
+PG_VARIANTS = ("g", "p", "q", "h", "i")
 # Sized for a run of about a minute on 2 cores, each timed region several seconds long.
 OPS_DEFAULT = {
     "a": 10_000,
@@ -143,6 +143,7 @@ OPS_DEFAULT = {
     "o": 100_000,  # the run at 80% of the maximum rate (after a flood of OPEN_FLOOD_S)
     "g": 200_000,
     "p": 200_000,
+    "q": 30_000,
     "h": 100_000,  # per candidate writer and batch size
 }
 PGBENCH_SECONDS_DEFAULT = 10  # (i) runs for a time (-T), not a number of operations
@@ -159,6 +160,7 @@ LABELS = {
     "o": "bank simulate --rate R --ops N at its defaults, R = 80% of the maximum rate",
     "g": "engine on PostgreSQL: 16 threads x window of 64 (submit_many)",
     "p": "engine on PostgreSQL: 16 threads x window of 64 (submit_batch, as (s))",
+    "q": "engine on PostgreSQL: 8 threads x blocking transfer() (as (b))",
     "h": "raw psycopg ceiling: fastest batched durable insert+update, one transaction per batch",
     "i": "pgbench TPC-B -c 8 -j 2 -T N, synchronous_commit=on (TPS)",
 }
@@ -175,6 +177,7 @@ SHORT = {
     "o": "(o) open, 80% of max",
     "g": "(g) engine on PG",
     "p": "(p) submit_batch on PG",
+    "q": "(q) blocking on PG",
     "h": "(h) raw psycopg",
     "i": "(i) pgbench TPS",
 }
@@ -566,11 +569,17 @@ def engine_stats(bank: Bank, before: Any) -> dict[str, Any]:
 
 
 def bench_blocking(
-    path: Path, moves: list[Move], accounts: int, durability: str, gc_mode: str
+    ledger: Path | Bank,
+    moves: list[Move],
+    accounts: int,
+    durability: str,
+    gc_mode: str,
+    variant: str = "b",
 ) -> Result:
     """(b): 8 threads each calling the blocking `transfer(source, target, amount)`
-    (which builds its `Transfer` command inside, as any caller's would)."""
-    bank = open_bank(path, accounts, durability)
+    (which builds its `Transfer` command inside, as any caller's would); (q) passes a
+    bank it opened on PostgreSQL."""
+    bank = ledger if isinstance(ledger, Bank) else open_bank(ledger, accounts, durability)
     try:
         slices = [moves[i::BLOCKING_THREADS] for i in range(BLOCKING_THREADS)]
 
@@ -586,7 +595,7 @@ def bench_blocking(
 
         before = bank.stats()
         seconds, cpu, accepted, refused = run_threads(BLOCKING_THREADS, teller, gc_mode)
-        result = Result("b", len(moves), seconds, cpu, accepted, refused)
+        result = Result(variant, len(moves), seconds, cpu, accepted, refused)
         result.extra.update(engine_stats(bank, before))
         verify_bank(bank, result, moves, accounts)
     finally:
@@ -1045,6 +1054,19 @@ def bench_pg_engine(
     except Exception as exc:  # an engine without a PostgreSQL backend: the run goes on
         raise Unavailable(f"engine on PostgreSQL: unavailable ({one_line(exc)})") from exc
     return bench_window(variant, bank, moves, accounts, durability, gc_mode, wait, how)
+
+
+def bench_pg_blocking(
+    pg: PgRun, moves: list[Move], accounts: int, durability: str, gc_mode: str
+) -> Result:
+    """(q): (b)'s workload, 8 threads x blocking `transfer()`, through `Bank.open(url)`
+    on a fresh PostgreSQL database (no target: it shows the blocking path there)."""
+    url = pg.database("blocking")
+    try:
+        bank = open_bank(url, accounts, durability)
+    except Exception as exc:  # an engine without a PostgreSQL backend: the run goes on
+        raise Unavailable(f"engine on PostgreSQL: unavailable ({one_line(exc)})") from exc
+    return bench_blocking(bank, moves, accounts, durability, gc_mode, "q")
 
 
 def one_line(exc: BaseException) -> str:
@@ -1569,6 +1591,8 @@ def run_variant(
             return bench_pg_engine(
                 variant, pg, moves, args.accounts, args.durability, args.gc, args.wait, how
             )
+        if variant == "q":
+            return bench_pg_blocking(pg, moves, args.accounts, args.durability, args.gc)
         if variant == "h":
             return bench_pg_raw(pg, moves, args.accounts, args.gc, args.pg_raw, args.pg_raw_batch)
         return bench_pgbench(pg, ops, args.pgbench_scale)

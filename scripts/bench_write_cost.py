@@ -21,6 +21,9 @@ the harness: 0.54x, where the same settings give 0.68x (throughput_gc) to 1.21x
     .venv/bin/python scripts/bench_write_cost.py --base a71de3c --new 66dc913 --only c
     .venv/bin/python scripts/bench_write_cost.py --base a71de3c --only g \\
         --pg-url postgresql+psycopg://postgres@127.0.0.1:55441/postgres
+
+It compares any two trees the same way: `--only b` (8 threads x blocking `transfer()`)
+measured the blocking path's changes.
 """
 
 import argparse
@@ -35,7 +38,7 @@ from io import BytesIO
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS_DEFAULT = {"c": 200_000, "g": 100_000}
+OPS_DEFAULT = {"c": 200_000, "g": 100_000, "b": 100_000}
 
 
 def export_tree(revision: str, into: Path) -> Path:
@@ -93,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=3, help="pairs of runs per variant")
     parser.add_argument(
-        "--only", default="c", help="variants of bench.py: c (SQLite), g (PostgreSQL), or c,g"
+        "--only",
+        default="c",
+        help="variants of bench.py: c (SQLite), g (PostgreSQL), b (SQLite, blocking calls), "
+        "comma-separated",
     )
     parser.add_argument("--ops", type=int, help="operations per run (default c=200000, g=100000)")
     parser.add_argument("--pg-url", help="PostgreSQL server for (g) (an SQLAlchemy URL)")
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.only.split(",") if v.strip()]
     if not variants or any(v not in OPS_DEFAULT for v in variants):
-        parser.error("--only takes c, g or c,g")
+        parser.error("--only takes c, g and b, comma-separated")
     if "g" in variants and args.pg_url is None:
         parser.error("(g) needs --pg-url")
     figures: dict[str, dict[str, list[float]]] = {}

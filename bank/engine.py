@@ -937,19 +937,22 @@ class Bank:
         if timeout is not None:
             timeout = _check_timeout(timeout)
         reply = Reply()
-        if (
+        # `stage_here()` first: it refuses a closed bank (a forked child's too) before
+        # `has_room()` takes the queue's mutex, which a parent thread may hold forever.
+        here = (
             command.key is None
             and threading.current_thread() is not threading.main_thread()
-            and not self._life.forked  # before has_room(): see `_after_fork_in_child`
-            and self._buffer.has_room()
             and self._life.stage_here()
-        ):
+        )
+        if here:
             try:
-                self._check_broken()
-                apply_move(command, reply, self._accounts, self._writer)
+                here = self._buffer.has_room()
+                if here:
+                    self._check_broken()
+                    apply_move(command, reply, self._accounts, self._writer)
             finally:
                 self._life.staged_here()
-        else:
+        if not here:
             self._check_open()
             self._buffer.put(Job([command], (reply,)), 1, timeout)
         result: Receipt = reply.wait()

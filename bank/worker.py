@@ -50,7 +50,7 @@ class Job:
 _key_of = attrgetter("key")
 
 #: The commands `apply_move` applies: one debit, one credit, no hold.
-MOVES: Final = (Transfer, Deposit, Withdrawal)
+_MOVES: Final = (Transfer, Deposit, Withdrawal)
 
 
 def answer_duplicate(command: BankCommand, receipt: Receipt, future: Answer) -> None:
@@ -268,7 +268,7 @@ class Worker(threading.Thread):
     # -- applying --------------------------------------------------------------------
 
     def _apply(self, command: BankCommand | LinkedGroup, future: Answer) -> None:
-        if isinstance(command, MOVES):
+        if isinstance(command, _MOVES):
             apply_move(command, future, self._accounts, self._writer)
         elif isinstance(command, LinkedGroup):
             apply_group(command, future, self._context())

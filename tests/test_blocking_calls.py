@@ -335,3 +335,56 @@ def test_on_the_main_thread_a_keyless_call_is_queued_for_a_worker(
         assert released.is_set(), "the main thread's call was applied without the worker"
     assert receipt.amount == 30
     assert [b.balance(x) for x in (a, c, stuck, peer)] == [70, 30, 1, 9]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("gathers", [True, False], ids=["gathering", "taking-turns"])
+def test_blocking_callers_end_exact_whether_the_writer_gathers_or_not(
+    make_ledger_bank: Callable[..., bank.Bank],
+    ledger_db: LedgerDb,
+    monkeypatch: pytest.MonkeyPatch,
+    gathers: bool,
+) -> None:
+    """Each backend's speed picks one mode (`GATHER_WRITE_S_MIN`: SQLite here takes turns,
+    PostgreSQL gathers), so without forcing it a backend's tests run one of them only.
+    Forced either way, 8 blocking callers (a quarter keyed) all end, the writer took
+    the chosen path, and the ledger is exactly what the receipts say."""
+    from bank.ledger import pipeline
+
+    monkeypatch.setattr(pipeline, "GATHER_WRITE_S_MIN", 0.0 if gathers else float("inf"))
+    gathered: list[int] = []
+    real_gather = pipeline.Pipeline._gather
+
+    def counted(self: pipeline.Pipeline, answered: int) -> None:
+        gathered.append(answered)
+        real_gather(self, answered)
+
+    monkeypatch.setattr(pipeline.Pipeline, "_gather", counted)
+    b = make_ledger_bank(workers=2)
+    ids = [b.open_account(f"g{i}", overdraft_limit=100).id for i in range(6)]
+    for account in ids:
+        b.deposit(account, 1_000)
+    receipts: list[bank.Receipt] = []
+    lock = threading.Lock()
+
+    def teller(i: int) -> None:
+        rng = random.Random(i)
+        for n in range(150):
+            source, target = rng.sample(ids, 2)
+            key = f"g{i}-{n}" if n % 4 == 0 else None
+            try:
+                receipt = b.transfer(source, target, rng.randint(1, 500), key=key)
+            except bank.InsufficientFunds:
+                continue
+            with lock:
+                receipts.append(receipt)
+
+    run_threads([functools.partial(teller, i) for i in range(8)], timeout_s=90)
+    assert bool(gathered) == gathers, f"gathered {len(gathered)} times"
+    expected = dict.fromkeys(ids, 1_000)
+    for receipt in receipts:
+        expected[receipt.debit_account] -= receipt.amount
+        expected[receipt.credit_account] += receipt.amount
+    stored = dict(ledger_db.query("SELECT id, balance FROM accounts"))
+    assert {a: stored[a] for a in ids} == expected == {a: b.balance(a) for a in ids}
+    assert b.audit().ok

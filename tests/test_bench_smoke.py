@@ -275,3 +275,45 @@ def test_postgres_variants_skip_without_a_server(bench: ModuleType, tmp_path: Pa
     assert all(
         why.startswith("no PostgreSQL server (cannot reach") for why in doc["skipped"].values()
     )
+
+
+def test_open_tail_reports_each_threads_cost_and_a_sound_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bank.simulate import runner
+
+    # The script sets these process-wide; put them back afterwards.
+    monkeypatch.setattr(runner, "SEND_TICK_NS", runner.SEND_TICK_NS)
+    monkeypatch.setattr(postings, "POSTINGS_RUN_ROWS", postings.POSTINGS_RUN_ROWS)
+    script = SCRIPT.parent / "open_tail.py"
+    spec = importlib.util.spec_from_file_location("bank_open_tail_script", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "tail.json"
+    argv = ["--rates", "2000", "--ops", "600", "--tellers", "2", "--window", "4"]
+    argv += ["--tick-ms", "2", "--postings-run-rows", "100", "--json", str(out)]
+    assert module.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["knobs"] == "tick 2 ms, postings run 100 rows"
+    assert runner.SEND_TICK_NS == 2_000_000
+    assert getattr(postings, "POSTINGS_RUN_ROWS") == 100  # noqa: B009 (a Final, set by the script)
+    (run,) = report["runs"]
+    assert run["audit_ok"] is True
+    assert (run["tellers"], run["window"], run["rate_ops_s"]) == (2, 4, 2000.0)
+    assert 0 < run["throughput_ops_s"] <= 2000 * 1.05  # an open run does not outrun its rate
+    assert run["ops_per_commit"] >= 1 and run["p99_ms"] >= run["p50_ms"] > 0
+    threads = run["thread_cpu_us_per_op"]
+    assert {"teller", "bank-worker", "bank-ledger-writer"} <= set(threads)
+    assert all(us >= 0 for us in threads.values())
+    assert "cpu-sampler" not in threads and "MainThread" not in threads
+    for bad in (
+        ["--rates", "0"],
+        ["--rates", ","],
+        ["--rates", "8k"],
+        ["--ops", "0"],
+        ["--tick-ms", "-1"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            module.main(bad)
+        assert exc.value.code == 2

@@ -34,7 +34,10 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bank.simulate.runner import SimulationConfig
 
 #: How often the sampler reads each thread's CPU time (a thread that ends loses at most this).
 SAMPLE_S = 0.02
@@ -81,20 +84,26 @@ class ThreadCpu:
         return dict(sorted(total.items(), key=lambda kv: -kv[1]))
 
 
-def run_once(args: argparse.Namespace, rate: float, db: Path) -> dict[str, Any]:
-    """One open-model run at `rate` on a fresh ledger `db`; its figures."""
-    from bank.simulate.runner import SimulationConfig, run_simulation
-    from bank.simulate.schedule import Rate
+def configure(args: argparse.Namespace, db: Path) -> "SimulationConfig":
+    """The simulator's defaults with this run's operations, seed and in-flight bound
+    (raises `InvalidWorkload` for a bad --tellers or --window)."""
+    from bank.simulate.runner import SimulationConfig
 
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
     config = SimulationConfig(db=str(db), seed=args.seed, durability="full", accounts=1000)
-    overrides: dict[str, Any] = {"ops": args.ops, "rate": Rate(rate, rate)}
+    overrides: dict[str, Any] = {"ops": args.ops}
     if args.tellers is not None:
         overrides["tellers"] = args.tellers
     if args.window is not None:
         overrides["window"] = args.window
-    config = dataclasses.replace(config, **overrides)
+    return dataclasses.replace(config, **overrides)
+
+
+def run_once(config: "SimulationConfig", rate: float) -> dict[str, Any]:
+    """One open-model run of `config` at `rate` (its ledger must not exist yet); its figures."""
+    from bank.simulate.runner import run_simulation
+    from bank.simulate.schedule import Rate
+
+    config = dataclasses.replace(config, rate=Rate(rate, rate))
     before = resource.getrusage(resource.RUSAGE_SELF)
     with ThreadCpu() as threads:
         sim = run_simulation(config)
@@ -144,26 +153,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.ops <= 0 or args.repeat <= 0:
         parser.error("--ops and --repeat take positive integers")
 
+    if args.tick_ms is not None and args.tick_ms <= 0:
+        parser.error("--tick-ms takes a positive number")
+    if args.postings_run_rows is not None and args.postings_run_rows <= 0:
+        parser.error("--postings-run-rows takes a positive integer")
     from bank.ledger import postings
     from bank.simulate import runner
+    from bank.simulate.workload import InvalidWorkload
 
+    try:
+        # Each run replaces the ledger path; this checks --tellers and --window first.
+        base = configure(args, Path("ledger.db"))
+    except InvalidWorkload as exc:
+        parser.error(str(exc))
+    # Process-wide, and only once every argument has passed.
     if args.tick_ms is not None:
-        if args.tick_ms <= 0:
-            parser.error("--tick-ms takes a positive number")
         runner.SEND_TICK_NS = int(args.tick_ms * 1e6)
     if args.postings_run_rows is not None:
-        if args.postings_run_rows <= 0:
-            parser.error("--postings-run-rows takes a positive integer")
         setattr(postings, "POSTINGS_RUN_ROWS", args.postings_run_rows)  # noqa: B010 (a Final)
     knobs = (
         f"tick {runner.SEND_TICK_NS / 1e6:g} ms, postings run {postings.POSTINGS_RUN_ROWS:,} rows"
     )
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="open-tail-") as tmp:
-        db = Path(tmp) / "ledger.db"
         for rate in rates:
             for _ in range(args.repeat):
-                r = run_once(args, rate, db)
+                # A fresh ledger file per run: the directory goes away with its side files.
+                db = Path(tmp) / f"ledger-{len(runs)}.db"
+                r = run_once(dataclasses.replace(base, db=str(db)), rate)
                 runs.append(r)
                 print(
                     f"rate {rate:>10,.0f}  {r['tellers']} x {r['window']}, {knobs}: "

@@ -14,15 +14,19 @@ from bank.ledger import postings
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 
 
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    """The script loaded as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("bank_bench_script", SCRIPT)
+def load_script(path: Path, name: str) -> ModuleType:
+    """A script loaded as a module named `name` (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and the ORM look their module up here
+    sys.modules[name] = module  # dataclasses and the ORM look their module up here
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return load_script(SCRIPT, "bank_bench_script")
 
 
 def test_every_variant_runs_and_verifies(
@@ -158,11 +162,7 @@ def test_help_and_bad_arguments(bench: ModuleType, capsys: pytest.CaptureFixture
 
 
 def test_pipeline_cost_times_every_stage_and_writes_a_sound_ledger(tmp_path: Path) -> None:
-    script = SCRIPT.parent / "pipeline_cost.py"
-    spec = importlib.util.spec_from_file_location("bank_pipeline_cost_script", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT.parent / "pipeline_cost.py", "bank_pipeline_cost_script")
     out = tmp_path / "cost.json"
     # 1,000 transfers in commits of 96: the last commit is a partial one.
     assert (
@@ -285,11 +285,7 @@ def test_open_tail_reports_each_threads_cost_and_a_sound_run(
     # The script sets these process-wide; put them back afterwards.
     monkeypatch.setattr(runner, "SEND_TICK_NS", runner.SEND_TICK_NS)
     monkeypatch.setattr(postings, "POSTINGS_RUN_ROWS", postings.POSTINGS_RUN_ROWS)
-    script = SCRIPT.parent / "open_tail.py"
-    spec = importlib.util.spec_from_file_location("bank_open_tail_script", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT.parent / "open_tail.py", "bank_open_tail_script")
     out = tmp_path / "tail.json"
     argv = ["--rates", "2000", "--ops", "600", "--tellers", "2", "--window", "4"]
     argv += ["--tick-ms", "2", "--postings-run-rows", "100", "--json", str(out)]
@@ -313,7 +309,10 @@ def test_open_tail_reports_each_threads_cost_and_a_sound_run(
         ["--rates", "8k"],
         ["--ops", "0"],
         ["--tick-ms", "-1"],
+        ["--tellers", "0"],
+        ["--window", "0"],
     ):
         with pytest.raises(SystemExit) as exc:
-            module.main(bad)
+            module.main(["--tick-ms", "3", *bad])  # a bad --tick-ms comes last and wins
         assert exc.value.code == 2
+        assert runner.SEND_TICK_NS == 2_000_000  # a refused command line changes nothing
